@@ -1,0 +1,38 @@
+# Two entry points: `make demo` runs the main job, `make test` runs lint and the test suite.
+# Both create .venv when missing and install torch 2.13.0 (CPU) before anything that needs it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedlease-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install lint format bench clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedlease demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_layer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,25 @@
+"""fedlease: federated fine-tuning with mixtures of LoRA experts (FedLEASE)."""
+
+from .adapter_io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+from .inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers, set_own_expert
+from .layer import MoELoRALinear
+from .ops import available_backends, moe_lora
+from .routing import RoutingSpec, route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoELoRAConfig",
+    "MoELoRALinear",
+    "RoutingSpec",
+    "adapter_state_dict",
+    "available_backends",
+    "inject_moe_lora",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "moe_lora",
+    "moe_lora_layers",
+    "route",
+    "save_adapter",
+    "set_own_expert",
+]

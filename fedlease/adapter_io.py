@@ -1,0 +1,105 @@
+"""Adapter weights in and out of a model: state dicts, and safetensors files on disk.
+
+The adapter state of a model is every MoE-LoRA parameter (``lora_A``, ``lora_B``, ``router``)
+plus the parameters of the config's ``trainable_modules``; the frozen model is never included.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import MoELoRAConfig, _matches, moe_lora_layers
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def _inside(module_name: str, targets: list[str]) -> bool:
+    """Whether ``module_name`` or one of its ancestors matches a target."""
+    parts = module_name.split(".")
+    return any(_matches(".".join(parts[:i]), targets) for i in range(1, len(parts) + 1))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter, router and trainable-head tensors of ``model`` by parameter name (detached)."""
+    config = getattr(model, "moe_lora_config", None)
+    heads = config.trainable_modules if config is not None else []
+    layers = moe_lora_layers(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        in_layer = owner in layers and leaf in ("lora_A", "lora_B", "router")
+        if in_layer or _inside(owner, heads):
+            out[name] = param.detach()
+    return out
+
+
+def check_state_dict(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected, mis-shaped or mis-typed tensor."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for k in sorted(set(expected) & set(given)):
+        e, g = expected[k], given[k]
+        if tuple(e.shape) != tuple(g.shape):
+            problems.append(f"{k}: shape {tuple(g.shape)}, expected {tuple(e.shape)}")
+        elif e.dtype != g.dtype:
+            problems.append(f"{k}: dtype {g.dtype}, expected {e.dtype}")
+    if problems:
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict"
+) -> None:
+    """Copy ``state`` into the model's adapter tensors; refuse any key or shape mismatch."""
+    own = adapter_state_dict(model)
+    check_state_dict(own, state, source)
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(directory / WEIGHTS_NAME))
+    config = getattr(model, "moe_lora_config", None)
+    meta = {"moe_lora": config.to_dict() if config is not None else None}
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> MoELoRAConfig:
+    """The ``MoELoRAConfig`` saved beside an adapter."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text())
+        return MoELoRAConfig(**meta["moe_lora"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read adapter config {path}: {exc}") from exc
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> None:
+    """Load weights written by :func:`save_adapter` into ``model`` (strict)."""
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cannot read adapter weights {path}: {exc}") from exc
+    device = next(iter(adapter_state_dict(model).values())).device
+    load_adapter_state_dict(model, {k: v.to(device) for k, v in state.items()}, str(path))

@@ -1,0 +1,87 @@
+"""The MoE-LoRA op and its backends.
+
+``moe_lora(x, base_out, lora_A, lora_B, router, spec, scaling)`` returns
+``base_out + scaling * sum_e g_e(x) * B_e A_e dropout(x)`` with the gates ``g`` from
+:func:`fedlease.routing.route` on ``router @ x``. Backends: ``torch`` (always), ``triton``
+(CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpp`` (the compiled CPU extension).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import RoutingSpec
+from .dispatch import (
+    BACKEND_NAMES,
+    Backend,
+    available_backends,
+    register,
+    resolve_backend,
+    unavailable_reason,
+)
+from .torch_backend import moe_lora_torch
+
+
+def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
+    m, r, d_in = lora_a.shape
+    a_cat = lora_a.reshape(m * r, d_in)
+    b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)
+    x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, spec, scaling)
+
+
+register(Backend("torch", _torch_backend, lambda device: None))
+
+
+def moe_lora(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    router: torch.Tensor,
+    spec: RoutingSpec,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Apply the MoE-LoRA update to ``base_out``; shapes ``x (..., in)``, ``base_out (..., out)``.
+
+    ``lora_A (M, r, in)``, ``lora_B (M, out, r)``, ``router (S, in)``. Dropout (probability
+    ``dropout``, only when ``training``) applies to the experts' input, not the router's.
+    """
+    m, r, d_in = lora_A.shape
+    d_out = lora_B.shape[1]
+    if x.shape[-1] != d_in or base_out.shape[-1] != d_out or base_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, base_out {tuple(base_out.shape)}, "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    if lora_B.shape != (m, d_out, r) or router.shape != (spec.num_slots, d_in):
+        raise ValueError(
+            f"lora_B {tuple(lora_B.shape)} / router {tuple(router.shape)} do not fit "
+            f"M={m}, r={r}, in={d_in}, out={d_out}, slots={spec.num_slots}"
+        )
+    impl = resolve_backend(backend, x.device)
+    lead = x.shape[:-1]
+    y = impl.fn(
+        x.reshape(-1, d_in),
+        base_out.reshape(-1, d_out),
+        lora_A,
+        lora_B,
+        router,
+        spec,
+        float(scaling),
+        float(dropout) if training else 0.0,
+    )
+    return y.reshape(*lead, d_out)
+
+
+__all__ = [
+    "BACKEND_NAMES",
+    "available_backends",
+    "moe_lora",
+    "resolve_backend",
+    "unavailable_reason",
+]

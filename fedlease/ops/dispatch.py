@@ -1,0 +1,69 @@
+"""Backend registry and selection for the MoE-LoRA op.
+
+A backend is a callable ``fn(x, base_out, lora_A, lora_B, router, spec, scaling, dropout_p)`` on
+2-D ``x (T, in)`` and ``base_out (T, out)`` returning ``y (T, out)``, plus a function telling why
+it cannot run on a device (``None`` when it can). ``auto`` takes the first available backend of
+the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cpp")
+ENV_VAR = "FEDLEASE_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    unavailable_reason: Callable[[torch.device], str | None]
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Fastest first; filled in as backends register.
+_PREFERENCE: dict[str, list[str]] = {"cpu": [], "cuda": []}
+
+
+def register(backend: Backend, prefer_on: tuple[str, ...] = ()) -> None:
+    _REGISTRY[backend.name] = backend
+    for device_type in prefer_on:
+        _PREFERENCE.setdefault(device_type, []).insert(0, backend.name)
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    if name not in _REGISTRY:
+        return f"backend {name!r} is not part of this build"
+    return _REGISTRY[name].unavailable_reason(device)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device``."""
+    device = torch.device(device)
+    return [n for n in BACKEND_NAMES if unavailable_reason(n, device) is None]
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """Pick the backend for ``name`` ("auto" or a backend name) on ``device``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        name = env.strip().lower()
+    if name == "auto":
+        for candidate in _PREFERENCE.get(device.type, []) + ["torch"]:
+            if unavailable_reason(candidate, device) is None:
+                return _REGISTRY[candidate]
+        raise RuntimeError(f"no MoE-LoRA backend can run on device {device}")
+    if name not in BACKEND_NAMES:
+        source = f" (from ${ENV_VAR})" if env else ""
+        raise ValueError(
+            f"unknown backend {name!r}{source}; choose from {('auto',) + BACKEND_NAMES}"
+        )
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is unavailable on {device}: {reason}")
+    return _REGISTRY[name]

@@ -1,0 +1,45 @@
+"""Shared test helpers: fresh random inputs and relative errors."""
+
+from __future__ import annotations
+
+import torch
+
+from fedlease.routing import RoutingSpec
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` in float64."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(
+    tokens: int,
+    d_in: int,
+    d_out: int,
+    experts: int,
+    rank: int,
+    routing: str = "adaptive",
+    top_k: int | None = None,
+    own: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int | None = None,
+):
+    """Random (never zero) x, base_out, A, B, router and the routing spec."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    spec = RoutingSpec.make(routing, experts, top_k, own)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    x = rnd(tokens, d_in)
+    base = rnd(tokens, d_out)
+    a = rnd(experts, rank, d_in, scale=d_in**-0.5)
+    b = rnd(experts, d_out, rank, scale=rank**-0.5)
+    router = rnd(spec.num_slots, d_in, scale=d_in**-0.5 * 3)
+    return x, base, a, b, router, spec
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]

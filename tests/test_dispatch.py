@@ -1,0 +1,35 @@
+"""Backend selection: auto, explicit names, the environment override, clear errors."""
+
+import pytest
+import torch
+from helpers import make_inputs
+
+from fedlease.ops import available_backends, moe_lora, resolve_backend
+
+
+def test_torch_always_available_and_auto_resolves():
+    assert "torch" in available_backends("cpu")
+    assert resolve_backend("auto", torch.device("cpu")).name in available_backends("cpu")
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="'cuda-magic'"):
+        resolve_backend("cuda-magic", torch.device("cpu"))
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("FEDLEASE_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"'nope' \(from \$FEDLEASE_BACKEND\)"):
+        resolve_backend("torch", torch.device("cpu"))
+    monkeypatch.setenv("FEDLEASE_BACKEND", "torch")
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+
+
+@pytest.mark.parametrize("name", ["triton", "cpp"])
+def test_unavailable_backend_says_why(name, monkeypatch):
+    monkeypatch.delenv("FEDLEASE_BACKEND", raising=False)
+    if name in available_backends("cpu"):
+        pytest.skip(f"{name} is available here")
+    x, base, a, b, router, spec = make_inputs(4, 8, 8, 2, 2, seed=0)
+    with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable on cpu: .+"):
+        moe_lora(x, base, a, b, router, spec, 1.0, backend=name)
