@@ -1,0 +1,144 @@
+"""Client-side work on a shared frozen model: load a client's tensors, train, evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapter_io import adapter_state_dict, load_adapter_state_dict
+from ..data.glue import task_spec
+from ..data.tokenize import ClientData, Encoded
+from ..inject import moe_lora_layers, set_own_expert
+
+State = dict[str, torch.Tensor]
+
+
+def clone_state(state: State) -> State:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def payload_bytes(payload: State) -> int:
+    """Bytes of the tensors in a message, as they would be serialised."""
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+def seed_for(seed: int, round_idx: int, client_id: int) -> int:
+    """One RNG seed per (run seed, round, client): results do not depend on client order."""
+    return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
+
+
+class ClientRunner:
+    """Trains and evaluates any client on one model whose adapter tensors are swapped per client."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_id: int,
+        lr: float,
+        weight_decay: float,
+        batch_size: int,
+        eval_batch_size: int,
+        local_epochs: int,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.lr, self.weight_decay = lr, weight_decay
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.local_epochs = local_epochs
+        self.progress = progress
+
+    def _load(self, state: State, own_expert: int | None) -> None:
+        load_adapter_state_dict(self.model, state, "client state")
+        if own_expert is not None:
+            set_own_expert(self.model, own_expert)
+
+    def train(
+        self,
+        data: ClientData,
+        state: State,
+        seed: int,
+        own_expert: int | None = None,
+        desc: str = "",
+    ) -> tuple[State, float]:
+        """Local epochs of AdamW from ``state``; returns the new state and the mean train loss.
+
+        With ``own_expert`` set, only that expert (plus routers and heads) changes: the other
+        experts' rows are restored after every step (AdamW's weight decay would move them).
+        """
+        self._load(state, own_expert)
+        model = self.model
+        model.train()
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        frozen = _other_expert_rows(model, own_expert)
+        n = len(data.train)
+        steps = self.local_epochs * ((n + self.batch_size - 1) // self.batch_size)
+        losses = []
+        bar = tqdm(total=steps, desc=desc, leave=False, disable=not self.progress, unit="step")
+        for _ in range(self.local_epochs):
+            order = rng.permutation(n).tolist()
+            for start in range(0, n, self.batch_size):
+                batch = data.train.batch(order[start : start + self.batch_size], self.pad_id)
+                loss = model(**batch).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                _restore(frozen)
+                losses.append(loss.item())
+                bar.update()
+        bar.close()
+        return clone_state(adapter_state_dict(model)), float(np.mean(losses))
+
+    @torch.no_grad()
+    def evaluate(self, data: ClientData, state: State, own_expert: int | None = None) -> dict:
+        self._load(state, own_expert)
+        self.model.eval()
+        return evaluate_encoded(self.model, data.test, data.task, self.pad_id, self.eval_batch_size)
+
+
+def _other_expert_rows(
+    model: nn.Module, own: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if own is None:
+        return []
+    saved = []
+    for layer in moe_lora_layers(model).values():
+        if layer.num_experts == 1:
+            continue
+        keep = [e for e in range(layer.num_experts) if e != own]
+        for p in (layer.lora_A, layer.lora_B):
+            saved.append((p, keep, p.detach()[keep].clone()))
+    return saved
+
+
+def _restore(saved) -> None:
+    with torch.no_grad():
+        for p, rows, values in saved:
+            p[rows] = values
+
+
+def evaluate_encoded(
+    model: nn.Module, data: Encoded, task: str, pad_id: int, batch_size: int
+) -> dict:
+    """Accuracy and mean loss on ``data`` (binary F1 of class 1 too for MRPC/QQP)."""
+    order = sorted(range(len(data)), key=lambda i: len(data.features["input_ids"][i]))
+    preds, labels, loss_sum = [], [], 0.0
+    for start in range(0, len(order), batch_size):
+        batch = data.batch(order[start : start + batch_size], pad_id)
+        out = model(**batch)
+        loss_sum += out.loss.item() * len(batch["labels"])
+        preds.append(out.logits.argmax(-1))
+        labels.append(batch["labels"])
+    p, y = torch.cat(preds), torch.cat(labels)
+    result = {"accuracy": (p == y).double().mean().item(), "eval_loss": loss_sum / len(y)}
+    if task_spec(task).f1:
+        tp = ((p == 1) & (y == 1)).sum().item()
+        fp = ((p == 1) & (y == 0)).sum().item()
+        fn = ((p == 0) & (y == 1)).sum().item()
+        result["f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
+    return result

@@ -1,0 +1,181 @@
+"""The run configuration: YAML in, a validated typed ``FLConfig`` out."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..data.glue import TASKS
+
+METHODS = ("fedlease",)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the value."""
+
+
+@dataclass
+class FLConfig:
+    """Every setting of a federated run. Defaults follow the FedLEASE paper."""
+
+    clients: list[str]  # one GLUE task per client, e.g. [sst2, sst2, qnli, qnli]
+    model: str = "minilm"  # "minilm" (bundled) or a Hugging Face name / local path
+    method: str = "fedlease"
+    train_samples: int = 1000  # training examples per client
+    test_samples: int = 200  # held-out examples per client
+    label_alpha: float | None = None  # Dirichlet label skew within a task; None = uniform
+    warmup_rounds: int = 5
+    warmup_aggregate: bool = False  # FedAvg the warm-up LoRA (the paper trains it locally)
+    rounds: int = 20  # adaptive rounds after the warm-up
+    local_epochs: int = 2
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    max_seq_len: int = 128
+    rank: int = 4
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    max_experts: int = 4
+    num_experts: int | str = "auto"  # "auto" (silhouette over 2..max_experts) or a fixed K
+    seed: int = 0
+    data_dir: str | None = None  # local <dir>/<task>/{train,validation}.jsonl; else the hub
+    backend: str = "auto"
+    threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_POSITIVE_INT = (
+    "train_samples",
+    "test_samples",
+    "local_epochs",
+    "batch_size",
+    "eval_batch_size",
+    "max_seq_len",
+    "rank",
+    "max_experts",
+)
+_NON_NEGATIVE_INT = ("warmup_rounds", "rounds", "seed")
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def from_dict(raw: dict) -> FLConfig:
+    """Validate ``raw`` (parsed YAML) into an ``FLConfig``; raise ``ConfigError`` on any problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw).__name__}")
+    hints = typing.get_type_hints(FLConfig)
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(hints)})")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"config key {key!r} must be {_type_name(hints[key])}, got {value!r}")
+    if "clients" not in raw:
+        raise ConfigError("config key 'clients' is required (a list of task names, one per client)")
+    cfg = FLConfig(**{k: (float(v) if hints[k] is float else v) for k, v in raw.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: FLConfig) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config key {key!r} = {getattr(cfg, key)!r}: {why}")
+
+    if len(cfg.clients) < 2:
+        raise bad("clients", "need at least 2 clients")
+    for task in cfg.clients:
+        if task not in TASKS:
+            raise ConfigError(
+                f"config key 'clients': unknown task {task!r} (known: {', '.join(TASKS)})"
+            )
+    if cfg.method not in METHODS:
+        raise bad("method", f"must be one of {METHODS}")
+    for key in _POSITIVE_INT:
+        if getattr(cfg, key) < 1:
+            raise bad(key, "must be >= 1")
+    for key in _NON_NEGATIVE_INT:
+        if getattr(cfg, key) < 0:
+            raise bad(key, "must be >= 0")
+    if cfg.lr <= 0:
+        raise bad("lr", "must be > 0")
+    if cfg.weight_decay < 0:
+        raise bad("weight_decay", "must be >= 0")
+    if cfg.alpha <= 0:
+        raise bad("alpha", "must be > 0")
+    if not 0 <= cfg.dropout < 1:
+        raise bad("dropout", "must be in [0, 1)")
+    if cfg.label_alpha is not None and cfg.label_alpha <= 0:
+        raise bad("label_alpha", "must be > 0 (or null for no label skew)")
+    if not cfg.target_modules:
+        raise bad("target_modules", "must name at least one module")
+    n = len(cfg.clients)
+    if cfg.max_experts > n:
+        raise bad("max_experts", f"more experts than clients ({n})")
+    if isinstance(cfg.num_experts, str):
+        if cfg.num_experts != "auto":
+            raise bad("num_experts", "must be 'auto' or an integer")
+        if cfg.max_experts < 2:
+            raise bad("max_experts", "must be >= 2 when num_experts is 'auto'")
+        if n < 3:
+            raise bad(
+                "clients", "silhouette-based selection (num_experts: auto) needs >= 3 clients"
+            )
+    elif not 1 <= cfg.num_experts <= n:
+        raise bad("num_experts", f"must be in 1..{n} (one expert per cluster of clients)")
+    if cfg.backend not in ("auto", "torch", "triton", "cpp"):
+        raise bad("backend", "must be one of auto, torch, triton, cpp")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise bad("threads", "must be >= 1")
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``key=value`` with a YAML value, e.g. ``rounds=3`` or ``clients=[sst2,qnli]``."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, _, text = item.partition("=")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> FLConfig:
+    """Read a YAML config file, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    for item in overrides:
+        key, value = parse_override(item)
+        raw[key] = value
+    return from_dict(raw)

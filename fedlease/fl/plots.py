@@ -1,0 +1,87 @@
+"""Pictures of a run: dendrogram, distance heatmap, silhouette per K, accuracy per round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.cluster.hierarchy import dendrogram, linkage
+from scipy.spatial.distance import squareform
+
+from .allocation import Allocation
+
+
+def _labels(tasks: list[str]) -> list[str]:
+    return [f"{i}:{t}" for i, t in enumerate(tasks)]
+
+
+def plot_dendrogram(path: Path, alloc: Allocation, tasks: list[str]) -> None:
+    fig, ax = plt.subplots(figsize=(max(5, len(tasks) * 0.5), 4))
+    z = linkage(squareform(alloc.distance_matrix, checks=False), method="average")
+    dendrogram(z, labels=_labels(tasks), ax=ax, leaf_rotation=90)
+    ax.set_ylabel("1 - cos(B) (average linkage)")
+    ax.set_title(f"Client clustering: {alloc.num_experts} experts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(path: Path, alloc: Allocation, tasks: list[str]) -> None:
+    n = len(tasks)
+    fig, ax = plt.subplots(figsize=(max(4, n * 0.45 + 1.5), max(3.5, n * 0.45)))
+    im = ax.imshow(alloc.distance_matrix, cmap="viridis")
+    ax.set_xticks(range(n), _labels(tasks), rotation=90)
+    ax.set_yticks(range(n), [f"{lab} -> E{a}" for lab, a in zip(_labels(tasks), alloc.assignment)])
+    fig.colorbar(im, ax=ax, label="1 - cos(B)")
+    ax.set_title("Client distance (LoRA B)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_silhouette(path: Path, alloc: Allocation) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    if alloc.silhouette:
+        ks = sorted(alloc.silhouette)
+        ax.plot(ks, [alloc.silhouette[k] for k in ks], "o-")
+        ax.axvline(alloc.num_experts, color="gray", ls="--", label=f"chosen K={alloc.num_experts}")
+        ax.set_xticks(ks)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"K fixed at {alloc.num_experts}", ha="center", va="center")
+    ax.set_xlabel("number of experts K")
+    ax.set_ylabel("silhouette score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(path: Path, rows: list[dict]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    rounds = [r["round"] + 1 for r in rows]
+    tasks = sorted({c["task"] for c in rows[0]["clients"]}) if rows else []
+    for t in tasks:
+        acc = [np.mean([c["accuracy"] for c in r["clients"] if c["task"] == t]) for r in rows]
+        ax.plot(rounds, acc, marker=".", label=t)
+    ax.plot(rounds, [r["mean_accuracy"] for r in rows], "k-", lw=2, label="mean")
+    warm = sum(1 for r in rows if r["phase"] == "warmup")
+    if warm:
+        ax.axvspan(0.5, warm + 0.5, color="gray", alpha=0.15, label="warm-up")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (held-out)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(out: Path, alloc: Allocation, rows: list[dict], tasks: list[str]) -> None:
+    plot_dendrogram(out / "dendrogram.png", alloc, tasks)
+    plot_heatmap(out / "distance_heatmap.png", alloc, tasks)
+    plot_silhouette(out / "silhouette.png", alloc)
+    if rows:
+        plot_accuracy(out / "accuracy.png", rows)

@@ -1,0 +1,288 @@
+"""FedLEASE in one process: warm-up, allocation, adaptive rounds, evaluation, artefacts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .. import models
+from ..adapter_io import adapter_state_dict
+from ..data import TASKS, build_client_data, resolve_data_dir
+from ..inject import MoELoRAConfig, inject_moe_lora
+from .allocation import Allocation, allocate, average, b_distance_matrix, init_experts
+from .client import ClientRunner, State, clone_state, payload_bytes, seed_for
+from .config import FLConfig
+
+HEAD = ("classifier",)
+
+
+@dataclass
+class Summary:
+    method: str
+    num_experts: int
+    assignment: list[int]
+    final: dict
+    comm_bytes: dict
+    wall_s: float
+    rounds: int = 0
+    clients: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_head(key: str) -> bool:
+    return key.split(".")[0] in HEAD
+
+
+def _is_expert(key: str) -> bool:
+    return key.endswith((".lora_A", ".lora_B"))
+
+
+class Recorder:
+    """Appends one JSON line per round to ``metrics.jsonl`` (flushed) and keeps them in memory."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.rows: list[dict] = []
+        self.path = out / "metrics.jsonl" if out else None
+        if self.path:
+            self.path.write_text("")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _round_row(phase, r, clients, evals, losses, up, down, t0) -> dict:
+    per_client = []
+    for c, e, loss in zip(clients, evals, losses):
+        per_client.append({"client": c.client_id, "task": c.task, "train_loss": loss, **e})
+    return {
+        "round": r,
+        "phase": phase,
+        "mean_accuracy": float(np.mean([e["accuracy"] for e in evals])),
+        "clients": per_client,
+        "bytes_up": up,
+        "bytes_down": down,
+        "wall_s": time.time() - t0,
+    }
+
+
+def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = True) -> Summary:
+    """Run FedLEASE as configured; write artefacts to ``output_dir`` when given."""
+    t0 = time.time()
+    out = Path(output_dir) if output_dir is not None else None
+    data_dir = resolve_data_dir(cfg.data_dir)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
+    base, tokenizer = models.load(cfg.model, num_labels=num_labels)
+    clients = build_client_data(
+        cfg.clients,
+        tokenizer,
+        cfg.train_samples,
+        cfg.test_samples,
+        cfg.max_seq_len,
+        cfg.seed,
+        cfg.label_alpha,
+        data_dir,
+    )
+    weights = [float(len(c.train)) for c in clients]
+    rec = Recorder(out)
+    comm = {"up": 0, "down": 0}
+
+    def make_model(num_experts: int, routing: str):
+        mcfg = MoELoRAConfig(
+            num_experts=num_experts,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            routing=routing,
+            target_modules=list(cfg.target_modules),
+            trainable_modules=list(HEAD),
+        )
+        torch.manual_seed(cfg.seed)
+        return inject_moe_lora(copy.deepcopy(base), mcfg, backend=cfg.backend)
+
+    def runner(model) -> ClientRunner:
+        return ClientRunner(
+            model,
+            tokenizer.pad_token_id,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.batch_size,
+            cfg.eval_batch_size,
+            cfg.local_epochs,
+            progress,
+        )
+
+    total_rounds = cfg.warmup_rounds + cfg.rounds
+    rounds_bar = tqdm(total=total_rounds, desc="rounds", disable=not progress, unit="round")
+
+    # 1. Warm-up: one plain LoRA (a single dense expert) per client.
+    warm = runner(make_model(1, "dense"))
+    init = clone_state(adapter_state_dict(warm.model))
+    states = [clone_state(init) for _ in clients]
+    for r in range(cfg.warmup_rounds):
+        losses = []
+        for c in clients:
+            states[c.client_id], loss = warm.train(
+                c,
+                states[c.client_id],
+                seed_for(cfg.seed, r, c.client_id),
+                desc=f"warm-up {r + 1} client {c.client_id}",
+            )
+            losses.append(loss)
+        up = down = 0
+        if cfg.warmup_aggregate:
+            ups = [{k: v for k, v in s.items() if not _is_head(k)} for s in states]
+            up = sum(payload_bytes(p) for p in ups)
+            avg = {k: average([p[k] for p in ups], weights) for k in ups[0]}
+            for s in states:
+                s.update(clone_state(avg))
+            down = payload_bytes(avg) * len(clients)
+        comm["up"] += up
+        comm["down"] += down
+        evals = [warm.evaluate(c, states[c.client_id]) for c in clients]
+        rec.add(_round_row("warmup", r, clients, evals, losses, up, down, t0))
+        rounds_bar.update()
+        rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
+
+    # 2. Allocation: every client uploads its adapter; the server clusters B and builds experts.
+    uploads = [{k: v for k, v in s.items() if _is_expert(k)} for s in states]
+    alloc_up = sum(payload_bytes(p) for p in uploads)
+    comm["up"] += alloc_up
+    alloc = allocate(b_distance_matrix(uploads), cfg.max_experts, cfg.num_experts)
+    k_total = alloc.num_experts
+    experts = init_experts(uploads, alloc.assignment, weights)
+    if out:
+        _write_clusters(out, alloc)
+
+    # 3-4. Adaptive phase: all experts down, own expert + router up, averaged per cluster.
+    moe = runner(make_model(k_total, "adaptive"))
+    template = adapter_state_dict(moe.model)
+    routers = {k: v.clone() for k, v in template.items() if k.endswith(".router")}
+    cluster_routers = [clone_state(routers) for _ in range(k_total)]
+    heads = [{k: v for k, v in s.items() if _is_head(k)} for s in states]
+    for r in range(cfg.rounds):
+        round_idx = cfg.warmup_rounds + r
+        losses, up_msgs, down = [], [], 0
+        for c in clients:
+            own = alloc.assignment[c.client_id]
+            down_msg = {**experts, **cluster_routers[own]}
+            down += payload_bytes(down_msg)
+            state = {**clone_state(down_msg), **heads[c.client_id]}
+            new, loss = moe.train(
+                c,
+                state,
+                seed_for(cfg.seed, round_idx, c.client_id),
+                own,
+                desc=f"round {round_idx + 1} client {c.client_id}",
+            )
+            losses.append(loss)
+            heads[c.client_id] = {k: v for k, v in new.items() if _is_head(k)}
+            up_msgs.append(
+                {
+                    k: (v[own] if _is_expert(k) else v)
+                    for k, v in new.items()
+                    if _is_expert(k) or k.endswith(".router")
+                }
+            )
+        up = sum(payload_bytes(m) for m in up_msgs)
+        experts, cluster_routers = _aggregate(experts, up_msgs, alloc.assignment, weights, k_total)
+        comm["up"] += up
+        comm["down"] += down
+        evals = [
+            moe.evaluate(
+                c,
+                {**experts, **cluster_routers[alloc.assignment[c.client_id]], **heads[c.client_id]},
+                alloc.assignment[c.client_id],
+            )
+            for c in clients
+        ]
+        rec.add(_round_row("adaptive", round_idx, clients, evals, losses, up, down, t0))
+        rounds_bar.update()
+        rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
+    rounds_bar.close()
+
+    summary = _summarise(cfg, clients, alloc, rec.rows, comm, time.time() - t0)
+    if out:
+        (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        from .plots import write_plots
+
+        write_plots(out, alloc, rec.rows, cfg.clients)
+    return summary
+
+
+def _aggregate(
+    experts: State, ups: list[State], assignment: list[int], weights: list[float], k_total: int
+) -> tuple[State, list[State]]:
+    """Expert k and cluster k's router := sample-weighted mean over cluster k's uploads."""
+    new_experts = {key: t.clone() for key, t in experts.items()}
+    routers = []
+    for k in range(k_total):
+        members = [i for i, a in enumerate(assignment) if a == k]
+        w = [weights[i] for i in members]
+        for key in experts:
+            new_experts[key][k] = average([ups[i][key] for i in members], w)
+        routers.append(
+            {
+                key: average([ups[i][key] for i in members], w)
+                for key in ups[members[0]]
+                if key.endswith(".router")
+            }
+        )
+    return new_experts, routers
+
+
+def _write_clusters(out: Path, alloc: Allocation) -> None:
+    (out / "clusters.json").write_text(
+        json.dumps(
+            {
+                "num_experts": alloc.num_experts,
+                "assignment": alloc.assignment,
+                "silhouette": {str(k): v for k, v in alloc.silhouette.items()},
+                "distance_matrix": alloc.distance_matrix.round(6).tolist(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def _summarise(
+    cfg: FLConfig, clients, alloc: Allocation, rows: list[dict], comm: dict, wall: float
+) -> Summary:
+    last = rows[-1]["clients"] if rows else []
+    per_task: dict[str, list[float]] = {}
+    for c in last:
+        per_task.setdefault(c["task"], []).append(c["accuracy"])
+    final = {
+        "per_client": last,
+        "per_task": {t: float(np.mean(v)) for t, v in per_task.items()},
+        "mean": float(np.mean([c["accuracy"] for c in last])) if last else float("nan"),
+    }
+    return Summary(
+        cfg.method,
+        alloc.num_experts,
+        alloc.assignment,
+        final,
+        dict(comm),
+        wall,
+        len(rows),
+        list(cfg.clients),
+    )
