@@ -1,9 +1,13 @@
-"""The ``fedlease`` command line."""
+"""The ``fedlease`` command line: ``run`` (the main job) and ``demo`` (a layer tour)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,6 +16,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated fine-tuning with mixtures of LoRA experts (FedLEASE).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run FedLEASE end to end (warm-up, allocation, adaptive rounds) from a YAML config",
+        description="Run FedLEASE in one process: every client warms up a LoRA adapter, the "
+        "server clusters clients by their LoRA B matrices into experts, then clients train "
+        "their own expert and router with adaptive top-M routing. Writes config.yaml, "
+        "metrics.jsonl, clusters.json, summary.json and plots to the output directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument(
+        "--config",
+        required=True,
+        metavar="YAML",
+        help="run configuration (see configs/demo.yaml and configs/glue4.yaml)",
+    )
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        default=None,
+        help="directory for the artefacts (default: runs/<config name>-<time>)",
+    )
+    run.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="local GLUE copy laid out as DIR/<task>/{train,validation}.jsonl; "
+        "overrides the config's data_dir and $FEDLEASE_DATA_DIR; without any of "
+        "them data comes from the Hugging Face hub (nyu-mll/glue)",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key with a YAML value, e.g. --set rounds=3 "
+        "--set clients=[sst2,qnli,qnli]; repeatable",
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars (the final table is still printed)",
+    )
+
     sub.add_parser(
         "demo",
         help="inject MoE-LoRA into the bundled MiniLM, take one step, print what it computed",
@@ -21,8 +70,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .fl import ConfigError, load_config, run
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.data_dir is not None:
+            cfg.data_dir = args.data_dir
+        from .data import resolve_data_dir
+
+        resolve_data_dir(cfg.data_dir)  # a missing directory stops the run before any work
+    except (ConfigError, DataError) as exc:
+        print(f"fedlease run: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = (
+        Path(args.output)
+        if args.output
+        else Path("runs") / (f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    )
+    try:
+        summary = run(cfg, out, progress=not args.no_progress)
+    except DataError as exc:
+        print(f"fedlease run: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(summary, out: Path) -> None:
+    final = summary.final
+    print(f"\nFedLEASE: {summary.num_experts} experts, assignment {summary.assignment}")
+    print(f"{'client':>6}  {'task':<6} {'expert':>6} {'accuracy':>9} {'f1':>7}")
+    for c in final["per_client"]:
+        f1 = f"{c['f1']:.4f}" if "f1" in c else "-"
+        expert = summary.assignment[c["client"]]
+        print(f"{c['client']:>6}  {c['task']:<6} {expert:>6} {c['accuracy']:>9.4f} {f1:>7}")
+    tasks = "  ".join(f"{t} {a:.4f}" for t, a in final["per_task"].items())
+    print(f"per task: {tasks}")
+    comm = summary.comm_bytes
+    print(
+        f"mean accuracy {final['mean']:.4f} (untrained {summary.initial_mean:.4f})   "
+        f"communication up {comm['up'] / 1e6:.1f} MB, down {comm['down'] / 1e6:.1f} MB   "
+        f"wall {summary.wall_s:.0f} s"
+    )
+    print(f"artefacts in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _cmd_run(args)
     if args.command == "demo":
         from .demo import print_layer_demo
 

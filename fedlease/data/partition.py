@@ -13,6 +13,16 @@ def _task_rng(seed: int, task: str, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(f"{task}/{split}".encode())])
 
 
+def samples_per_client(available: int, num_clients: int, wanted: int, task: str, split: str) -> int:
+    """``wanted``, or an even split of what the task has when that is fewer."""
+    got = min(wanted, available // num_clients)
+    if got < 1:
+        raise DataError(
+            f"{task}/{split} has {available} examples, too few for {num_clients} clients"
+        )
+    return got
+
+
 def partition_indices(
     labels: list[int],
     num_clients: int,
@@ -25,15 +35,13 @@ def partition_indices(
 ) -> list[list[int]]:
     """Disjoint index lists, ``per_client`` each, for ``num_clients`` clients of one task.
 
+    ``per_client`` is a cap: a task too small to give every client that many examples is split
+    evenly instead (``len // num_clients`` each; see :func:`samples_per_client`).
+
     Without ``label_alpha`` each client gets a uniform random draw. With it, each client's label
     mix is drawn from Dirichlet(``label_alpha``) and filled from per-label pools (no overlap).
     """
-    need = num_clients * per_client
-    if need > len(labels):
-        raise DataError(
-            f"{task}/{split} has {len(labels)} examples; {num_clients} clients x "
-            f"{per_client} samples = {need} needed"
-        )
+    per_client = samples_per_client(len(labels), num_clients, per_client, task, split)
     rng = _task_rng(seed, task, split)
     if label_alpha is None:
         order = rng.permutation(len(labels))

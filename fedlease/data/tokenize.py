@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .glue import load_split, task_spec
-from .partition import partition_indices
+from .partition import partition_indices, samples_per_client
 
 
 @dataclass
@@ -73,6 +74,13 @@ def build_client_data(
         parts = {}
         for split, per_client in (("train", train_samples), ("validation", test_samples)):
             rows = load_split(task, split, data_dir)
+            got = samples_per_client(len(rows), len(ids), per_client, task, split)
+            if got < per_client:
+                warnings.warn(
+                    f"{task}/{split} has {len(rows)} examples for {len(ids)} clients: "
+                    f"{got} per client instead of {per_client}",
+                    stacklevel=2,
+                )
             labels = [r["label"] for r in rows]
             idx = partition_indices(
                 labels, len(ids), per_client, seed, task, split, label_alpha, spec.num_labels

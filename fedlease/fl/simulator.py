@@ -34,6 +34,8 @@ class Summary:
     wall_s: float
     rounds: int = 0
     clients: list[str] = field(default_factory=list)
+    initial_mean: float = float("nan")  # mean accuracy of the untrained model (random head)
+    samples: dict = field(default_factory=dict)  # train/test examples per client
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +139,8 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
     warm = runner(make_model(1, "dense"))
     init = clone_state(adapter_state_dict(warm.model))
     states = [clone_state(init) for _ in clients]
+    initial = [warm.evaluate(c, init) for c in clients]
+    initial_mean = float(np.mean([e["accuracy"] for e in initial]))
     for r in range(cfg.warmup_rounds):
         losses = []
         for c in clients:
@@ -220,6 +224,7 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
     rounds_bar.close()
 
     summary = _summarise(cfg, clients, alloc, rec.rows, comm, time.time() - t0)
+    summary.initial_mean = initial_mean
     if out:
         (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         from .plots import write_plots
