@@ -98,11 +98,15 @@ def from_dict(raw: dict) -> FLConfig:
     if "clients" not in raw:
         raise ConfigError("config key 'clients' is required (a list of task names, one per client)")
     cfg = FLConfig(**{k: (float(v) if hints[k] is float else v) for k, v in raw.items()})
-    validate(cfg)
+    validate(cfg, explicit=set(raw))
     return cfg
 
 
-def validate(cfg: FLConfig) -> None:
+def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
+    """Check ranges and consistency. ``explicit``: keys the user set (defaults are forgiven
+    where they merely exceed what a small run can use, like ``max_experts``)."""
+    explicit = set(cfg.to_dict()) if explicit is None else explicit
+
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"config key {key!r} = {getattr(cfg, key)!r}: {why}")
 
@@ -134,7 +138,7 @@ def validate(cfg: FLConfig) -> None:
     if not cfg.target_modules:
         raise bad("target_modules", "must name at least one module")
     n = len(cfg.clients)
-    if cfg.max_experts > n:
+    if "max_experts" in explicit and cfg.max_experts > n:
         raise bad("max_experts", f"more experts than clients ({n})")
     if isinstance(cfg.num_experts, str):
         if cfg.num_experts != "auto":

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import RoutingSpec
+from . import triton_backend
 from .dispatch import (
     BACKEND_NAMES,
     Backend,
@@ -31,7 +32,14 @@ def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
     return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, spec, scaling)
 
 
+def _triton_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
+    return triton_backend.moe_lora_triton(
+        x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
+    )
+
+
 register(Backend("torch", _torch_backend, lambda device: None))
+register(Backend("triton", _triton_backend, triton_backend.unavailable_reason), prefer_on=("cuda",))
 
 
 def moe_lora(

@@ -1,0 +1,124 @@
+"""Forward kernels of the MoE-LoRA op: shrink + route, then expand into the base output.
+
+Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B_cat (N, MR).
+
+1. ``shrink_route``: one program per block of tokens reads each x tile once and computes the
+   router logits (S) and every expert's projection a = A_cat x (MR) together; its epilogue routes
+   in float32 (softmax, top-KEEP slots, renormalise, fold slots onto experts) and writes the slot
+   probabilities q (T, S), the projection a (T, MR, float32) and h = gate * a (T, MR).
+   Dropout on the experts' input is drawn in-kernel from a seed; the router sees x undropped.
+2. ``expand``: y = base + scaling * h @ B_cat^T, written in place over the base output.
+"""
+
+import triton
+import triton.language as tl
+
+from .routing import dropout_keep, restricted_softmax, slot_to_column_onehot
+
+
+@triton.jit
+def shrink_route_kernel(
+    x_ptr, router_ptr, a_cat_ptr, q_ptr, a_ptr, h_ptr,
+    T, D, S, M, MR, R, OWN, KEEP,
+    stride_xt, stride_rs, stride_am,
+    seed, p_drop,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr, MR_PAD: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = tl.arange(0, S_PAD)
+    offs_j = tl.arange(0, MR_PAD)
+    t_ok = offs_t < T
+    acc_logits = tl.zeros((BLOCK_T, S_PAD), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_T, MR_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :],
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        w_r = tl.load(
+            router_ptr + offs_s[:, None] * stride_rs + offs_d[None, :],
+            mask=(offs_s[:, None] < S) & d_ok[None, :],
+            other=0.0,
+        )
+        w_a = tl.load(
+            a_cat_ptr + offs_j[:, None] * stride_am + offs_d[None, :],
+            mask=(offs_j[:, None] < MR) & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+            w_r = w_r.to(tl.float32)
+            w_a = w_a.to(tl.float32)
+        acc_logits += tl.dot(x, tl.trans(w_r), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_t, offs_d, D, p_drop)
+            x_e = tl.where(keep, x.to(tl.float32) / (1.0 - p_drop), 0.0).to(x.dtype)
+        else:
+            x_e = x
+        acc_a += tl.dot(x_e, tl.trans(w_a), input_precision=DOT_PRECISION)
+
+    q = restricted_softmax(acc_logits, S, KEEP, S_PAD)
+    onehot = slot_to_column_onehot(S, M, MR, R, OWN, S_PAD, MR_PAD)
+    gate_per_column = tl.dot(q, onehot, input_precision="ieee")
+    h = acc_a * gate_per_column
+
+    s_mask = t_ok[:, None] & (offs_s[None, :] < S)
+    j_mask = t_ok[:, None] & (offs_j[None, :] < MR)
+    tl.store(q_ptr + offs_t[:, None] * S + offs_s[None, :], q, mask=s_mask)
+    tl.store(a_ptr + offs_t[:, None] * MR + offs_j[None, :], acc_a, mask=j_mask)
+    tl.store(
+        h_ptr + offs_t[:, None] * MR + offs_j[None, :], h.to(h_ptr.dtype.element_ty), mask=j_mask
+    )
+
+
+@triton.jit
+def expand_kernel(
+    h_ptr, b_cat_ptr, y_ptr,
+    T, N, MR, scaling,
+    stride_bn, stride_yt,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, MR_PAD: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, MR_PAD)
+    t_ok = offs_t < T
+    n_ok = offs_n < N
+    h = tl.load(
+        h_ptr + offs_t[:, None] * MR + offs_j[None, :],
+        mask=t_ok[:, None] & (offs_j[None, :] < MR),
+        other=0.0,
+    )
+    b_t = tl.load(
+        b_cat_ptr + offs_n[None, :] * stride_bn + offs_j[:, None],
+        mask=(offs_j[:, None] < MR) & n_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        h = h.to(tl.float32)
+        b_t = b_t.to(tl.float32)
+    delta = tl.dot(h, b_t, input_precision=DOT_PRECISION) * scaling
+    y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :]
+    mask = t_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + delta
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_config(is_interpreter: bool) -> dict:
+    """Block sizes: large blocks under the interpreter (each program costs milliseconds there)."""
+    if is_interpreter:
+        return {"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_N": 64}
+    return {"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_N": 128}
+
+
+__all__ = ["expand_kernel", "launch_config", "shrink_route_kernel", "triton"]

@@ -1,0 +1,83 @@
+"""Config validation and the CLI on bad input: one message naming key and value, exit 2."""
+
+import pytest
+import yaml
+
+from fedlease.cli import main
+from fedlease.fl import ConfigError, from_dict, load_config
+
+BASE = {"clients": ["sst2", "sst2", "qnli", "qnli"]}
+
+
+def test_defaults_follow_the_paper():
+    cfg = from_dict(BASE)
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr, cfg.weight_decay) == (4, 16, 0.05, 3e-3, 0.05)
+    assert (cfg.local_epochs, cfg.warmup_rounds, cfg.rounds, cfg.max_experts) == (2, 5, 20, 4)
+    assert (cfg.train_samples, cfg.test_samples) == (1000, 200)
+    assert cfg.target_modules == ["query", "value"] and cfg.num_experts == "auto"
+    assert cfg.warmup_aggregate is False
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ({"learning_rate": 0.1}, "unknown config key 'learning_rate'"),
+        ({"rank": "four"}, "'rank' must be int, got 'four'"),
+        ({"rank": 0}, "'rank' = 0"),
+        ({"rounds": 2.5}, "'rounds' must be int, got 2.5"),
+        ({"clients": ["sst2", "imdb", "qnli"]}, "unknown task 'imdb'"),
+        ({"num_experts": 5}, "'num_experts' = 5"),
+        ({"max_experts": 9}, "'max_experts' = 9: more experts than clients"),
+        ({"num_experts": "many"}, "'num_experts' = 'many'"),
+        ({"dropout": 1.0}, "'dropout' = 1.0"),
+        ({"lr": -1}, "'lr' = -1"),
+        ({"method": "fedprox"}, "'method' = 'fedprox'"),
+        ({"label_alpha": 0}, "'label_alpha' = 0"),
+        ({"clients": ["sst2"]}, "'clients'"),
+    ],
+)
+def test_bad_values_name_key_and_value(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_dict(BASE | override)
+
+
+def test_overrides_are_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(path, ["rounds=3", "clients=[rte, rte, mrpc]", "label_alpha=0.5"])
+    assert cfg.rounds == 3 and cfg.clients == ["rte", "rte", "mrpc"] and cfg.label_alpha == 0.5
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["rounds"])
+
+
+@pytest.mark.parametrize(
+    "extra, args, pattern",
+    [
+        ({"rank": 0}, [], "'rank' = 0"),
+        ({"colour": "blue"}, [], "unknown config key 'colour'"),
+        ({}, ["--set", "num_experts=7"], "'num_experts' = 7"),
+        ({}, ["--data-dir", "/no/such/dir"], "'/no/such/dir' does not exist"),
+    ],
+)
+def test_cli_bad_input_exits_2_before_work(tmp_path, capsys, extra, args, pattern):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(BASE | extra))
+    out = tmp_path / "out"
+    code = main(["run", "--config", str(cfg), "--output", str(out), *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert pattern in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--config", "--output", "--data-dir", "--set", "--no-progress"):
+        assert flag in text

@@ -1,0 +1,97 @@
+"""FedLEASE end to end on real GLUE data (needs $FEDLEASE_DATA_DIR; CI sets it)."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from fedlease.cli import main
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("FEDLEASE_DATA_DIR"), reason="FEDLEASE_DATA_DIR not set"),
+]
+
+TINY = {
+    "clients": ["sst2", "qnli", "sst2", "qnli"],
+    "train_samples": 48,
+    "test_samples": 32,
+    "warmup_rounds": 1,
+    "rounds": 2,
+    "local_epochs": 1,
+    "max_seq_len": 64,
+    "max_experts": 3,
+    "seed": 0,
+}
+RANK, HIDDEN, LAYERS, TARGETS = 4, 384, 6, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    (root / "c.yaml").write_text(yaml.safe_dump(TINY))
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                str(root / "c.yaml"),
+                "--output",
+                str(root / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    return root / "out"
+
+
+def test_artefacts_written(tiny_run):
+    for name in [
+        "config.yaml",
+        "metrics.jsonl",
+        "clusters.json",
+        "summary.json",
+        "dendrogram.png",
+        "distance_heatmap.png",
+        "silhouette.png",
+        "accuracy.png",
+    ]:
+        assert (tiny_run / name).stat().st_size > 0, name
+    assert yaml.safe_load((tiny_run / "config.yaml").read_text())["clients"] == TINY["clients"]
+
+
+def test_clustering_separates_the_tasks(tiny_run):
+    clusters = json.loads((tiny_run / "clusters.json").read_text())
+    a = clusters["assignment"]
+    assert clusters["num_experts"] == 2 and a[0] == a[2] and a[1] == a[3] and a[0] != a[1]
+    assert set(clusters["silhouette"]) == {"2", "3"}
+    d = clusters["distance_matrix"]
+    assert d[0][2] < d[0][1] and d[1][3] < d[1][2]
+
+
+def test_summary_and_metrics(tiny_run):
+    s = json.loads((tiny_run / "summary.json").read_text())
+    assert s["method"] == "fedlease" and s["num_experts"] == 2
+    assert set(s["final"]["per_task"]) == {"sst2", "qnli"}
+    assert len(s["final"]["per_client"]) == 4
+    assert 0 <= s["final"]["mean"] <= 1
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["warmup", "adaptive", "adaptive"]
+    assert rows[-1]["mean_accuracy"] == pytest.approx(s["final"]["mean"])
+
+
+def test_communication_counts_the_tensors_exchanged(tiny_run):
+    """Bytes per adaptive round, recomputed from the shapes that travel (float32)."""
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    k, n, layers = 2, 4, LAYERS * TARGETS
+    expert = layers * (RANK * HIDDEN + HIDDEN * RANK) * 4
+    router = layers * (2 * k - 1) * HIDDEN * 4
+    assert rows[0]["bytes_up"] == 0 and rows[0]["bytes_down"] == 0  # warm-up is local
+    for r in rows[1:]:
+        assert r["bytes_up"] == n * (expert + router)
+        assert r["bytes_down"] == n * (k * expert + router)
+    s = json.loads((tiny_run / "summary.json").read_text())
+    allocation_upload = n * expert  # every client's warm-up LoRA goes up once
+    assert s["comm_bytes"]["up"] == allocation_upload + 2 * n * (expert + router)
