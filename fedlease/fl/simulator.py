@@ -281,6 +281,7 @@ def _summarise(
         "per_task": {t: float(np.mean(v)) for t, v in per_task.items()},
         "mean": float(np.mean([c["accuracy"] for c in last])) if last else float("nan"),
     }
+    samples = {"train": [len(c.train) for c in clients], "test": [len(c.test) for c in clients]}
     return Summary(
         cfg.method,
         alloc.num_experts,
@@ -290,4 +291,5 @@ def _summarise(
         wall,
         len(rows),
         list(cfg.clients),
+        samples=samples,
     )
