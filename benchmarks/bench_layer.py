@@ -1,0 +1,235 @@
+"""MoE-LoRA layer speed, side by side in one run.
+
+Rows: the frozen base linear alone; PEFT LoRA with one adapter; a naive MoE-LoRA that loops over
+the top-M slots and the experts (as the method's reference code does); and each fedlease backend
+available on the device. Each row is timed forward-only and forward+backward (median of
+``--reps`` after ``--warmup``), with the input requiring grad as it does inside a network.
+
+Memory: on CUDA ``peak_mb`` is torch's peak allocation over one forward+backward minus what was
+allocated before it; on CPU it is the size of the tensors autograd saves for backward plus the
+output (what the layer adds to training memory), measured with saved-tensor hooks.
+
+    python benchmarks/bench_layer.py                      # target shape of the device
+    python benchmarks/bench_layer.py --experts 8 --json   # one JSON object on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlease import MoELoRALinear
+from fedlease.ops import available_backends
+
+TARGETS = {  # device type -> default shape
+    "cuda": {"d_in": 4096, "d_out": 4096, "rank": 8, "experts": 4, "tokens": 16384,
+             "dtype": "bfloat16"},
+    "cpu": {"d_in": 1024, "d_out": 1024, "rank": 8, "experts": 4, "tokens": 4096,
+            "dtype": "float32"},
+}  # fmt: skip
+
+
+class NaiveMoELoRA(nn.Module):
+    """The straightforward MoE-LoRA: per top-M slot, per expert, a full LoRA pass, then masking."""
+
+    def __init__(self, layer: MoELoRALinear) -> None:
+        super().__init__()
+        self.base, self.spec, self.scaling = layer.base, layer.spec, layer.scaling
+        self.experts_a = nn.ParameterList(nn.Parameter(a.clone()) for a in layer.lora_A.detach())
+        self.experts_b = nn.ParameterList(nn.Parameter(b.clone()) for b in layer.lora_B.detach())
+        self.router = nn.Parameter(layer.router.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)
+        top_p, top_i = probs.topk(self.spec.keep, dim=-1)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        fold = torch.tensor(self.spec.fold, device=x.device)[top_i]
+        for slot in range(self.spec.keep):
+            for e in range(self.spec.num_experts):
+                out = F.linear(F.linear(x, self.experts_a[e]), self.experts_b[e]) * self.scaling
+                w = (top_p[..., slot] * (fold[..., slot] == e)).to(x.dtype)
+                y = y + w.unsqueeze(-1) * out
+        return y
+
+
+def peft_lora(base: nn.Linear, rank: int, alpha: float) -> nn.Module:
+    import peft
+
+    net = nn.Sequential()
+    net.add_module("proj", base)
+    model = peft.get_peft_model(
+        net, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
+    )
+    nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.02)
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def memory_mb(module: nn.Module, x: torch.Tensor) -> float:
+    device = x.device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        module(x).sum().backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    ext = sum(n for p, n in seen.items() if p != x.untyped_storage().data_ptr())
+    return (ext + y.numel() * y.element_size()) / 2**20
+
+
+def bench(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    base = nn.Linear(args.d_in, args.d_out, bias=False, device=device, dtype=dtype)
+    base.requires_grad_(False)
+    layer = MoELoRALinear(base, args.experts, args.rank, alpha=16, own_expert=0).to(device, dtype)
+    nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(args.tokens, args.d_out, device=device, dtype=dtype)
+
+    rows: dict[str, nn.Module] = {"base": base}
+    try:
+        rows["peft_lora"] = peft_lora(base, args.rank, 16).to(device, dtype)
+    except ImportError:
+        print("peft is not installed: no PEFT row", file=sys.stderr)
+    rows["naive_loop"] = NaiveMoELoRA(layer)
+    backends = [
+        b for b in available_backends(device) if not (b == "triton" and device.type != "cuda")
+    ]
+    for name in backends:
+        row = MoELoRALinear(base, args.experts, args.rank, alpha=16, backend=name).to(device, dtype)
+        row.load_state_dict(layer.state_dict())
+        rows[f"fedlease_{name}"] = row
+
+    results = {}
+    for name, module in rows.items():
+
+        def fwd(module=module):
+            with torch.no_grad():
+                module(x)
+
+        def fwd_bwd(module=module):
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            module(x).backward(dy)
+
+        results[name] = {
+            "fwd_ms": median_ms(fwd, device, args.warmup, args.reps),
+            "fwd_bwd_ms": median_ms(fwd_bwd, device, args.warmup, args.reps),
+            "peak_mb": memory_mb(module, x),
+        }
+        results[name]["tokens_per_s"] = args.tokens / results[name]["fwd_bwd_ms"] * 1e3
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "dtype": args.dtype,
+        "shape": {k: getattr(args, k) for k in ("d_in", "d_out", "rank", "experts", "tokens")},
+        "threads": torch.get_num_threads(),
+        "results": results,
+        "ratios": ratios(results),
+    }
+
+
+def ratios(results: dict) -> dict:
+    """Per fedlease row: added fwd+bwd time over the base vs PEFT's, and speed-up over the loop."""
+    out = {}
+    base = results["base"]["fwd_bwd_ms"]
+    for name, r in results.items():
+        if not name.startswith("fedlease_"):
+            continue
+        entry = {"vs_naive_loop": results["naive_loop"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]}
+        if "peft_lora" in results:
+            peft = results["peft_lora"]["fwd_bwd_ms"]
+            entry["vs_peft_fwd_bwd"] = r["fwd_bwd_ms"] / peft
+            entry["added_over_base_vs_peft"] = (r["fwd_bwd_ms"] - base) / max(peft - base, 1e-9)
+        out[name] = entry
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def print_table(report: dict) -> None:
+    print(f"device: {report['device']}  dtype: {report['dtype']}  shape: {report['shape']}  "
+          f"threads: {report['threads']}")  # fmt: skip
+    print(f"{'row':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}{'ktok/s':>9}{'peak MB':>10}")
+    for name, r in report["results"].items():
+        print(f"{name:<18}{r['fwd_ms']:>10.3f}{r['fwd_bwd_ms']:>12.3f}"
+              f"{r['tokens_per_s'] / 1e3:>9.1f}{r['peak_mb']:>10.1f}")  # fmt: skip
+    for name, r in report["ratios"].items():
+        parts = [f"{k} {v:.2f}x" for k, v in r.items()]
+        print(f"{name}: " + ", ".join(parts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when available)")  # fmt: skip
+    p.add_argument("--d-in", type=int, help="input features (default: the device's target)")
+    p.add_argument("--d-out", type=int, help="output features")
+    p.add_argument("--rank", type=int, help="LoRA rank r")
+    p.add_argument("--experts", type=int, help="number of experts M")
+    p.add_argument("--tokens", type=int, help="tokens per batch (batch x sequence)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="parameter dtype")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+    p.add_argument("--reps", type=int, default=10, help="timed calls; the median is reported")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    target = TARGETS["cuda" if args.device.startswith("cuda") else "cpu"]
+    for key, value in target.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("d_in", "d_out", "rank", "experts", "tokens", "reps"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    report = bench(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    main()
