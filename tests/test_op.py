@@ -63,7 +63,7 @@ def test_reference_gradcheck_float64():
     )
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("torch",)])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("torch", "cpp")])
 def test_dropout_hits_experts_not_router(backend):
     """With the same RNG state the op's dropout mask is F.dropout's: compare to the reference."""
     x, base, a, b, router, spec = make_inputs(31, 20, 12, 3, 4, "adaptive", None, 0)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import RoutingSpec
-from . import triton_backend
+from . import cpp_backend, triton_backend
 from .dispatch import (
     BACKEND_NAMES,
     Backend,
@@ -39,6 +39,9 @@ def _triton_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_
 
 
 register(Backend("torch", _torch_backend, lambda device: None))
+register(
+    Backend("cpp", cpp_backend.moe_lora_cpp, cpp_backend.unavailable_reason), prefer_on=("cpu",)
+)
 register(Backend("triton", _triton_backend, triton_backend.unavailable_reason), prefer_on=("cuda",))
 
 

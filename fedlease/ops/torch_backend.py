@@ -33,7 +33,13 @@ class MoELoRATorchFunction(torch.autograd.Function):
         scaling: float,
     ) -> torch.Tensor:
         s = spec.num_slots
-        if x_drop is None:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Router logits in float32: 16-bit logits round near-ties and flip the top-M choice.
+            logits, a = (
+                x.float() @ router.float().t(),
+                (x if x_drop is None else x_drop) @ a_cat.t(),
+            )
+        elif x_drop is None:
             z = x @ torch.cat([router, a_cat]).t()
             logits, a = z[:, :s], z[:, s:]
         else:

@@ -1,0 +1,193 @@
+// CPU kernels of the MoE-LoRA op: ATen GEMMs for the matrix parts, one fused OpenMP pass per
+// direction for everything routing touches.
+//
+// Forward:  z = x @ [router; A_cat]^T         (one GEMM; two when the experts see dropout(x))
+//           per token: softmax over S slots, keep the `keep` best (ties to the lower slot),
+//           renormalise, fold slots onto experts, h = gate * a        (fused, writes q and h)
+//           y = base + scaling * h @ B_cat^T                          (one addmm)
+// Backward: dH = dy @ B_cat                                            (one GEMM)
+//           per token: gate gradient, restricted-softmax backward, dz = [dlogits, scaling*g*dH]
+//           d[router; A_cat] = dz^T @ x, dx = dz @ [router; A_cat], dB_cat = scaling * dy^T @ h
+//
+// Slot s folds onto expert s when s < M and onto `own` otherwise; rank column j belongs to
+// expert j / R. Routing is float32 for float32 and bfloat16 inputs, float64 for float64 inputs
+// (so that gradcheck can run on this op).
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace fedlease {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGrain = 64;  // tokens per parallel chunk
+
+inline int64_t fold_slot(int64_t s, int64_t M, int64_t own) { return s < M ? s : own; }
+
+// q[0..S) := renormalised probabilities of the `keep` most probable slots, zero elsewhere.
+template <typename scalar_t, typename acc_t>
+inline void route_token(const scalar_t* logits, int64_t S, int64_t keep, acc_t* q,
+                        int64_t* order) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t s = 0; s < S; ++s) mx = std::max(mx, static_cast<acc_t>(logits[s]));
+  acc_t sum = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    q[s] = std::exp(static_cast<acc_t>(logits[s]) - mx);
+    sum += q[s];
+  }
+  for (int64_t s = 0; s < S; ++s) q[s] /= sum;
+  if (keep >= S) return;
+  for (int64_t s = 0; s < S; ++s) order[s] = s;
+  std::partial_sort(order, order + keep, order + S, [q](int64_t a, int64_t b) {
+    return q[a] > q[b] || (q[a] == q[b] && a < b);
+  });
+  acc_t kept = 0;
+  for (int64_t i = 0; i < keep; ++i) kept += q[order[i]];
+  for (int64_t i = keep; i < S; ++i) q[order[i]] = 0.f;
+  for (int64_t i = 0; i < keep; ++i) q[order[i]] /= kept;
+}
+
+at::ScalarType routing_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const Tensor& x, const Tensor& router, const Tensor& a_cat, int64_t M) {
+  TORCH_CHECK(x.device().is_cpu(), "fedlease::moe_lora (cpp) needs CPU tensors, got ",
+              x.device());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (tokens, features), got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                  x.scalar_type() == at::kDouble,
+              "fedlease::moe_lora (cpp) supports float32, bfloat16 and float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(M >= 1 && a_cat.size(0) % M == 0, "A_cat rows ", a_cat.size(0),
+              " are not a multiple of num_experts ", M);
+  TORCH_CHECK(router.size(1) == x.size(1) && a_cat.size(1) == x.size(1),
+              "router/A_cat columns must equal x's features ", x.size(1));
+}
+
+// Returns (y, q, a, h): output, kept slot probabilities (float32), projections, gated projections.
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_fwd(
+    const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& router,
+    const Tensor& a_cat, const Tensor& b_cat, const Tensor& base_out, int64_t M, int64_t own,
+    int64_t keep, double scaling) {
+  check_inputs(x, router, a_cat, M);
+  const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), R = MR / M;
+  Tensor logits, a;
+  if (x.scalar_type() == at::kBFloat16) {
+    // Router logits in float32: bfloat16 logits would round near-ties and flip the top-M choice.
+    logits = at::mm(x.to(at::kFloat), router.to(at::kFloat).t());
+    a = at::mm(x_drop.has_value() ? *x_drop : x, a_cat.t());
+  } else if (x_drop.has_value()) {
+    logits = at::mm(x, router.t());
+    a = at::mm(*x_drop, a_cat.t());
+  } else {
+    Tensor z = at::mm(x, at::cat({router, a_cat}).t());
+    logits = z.narrow(1, 0, S);
+    a = z.narrow(1, S, MR);
+  }
+  Tensor q = at::empty({T, S}, x.options().dtype(routing_dtype(x)));
+  Tensor h = at::empty({T, MR}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moe_lora_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* lp = logits.const_data_ptr<acc_t>();
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const int64_t ls = logits.stride(0), as = a.stride(0);
+    acc_t* qp = q.data_ptr<acc_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> order(S);
+      std::vector<acc_t> gate(M);
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t* qt = qp + t * S;
+        route_token(lp + t * ls, S, keep, qt, order.data());
+        std::fill(gate.begin(), gate.end(), acc_t(0));
+        for (int64_t s = 0; s < S; ++s) gate[fold_slot(s, M, own)] += qt[s];
+        const scalar_t* at_ = ap + t * as;
+        scalar_t* ht = hp + t * MR;
+        for (int64_t j = 0; j < MR; ++j)
+          ht[j] = static_cast<scalar_t>(static_cast<acc_t>(at_[j]) * gate[j / R]);
+      }
+    });
+  });
+  Tensor y = at::addmm(base_out, h, b_cat.t(), 1.0, scaling);
+  return {y, q, a.contiguous(), h};  // a: a (T x MR) copy out of z, small next to x
+}
+
+// Returns (dx, dx_drop, d_router, d_a_cat, d_b_cat); dx_drop is empty without dropout.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_bwd(
+    const Tensor& dy, const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& router,
+    const Tensor& a_cat, const Tensor& b_cat, const Tensor& q, const Tensor& a, const Tensor& h,
+    int64_t M, int64_t own, double scaling) {
+  const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), R = MR / M;
+  Tensor d_h = at::mm(dy, b_cat);
+  Tensor dz = at::empty({T, S + MR}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moe_lora_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dhp = d_h.const_data_ptr<scalar_t>();
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const acc_t* qp = q.const_data_ptr<acc_t>();
+    const int64_t as = a.stride(0);
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    const acc_t sc = static_cast<acc_t>(scaling);
+    at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> gate(M), d_gate(M);
+      for (int64_t t = begin; t < end; ++t) {
+        const acc_t* qt = qp + t * S;
+        const scalar_t* dht = dhp + t * MR;
+        const scalar_t* at_ = ap + t * as;
+        scalar_t* dzt = dzp + t * (S + MR);
+        std::fill(gate.begin(), gate.end(), acc_t(0));
+        std::fill(d_gate.begin(), d_gate.end(), acc_t(0));
+        for (int64_t s = 0; s < S; ++s) gate[fold_slot(s, M, own)] += qt[s];
+        for (int64_t j = 0; j < MR; ++j) {
+          const acc_t dh = sc * static_cast<acc_t>(dht[j]);
+          d_gate[j / R] += dh * static_cast<acc_t>(at_[j]);
+          dzt[S + j] = static_cast<scalar_t>(dh * gate[j / R]);
+        }
+        acc_t dot = 0;
+        for (int64_t s = 0; s < S; ++s) dot += qt[s] * d_gate[fold_slot(s, M, own)];
+        for (int64_t s = 0; s < S; ++s)
+          dzt[s] = static_cast<scalar_t>(qt[s] * (d_gate[fold_slot(s, M, own)] - dot));
+      }
+    });
+  });
+  Tensor d_b = at::mm(dy.t(), h).mul_(scaling);
+  if (!x_drop.has_value()) {
+    Tensor w_cat = at::cat({router, a_cat});
+    Tensor dw = at::mm(dz.t(), x);
+    Tensor dx = at::mm(dz, w_cat);
+    return {dx, Tensor(), dw.narrow(0, 0, S), dw.narrow(0, S, MR), d_b};
+  }
+  Tensor dz_r = dz.narrow(1, 0, S), dz_a = dz.narrow(1, S, MR);
+  return {at::mm(dz_r, router), at::mm(dz_a, a_cat), at::mm(dz_r.t(), x),
+          at::mm(dz_a.t(), *x_drop), d_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fedlease, m) {
+  m.def(
+      "moe_lora_fwd(Tensor x, Tensor? x_drop, Tensor router, Tensor a_cat, Tensor b_cat, "
+      "Tensor base_out, int num_experts, int own_expert, int keep, float scaling) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "moe_lora_bwd(Tensor dy, Tensor x, Tensor? x_drop, Tensor router, Tensor a_cat, "
+      "Tensor b_cat, Tensor q, Tensor a, Tensor h, int num_experts, int own_expert, "
+      "float scaling) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fedlease, CPU, m) {
+  m.impl("moe_lora_fwd", &moe_lora_fwd);
+  m.impl("moe_lora_bwd", &moe_lora_bwd);
+}
+
+}  // namespace fedlease

@@ -1,0 +1,91 @@
+"""The ``cpp`` backend: the compiled CPU kernels of ``fedlease._C`` as one autograd op.
+
+The C++ library registers ``torch.ops.fedlease.moe_lora_fwd`` / ``moe_lora_bwd``; this module
+adds their fake (meta) implementations, so ``torch.compile`` can trace them, and the autograd
+formula linking the two. If the extension was not built (``FEDLEASE_NO_EXT=1``) or fails to
+load, ``unavailable_reason`` says why and a warning says it once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import RoutingSpec
+
+
+def _load() -> str | None:
+    """Load ``fedlease._C`` and register its Python parts; return why not, or None."""
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError as exc:
+        reason = f"the compiled extension fedlease._C is not available ({exc})"
+        warnings.warn(f"fedlease: cpp backend disabled: {reason}", RuntimeWarning, stacklevel=2)
+        return reason
+    _register_python_parts()
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the compiled kernels run on CPU tensors only, not {device.type}"
+    return LOAD_ERROR
+
+
+def _register_python_parts() -> None:
+    @torch.library.register_fake("fedlease::moe_lora_fwd")
+    def _fwd_fake(x, x_drop, router, a_cat, b_cat, base_out, num_experts, own, keep, scaling):
+        t, s, mr = x.shape[0], router.shape[0], a_cat.shape[0]
+        return (
+            torch.empty_like(base_out),
+            x.new_empty(t, s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32),
+            x.new_empty(t, mr),
+            x.new_empty(t, mr),
+        )
+
+    @torch.library.register_fake("fedlease::moe_lora_bwd")
+    def _bwd_fake(dy, x, x_drop, router, a_cat, b_cat, q, a, h, num_experts, own, scaling):
+        return (
+            torch.empty_like(x),
+            torch.empty_like(x) if x_drop is not None else x.new_empty(0),
+            torch.empty_like(router),
+            torch.empty_like(a_cat),
+            torch.empty_like(b_cat),
+        )
+
+    def setup_context(ctx, inputs, output):
+        x, x_drop, router, a_cat, b_cat, _, num_experts, own, _, scaling = inputs
+        _, q, a, h = output
+        ctx.save_for_backward(x, x_drop, router, a_cat, b_cat, q, a, h)
+        ctx.num_experts, ctx.own, ctx.scaling = num_experts, own, scaling
+
+    def backward(ctx, dy, _dq, _da, _dh):
+        x, x_drop, router, a_cat, b_cat, q, a, h = ctx.saved_tensors
+        dx, dx_drop, d_router, d_a, d_b = torch.ops.fedlease.moe_lora_bwd(
+            dy.contiguous(), x, x_drop, router, a_cat, b_cat, q, a, h,
+            ctx.num_experts, ctx.own, ctx.scaling,
+        )  # fmt: skip
+        return (dx, dx_drop if x_drop is not None else None, d_router, d_a, d_b, dy,
+                None, None, None, None)  # fmt: skip
+
+    torch.library.register_autograd("fedlease::moe_lora_fwd", backward, setup_context=setup_context)
+
+
+def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p):
+    m, r, d_in = lora_a.shape
+    a_cat = lora_a.reshape(m * r, d_in)
+    b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)
+    x = x.contiguous()
+    x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    own = spec.fold[-1] if spec.num_slots > spec.num_experts else 0
+    y, _, _, _ = torch.ops.fedlease.moe_lora_fwd(
+        x, x_drop, router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
+        base_out.contiguous(), spec.num_experts, own, spec.keep, float(scaling),
+    )  # fmt: skip
+    return y
+
+
+# Loaded once at import, outside any torch.compile trace: None, or why the backend is unavailable.
+LOAD_ERROR = _load()
