@@ -5,20 +5,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlease-installed
 PYTEST_ARGS ?=
+# Local GLUE copy (<dir>/<task>/{train,validation}.jsonl); empty means $FEDLEASE_DATA_DIR or the hub.
+DATA_DIR ?= $(or $(FEDLEASE_DATA_DIR),$(wildcard ../shared/data/glue))
 
-.PHONY: demo test install lint format bench clean
+.PHONY: demo test tour install lint format bench clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q ninja pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedlease demo
+	$(VENV)/bin/fedlease run --config configs/demo.yaml --output runs/demo \
+		$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -30,6 +34,9 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+tour: $(STAMP)
+	$(VENV)/bin/fedlease demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_layer.py
