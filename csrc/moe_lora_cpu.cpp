@@ -46,9 +46,11 @@ inline void route_token(const scalar_t* logits, int64_t S, int64_t keep, acc_t* 
   }
   for (int64_t s = 0; s < S; ++s) q[s] /= sum;
   if (keep >= S) return;
+  // Rank by logit (equal logits stay equal; ties go to the lower slot).
   for (int64_t s = 0; s < S; ++s) order[s] = s;
-  std::partial_sort(order, order + keep, order + S, [q](int64_t a, int64_t b) {
-    return q[a] > q[b] || (q[a] == q[b] && a < b);
+  std::partial_sort(order, order + keep, order + S, [logits](int64_t a, int64_t b) {
+    const acc_t la = static_cast<acc_t>(logits[a]), lb = static_cast<acc_t>(logits[b]);
+    return la > lb || (la == lb && a < b);
   });
   acc_t kept = 0;
   for (int64_t i = 0; i < keep; ++i) kept += q[order[i]];

@@ -15,8 +15,9 @@ def reference_slot_weights(
     logits: torch.Tensor, spec: RoutingSpec
 ) -> list[tuple[int, torch.Tensor]]:
     """``[(slot, weight), ...]`` for the kept slots of one token's router logits (S,)."""
-    p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
-    ranked = sorted(range(spec.num_slots), key=lambda s: (-p[s].item(), s))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    p = torch.softmax(logits, dim=0)
+    ranked = sorted(range(spec.num_slots), key=lambda s: (-logits[s].item(), s))
     chosen = ranked[: spec.keep]
     total = sum(p[s] for s in chosen)
     return [(s, p[s] / total) for s in chosen]

@@ -3,7 +3,7 @@
 All three routing modes are one computation over ``S`` router slots:
 
 1. ``p = softmax(logits)`` over the ``S`` slots, in float32;
-2. keep the ``keep`` most probable slots (ties go to the lower slot index);
+2. keep the ``keep`` most probable slots, i.e. the largest logits (ties go to the lower slot);
 3. renormalise the kept probabilities to sum to 1 (a softmax restricted to the kept slots);
 4. fold slot ``s`` onto expert ``fold[s]`` and sum: ``g[e] = sum_{s: fold[s] = e} q[s]``.
 
@@ -66,11 +66,14 @@ class RoutingSpec:
 
 def slot_probs(logits: torch.Tensor, keep: int) -> torch.Tensor:
     """Renormalised probabilities of the ``keep`` best slots, zero elsewhere (float32)."""
-    p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    p = torch.softmax(logits, dim=-1)
     if keep >= p.shape[-1]:
         return p
-    # A stable descending sort breaks ties towards the lower slot index, like the kernels do.
-    chosen = torch.sort(p, dim=-1, descending=True, stable=True).indices[..., :keep]
+    # Rank by the logits (softmax is monotonic, and equal logits stay exactly equal, which
+    # vectorised exp does not promise for probabilities); a stable descending sort breaks ties
+    # towards the lower slot index, like the kernels do.
+    chosen = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :keep]
     mask = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, chosen, True)
     q = torch.where(mask, p, torch.zeros_like(p))
     return q / q.sum(dim=-1, keepdim=True)

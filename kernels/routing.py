@@ -30,9 +30,10 @@ def restricted_softmax(logits, S, KEEP, S_PAD: tl.constexpr):
     z = z - tl.max(z, axis=1)[:, None]
     e = tl.where(valid, tl.exp(z), 0.0)
     p = e / tl.sum(e, axis=1)[:, None]
-    # rank of slot s = number of slots that beat it; a slot is kept when its rank is < KEEP.
-    mine = p[:, :, None]
-    other = p[:, None, :]
+    # rank of slot s = number of slots whose logit beats it (ties: the lower slot wins);
+    # a slot is kept when its rank is < KEEP. Logits, not probabilities: equal logits stay equal.
+    mine = z[:, :, None]
+    other = z[:, None, :]
     s_idx = offs_s[None, :, None]
     o_idx = offs_s[None, None, :]
     beats = (other > mine) | ((other == mine) & (o_idx < s_idx))

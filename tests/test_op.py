@@ -97,3 +97,30 @@ def test_leading_dims_and_shape_errors():
         moe_lora(x, base, a, b, router[:2], spec, 1.0)
     with pytest.raises(ValueError, match=r"x \(24, 7\)"):
         moe_lora(x[:, :7], base, a, b, router, spec, 1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tied_and_huge_router_logits(backend):
+    """Duplicated router rows give exactly tied slots (lower slot must win, as in the reference);
+    a huge router scale gives one-hot softmaxes. Both must stay finite and match."""
+    x, base, a, b, router, spec = make_inputs(40, 16, 12, 3, 4, "adaptive", None, 2, seed=11)
+    # small integers: every dot product is exact, so tied rows tie in any summation order
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, x.shape, generator=g).float()
+    tied = torch.randint(-2, 3, router.shape, generator=g).float() / 4
+    tied[1] = tied[0]
+    tied[3] = tied[4] = tied[2]
+    # With huge logits the non-top probabilities underflow in float32 (exp below 1e-38) but not
+    # in float64, so that case is compared with the reference run in float32.
+    for r, ref_dtype in ((tied, torch.float64), (router * 1e4, torch.float32)):
+        fast = leaves(x, base, a, b, r)
+        ref = leaves(*(v.to(ref_dtype) for v in (x, base, a, b, r)))
+        y = moe_lora(*fast, spec, 2.0, backend=backend)
+        y_ref = reference_moe_lora(*ref, spec, 2.0)
+        assert torch.isfinite(y).all()
+        assert rel_err(y - base, y_ref - base.to(ref_dtype)) < 1e-5
+        y.sum().backward()
+        y_ref.sum().backward()
+        for f, r_ in zip(fast, ref):
+            assert torch.isfinite(f.grad).all()
+            assert rel_err(f.grad, r_.grad) < 1e-4

@@ -60,7 +60,7 @@ def plot_silhouette(path: Path, alloc: Allocation) -> None:
     plt.close(fig)
 
 
-def plot_accuracy(path: Path, rows: list[dict]) -> None:
+def plot_accuracy(path: Path, rows: list[dict], initial_mean: float | None = None) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     rounds = [r["round"] + 1 for r in rows]
     tasks = sorted({c["task"] for c in rows[0]["clients"]}) if rows else []
@@ -68,6 +68,8 @@ def plot_accuracy(path: Path, rows: list[dict]) -> None:
         acc = [np.mean([c["accuracy"] for c in r["clients"] if c["task"] == t]) for r in rows]
         ax.plot(rounds, acc, marker=".", label=t)
     ax.plot(rounds, [r["mean_accuracy"] for r in rows], "k-", lw=2, label="mean")
+    if initial_mean is not None:
+        ax.axhline(initial_mean, color="gray", ls=":", label="untrained (mean)")
     warm = sum(1 for r in rows if r["phase"] == "warmup")
     if warm:
         ax.axvspan(0.5, warm + 0.5, color="gray", alpha=0.15, label="warm-up")
@@ -79,9 +81,15 @@ def plot_accuracy(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def write_plots(out: Path, alloc: Allocation, rows: list[dict], tasks: list[str]) -> None:
+def write_plots(
+    out: Path,
+    alloc: Allocation,
+    rows: list[dict],
+    tasks: list[str],
+    initial_mean: float | None = None,
+) -> None:
     plot_dendrogram(out / "dendrogram.png", alloc, tasks)
     plot_heatmap(out / "distance_heatmap.png", alloc, tasks)
     plot_silhouette(out / "silhouette.png", alloc)
     if rows:
-        plot_accuracy(out / "accuracy.png", rows)
+        plot_accuracy(out / "accuracy.png", rows, initial_mean)

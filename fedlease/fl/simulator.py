@@ -229,7 +229,7 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
         (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         from .plots import write_plots
 
-        write_plots(out, alloc, rec.rows, cfg.clients)
+        write_plots(out, alloc, rec.rows, cfg.clients, initial_mean)
     return summary
 
 
