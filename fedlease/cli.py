@@ -28,9 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--config",
-        required=True,
         metavar="YAML",
-        help="run configuration (see configs/demo.yaml and configs/glue4.yaml)",
+        help="run configuration (see configs/demo.yaml and configs/glue4.yaml); "
+        "required unless --resume is given",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR from its last complete round (runs checkpoint after "
+        "every round); uses DIR/config.yaml, and writes to DIR",
     )
     run.add_argument(
         "--output",
@@ -73,9 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
     from .fl import ConfigError, load_config, run
+    from .fl.checkpoint import CheckpointError
 
+    if args.resume is None and args.config is None:
+        print("fedlease run: error: give --config YAML (or --resume DIR)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    config_path = args.config or str(Path(args.resume) / "config.yaml")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path, args.overrides)
         if args.data_dir is not None:
             cfg.data_dir = args.data_dir
         from .data import resolve_data_dir
@@ -84,14 +96,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as exc:
         print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    out = (
-        Path(args.output)
-        if args.output
-        else Path("runs") / (f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    )
+    if args.resume is not None:
+        out = Path(args.resume)
+    elif args.output:
+        out = Path(args.output)
+    else:
+        out = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        summary = run(cfg, out, progress=not args.no_progress)
-    except DataError as exc:
+        summary = run(cfg, out, progress=not args.no_progress, resume=args.resume is not None)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: completed rounds are saved; continue with "
+              f"`fedlease run --resume {out}`", file=sys.stderr)  # fmt: skip
+        return 130
+    except (DataError, CheckpointError) as exc:
         print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_summary(summary, out)

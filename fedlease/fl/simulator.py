@@ -17,6 +17,7 @@ from .. import models
 from ..adapter_io import adapter_state_dict
 from ..data import TASKS, build_client_data, resolve_data_dir
 from ..inject import MoELoRAConfig, inject_moe_lora
+from . import checkpoint
 from .allocation import Allocation, allocate, average, b_distance_matrix, init_experts
 from .client import ClientRunner, State, clone_state, payload_bytes, seed_for
 from .config import FLConfig
@@ -36,6 +37,7 @@ class Summary:
     clients: list[str] = field(default_factory=list)
     initial_mean: float = float("nan")  # mean accuracy of the untrained model (random head)
     samples: dict = field(default_factory=dict)  # train/test examples per client
+    resumed_from_round: int | None = None  # rounds already complete when this process resumed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,13 +52,16 @@ def _is_expert(key: str) -> bool:
 
 
 class Recorder:
-    """Appends one JSON line per round to ``metrics.jsonl`` (flushed) and keeps them in memory."""
+    """Appends one JSON line per round to ``metrics.jsonl`` (flushed) and keeps them in memory.
 
-    def __init__(self, out: Path | None) -> None:
-        self.rows: list[dict] = []
+    Starts from ``rows`` (a resumed run's completed rounds), rewriting the file to match them.
+    """
+
+    def __init__(self, out: Path | None, rows: list[dict] | None = None) -> None:
+        self.rows: list[dict] = list(rows or [])
         self.path = out / "metrics.jsonl" if out else None
         if self.path:
-            self.path.write_text("")
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -80,10 +85,21 @@ def _round_row(phase, r, clients, evals, losses, up, down, t0) -> dict:
     }
 
 
-def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = True) -> Summary:
-    """Run FedLEASE as configured; write artefacts to ``output_dir`` when given."""
-    t0 = time.time()
+def run(
+    cfg: FLConfig,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> Summary:
+    """Run FedLEASE as configured; write artefacts to ``output_dir`` when given.
+
+    With an output directory the run checkpoints after every round; ``resume=True`` continues
+    from the last complete round found there (and gives the same result as an uninterrupted run:
+    every client's randomness is seeded by run seed, round and client id).
+    """
     out = Path(output_dir) if output_dir is not None else None
+    ckpt = checkpoint.load(out) if resume and out else None
+    t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
     data_dir = resolve_data_dir(cfg.data_dir)
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -104,8 +120,18 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
         data_dir,
     )
     weights = [float(len(c.train)) for c in clients]
-    rec = Recorder(out)
-    comm = {"up": 0, "down": 0}
+    rec = Recorder(out, ckpt.meta["metrics"] if ckpt else None)
+    comm = dict(ckpt.meta["comm"]) if ckpt else {"up": 0, "down": 0}
+    done = ckpt.meta["rounds_done"] if ckpt else 0
+    saved = checkpoint.unpack(ckpt.tensors) if ckpt else {}
+
+    def save_checkpoint(rounds_done: int, groups: dict[str, State], alloc=None) -> None:
+        if not out:
+            return
+        meta = {"comm": comm, "metrics": rec.rows, "initial_mean": initial_mean,
+                "elapsed_s": time.time() - t0,
+                "allocation": None if alloc is None else _alloc_json(alloc)}  # fmt: skip
+        checkpoint.save(out, rounds_done, meta, checkpoint.pack(groups))
 
     def make_model(num_experts: int, routing: str):
         mcfg = MoELoRAConfig(
@@ -133,15 +159,23 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
         )
 
     total_rounds = cfg.warmup_rounds + cfg.rounds
-    rounds_bar = tqdm(total=total_rounds, desc="rounds", disable=not progress, unit="round")
+    rounds_bar = tqdm(
+        total=total_rounds, initial=done, desc="rounds", disable=not progress, unit="round"
+    )
 
     # 1. Warm-up: one plain LoRA (a single dense expert) per client.
     warm = runner(make_model(1, "dense"))
     init = clone_state(adapter_state_dict(warm.model))
-    states = [clone_state(init) for _ in clients]
-    initial = [warm.evaluate(c, init) for c in clients]
-    initial_mean = float(np.mean([e["accuracy"] for e in initial]))
-    for r in range(cfg.warmup_rounds):
+    if ckpt:
+        initial_mean = ckpt.meta["initial_mean"]
+    else:
+        initial = [warm.evaluate(c, init) for c in clients]
+        initial_mean = float(np.mean([e["accuracy"] for e in initial]))
+    if "client0" in saved:
+        states = [saved[f"client{c.client_id}"] for c in clients]
+    else:
+        states = [clone_state(init) for _ in clients]
+    for r in range(done, cfg.warmup_rounds):
         losses = []
         for c in clients:
             states[c.client_id], loss = warm.train(
@@ -163,16 +197,20 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
         comm["down"] += down
         evals = [warm.evaluate(c, states[c.client_id]) for c in clients]
         rec.add(_round_row("warmup", r, clients, evals, losses, up, down, t0))
+        save_checkpoint(r + 1, {f"client{i}": st for i, st in enumerate(states)})
         rounds_bar.update()
         rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
 
-    # 2. Allocation: every client uploads its adapter; the server clusters B and builds experts.
-    uploads = [{k: v for k, v in s.items() if _is_expert(k)} for s in states]
-    alloc_up = sum(payload_bytes(p) for p in uploads)
-    comm["up"] += alloc_up
-    alloc = allocate(b_distance_matrix(uploads), cfg.max_experts, cfg.num_experts)
-    k_total = alloc.num_experts
-    experts = init_experts(uploads, alloc.assignment, weights)
+    if ckpt and ckpt.meta["allocation"] is not None:
+        alloc = _alloc_from_json(ckpt.meta["allocation"])
+        k_total = alloc.num_experts
+    else:
+        # 2. Allocation: every client uploads its adapter; the server clusters B, builds experts.
+        uploads = [{k: v for k, v in s.items() if _is_expert(k)} for s in states]
+        comm["up"] += sum(payload_bytes(p) for p in uploads)
+        alloc = allocate(b_distance_matrix(uploads), cfg.max_experts, cfg.num_experts)
+        k_total = alloc.num_experts
+        experts = init_experts(uploads, alloc.assignment, weights)
     if out:
         _write_clusters(out, alloc)
 
@@ -180,9 +218,14 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
     moe = runner(make_model(k_total, "adaptive"))
     template = adapter_state_dict(moe.model)
     routers = {k: v.clone() for k, v in template.items() if k.endswith(".router")}
-    cluster_routers = [clone_state(routers) for _ in range(k_total)]
-    heads = [{k: v for k, v in s.items() if _is_head(k)} for s in states]
-    for r in range(cfg.rounds):
+    if "experts" in saved:
+        experts = saved["experts"]
+        cluster_routers = [saved[f"router{k}"] for k in range(k_total)]
+        heads = [saved[f"head{c.client_id}"] for c in clients]
+    else:
+        cluster_routers = [clone_state(routers) for _ in range(k_total)]
+        heads = [{k: v for k, v in s.items() if _is_head(k)} for s in states]
+    for r in range(max(done - cfg.warmup_rounds, 0), cfg.rounds):
         round_idx = cfg.warmup_rounds + r
         losses, up_msgs, down = [], [], 0
         for c in clients:
@@ -219,12 +262,17 @@ def run(cfg: FLConfig, output_dir: str | Path | None = None, progress: bool = Tr
             for c in clients
         ]
         rec.add(_round_row("adaptive", round_idx, clients, evals, losses, up, down, t0))
+        groups = {"experts": experts}
+        groups |= {f"router{k}": rt for k, rt in enumerate(cluster_routers)}
+        groups |= {f"head{i}": h for i, h in enumerate(heads)}
+        save_checkpoint(round_idx + 1, groups, alloc)
         rounds_bar.update()
         rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
     rounds_bar.close()
 
     summary = _summarise(cfg, clients, alloc, rec.rows, comm, time.time() - t0)
     summary.initial_mean = initial_mean
+    summary.resumed_from_round = done if ckpt else None
     if out:
         (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         from .plots import write_plots
@@ -252,6 +300,24 @@ def _aggregate(
             }
         )
     return new_experts, routers
+
+
+def _alloc_json(alloc: Allocation) -> dict:
+    return {
+        "num_experts": alloc.num_experts,
+        "assignment": alloc.assignment,
+        "silhouette": {str(k): v for k, v in alloc.silhouette.items()},
+        "distance_matrix": alloc.distance_matrix.tolist(),
+    }
+
+
+def _alloc_from_json(d: dict) -> Allocation:
+    return Allocation(
+        d["num_experts"],
+        d["assignment"],
+        {int(k): v for k, v in d["silhouette"].items()},
+        np.asarray(d["distance_matrix"]),
+    )
 
 
 def _write_clusters(out: Path, alloc: Allocation) -> None:
