@@ -33,3 +33,18 @@ def test_unavailable_backend_says_why(name, monkeypatch):
     x, base, a, b, router, spec = make_inputs(4, 8, 8, 2, 2, seed=0)
     with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable on cpu: .+"):
         moe_lora(x, base, a, b, router, spec, 1.0, backend=name)
+
+
+def test_auto_preferences(monkeypatch):
+    monkeypatch.delenv("FEDLEASE_BACKEND", raising=False)
+    # CPU: torch (cpp measured no faster, so it is only used when asked for by name)
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    # CUDA: triton when it can run there (stood in for here, where no GPU may exist)
+    from fedlease.ops import dispatch
+
+    monkeypatch.setitem(
+        dispatch._REGISTRY,
+        "triton",
+        dispatch.Backend("triton", lambda *a: None, lambda d: None),
+    )
+    assert resolve_backend("auto", torch.device("cuda")).name == "triton"

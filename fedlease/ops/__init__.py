@@ -39,9 +39,9 @@ def _triton_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_
 
 
 register(Backend("torch", _torch_backend, lambda device: None))
-register(
-    Backend("cpp", cpp_backend.moe_lora_cpp, cpp_backend.unavailable_reason), prefer_on=("cpu",)
-)
+# `cpp` is not auto-selected on CPU: on the CPU target shape it measured no faster than `torch`
+# (both spend their time in the same ATen GEMMs; see benchmarks/RESULTS.md). Ask for it by name.
+register(Backend("cpp", cpp_backend.moe_lora_cpp, cpp_backend.unavailable_reason))
 register(Backend("triton", _triton_backend, triton_backend.unavailable_reason), prefer_on=("cuda",))
 
 
