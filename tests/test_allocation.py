@@ -77,23 +77,38 @@ def test_init_experts_weighted_average():
     assert "classifier.weight" not in experts
 
 
+def _uploads(n):
+    return {
+        i: {
+            "q.lora_A": torch.full((2, 3), float(i)),
+            "q.lora_B": torch.full((3, 2), 10.0 * i),
+            "q.router": torch.full((3, 3), float(i)),
+        }
+        for i in range(n)
+    }
+
+
 def test_aggregation_per_cluster_weighted_by_samples():
     experts = {"q.lora_A": torch.zeros(2, 2, 3), "q.lora_B": torch.zeros(2, 3, 2)}
-    ups = []
-    for i in range(3):
-        ups.append(
-            {
-                "q.lora_A": torch.full((2, 3), float(i)),
-                "q.lora_B": torch.full((3, 2), 10.0 * i),
-                "q.router": torch.full((3, 3), float(i)),
-            }
-        )
-    new, routers = _aggregate(experts, ups, [0, 1, 0], [100.0, 50.0, 300.0], 2)
+    routers = [{"q.router": torch.zeros(3, 3)} for _ in range(2)]
+    new, new_routers = _aggregate(experts, routers, _uploads(3), [0, 1, 0], [100.0, 50.0, 300.0])
     torch.testing.assert_close(new["q.lora_A"][0], torch.full((2, 3), 1.5))  # (0*100 + 2*300)/400
     torch.testing.assert_close(new["q.lora_B"][1], torch.full((3, 2), 10.0))
-    torch.testing.assert_close(routers[0]["q.router"], torch.full((3, 3), 1.5))
-    torch.testing.assert_close(routers[1]["q.router"], torch.full((3, 3), 1.0))
+    torch.testing.assert_close(new_routers[0]["q.router"], torch.full((3, 3), 1.5))
+    torch.testing.assert_close(new_routers[1]["q.router"], torch.full((3, 3), 1.0))
     assert torch.all(experts["q.lora_A"] == 0)  # inputs untouched
+
+
+def test_aggregation_skips_missing_clients_and_keeps_empty_clusters():
+    experts = {"q.lora_A": torch.ones(2, 2, 3) * 7, "q.lora_B": torch.ones(2, 3, 2) * 7}
+    routers = [{"q.router": torch.full((3, 3), -1.0)}, {"q.router": torch.full((3, 3), -2.0)}]
+    ups = _uploads(3)
+    del ups[1]  # the only member of cluster 1 failed
+    del ups[0]  # one member of cluster 0 was rejected
+    new, new_routers = _aggregate(experts, routers, ups, [0, 1, 0], [100.0, 50.0, 300.0])
+    torch.testing.assert_close(new["q.lora_A"][0], torch.full((2, 3), 2.0))  # client 2 alone
+    torch.testing.assert_close(new["q.lora_A"][1], torch.full((2, 3), 7.0))  # kept
+    assert new_routers[1] is routers[1]
 
 
 def test_average_is_weighted():

@@ -34,6 +34,10 @@ def test_defaults_follow_the_paper():
         ({"method": "fedprox"}, "'method' = 'fedprox'"),
         ({"label_alpha": 0}, "'label_alpha' = 0"),
         ({"clients": ["sst2"]}, "'clients'"),
+        ({"faults": {"crash_rate": 0.1}}, "unknown config key 'faults.crash_rate'"),
+        ({"faults": {"client_failure_rate": 1.5}}, "'faults.client_failure_rate' = 1.5"),
+        ({"faults": {"seed": "x"}}, "'faults.seed' must be int, got 'x'"),
+        ({"faults": "often"}, "'faults' must be"),
     ],
 )
 def test_bad_values_name_key_and_value(override, pattern):

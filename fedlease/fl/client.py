@@ -11,6 +11,7 @@ from ..adapter_io import adapter_state_dict, load_adapter_state_dict
 from ..data.glue import task_spec
 from ..data.tokenize import ClientData, Encoded
 from ..inject import moe_lora_layers, set_own_expert
+from .faults import ClientFailure
 
 State = dict[str, torch.Tensor]
 
@@ -62,6 +63,7 @@ class ClientRunner:
         seed: int,
         own_expert: int | None = None,
         desc: str = "",
+        fail_at_step: int | None = None,
     ) -> tuple[State, float]:
         """Local epochs of AdamW from ``state``; returns the new state and the mean train loss.
 
@@ -83,6 +85,10 @@ class ClientRunner:
         for _ in range(self.local_epochs):
             order = rng.permutation(n).tolist()
             for start in range(0, n, self.batch_size):
+                if fail_at_step is not None and len(losses) == fail_at_step:
+                    bar.close()
+                    raise ClientFailure(f"injected crash of client {data.client_id} at step "
+                                        f"{fail_at_step}")  # fmt: skip
                 batch = data.train.batch(order[start : start + self.batch_size], self.pad_id)
                 loss = model(**batch).loss
                 opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..data.glue import TASKS
+from .faults import FAULT_KEYS
 
 METHODS = ("fedlease",)
 
@@ -47,6 +48,7 @@ class FLConfig:
     data_dir: str | None = None  # local <dir>/<task>/{train,validation}.jsonl; else the hub
     backend: str = "auto"
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    faults: dict | None = None  # fault injection for tests: see fedlease.fl.faults
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,6 +157,14 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
         raise bad("backend", "must be one of auto, torch, triton, cpp")
     if cfg.threads is not None and cfg.threads < 1:
         raise bad("threads", "must be >= 1")
+    for key, value in (cfg.faults or {}).items():
+        if key not in FAULT_KEYS:
+            raise ConfigError(f"unknown config key 'faults.{key}' (known: {', '.join(FAULT_KEYS)})")
+        if not _type_ok(value, FAULT_KEYS[key]):
+            raise ConfigError(f"config key 'faults.{key}' must be {FAULT_KEYS[key].__name__}, "
+                              f"got {value!r}")  # fmt: skip
+        if key.endswith("_rate") and not 0 <= value < 1:
+            raise ConfigError(f"config key 'faults.{key}' = {value!r}: must be in [0, 1)")
 
 
 def parse_override(item: str) -> tuple[str, object]:

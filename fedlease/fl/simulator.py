@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from . import checkpoint
 from .allocation import Allocation, allocate, average, b_distance_matrix, init_experts
 from .client import ClientRunner, State, clone_state, payload_bytes, seed_for
 from .config import FLConfig
+from .faults import ClientFailure, FaultPlan, non_finite, poison
 
 HEAD = ("classifier",)
 
@@ -70,19 +72,26 @@ class Recorder:
                 f.write(json.dumps(row) + "\n")
 
 
-def _round_row(phase, r, clients, evals, losses, up, down, t0) -> dict:
+def _round_row(phase, r, clients, evals, losses, statuses, up, down, t0) -> dict:
     per_client = []
-    for c, e, loss in zip(clients, evals, losses):
-        per_client.append({"client": c.client_id, "task": c.task, "train_loss": loss, **e})
+    for c, e, loss, st in zip(clients, evals, losses, statuses):
+        per_client.append({"client": c.client_id, "task": c.task, "train_loss": loss, **st, **e})
     return {
         "round": r,
         "phase": phase,
         "mean_accuracy": float(np.mean([e["accuracy"] for e in evals])),
         "clients": per_client,
+        "failed": [c.client_id for c, st in zip(clients, statuses) if st["status"] == "failed"],
+        "rejected": [c.client_id for c, st in zip(clients, statuses) if st["status"] == "rejected"],
         "bytes_up": up,
         "bytes_down": down,
         "wall_s": time.time() - t0,
     }
+
+
+def _check_survivors(statuses: list[dict], round_idx: int) -> None:
+    if all(st["status"] != "ok" for st in statuses):
+        raise RuntimeError(f"round {round_idx}: no client update survived ({statuses})")
 
 
 def run(
@@ -158,6 +167,32 @@ def run(
             progress,
         )
 
+    plan = FaultPlan.from_config(cfg.faults)
+
+    def local_update(trainer: ClientRunner, c, state: State, round_idx: int, own, desc: str):
+        """Train client ``c``: ``(new_state or None, loss or None, status)``. A client that crashes
+        (an injected ``ClientFailure``) sends nothing; the run goes on with the others."""
+        steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
+        try:
+            new, loss = trainer.train(
+                c, state, seed_for(cfg.seed, round_idx, c.client_id), own, desc=desc,
+                fail_at_step=plan.fail_at_step(round_idx, c.client_id, steps),
+            )  # fmt: skip
+        except ClientFailure as exc:
+            warnings.warn(f"round {round_idx}: {exc}", stacklevel=2)
+            return None, None, {"status": "failed", "error": str(exc)}
+        if plan.poisons(round_idx, c.client_id):
+            new = poison(new)
+        return new, loss, {"status": "ok"}
+
+    def reject_non_finite(update: State, status: dict, round_idx: int, cid: int) -> bool:
+        bad = non_finite(update)
+        if bad:
+            warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
+                          f"non-finite values in {bad[:3]}", stacklevel=2)  # fmt: skip
+            status.update(status="rejected", non_finite=bad[:3])
+        return bool(bad)
+
     total_rounds = cfg.warmup_rounds + cfg.rounds
     rounds_bar = tqdm(
         total=total_rounds, initial=done, desc="rounds", disable=not progress, unit="round"
@@ -176,15 +211,16 @@ def run(
     else:
         states = [clone_state(init) for _ in clients]
     for r in range(done, cfg.warmup_rounds):
-        losses = []
+        losses, statuses = [], []
         for c in clients:
-            states[c.client_id], loss = warm.train(
-                c,
-                states[c.client_id],
-                seed_for(cfg.seed, r, c.client_id),
-                desc=f"warm-up {r + 1} client {c.client_id}",
+            new, loss, status = local_update(
+                warm, c, states[c.client_id], r, None, f"warm-up {r + 1} client {c.client_id}"
             )
+            if new is not None and not reject_non_finite(new, status, r, c.client_id):
+                states[c.client_id] = new
             losses.append(loss)
+            statuses.append(status)
+        _check_survivors(statuses, r)
         up = down = 0
         if cfg.warmup_aggregate:
             ups = [{k: v for k, v in s.items() if not _is_head(k)} for s in states]
@@ -196,7 +232,7 @@ def run(
         comm["up"] += up
         comm["down"] += down
         evals = [warm.evaluate(c, states[c.client_id]) for c in clients]
-        rec.add(_round_row("warmup", r, clients, evals, losses, up, down, t0))
+        rec.add(_round_row("warmup", r, clients, evals, losses, statuses, up, down, t0))
         save_checkpoint(r + 1, {f"client{i}": st for i, st in enumerate(states)})
         rounds_bar.update()
         rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
@@ -227,30 +263,32 @@ def run(
         heads = [{k: v for k, v in s.items() if _is_head(k)} for s in states]
     for r in range(max(done - cfg.warmup_rounds, 0), cfg.rounds):
         round_idx = cfg.warmup_rounds + r
-        losses, up_msgs, down = [], [], 0
+        losses, statuses, accepted, up, down = [], [], {}, 0, 0
         for c in clients:
             own = alloc.assignment[c.client_id]
             down_msg = {**experts, **cluster_routers[own]}
             down += payload_bytes(down_msg)
             state = {**clone_state(down_msg), **heads[c.client_id]}
-            new, loss = moe.train(
-                c,
-                state,
-                seed_for(cfg.seed, round_idx, c.client_id),
-                own,
-                desc=f"round {round_idx + 1} client {c.client_id}",
+            new, loss, status = local_update(
+                moe, c, state, round_idx, own, f"round {round_idx + 1} client {c.client_id}"
             )
             losses.append(loss)
-            heads[c.client_id] = {k: v for k, v in new.items() if _is_head(k)}
-            up_msgs.append(
-                {
-                    k: (v[own] if _is_expert(k) else v)
-                    for k, v in new.items()
-                    if _is_expert(k) or k.endswith(".router")
-                }
-            )
-        up = sum(payload_bytes(m) for m in up_msgs)
-        experts, cluster_routers = _aggregate(experts, up_msgs, alloc.assignment, weights, k_total)
+            statuses.append(status)
+            if new is None:
+                continue
+            upload = {
+                k: (v[own] if _is_expert(k) else v)
+                for k, v in new.items()
+                if _is_expert(k) or k.endswith(".router")
+            }
+            up += payload_bytes(upload)
+            if not reject_non_finite(upload, status, round_idx, c.client_id):
+                accepted[c.client_id] = upload
+                heads[c.client_id] = {k: v for k, v in new.items() if _is_head(k)}
+        _check_survivors(statuses, round_idx)
+        experts, cluster_routers = _aggregate(
+            experts, cluster_routers, accepted, alloc.assignment, weights
+        )
         comm["up"] += up
         comm["down"] += down
         evals = [
@@ -261,7 +299,7 @@ def run(
             )
             for c in clients
         ]
-        rec.add(_round_row("adaptive", round_idx, clients, evals, losses, up, down, t0))
+        rec.add(_round_row("adaptive", round_idx, clients, evals, losses, statuses, up, down, t0))
         groups = {"experts": experts}
         groups |= {f"router{k}": rt for k, rt in enumerate(cluster_routers)}
         groups |= {f"head{i}": h for i, h in enumerate(heads)}
@@ -282,24 +320,26 @@ def run(
 
 
 def _aggregate(
-    experts: State, ups: list[State], assignment: list[int], weights: list[float], k_total: int
+    experts: State,
+    routers: list[State],
+    ups: dict[int, State],
+    assignment: list[int],
+    weights: list[float],
 ) -> tuple[State, list[State]]:
-    """Expert k and cluster k's router := sample-weighted mean over cluster k's uploads."""
+    """Expert k and cluster k's router := sample-weighted mean of the accepted uploads of cluster
+    k's members (``ups``: client id -> upload); a cluster with none keeps its previous ones."""
     new_experts = {key: t.clone() for key, t in experts.items()}
-    routers = []
-    for k in range(k_total):
-        members = [i for i, a in enumerate(assignment) if a == k]
+    new_routers = []
+    for k, previous in enumerate(routers):
+        members = [i for i, a in enumerate(assignment) if a == k and i in ups]
+        if not members:
+            new_routers.append(previous)
+            continue
         w = [weights[i] for i in members]
         for key in experts:
             new_experts[key][k] = average([ups[i][key] for i in members], w)
-        routers.append(
-            {
-                key: average([ups[i][key] for i in members], w)
-                for key in ups[members[0]]
-                if key.endswith(".router")
-            }
-        )
-    return new_experts, routers
+        new_routers.append({key: average([ups[i][key] for i in members], w) for key in previous})
+    return new_experts, new_routers
 
 
 def _alloc_json(alloc: Allocation) -> dict:
