@@ -24,10 +24,14 @@ def load(name: str = "minilm", num_labels: int = 2):
 
     path = model_path(name)
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the new head's "newly initialised" report is expected
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         tokenizer = AutoTokenizer.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tokenizer

@@ -85,3 +85,35 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--config", "--output", "--data-dir", "--set", "--no-progress"):
         assert flag in text
+
+
+@pytest.mark.parametrize(
+    "line, pattern",
+    [
+        ("{not json", r"train.jsonl:3: malformed JSON"),
+        ('{"sentence": "fine"}', r"train.jsonl:3: missing field 'label'"),
+        ('{"sentence": "odd", "label": 5}', r"train.jsonl:3: unknown label 5"),
+    ],
+)
+def test_cli_bad_data_file_exits_2_and_writes_nothing(tmp_path, capsys, line, pattern):
+    import json
+    import re
+
+    data = tmp_path / "data"
+    for task in ("sst2", "rte"):
+        (data / task).mkdir(parents=True)
+        fields = {"sst2": ["sentence"], "rte": ["sentence1", "sentence2"]}[task]
+        rows = [json.dumps({f: f"text {i}" for f in fields} | {"label": i % 2}) for i in range(8)]
+        for split in ("train", "validation"):
+            (data / task / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    good = (data / "sst2" / "train.jsonl").read_text().splitlines()
+    (data / "sst2" / "train.jsonl").write_text("\n".join([*good[:2], line, *good[2:]]) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"clients": ["sst2", "sst2", "rte"], "train_samples": 2,
+                                   "test_samples": 2}))  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(cfg), "--output", str(out), "--data-dir", str(data),
+                 "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and err.count("\n") == 1
+    assert not out.exists()

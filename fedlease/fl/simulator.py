@@ -110,9 +110,6 @@ def run(
     ckpt = checkpoint.load(out) if resume and out else None
     t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
     data_dir = resolve_data_dir(cfg.data_dir)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -129,6 +126,9 @@ def run(
         data_dir,
     )
     weights = [float(len(c.train)) for c in clients]
+    if out:  # only now: bad data stops the run before anything is written
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     rec = Recorder(out, ckpt.meta["metrics"] if ckpt else None)
     comm = dict(ckpt.meta["comm"]) if ckpt else {"up": 0, "down": 0}
     done = ckpt.meta["rounds_done"] if ckpt else 0
