@@ -31,6 +31,8 @@ def test_defaults_follow_the_paper():
         ({"num_experts": "many"}, "'num_experts' = 'many'"),
         ({"dropout": 1.0}, "'dropout' = 1.0"),
         ({"lr": -1}, "'lr' = -1"),
+        ({"lr": float("nan")}, "'lr' must be a finite number, got nan"),
+        ({"dropout": float("inf")}, "'dropout' must be a finite number"),
         ({"method": "fedprox"}, "'method' = 'fedprox'"),
         ({"label_alpha": 0}, "'label_alpha' = 0"),
         ({"clients": ["sst2"]}, "'clients'"),

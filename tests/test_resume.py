@@ -94,3 +94,23 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys):
+    """A checkpoint whose tensors do not fit the model is refused, naming the tensor."""
+    import torch
+
+    from fedlease.fl import checkpoint
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    meta = {"comm": {"up": 0, "down": 0}, "metrics": [], "initial_mean": 0.5, "elapsed_s": 1.0,
+            "allocation": None}  # fmt: skip
+    tensors = {f"client{i}/classifier.weight": torch.zeros(2, 3) for i in range(3)}
+    checkpoint.save(tmp_path, 1, meta, tensors)
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint client0" in err and "classifier.weight: shape (2, 3)" in err
+    assert "missing keys" in err  # every adapter tensor is absent too
+    (tmp_path / "checkpoint" / "state.json").write_text("{truncated")
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err

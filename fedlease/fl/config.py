@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,14 +77,18 @@ def _type_ok(value, hint) -> bool:
     if origin is list:
         (inner,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # finite numbers only: nan and inf pass every "> 0" check unnoticed
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
 
 
 def _type_name(hint) -> str:
+    if hint is float:
+        return "a finite number"
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

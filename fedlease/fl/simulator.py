@@ -15,7 +15,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import models
-from ..adapter_io import adapter_state_dict
+from ..adapter_io import adapter_state_dict, check_state_dict
 from ..data import TASKS, build_client_data, resolve_data_dir
 from ..inject import MoELoRAConfig, inject_moe_lora
 from . import checkpoint
@@ -207,7 +207,9 @@ def run(
         initial = [warm.evaluate(c, init) for c in clients]
         initial_mean = float(np.mean([e["accuracy"] for e in initial]))
     if "client0" in saved:
-        states = [saved[f"client{c.client_id}"] for c in clients]
+        states = [_group(saved, f"client{c.client_id}") for c in clients]
+        for i, st in enumerate(states):
+            _check_restored(init, st, f"checkpoint client{i}")
     else:
         states = [clone_state(init) for _ in clients]
     for r in range(done, cfg.warmup_rounds):
@@ -255,9 +257,16 @@ def run(
     template = adapter_state_dict(moe.model)
     routers = {k: v.clone() for k, v in template.items() if k.endswith(".router")}
     if "experts" in saved:
-        experts = saved["experts"]
-        cluster_routers = [saved[f"router{k}"] for k in range(k_total)]
-        heads = [saved[f"head{c.client_id}"] for c in clients]
+        experts = _group(saved, "experts")
+        cluster_routers = [_group(saved, f"router{k}") for k in range(k_total)]
+        heads = [_group(saved, f"head{c.client_id}") for c in clients]
+        expert_keys = {k: v for k, v in template.items() if _is_expert(k)}
+        _check_restored(expert_keys, experts, "checkpoint experts")
+        for k, rt in enumerate(cluster_routers):
+            _check_restored(routers, rt, f"checkpoint router{k}")
+        head_keys = {k: v for k, v in template.items() if _is_head(k)}
+        for i, h in enumerate(heads):
+            _check_restored(head_keys, h, f"checkpoint head{i}")
     else:
         cluster_routers = [clone_state(routers) for _ in range(k_total)]
         heads = [{k: v for k, v in s.items() if _is_head(k)} for s in states]
@@ -340,6 +349,19 @@ def _aggregate(
             new_experts[key][k] = average([ups[i][key] for i in members], w)
         new_routers.append({key: average([ups[i][key] for i in members], w) for key in previous})
     return new_experts, new_routers
+
+
+def _group(saved: dict[str, State], name: str) -> State:
+    if name not in saved:
+        raise checkpoint.CheckpointError(f"the checkpoint holds no tensors for {name!r}")
+    return saved[name]
+
+
+def _check_restored(expected: State, got: State, source: str) -> None:
+    try:
+        check_state_dict(expected, got, source)
+    except ValueError as exc:
+        raise checkpoint.CheckpointError(str(exc)) from exc
 
 
 def _alloc_json(alloc: Allocation) -> dict:
