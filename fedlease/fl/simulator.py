@@ -224,10 +224,11 @@ def run(
             statuses.append(status)
         _check_survivors(statuses, r)
         up = down = 0
-        if cfg.warmup_aggregate:
-            ups = [{k: v for k, v in s.items() if not _is_head(k)} for s in states]
+        if cfg.warmup_aggregate:  # FedAvg of the LoRA over the clients whose update survived
+            alive = [i for i, st in enumerate(statuses) if st["status"] == "ok"]
+            ups = [{k: v for k, v in states[i].items() if not _is_head(k)} for i in alive]
             up = sum(payload_bytes(p) for p in ups)
-            avg = {k: average([p[k] for p in ups], weights) for k in ups[0]}
+            avg = {k: average([p[k] for p in ups], [weights[i] for i in alive]) for k in ups[0]}
             for s in states:
                 s.update(clone_state(avg))
             down = payload_bytes(avg) * len(clients)
