@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from fedlease.cli import main
@@ -98,3 +99,28 @@ def test_communication_counts_the_tensors_exchanged(tiny_run):
     s = json.loads((tiny_run / "summary.json").read_text())
     allocation_upload = n * expert  # every client's warm-up LoRA goes up once
     assert s["comm_bytes"]["up"] == allocation_upload + 2 * n * (expert + router)
+
+
+def test_warmup_aggregate_fedavgs_the_lora(tmp_path):
+    """warmup_aggregate: true makes every client hold the same (averaged) LoRA after warm-up."""
+    from fedlease.fl import checkpoint
+
+    cfg = {"clients": ["sst2", "mrpc", "sst2"], "train_samples": 16, "test_samples": 8,
+           "warmup_rounds": 1, "rounds": 0, "local_epochs": 1, "max_seq_len": 32,
+           "num_experts": 2, "warmup_aggregate": True}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(tmp_path / "c.yaml"), "--output", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    ckpt = checkpoint.load(out)
+    groups = checkpoint.unpack(ckpt.tensors)
+    lora = [k for k in groups["client0"] if k.endswith((".lora_A", ".lora_B"))]
+    assert len(lora) == LAYERS * TARGETS * 2
+    for k in lora:
+        assert torch.equal(groups["client0"][k], groups["client1"][k])
+        assert torch.equal(groups["client0"][k], groups["client2"][k])
+    heads = [groups[f"client{i}"]["classifier.weight"] for i in range(3)]
+    assert not torch.equal(heads[0], heads[1])  # heads stay local
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    lora_bytes = LAYERS * TARGETS * (RANK * HIDDEN + HIDDEN * RANK) * 4
+    assert row["bytes_up"] == 3 * lora_bytes and row["bytes_down"] == 3 * lora_bytes

@@ -226,7 +226,7 @@ def run(
         up = down = 0
         if cfg.warmup_aggregate:  # FedAvg of the LoRA over the clients whose update survived
             alive = [i for i, st in enumerate(statuses) if st["status"] == "ok"]
-            ups = [{k: v for k, v in states[i].items() if not _is_head(k)} for i in alive]
+            ups = [{k: v for k, v in states[i].items() if _is_expert(k)} for i in alive]
             up = sum(payload_bytes(p) for p in ups)
             avg = {k: average([p[k] for p in ups], [weights[i] for i in alive]) for k in ups[0]}
             for s in states:
