@@ -57,6 +57,11 @@ class RoutingSpec:
             return RoutingSpec(m, m, top_k, tuple(range(m)))
         return RoutingSpec(m, m, m, tuple(range(m)))
 
+    @property
+    def fold_target(self) -> int:
+        """The expert that slots ``M..S-1`` fold onto (the own expert; 0 when no slot folds)."""
+        return self.fold[-1] if self.num_slots > self.num_experts else 0
+
     def fold_matrix(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(S, M) float32 one-hot matrix with ``F[s, fold[s]] = 1``: gates = q @ F."""
         f = torch.zeros(self.num_slots, self.num_experts, device=device)

@@ -17,6 +17,7 @@ from .dispatch import (
     BACKEND_NAMES,
     Backend,
     available_backends,
+    concat_adapters,
     register,
     resolve_backend,
     unavailable_reason,
@@ -25,9 +26,7 @@ from .torch_backend import moe_lora_torch
 
 
 def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
-    m, r, d_in = lora_a.shape
-    a_cat = lora_a.reshape(m * r, d_in)
-    b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)
+    a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
     return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, spec, scaling)
 

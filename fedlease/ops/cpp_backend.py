@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import RoutingSpec
+from .dispatch import concat_adapters
 
 
 def _load() -> str | None:
@@ -74,15 +75,12 @@ def _register_python_parts() -> None:
 
 
 def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p):
-    m, r, d_in = lora_a.shape
-    a_cat = lora_a.reshape(m * r, d_in)
-    b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)
+    a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x = x.contiguous()
     x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    own = spec.fold[-1] if spec.num_slots > spec.num_experts else 0
     y, _, _, _ = torch.ops.fedlease.moe_lora_fwd(
         x, x_drop, router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
-        base_out.contiguous(), spec.num_experts, own, spec.keep, float(scaling),
+        base_out.contiguous(), spec.num_experts, spec.fold_target, spec.keep, float(scaling),
     )  # fmt: skip
     return y
 

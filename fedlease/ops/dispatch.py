@@ -67,3 +67,12 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is unavailable on {device}: {reason}")
     return _REGISTRY[name]
+
+
+def concat_adapters(
+    lora_a: torch.Tensor, lora_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked ``A (M, r, in)``, ``B (M, out, r)`` -> ``A_cat (M*r, in)``, ``B_cat (out, M*r)``:
+    rank column ``e*r + j`` belongs to expert ``e``."""
+    m, r, d_in = lora_a.shape
+    return lora_a.reshape(m * r, d_in), lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)

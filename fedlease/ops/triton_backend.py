@@ -15,6 +15,7 @@ import os
 import torch
 
 from ..routing import RoutingSpec
+from .dispatch import concat_adapters
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 SPLIT_T = 8  # token splits of the weight-gradient pass (float32 partials, summed after)
@@ -71,7 +72,7 @@ class MoELoRATritonFunction(torch.autograd.Function):
         n, mr = b_cat.shape
         s, m = spec.num_slots, spec.num_experts
         r = mr // m
-        own = spec.fold[-1] if s > m else 0
+        own = spec.fold_target
         seed = _draw_seed() if p_drop > 0 else 0
         upcast = interpreting() or x.dtype == torch.float32
         cfg = fwd.launch_config(interpreting())
@@ -108,7 +109,7 @@ class MoELoRATritonFunction(torch.autograd.Function):
         t, d = x.shape
         n, mr = b_cat.shape
         s, m = spec.num_slots, spec.num_experts
-        own = spec.fold[-1] if s > m else 0
+        own = spec.fold_target
         upcast = interpreting() or x.dtype == torch.float32
         cfg = fwd.launch_config(interpreting())
         s_pad, mr_pad = rt.next_pow2_at_least_16(s), rt.next_pow2_at_least_16(mr)
@@ -156,9 +157,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def moe_lora_triton(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
-    m, r, d_in = lora_a.shape
-    a_cat = lora_a.reshape(m * r, d_in)
-    b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)
+    a_cat, b_cat = concat_adapters(lora_a, lora_b)
     return MoELoRATritonFunction.apply(x, base_out, a_cat, b_cat, router, spec, scaling, dropout_p)
 
 
