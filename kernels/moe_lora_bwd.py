@@ -16,7 +16,7 @@ dB_cat = scaling * dy^T h is a plain (N x T) @ (T x MR) GEMM left to the vendor 
 import triton
 import triton.language as tl
 
-from .routing import dropout_keep, slot_to_column_onehot
+from .routing import dropout_keep, load_tile, slot_to_column_onehot
 
 
 @triton.jit
@@ -36,17 +36,8 @@ def grad_route_kernel(
     acc = tl.zeros((BLOCK_T, MR_PAD), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        dy = tl.load(
-            dy_ptr + offs_t[:, None] * stride_dyt + offs_n[None, :],
-            mask=t_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_cat_ptr + offs_n[:, None] * stride_bn + offs_j[None, :],
-            mask=n_ok[:, None] & (offs_j[None, :] < MR),
-            other=0.0,
-        )
+        dy = load_tile(dy_ptr, offs_t, offs_n, stride_dyt, T, N)
+        b = load_tile(b_cat_ptr, offs_n, offs_j, stride_bn, N, MR)
         if UPCAST:
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
@@ -55,8 +46,8 @@ def grad_route_kernel(
 
     s_mask = t_ok[:, None] & (offs_s[None, :] < S)
     j_mask = t_ok[:, None] & (offs_j[None, :] < MR)
-    q = tl.load(q_ptr + offs_t[:, None] * S + offs_s[None, :], mask=s_mask, other=0.0)
-    a = tl.load(a_ptr + offs_t[:, None] * MR + offs_j[None, :], mask=j_mask, other=0.0)
+    q = load_tile(q_ptr, offs_t, offs_s, S, T, S)
+    a = load_tile(a_ptr, offs_t, offs_j, MR, T, MR)
     onehot = slot_to_column_onehot(S, M, MR, R, OWN, S_PAD, MR_PAD)
     gate_per_column = tl.dot(q, onehot, input_precision="ieee")
     d_q = tl.dot(d_h * a, tl.trans(onehot), input_precision="ieee")
@@ -84,32 +75,16 @@ def grad_input_weights_kernel(
     offs_j = tl.arange(0, MR_PAD)
     d_ok = offs_d < D
     # This program's slice of the weights stays in registers for the whole token loop.
-    w_r = tl.load(
-        router_ptr + offs_s[:, None] * stride_rs + offs_d[None, :],
-        mask=(offs_s[:, None] < S) & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    w_a = tl.load(
-        a_cat_ptr + offs_j[:, None] * stride_am + offs_d[None, :],
-        mask=(offs_j[:, None] < MR) & d_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    w_r = load_tile(router_ptr, offs_s, offs_d, stride_rs, S, D).to(tl.float32)
+    w_a = load_tile(a_cat_ptr, offs_j, offs_d, stride_am, MR, D).to(tl.float32)
     acc_r = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
     acc_a = tl.zeros((MR_PAD, BLOCK_D), dtype=tl.float32)
     t_begin = split * tokens_per_split
     for t0 in range(t_begin, t_begin + tokens_per_split, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
-        g_r = tl.load(
-            dlogits_ptr + offs_t[:, None] * S + offs_s[None, :],
-            mask=t_ok[:, None] & (offs_s[None, :] < S),
-            other=0.0,
-        )
-        g_a = tl.load(
-            da_ptr + offs_t[:, None] * MR + offs_j[None, :],
-            mask=t_ok[:, None] & (offs_j[None, :] < MR),
-            other=0.0,
-        )
+        g_r = load_tile(dlogits_ptr, offs_t, offs_s, S, T, S)
+        g_a = load_tile(da_ptr, offs_t, offs_j, MR, T, MR)
         xd_mask = t_ok[:, None] & d_ok[None, :]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_t, offs_d, D, p_drop)
@@ -126,9 +101,7 @@ def grad_input_weights_kernel(
                 mask=xd_mask,
             )
         if NEED_DW:
-            x = tl.load(
-                x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :], mask=xd_mask, other=0.0
-            ).to(tl.float32)
+            x = load_tile(x_ptr, offs_t, offs_d, stride_xt, T, D).to(tl.float32)
             acc_r += tl.dot(tl.trans(g_r), x, input_precision="ieee")
             if HAS_DROPOUT:
                 x = x * inv_keep

@@ -13,7 +13,7 @@ Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B_cat (N, MR).
 import triton
 import triton.language as tl
 
-from .routing import dropout_keep, restricted_softmax, slot_to_column_onehot
+from .routing import dropout_keep, load_tile, restricted_softmax, slot_to_column_onehot
 
 
 @triton.jit
@@ -36,22 +36,9 @@ def shrink_route_kernel(
     acc_a = tl.zeros((BLOCK_T, MR_PAD), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        x = tl.load(
-            x_ptr + offs_t[:, None] * stride_xt + offs_d[None, :],
-            mask=t_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        w_r = tl.load(
-            router_ptr + offs_s[:, None] * stride_rs + offs_d[None, :],
-            mask=(offs_s[:, None] < S) & d_ok[None, :],
-            other=0.0,
-        )
-        w_a = tl.load(
-            a_cat_ptr + offs_j[:, None] * stride_am + offs_d[None, :],
-            mask=(offs_j[:, None] < MR) & d_ok[None, :],
-            other=0.0,
-        )
+        x = load_tile(x_ptr, offs_t, offs_d, stride_xt, T, D)
+        w_r = load_tile(router_ptr, offs_s, offs_d, stride_rs, S, D)
+        w_a = load_tile(a_cat_ptr, offs_j, offs_d, stride_am, MR, D)
         if UPCAST:
             x = x.to(tl.float32)
             w_r = w_r.to(tl.float32)
@@ -94,16 +81,8 @@ def expand_kernel(
     offs_j = tl.arange(0, MR_PAD)
     t_ok = offs_t < T
     n_ok = offs_n < N
-    h = tl.load(
-        h_ptr + offs_t[:, None] * MR + offs_j[None, :],
-        mask=t_ok[:, None] & (offs_j[None, :] < MR),
-        other=0.0,
-    )
-    b_t = tl.load(
-        b_cat_ptr + offs_n[None, :] * stride_bn + offs_j[:, None],
-        mask=(offs_j[:, None] < MR) & n_ok[None, :],
-        other=0.0,
-    )
+    h = load_tile(h_ptr, offs_t, offs_j, MR, T, MR)
+    b_t = tl.trans(load_tile(b_cat_ptr, offs_n, offs_j, stride_bn, N, MR))
     if UPCAST:
         h = h.to(tl.float32)
         b_t = b_t.to(tl.float32)

@@ -1,4 +1,4 @@
-"""Routing pieces shared by the forward and backward kernels (all float32).
+"""Pieces shared by the forward and backward kernels: masked tile loads, routing (float32).
 
 Slot ``s`` folds onto expert ``s`` when ``s < M`` and onto ``OWN`` otherwise, which covers every
 routing mode: adaptive has ``S = 2M - 1`` slots, top-k and dense have ``S = M`` (no slot folds).
@@ -7,6 +7,14 @@ Rank column ``j`` of the stacked adapter belongs to expert ``j // R``.
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride, n_rows, n_cols):
+    """Tile ``ptr[rows, cols]`` of a row-major matrix (unit column stride), zero outside
+    ``n_rows x n_cols``."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
