@@ -109,7 +109,8 @@ class ClientRunner:
 
 def _other_expert_rows(
     model: nn.Module, own: int | None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor, list[int], torch.Tensor]]:
+    """(parameter, rows of the other experts, their values) for every stacked adapter tensor."""
     if own is None:
         return []
     saved = []

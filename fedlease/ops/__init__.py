@@ -31,17 +31,14 @@ def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
     return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, spec, scaling)
 
 
-def _triton_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
-    return triton_backend.moe_lora_triton(
-        x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
-    )
-
-
 register(Backend("torch", _torch_backend, lambda device: None))
 # `cpp` is not auto-selected on CPU: on the CPU target shape it measured no faster than `torch`
 # (both spend their time in the same ATen GEMMs; see benchmarks/RESULTS.md). Ask for it by name.
 register(Backend("cpp", cpp_backend.moe_lora_cpp, cpp_backend.unavailable_reason))
-register(Backend("triton", _triton_backend, triton_backend.unavailable_reason), prefer_on=("cuda",))
+register(
+    Backend("triton", triton_backend.moe_lora_triton, triton_backend.unavailable_reason),
+    prefer_on=("cuda",),
+)
 
 
 def moe_lora(
