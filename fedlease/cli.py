@@ -117,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def print_summary(summary, out: Path) -> None:
     final = summary.final
-    print(f"\nFedLEASE: {summary.num_experts} experts, assignment {summary.assignment}")
+    print(f"\n{summary.method}: {summary.num_experts} experts, assignment {summary.assignment}")
     print(f"{'client':>6}  {'task':<6} {'expert':>6} {'accuracy':>9} {'f1':>7}")
     for c in final["per_client"]:
         f1 = f"{c['f1']:.4f}" if "f1" in c else "-"

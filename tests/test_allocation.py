@@ -7,7 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from fedlease.fl import allocate, b_distance_matrix, cluster, init_experts
 from fedlease.fl.allocation import average
-from fedlease.fl.simulator import _aggregate
+from fedlease.fl.strategies import aggregate_clusters
 
 
 def fake_states(groups, layers=3, noise=0.2, seed=0):
@@ -91,7 +91,9 @@ def _uploads(n):
 def test_aggregation_per_cluster_weighted_by_samples():
     experts = {"q.lora_A": torch.zeros(2, 2, 3), "q.lora_B": torch.zeros(2, 3, 2)}
     routers = [{"q.router": torch.zeros(3, 3)} for _ in range(2)]
-    new, new_routers = _aggregate(experts, routers, _uploads(3), [0, 1, 0], [100.0, 50.0, 300.0])
+    new, new_routers = aggregate_clusters(
+        experts, routers, _uploads(3), [0, 1, 0], [100.0, 50.0, 300.0]
+    )
     torch.testing.assert_close(new["q.lora_A"][0], torch.full((2, 3), 1.5))  # (0*100 + 2*300)/400
     torch.testing.assert_close(new["q.lora_B"][1], torch.full((3, 2), 10.0))
     torch.testing.assert_close(new_routers[0]["q.router"], torch.full((3, 3), 1.5))
@@ -105,7 +107,7 @@ def test_aggregation_skips_missing_clients_and_keeps_empty_clusters():
     ups = _uploads(3)
     del ups[1]  # the only member of cluster 1 failed
     del ups[0]  # one member of cluster 0 was rejected
-    new, new_routers = _aggregate(experts, routers, ups, [0, 1, 0], [100.0, 50.0, 300.0])
+    new, new_routers = aggregate_clusters(experts, routers, ups, [0, 1, 0], [100.0, 50.0, 300.0])
     torch.testing.assert_close(new["q.lora_A"][0], torch.full((2, 3), 2.0))  # client 2 alone
     torch.testing.assert_close(new["q.lora_A"][1], torch.full((2, 3), 7.0))  # kept
     assert new_routers[1] is routers[1]

@@ -96,6 +96,19 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no checkpoint to resume" in capsys.readouterr().err
 
 
+def _warm_lora_template():
+    """The warm-up LoRA tensors of the bundled model at rank 4 (shapes and dtypes only matter)."""
+    from fedlease import inject_moe_lora, models
+    from fedlease.adapter_io import adapter_state_dict
+    from fedlease.inject import MoELoRAConfig
+
+    model, _ = models.load("minilm", num_labels=2)
+    inject_moe_lora(model, MoELoRAConfig(num_experts=1, rank=4, routing="dense"))
+    return {
+        k: v for k, v in adapter_state_dict(model).items() if k.endswith((".lora_A", ".lora_B"))
+    }
+
+
 def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys):
     """A checkpoint whose tensors do not fit the model is refused, naming the tensor."""
     import torch
@@ -104,9 +117,19 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys):
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
     meta = {"comm": {"up": 0, "down": 0}, "metrics": [], "initial_mean": 0.5, "elapsed_s": 1.0,
-            "allocation": None}  # fmt: skip
+            "strategy": {"allocation": None}}  # fmt: skip
     tensors = {f"client{i}/classifier.weight": torch.zeros(2, 3) for i in range(3)}
     checkpoint.save(tmp_path, 1, meta, tensors)
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "holds no tensors for 'warm_global'" in capsys.readouterr().err  # server state absent
+    lora = "bert.encoder.layer.0.attention.self.query.lora_A"
+    tensors |= {f"s.warm_global/{lora}": torch.zeros(1, 4, 384)}
+    checkpoint.save(tmp_path, 1, meta, tensors)
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint warm_global" in err and "missing keys" in err
+    warm = {f"s.warm_global/{k}": v for k, v in _warm_lora_template().items()}
+    checkpoint.save(tmp_path, 1, meta, {**tensors, **warm})
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint client0" in err and "classifier.weight: shape (2, 3)" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -64,18 +66,21 @@ class ClientRunner:
         own_expert: int | None = None,
         desc: str = "",
         fail_at_step: int | None = None,
+        frozen: Callable[[str], bool] | None = None,
     ) -> tuple[State, float]:
         """Local epochs of AdamW from ``state``; returns the new state and the mean train loss.
 
         With ``own_expert`` set, only that expert (plus routers and heads) changes: the other
         experts' rows are restored after every step (AdamW's weight decay would move them).
+        Adapter tensors whose name ``frozen`` accepts do not train at all.
         """
         self._load(state, own_expert)
         model = self.model
         model.train()
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for name, p in model.named_parameters()
+                  if p.requires_grad and not (frozen and frozen(name))]  # fmt: skip
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         frozen = _other_expert_rows(model, own_expert)
         n = len(data.train)
@@ -99,6 +104,18 @@ class ClientRunner:
                 bar.update()
         bar.close()
         return clone_state(adapter_state_dict(model)), float(np.mean(losses))
+
+    @torch.no_grad()
+    def train_loss(self, data: ClientData, state: State, limit: int) -> float:
+        """Mean loss of ``state`` on the first ``limit`` training examples (eval mode)."""
+        self._load(state, None)
+        self.model.eval()
+        n = min(limit, len(data.train))
+        total = 0.0
+        for start in range(0, n, self.eval_batch_size):
+            idx = list(range(start, min(start + self.eval_batch_size, n)))
+            total += self.model(**data.train.batch(idx, self.pad_id)).loss.item() * len(idx)
+        return total / n
 
     @torch.no_grad()
     def evaluate(self, data: ClientData, state: State, own_expert: int | None = None) -> dict:

@@ -13,7 +13,18 @@ import yaml
 from ..data.glue import TASKS
 from .faults import FAULT_KEYS
 
-METHODS = ("fedlease",)
+METHODS = (
+    "fedlease",
+    "fedlease_topk",
+    "fedlease_fixed_k",
+    "fedlease_random",
+    "local",
+    "fedit",
+    "ffa_lora",
+    "fedsa_lora",
+    "feddpa",
+    "ifca",
+)
 
 
 class ConfigError(ValueError):
@@ -26,7 +37,7 @@ class FLConfig:
 
     clients: list[str]  # one GLUE task per client, e.g. [sst2, sst2, qnli, qnli]
     model: str = "minilm"  # "minilm" (bundled) or a Hugging Face name / local path
-    method: str = "fedlease"
+    method: str = "fedlease"  # or a baseline / ablation: see fedlease.fl.strategies
     train_samples: int = 1000  # training examples per client
     test_samples: int = 200  # held-out examples per client
     label_alpha: float | None = None  # Dirichlet label skew within a task; None = uniform
@@ -45,6 +56,7 @@ class FLConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     max_experts: int = 4
     num_experts: int | str = "auto"  # "auto" (silhouette over 2..max_experts) or a fixed K
+    top_k: int = 2  # experts per token in the fedlease_topk ablation (capped at K)
     seed: int = 0
     data_dir: str | None = None  # local <dir>/<task>/{train,validation}.jsonl; else the hub
     backend: str = "auto"
@@ -64,6 +76,7 @@ _POSITIVE_INT = (
     "max_seq_len",
     "rank",
     "max_experts",
+    "top_k",
 )
 _NON_NEGATIVE_INT = ("warmup_rounds", "rounds", "seed")
 

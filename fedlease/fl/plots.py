@@ -83,13 +83,14 @@ def plot_accuracy(path: Path, rows: list[dict], initial_mean: float | None = Non
 
 def write_plots(
     out: Path,
-    alloc: Allocation,
+    alloc: Allocation | None,
     rows: list[dict],
     tasks: list[str],
     initial_mean: float | None = None,
 ) -> None:
-    plot_dendrogram(out / "dendrogram.png", alloc, tasks)
-    plot_heatmap(out / "distance_heatmap.png", alloc, tasks)
-    plot_silhouette(out / "silhouette.png", alloc)
+    if alloc is not None:  # methods without a client clustering get the accuracy plot only
+        plot_dendrogram(out / "dendrogram.png", alloc, tasks)
+        plot_heatmap(out / "distance_heatmap.png", alloc, tasks)
+        plot_silhouette(out / "silhouette.png", alloc)
     if rows:
         plot_accuracy(out / "accuracy.png", rows, initial_mean)

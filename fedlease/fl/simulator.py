@@ -1,4 +1,4 @@
-"""FedLEASE in one process: warm-up, allocation, adaptive rounds, evaluation, artefacts."""
+"""Federated runs in one process: one driver loop for every strategy, checkpoints, artefacts."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import models
-from ..adapter_io import adapter_state_dict, check_state_dict
+from ..adapter_io import adapter_state_dict
 from ..data import TASKS, build_client_data, resolve_data_dir
 from ..inject import MoELoRAConfig, inject_moe_lora
 from . import checkpoint
-from .allocation import Allocation, allocate, average, b_distance_matrix, init_experts
+from .allocation import Allocation
 from .client import ClientRunner, State, clone_state, payload_bytes, seed_for
 from .config import FLConfig
 from .faults import ClientFailure, FaultPlan, non_finite, poison
-
-HEAD = ("classifier",)
+from .strategies import Layout, Strategy, make_strategy
+from .strategies.base import HEAD, restored, select
+from .strategies.ifca import PICK_EXAMPLES
 
 
 @dataclass
@@ -43,14 +44,6 @@ class Summary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _is_head(key: str) -> bool:
-    return key.split(".")[0] in HEAD
-
-
-def _is_expert(key: str) -> bool:
-    return key.endswith((".lora_A", ".lora_B"))
 
 
 class Recorder:
@@ -72,7 +65,7 @@ class Recorder:
                 f.write(json.dumps(row) + "\n")
 
 
-def _round_row(phase, r, clients, evals, losses, statuses, up, down, t0) -> dict:
+def round_row(phase, r, clients, evals, losses, statuses, up, down, t0) -> dict:
     per_client = []
     for c, e, loss, st in zip(clients, evals, losses, statuses):
         per_client.append({"client": c.client_id, "task": c.task, "train_loss": loss, **st, **e})
@@ -89,9 +82,95 @@ def _round_row(phase, r, clients, evals, losses, statuses, up, down, t0) -> dict
     }
 
 
-def _check_survivors(statuses: list[dict], round_idx: int) -> None:
+def check_survivors(statuses: list[dict], round_idx: int) -> None:
     if all(st["status"] != "ok" for st in statuses):
         raise RuntimeError(f"round {round_idx}: no client update survived ({statuses})")
+
+
+def reject_non_finite(update: State, status: dict, round_idx: int, cid: int) -> bool:
+    """Mark ``status`` rejected (and warn) when ``update`` holds NaN/Inf; True if it does."""
+    bad = non_finite(update)
+    if bad:
+        warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
+                      f"non-finite values in {bad[:3]}", stacklevel=3)  # fmt: skip
+        status.update(status="rejected", non_finite=bad[:3])
+    return bool(bad)
+
+
+class ModelPool:
+    """One client model per layout on a shared frozen base (adapters are swapped per client)."""
+
+    def __init__(self, cfg: FLConfig, base, tokenizer, progress: bool) -> None:
+        self.cfg, self.base, self.tokenizer, self.progress = cfg, base, tokenizer, progress
+        self.runners: dict[Layout, ClientRunner] = {}
+        self.templates: dict[Layout, State] = {}
+
+    def runner(self, layout: Layout) -> ClientRunner:
+        if layout not in self.runners:
+            cfg = self.cfg
+            mcfg = MoELoRAConfig(
+                num_experts=layout.num_experts,
+                rank=cfg.rank,
+                alpha=cfg.alpha,
+                dropout=cfg.dropout,
+                routing=layout.routing,
+                top_k=layout.top_k,
+                target_modules=list(cfg.target_modules),
+                trainable_modules=list(HEAD),
+            )
+            torch.manual_seed(cfg.seed)  # same seed, same initial adapters in every method
+            model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
+            self.runners[layout] = ClientRunner(
+                model,
+                self.tokenizer.pad_token_id,
+                cfg.lr,
+                cfg.weight_decay,
+                cfg.batch_size,
+                cfg.eval_batch_size,
+                cfg.local_epochs,
+                self.progress,
+            )
+            self.templates[layout] = clone_state(adapter_state_dict(model))
+        return self.runners[layout]
+
+    def template(self, layout: Layout) -> State:
+        self.runner(layout)
+        return self.templates[layout]
+
+
+def client_update(
+    cfg: FLConfig,
+    strategy: Strategy,
+    pool: ModelPool,
+    plan: FaultPlan,
+    c,
+    kept: State,
+    received: State,
+    r: int,
+    desc: str,
+) -> tuple[State | None, State | None, float | None, dict]:
+    """One client's round: ``(new_state, upload, loss, status)``; state and upload are None when
+    the client crashed (an injected ``ClientFailure``: it sends nothing, the round goes on)."""
+    layout = strategy.layout(r)
+    runner = pool.runner(layout)
+
+    def loss_of(state: State) -> float:
+        return runner.train_loss(c, state, PICK_EXAMPLES)
+
+    state = strategy.client_state(c.client_id, pool.template(layout), kept, received, loss_of)
+    steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
+    try:
+        new, loss = runner.train(
+            c, state, seed_for(cfg.seed, r, c.client_id), strategy.own_expert(c.client_id, r),
+            desc=desc, fail_at_step=plan.fail_at_step(r, c.client_id, steps),
+            frozen=lambda key: strategy.frozen(key, r),
+        )  # fmt: skip
+    except ClientFailure as exc:
+        warnings.warn(f"round {r}: {exc}", stacklevel=2)
+        return None, None, None, {"status": "failed", "error": str(exc)}
+    if plan.poisons(r, c.client_id):
+        new = poison(new)
+    return new, strategy.up(c.client_id, r, new), loss, {"status": "ok"}
 
 
 def run(
@@ -100,7 +179,7 @@ def run(
     progress: bool = True,
     resume: bool = False,
 ) -> Summary:
-    """Run FedLEASE as configured; write artefacts to ``output_dir`` when given.
+    """Run ``cfg.method`` as configured; write artefacts to ``output_dir`` when given.
 
     With an output directory the run checkpoints after every round; ``resume=True`` continues
     from the last complete round found there (and gives the same result as an uninterrupted run:
@@ -132,258 +211,95 @@ def run(
     rec = Recorder(out, ckpt.meta["metrics"] if ckpt else None)
     comm = dict(ckpt.meta["comm"]) if ckpt else {"up": 0, "down": 0}
     done = ckpt.meta["rounds_done"] if ckpt else 0
-    saved = checkpoint.unpack(ckpt.tensors) if ckpt else {}
-
-    def save_checkpoint(rounds_done: int, groups: dict[str, State], alloc=None) -> None:
-        if not out:
-            return
-        meta = {"comm": comm, "metrics": rec.rows, "initial_mean": initial_mean,
-                "elapsed_s": time.time() - t0,
-                "allocation": None if alloc is None else _alloc_json(alloc)}  # fmt: skip
-        checkpoint.save(out, rounds_done, meta, checkpoint.pack(groups))
-
-    def make_model(num_experts: int, routing: str):
-        mcfg = MoELoRAConfig(
-            num_experts=num_experts,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            routing=routing,
-            target_modules=list(cfg.target_modules),
-            trainable_modules=list(HEAD),
-        )
-        torch.manual_seed(cfg.seed)
-        return inject_moe_lora(copy.deepcopy(base), mcfg, backend=cfg.backend)
-
-    def runner(model) -> ClientRunner:
-        return ClientRunner(
-            model,
-            tokenizer.pad_token_id,
-            cfg.lr,
-            cfg.weight_decay,
-            cfg.batch_size,
-            cfg.eval_batch_size,
-            cfg.local_epochs,
-            progress,
-        )
-
+    pool = ModelPool(cfg, base, tokenizer, progress)
+    strategy = make_strategy(cfg, weights)
+    strategy.setup(pool.template)
     plan = FaultPlan.from_config(cfg.faults)
 
-    def local_update(trainer: ClientRunner, c, state: State, round_idx: int, own, desc: str):
-        """Train client ``c``: ``(new_state or None, loss or None, status)``. A client that crashes
-        (an injected ``ClientFailure``) sends nothing; the run goes on with the others."""
-        steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
-        try:
-            new, loss = trainer.train(
-                c, state, seed_for(cfg.seed, round_idx, c.client_id), own, desc=desc,
-                fail_at_step=plan.fail_at_step(round_idx, c.client_id, steps),
-            )  # fmt: skip
-        except ClientFailure as exc:
-            warnings.warn(f"round {round_idx}: {exc}", stacklevel=2)
-            return None, None, {"status": "failed", "error": str(exc)}
-        if plan.poisons(round_idx, c.client_id):
-            new = poison(new)
-        return new, loss, {"status": "ok"}
-
-    def reject_non_finite(update: State, status: dict, round_idx: int, cid: int) -> bool:
-        bad = non_finite(update)
-        if bad:
-            warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
-                          f"non-finite values in {bad[:3]}", stacklevel=2)  # fmt: skip
-            status.update(status="rejected", non_finite=bad[:3])
-        return bool(bad)
-
-    total_rounds = cfg.warmup_rounds + cfg.rounds
-    rounds_bar = tqdm(
-        total=total_rounds, initial=done, desc="rounds", disable=not progress, unit="round"
-    )
-
-    # 1. Warm-up: one plain LoRA (a single dense expert) per client.
-    warm = runner(make_model(1, "dense"))
-    init = clone_state(adapter_state_dict(warm.model))
+    first = pool.template(strategy.layout(0))
     if ckpt:
+        saved = checkpoint.unpack(ckpt.tensors)
+        if "strategy" not in ckpt.meta:
+            raise checkpoint.CheckpointError(f"checkpoint in {str(out)!r} has no strategy state")
+        strategy.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")},
+                         ckpt.meta["strategy"])  # fmt: skip
+        kept_template = pool.template(strategy.layout(max(done - 1, 0)))
+        kept = [restored(kept_template, saved, f"client{c.client_id}") for c in clients]
         initial_mean = ckpt.meta["initial_mean"]
     else:
-        initial = [warm.evaluate(c, init) for c in clients]
-        initial_mean = float(np.mean([e["accuracy"] for e in initial]))
-    if "client0" in saved:
-        states = [_group(saved, f"client{c.client_id}") for c in clients]
-        for i, st in enumerate(states):
-            _check_restored(init, st, f"checkpoint client{i}")
-    else:
-        states = [clone_state(init) for _ in clients]
-    for r in range(done, cfg.warmup_rounds):
-        losses, statuses = [], []
-        for c in clients:
-            new, loss, status = local_update(
-                warm, c, states[c.client_id], r, None, f"warm-up {r + 1} client {c.client_id}"
-            )
-            if new is not None and not reject_non_finite(new, status, r, c.client_id):
-                states[c.client_id] = new
-            losses.append(loss)
-            statuses.append(status)
-        _check_survivors(statuses, r)
+        kept = [clone_state(first) for _ in clients]
+        untrained = [pool.runner(strategy.layout(0)).evaluate(c, first) for c in clients]
+        initial_mean = float(np.mean([e["accuracy"] for e in untrained]))
+
+    def save_checkpoint(rounds_done: int) -> None:
+        if not out:
+            return
+        groups, meta = strategy.state()
+        tensors = checkpoint.pack({f"client{i}": st for i, st in enumerate(kept)}
+                                  | {f"s.{g}": st for g, st in groups.items()})  # fmt: skip
+        checkpoint.save(out, rounds_done, {"comm": comm, "metrics": rec.rows,
+                        "initial_mean": initial_mean, "elapsed_s": time.time() - t0,
+                        "strategy": meta}, tensors)  # fmt: skip
+
+    total = strategy.total_rounds
+    bar = tqdm(total=total, initial=done, desc="rounds", disable=not progress, unit="round")
+    for r in range(done, total):
         up = down = 0
-        if cfg.warmup_aggregate:  # FedAvg of the LoRA over the clients whose update survived
-            alive = [i for i, st in enumerate(statuses) if st["status"] == "ok"]
-            ups = [{k: v for k, v in states[i].items() if _is_expert(k)} for i in alive]
-            up = sum(payload_bytes(p) for p in ups)
-            avg = {k: average([p[k] for p in ups], [weights[i] for i in alive]) for k in ups[0]}
-            for s in states:
-                s.update(clone_state(avg))
-            down = payload_bytes(avg) * len(clients)
-        comm["up"] += up
-        comm["down"] += down
-        evals = [warm.evaluate(c, states[c.client_id]) for c in clients]
-        rec.add(_round_row("warmup", r, clients, evals, losses, statuses, up, down, t0))
-        save_checkpoint(r + 1, {f"client{i}": st for i, st in enumerate(states)})
-        rounds_bar.update()
-        rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
-
-    if ckpt and ckpt.meta["allocation"] is not None:
-        alloc = _alloc_from_json(ckpt.meta["allocation"])
-        k_total = alloc.num_experts
-    else:
-        # 2. Allocation: every client uploads its adapter; the server clusters B, builds experts.
-        uploads = [{k: v for k, v in s.items() if _is_expert(k)} for s in states]
-        comm["up"] += sum(payload_bytes(p) for p in uploads)
-        alloc = allocate(b_distance_matrix(uploads), cfg.max_experts, cfg.num_experts)
-        k_total = alloc.num_experts
-        experts = init_experts(uploads, alloc.assignment, weights)
-    if out:
-        _write_clusters(out, alloc)
-
-    # 3-4. Adaptive phase: all experts down, own expert + router up, averaged per cluster.
-    moe = runner(make_model(k_total, "adaptive"))
-    template = adapter_state_dict(moe.model)
-    routers = {k: v.clone() for k, v in template.items() if k.endswith(".router")}
-    if "experts" in saved:
-        experts = _group(saved, "experts")
-        cluster_routers = [_group(saved, f"router{k}") for k in range(k_total)]
-        heads = [_group(saved, f"head{c.client_id}") for c in clients]
-        expert_keys = {k: v for k, v in template.items() if _is_expert(k)}
-        _check_restored(expert_keys, experts, "checkpoint experts")
-        for k, rt in enumerate(cluster_routers):
-            _check_restored(routers, rt, f"checkpoint router{k}")
-        head_keys = {k: v for k, v in template.items() if _is_head(k)}
-        for i, h in enumerate(heads):
-            _check_restored(head_keys, h, f"checkpoint head{i}")
-    else:
-        cluster_routers = [clone_state(routers) for _ in range(k_total)]
-        heads = [{k: v for k, v in s.items() if _is_head(k)} for s in states]
-    for r in range(max(done - cfg.warmup_rounds, 0), cfg.rounds):
-        round_idx = cfg.warmup_rounds + r
-        losses, statuses, accepted, up, down = [], [], {}, 0, 0
+        wanted = strategy.collect(r)
+        if wanted is not None:  # e.g. FedLEASE's allocation: every client uploads its adapter
+            uploads = [select(k, wanted) for k in kept]
+            up += sum(payload_bytes(u) for u in uploads)
+            strategy.on_collect(r, uploads)
+        if out and strategy.allocation is not None:
+            write_clusters(out, strategy.allocation)
+        losses, statuses, accepted = [], [], {}
+        phase = strategy.phase(r)
         for c in clients:
-            own = alloc.assignment[c.client_id]
-            down_msg = {**experts, **cluster_routers[own]}
-            down += payload_bytes(down_msg)
-            state = {**clone_state(down_msg), **heads[c.client_id]}
-            new, loss, status = local_update(
-                moe, c, state, round_idx, own, f"round {round_idx + 1} client {c.client_id}"
-            )
+            cid = c.client_id
+            received = strategy.down(cid, r)
+            down += payload_bytes(received)
+            new, upload, loss, status = client_update(
+                cfg, strategy, pool, plan, c, kept[cid], received, r,
+                f"{phase} {r + 1} client {cid}",
+            )  # fmt: skip
             losses.append(loss)
             statuses.append(status)
             if new is None:
                 continue
-            upload = {
-                k: (v[own] if _is_expert(k) else v)
-                for k, v in new.items()
-                if _is_expert(k) or k.endswith(".router")
-            }
             up += payload_bytes(upload)
-            if not reject_non_finite(upload, status, round_idx, c.client_id):
-                accepted[c.client_id] = upload
-                heads[c.client_id] = {k: v for k, v in new.items() if _is_head(k)}
-        _check_survivors(statuses, round_idx)
-        experts, cluster_routers = _aggregate(
-            experts, cluster_routers, accepted, alloc.assignment, weights
-        )
+            if not reject_non_finite(new, status, r, cid):
+                accepted[cid] = upload
+                kept[cid] = new
+        check_survivors(statuses, r)
+        strategy.aggregate(r, accepted)
+        layout = strategy.layout(r)
+        runner, template = pool.runner(layout), pool.template(layout)
+        evals = []
+        for c in clients:  # every client receives the aggregate and is evaluated on it
+            cid = c.client_id
+            kept[cid] = strategy.client_state(cid, template, kept[cid],
+                                              strategy.down(cid, r, final=True))  # fmt: skip
+            evals.append(runner.evaluate(c, kept[cid], strategy.own_expert(cid, r)))
         comm["up"] += up
         comm["down"] += down
-        evals = [
-            moe.evaluate(
-                c,
-                {**experts, **cluster_routers[alloc.assignment[c.client_id]], **heads[c.client_id]},
-                alloc.assignment[c.client_id],
-            )
-            for c in clients
-        ]
-        rec.add(_round_row("adaptive", round_idx, clients, evals, losses, statuses, up, down, t0))
-        groups = {"experts": experts}
-        groups |= {f"router{k}": rt for k, rt in enumerate(cluster_routers)}
-        groups |= {f"head{i}": h for i, h in enumerate(heads)}
-        save_checkpoint(round_idx + 1, groups, alloc)
-        rounds_bar.update()
-        rounds_bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
-    rounds_bar.close()
+        rec.add(round_row(phase, r, clients, evals, losses, statuses, up, down, t0))
+        save_checkpoint(r + 1)
+        bar.update()
+        bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
+    bar.close()
 
-    summary = _summarise(cfg, clients, alloc, rec.rows, comm, time.time() - t0)
+    summary = _summarise(cfg, clients, strategy, rec.rows, comm, time.time() - t0)
     summary.initial_mean = initial_mean
     summary.resumed_from_round = done if ckpt else None
     if out:
         (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         from .plots import write_plots
 
-        write_plots(out, alloc, rec.rows, cfg.clients, initial_mean)
+        write_plots(out, strategy.allocation, rec.rows, cfg.clients, initial_mean)
     return summary
 
 
-def _aggregate(
-    experts: State,
-    routers: list[State],
-    ups: dict[int, State],
-    assignment: list[int],
-    weights: list[float],
-) -> tuple[State, list[State]]:
-    """Expert k and cluster k's router := sample-weighted mean of the accepted uploads of cluster
-    k's members (``ups``: client id -> upload); a cluster with none keeps its previous ones."""
-    new_experts = {key: t.clone() for key, t in experts.items()}
-    new_routers = []
-    for k, previous in enumerate(routers):
-        members = [i for i, a in enumerate(assignment) if a == k and i in ups]
-        if not members:
-            new_routers.append(previous)
-            continue
-        w = [weights[i] for i in members]
-        for key in experts:
-            new_experts[key][k] = average([ups[i][key] for i in members], w)
-        new_routers.append({key: average([ups[i][key] for i in members], w) for key in previous})
-    return new_experts, new_routers
-
-
-def _group(saved: dict[str, State], name: str) -> State:
-    if name not in saved:
-        raise checkpoint.CheckpointError(f"the checkpoint holds no tensors for {name!r}")
-    return saved[name]
-
-
-def _check_restored(expected: State, got: State, source: str) -> None:
-    try:
-        check_state_dict(expected, got, source)
-    except ValueError as exc:
-        raise checkpoint.CheckpointError(str(exc)) from exc
-
-
-def _alloc_json(alloc: Allocation) -> dict:
-    return {
-        "num_experts": alloc.num_experts,
-        "assignment": alloc.assignment,
-        "silhouette": {str(k): v for k, v in alloc.silhouette.items()},
-        "distance_matrix": alloc.distance_matrix.tolist(),
-    }
-
-
-def _alloc_from_json(d: dict) -> Allocation:
-    return Allocation(
-        d["num_experts"],
-        d["assignment"],
-        {int(k): v for k, v in d["silhouette"].items()},
-        np.asarray(d["distance_matrix"]),
-    )
-
-
-def _write_clusters(out: Path, alloc: Allocation) -> None:
+def write_clusters(out: Path, alloc: Allocation) -> None:
     (out / "clusters.json").write_text(
         json.dumps(
             {
@@ -399,7 +315,7 @@ def _write_clusters(out: Path, alloc: Allocation) -> None:
 
 
 def _summarise(
-    cfg: FLConfig, clients, alloc: Allocation, rows: list[dict], comm: dict, wall: float
+    cfg: FLConfig, clients, strategy: Strategy, rows: list[dict], comm: dict, wall: float
 ) -> Summary:
     last = rows[-1]["clients"] if rows else []
     per_task: dict[str, list[float]] = {}
@@ -413,8 +329,8 @@ def _summarise(
     samples = {"train": [len(c.train) for c in clients], "test": [len(c.test) for c in clients]}
     return Summary(
         cfg.method,
-        alloc.num_experts,
-        alloc.assignment,
+        strategy.num_experts,
+        strategy.assignment(),
         final,
         dict(comm),
         wall,

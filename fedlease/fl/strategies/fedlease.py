@@ -1,0 +1,191 @@
+"""FedLEASE (Wang et al., NeurIPS 2025) and its ablations.
+
+1. Warm-up (``warmup_rounds``): one plain LoRA per client, trained locally (the paper), or FedAvg'd
+   each round with ``warmup_aggregate: true``.
+2. Allocation, before the first adaptive round: every client uploads its LoRA; the server
+   clusters clients by their B matrices (average linkage, K by silhouette, or fixed) and builds
+   expert k as the sample-weighted mean of cluster k's adapters.
+3. Adaptive rounds: all K experts and the cluster's router go down; the client trains its own
+   expert, the router and its head, and sends up its own expert and the router; the server
+   averages expert k and router k over cluster k's accepted uploads (a cluster with none keeps
+   its previous ones). Heads stay local.
+
+Ablations (same everything else): ``fedlease_topk`` routes with a fixed top-``top_k`` over K
+slots instead of adaptive top-M over 2K-1; ``fedlease_fixed_k`` uses K = ``max_experts`` without
+the silhouette search; ``fedlease_random`` keeps the chosen K and cluster sizes but assigns
+clients to experts at random (seeded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..allocation import Allocation, allocate, b_distance_matrix, init_experts
+from .base import (
+    Layout,
+    State,
+    Strategy,
+    is_expert,
+    is_router,
+    restored,
+    select,
+    weighted_mean,
+)
+
+
+class FedLEASE(Strategy):
+    name = "fedlease"
+    routing = "adaptive"
+    fixed_k = False
+    random_assignment = False
+
+    def __init__(self, cfg, weights):
+        super().__init__(cfg, weights)
+        self.alloc: Allocation | None = None
+
+    def layout(self, r):
+        if r < self.cfg.warmup_rounds or self.alloc is None:
+            return Layout()
+        k = self.alloc.num_experts
+        top_k = min(self.cfg.top_k, k) if self.routing == "topk" else None
+        return Layout(k, self.routing, top_k)
+
+    def phase(self, r):
+        return "warmup" if r < self.cfg.warmup_rounds else "adaptive"
+
+    def setup(self, template):
+        super().setup(template)
+        self.warm_global = select(template(Layout()), is_expert)
+
+    # -- allocation ----------------------------------------------------------------------------
+    def collect(self, r):
+        return is_expert if r == self.cfg.warmup_rounds and self.alloc is None else None
+
+    def on_collect(self, r, uploads):
+        cfg = self.cfg
+        num = cfg.max_experts if self.fixed_k else cfg.num_experts
+        alloc = allocate(b_distance_matrix(uploads), cfg.max_experts, num)
+        if self.random_assignment:
+            perm = np.random.default_rng(cfg.seed).permutation(self.n)
+            alloc.assignment = [alloc.assignment[i] for i in perm]
+        self.alloc = alloc
+        self.experts = init_experts(uploads, alloc.assignment, self.weights)
+        routers = select(self.template(self.layout(r)), is_router)
+        self.routers = [
+            {k: v.clone() for k, v in routers.items()} for _ in range(alloc.num_experts)
+        ]
+
+    # -- rounds --------------------------------------------------------------------------------
+    def down(self, cid, r, final=False):
+        if r < self.cfg.warmup_rounds:
+            return dict(self.warm_global) if self.cfg.warmup_aggregate else {}
+        return {**self.experts, **self.routers[self.alloc.assignment[cid]]}
+
+    def own_expert(self, cid, r):
+        return None if r < self.cfg.warmup_rounds else self.alloc.assignment[cid]
+
+    def up(self, cid, r, new):
+        if r < self.cfg.warmup_rounds:
+            return select(new, is_expert) if self.cfg.warmup_aggregate else {}
+        own = self.alloc.assignment[cid]
+        return {k: (v[own] if is_expert(k) else v)
+                for k, v in new.items() if is_expert(k) or is_router(k)}  # fmt: skip
+
+    def aggregate(self, r, ups):
+        if r < self.cfg.warmup_rounds:
+            if self.cfg.warmup_aggregate and ups:
+                ids = sorted(ups)
+                self.warm_global = weighted_mean([ups[i] for i in ids],
+                                                 [self.weights[i] for i in ids])  # fmt: skip
+            return
+        self.experts, self.routers = aggregate_clusters(
+            self.experts, self.routers, ups, self.alloc.assignment, self.weights
+        )
+
+    # -- results and checkpoints ---------------------------------------------------------------
+    @property
+    def num_experts(self):
+        return self.alloc.num_experts if self.alloc else 1
+
+    def assignment(self):
+        return list(self.alloc.assignment) if self.alloc else [0] * self.n
+
+    @property
+    def allocation(self):
+        return self.alloc
+
+    def state(self):
+        if self.alloc is None:
+            return {"warm_global": self.warm_global}, {"allocation": None}
+        groups = {"experts": self.experts}
+        groups |= {f"router{k}": rt for k, rt in enumerate(self.routers)}
+        return groups, {"allocation": allocation_to_json(self.alloc)}
+
+    def restore(self, groups, meta):
+        if meta.get("allocation") is None:
+            self.warm_global = restored(self.warm_global, groups, "warm_global")
+            return
+        self.alloc = allocation_from_json(meta["allocation"])
+        template = self.template(self.layout(self.cfg.warmup_rounds))
+        self.experts = restored(select(template, is_expert), groups, "experts")
+        router = select(template, is_router)
+        self.routers = [restored(router, groups, f"router{k}") for k in range(self.num_experts)]
+
+
+class FedLEASETopK(FedLEASE):
+    name = "fedlease_topk"
+    routing = "topk"
+
+
+class FedLEASEFixedK(FedLEASE):
+    name = "fedlease_fixed_k"
+    fixed_k = True
+
+
+class FedLEASERandom(FedLEASE):
+    name = "fedlease_random"
+    random_assignment = True
+
+
+def aggregate_clusters(
+    experts: State,
+    routers: list[State],
+    ups: dict[int, State],
+    assignment: list[int],
+    weights: list[float],
+) -> tuple[State, list[State]]:
+    """Expert k and cluster k's router := sample-weighted mean of the accepted uploads of cluster
+    k's members (``ups``: client id -> upload); a cluster with none keeps its previous ones."""
+    new_experts = {key: t.clone() for key, t in experts.items()}
+    new_routers = []
+    for k, previous in enumerate(routers):
+        members = [i for i, a in enumerate(assignment) if a == k and i in ups]
+        if not members:
+            new_routers.append(previous)
+            continue
+        mean = weighted_mean([ups[i] for i in members], [weights[i] for i in members])
+        for key in experts:
+            new_experts[key][k] = mean[key]
+        new_routers.append({key: mean[key] for key in previous})
+    return new_experts, new_routers
+
+
+def allocation_to_json(alloc: Allocation) -> dict:
+    return {
+        "num_experts": alloc.num_experts,
+        "assignment": alloc.assignment,
+        "silhouette": {str(k): v for k, v in alloc.silhouette.items()},
+        "distance_matrix": np.asarray(alloc.distance_matrix).tolist(),
+    }
+
+
+def allocation_from_json(d: dict) -> Allocation:
+    return Allocation(
+        d["num_experts"],
+        d["assignment"],
+        {int(k): v for k, v in d["silhouette"].items()},
+        np.asarray(d["distance_matrix"]),
+    )
+
+
+__all__ = ["FedLEASE", "FedLEASEFixedK", "FedLEASERandom", "FedLEASETopK", "aggregate_clusters"]

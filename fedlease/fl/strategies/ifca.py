@@ -1,0 +1,97 @@
+"""IFCA (Ghosh et al., NeurIPS 2020) with LoRA: K copies of the adapter on the server.
+
+Every round each client receives all K copies, picks the one with the lowest loss on (up to
+``PICK_EXAMPLES`` of) its training data, trains it and sends it back with its index; the server
+averages copy k over the clients that picked it (weighted by sample count) and keeps a copy no
+one picked. K = ``num_experts`` when it is a number, else ``max_experts``.
+
+The copies must differ for the choice to mean anything: copy k starts from its own seeded A and
+a small random B (std ``B_INIT_STD``) instead of LoRA's all-zero B, which would make all K copies
+compute the same function and send every client to copy 0.
+
+Sends down: K adapters. Sends up: one adapter and its index. Stays local: head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Layout, Strategy, is_expert, merge, restored, select, weighted_mean
+
+PICK_EXAMPLES = 256
+B_INIT_STD = 1e-2
+
+
+def _copy_key(k: int, key: str) -> str:
+    return f"copy{k}:{key}"
+
+
+class IFCA(Strategy):
+    name = "ifca"
+
+    def setup(self, template):
+        super().setup(template)
+        cfg = self.cfg
+        self.k = cfg.num_experts if isinstance(cfg.num_experts, int) else cfg.max_experts
+        base = select(template(Layout()), is_expert)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.copies = []
+        for _ in range(self.k):
+            copy = {}
+            for key, v in base.items():
+                if key.endswith(".lora_B"):
+                    copy[key] = torch.randn(v.shape, generator=gen, dtype=v.dtype) * B_INIT_STD
+                else:  # kaiming-uniform like the layer's own A init, one draw per copy
+                    bound = 1.0 / v.shape[-1] ** 0.5
+                    copy[key] = (torch.rand(v.shape, generator=gen, dtype=v.dtype) * 2 - 1) * bound
+            self.copies.append(copy)
+        self.choice = [0] * self.n
+        self._picked: dict[int, int] = {}
+
+    def down(self, cid, r, final=False):
+        if final:  # the copy this client trained (its cluster), as plain tensors
+            return dict(self.copies[self.choice[cid]])
+        return {_copy_key(k, key): v for k, c in enumerate(self.copies) for key, v in c.items()}
+
+    def client_state(self, cid, template, kept, received, loss_of=None):
+        copies: dict[int, dict] = {}
+        for name, v in received.items():
+            if name.startswith("copy"):
+                k, _, key = name.partition(":")
+                copies.setdefault(int(k[4:]), {})[key] = v
+        if not copies:
+            return merge(template, kept, received)
+        if loss_of is None:
+            raise ValueError("IFCA needs the client's loss to pick a copy")
+        losses = [loss_of(merge(template, kept, copies[k])) for k in sorted(copies)]
+        pick = min(range(len(losses)), key=losses.__getitem__)
+        self._picked[cid] = pick
+        return merge(template, kept, copies[pick])
+
+    def up(self, cid, r, new):
+        pick = self._picked.pop(cid)
+        return {_copy_key(pick, k): v for k, v in select(new, is_expert).items()}
+
+    def aggregate(self, r, ups):
+        by_copy: dict[int, list[int]] = {}
+        for cid, up in ups.items():
+            pick = int(next(iter(up)).partition(":")[0][4:])
+            self.choice[cid] = pick
+            by_copy.setdefault(pick, []).append(cid)
+        for k, members in by_copy.items():
+            plain = [{key.partition(":")[2]: v for key, v in ups[i].items()} for i in members]
+            self.copies[k] = weighted_mean(plain, [self.weights[i] for i in members])
+
+    @property
+    def num_experts(self):
+        return self.k
+
+    def assignment(self):
+        return list(self.choice)
+
+    def state(self):
+        return {f"copy{k}": c for k, c in enumerate(self.copies)}, {"choice": self.choice}
+
+    def restore(self, groups, meta):
+        self.copies = [restored(c, groups, f"copy{k}") for k, c in enumerate(self.copies)]
+        self.choice = list(meta["choice"])
