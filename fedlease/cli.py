@@ -1,4 +1,5 @@
-"""The ``fedlease`` command line: ``run`` (the main job) and ``demo`` (a layer tour)."""
+"""The ``fedlease`` command line: ``run`` (the main job), ``compare`` (methods side by side) and
+``demo`` (a layer tour)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,37 @@ import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+
+
+def _methods() -> tuple[str, ...]:
+    from .fl.config import METHODS
+
+    return METHODS
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="local GLUE copy laid out as DIR/<task>/{train,validation}.jsonl; "
+        "overrides the config's data_dir and $FEDLEASE_DATA_DIR; without any of "
+        "them data comes from the Hugging Face hub (nyu-mll/glue)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key with a YAML value, e.g. --set rounds=3 "
+        "--set clients=[sst2,qnli,qnli]; repeatable",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars (the final table is still printed)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,28 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory for the artefacts (default: runs/<config name>-<time>)",
     )
-    run.add_argument(
-        "--data-dir",
+    _add_common(run)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="run several methods (FedLEASE, ablations, baselines) on the same data and seeds",
+        description="Run every method in --methods for every seed in --seeds on identical client "
+        "partitions (same config otherwise) and write compare.json, compare.md (one row per "
+        "method, one column per task, average, communication per round) and compare.png to the "
+        "output directory; each run's own artefacts go to DIR/<method>-seed<seed>/. Re-running "
+        "the same command reuses finished runs and resumes interrupted ones.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cmp.add_argument("--config", metavar="YAML", required=True, help="base run configuration")
+    cmp.add_argument(
+        "--methods",
+        required=True,
+        metavar="M1,M2,...",
+        help="comma-separated methods; known: " + ", ".join(_methods()),
+    )
+    cmp.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S1,S2,...",
+        help="comma-separated integer seeds (each seed draws its own partition, shared by all "
+        "methods); default: the config's seed",
+    )
+    cmp.add_argument(
+        "--output",
         metavar="DIR",
         default=None,
-        help="local GLUE copy laid out as DIR/<task>/{train,validation}.jsonl; "
-        "overrides the config's data_dir and $FEDLEASE_DATA_DIR; without any of "
-        "them data comes from the Hugging Face hub (nyu-mll/glue)",
+        help="directory for the comparison (default: runs/compare-<config name>-<time>)",
     )
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key with a YAML value, e.g. --set rounds=3 "
-        "--set clients=[sst2,qnli,qnli]; repeatable",
-    )
-    run.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="hide the progress bars (the final table is still printed)",
-    )
+    _add_common(cmp)
 
     sub.add_parser(
         "demo",
@@ -77,9 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(args: argparse.Namespace, config_path: str):
+    """The validated config with the command line's overrides; raises ConfigError/DataError."""
+    from .data import resolve_data_dir
+    from .fl import load_config
+
+    cfg = load_config(config_path, args.overrides)
+    if args.data_dir is not None:
+        cfg.data_dir = args.data_dir
+    resolve_data_dir(cfg.data_dir)  # a missing directory stops the run before any work
+    return cfg
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .fl import ConfigError, load_config, run
+    from .fl import ConfigError, run
     from .fl.checkpoint import CheckpointError
 
     if args.resume is None and args.config is None:
@@ -87,12 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     config_path = args.config or str(Path(args.resume) / "config.yaml")
     try:
-        cfg = load_config(config_path, args.overrides)
-        if args.data_dir is not None:
-            cfg.data_dir = args.data_dir
-        from .data import resolve_data_dir
-
-        resolve_data_dir(cfg.data_dir)  # a missing directory stops the run before any work
+        cfg = _load(args, config_path)
     except (ConfigError, DataError) as exc:
         print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -112,6 +162,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_summary(summary, out)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from .fl import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated integers, got {text!r}") from None
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .fl import ConfigError
+    from .fl.checkpoint import CheckpointError
+    from .fl.compare import compare
+
+    out = None
+    try:
+        cfg = _load(args, args.config)
+        seeds = _int_list(args.seeds, "--seeds") if args.seeds else [cfg.seed]
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        out = Path(args.output or Path("runs") / f"compare-{Path(args.config).stem}-"
+                   f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+        compare(cfg, methods, seeds, out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished and checkpointed rounds are saved; run the same command "
+              f"with --output {out} to continue", file=sys.stderr)  # fmt: skip
+        return 130
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"fedlease compare: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print()
+    print((out / "compare.md").read_text())
+    print(f"artefacts in {out}")
     return 0
 
 
@@ -138,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _cmd_run(args)
+    if args.command == "compare":
+        return _cmd_compare(args)
     if args.command == "demo":
         from .demo import print_layer_demo
 

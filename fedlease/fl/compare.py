@@ -1,0 +1,145 @@
+"""``fedlease compare``: several methods on the identical partitions and seeds, side by side.
+
+Each (method, seed) run goes to ``<output>/<method>-seed<seed>/`` with the usual artefacts and
+checkpoints. Runs that already finished there (same resolved config) are reused and unfinished
+ones resume, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import checkpoint
+from .config import METHODS, ConfigError, FLConfig, validate
+from .simulator import run
+
+
+def _method_list(methods: list[str]) -> list[str]:
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r} (known: {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods repeat: {methods}")
+    return methods
+
+
+def run_one(cfg: FLConfig, run_dir: Path, progress: bool) -> dict:
+    """``cfg``'s summary in ``run_dir``: read if complete, resumed if checkpointed, else run."""
+    want = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    config_path = run_dir / "config.yaml"
+    if config_path.exists() and config_path.read_text() != want:
+        raise ConfigError(f"{run_dir} holds a run with a different config; "
+                          "choose another --output or delete it")  # fmt: skip
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    resume = (run_dir / checkpoint.DIR / checkpoint.META).exists()
+    return run(cfg, run_dir, progress=progress, resume=resume).to_dict()
+
+
+def compare(
+    cfg: FLConfig,
+    methods: list[str],
+    seeds: list[int],
+    output: str | Path,
+    progress: bool = True,
+) -> dict:
+    """Run every method for every seed; write and return ``compare.json``'s content."""
+    out = Path(output)
+    methods = _method_list(methods)
+    if not seeds:
+        raise ConfigError("--seeds must name at least one seed")
+    table: dict[str, dict] = {}
+    for method in methods:
+        summaries = []
+        for seed in seeds:
+            run_cfg = dataclasses.replace(cfg, method=method, seed=seed)
+            validate(run_cfg)
+            summaries.append(run_one(run_cfg, out / f"{method}-seed{seed}", progress))
+        table[method] = _method_row(summaries, [f"{method}-seed{s}" for s in seeds])
+    result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),
+              "config": cfg.to_dict()}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "compare.md").write_text(markdown_table(result))
+    plot_compare(out / "compare.png", result)
+    return result
+
+
+def _method_row(summaries: list[dict], runs: list[str]) -> dict:
+    tasks = list(summaries[0]["final"]["per_task"])
+    per_task = {t: [s["final"]["per_task"][t] for s in summaries] for t in tasks}
+    means = [s["final"]["mean"] for s in summaries]
+    rounds = [max(s["rounds"], 1) for s in summaries]
+    return {
+        "per_task": {t: float(np.mean(v)) for t, v in per_task.items()},
+        "per_task_std": {t: float(np.std(v)) for t, v in per_task.items()},
+        "mean": float(np.mean(means)),
+        "std": float(np.std(means)),
+        "per_seed": means,
+        "num_experts": [s["num_experts"] for s in summaries],
+        "bytes_per_round": {
+            d: float(np.mean([s["comm_bytes"][d] / n for s, n in zip(summaries, rounds)]))
+            for d in ("up", "down")
+        },
+        "wall_s": float(sum(s["wall_s"] for s in summaries)),
+        "runs": runs,
+    }
+
+
+def markdown_table(result: dict) -> str:
+    """One row per method, one column per task, the average and communication per round."""
+    methods = result["methods"]
+    tasks = list(next(iter(methods.values()))["per_task"])
+    seeds = result["seeds"]
+    head = ["method", *tasks, "average", "comm / round (MB up + down)"]
+    lines = [
+        f"Accuracy (%) on each client's held-out data, mean ± std over seeds {seeds}; "
+        f"{len(result['clients'])} clients.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    ]
+    best = max(row["mean"] for row in methods.values())
+    for name, row in methods.items():
+        cells = [f"{100 * row['per_task'][t]:.1f} ± {100 * row['per_task_std'][t]:.1f}"
+                 for t in tasks]  # fmt: skip
+        avg = f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+        if row["mean"] == best:
+            avg = f"**{avg}**"
+        b = row["bytes_per_round"]
+        comm = f"{(b['up'] + b['down']) / 1e6:.2f}"
+        lines.append("| " + " | ".join([name, *cells, avg, comm]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(path: Path, result: dict) -> None:
+    """Grouped bars: accuracy per task and on average, one colour per method, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    tasks = list(next(iter(methods.values()))["per_task"])
+    groups = [*tasks, "average"]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 0.3 * len(methods)), 4))
+    for i, (name, row) in enumerate(methods.items()):
+        vals = [row["per_task"][t] for t in tasks] + [row["mean"]]
+        errs = [row["per_task_std"][t] for t in tasks] + [row["std"]]
+        xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, vals, width, yerr=errs, label=name, capsize=2)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Methods compared over seeds {result['seeds']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

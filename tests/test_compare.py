@@ -1,0 +1,79 @@
+"""``fedlease compare``: methods on the same partitions, a table, reuse of finished runs."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from fedlease.cli import main
+from fedlease.fl.config import METHODS
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("FEDLEASE_DATA_DIR"), reason="FEDLEASE_DATA_DIR not set"
+)
+
+TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "train_samples": 16, "test_samples": 8,
+        "warmup_rounds": 1, "rounds": 1, "local_epochs": 1, "max_seq_len": 32,
+        "max_experts": 2}  # fmt: skip
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_two_methods_two_seeds(config, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--methods", "fedit,fedlease", "--seeds", "1,2",
+            "--output", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["methods"]) == ["fedit", "fedlease"] and result["seeds"] == [1, 2]
+    for name, row in result["methods"].items():
+        assert set(row["per_task"]) == {"sst2", "mrpc"} and len(row["per_seed"]) == 2
+        for seed in (1, 2):  # the summary of each run is what the row averages
+            s = json.loads((out / f"{name}-seed{seed}" / "summary.json").read_text())
+            assert s["method"] == name and s["final"]["mean"] == row["per_seed"][seed - 1]
+    # FedIT exchanges the whole LoRA both ways every round: bytes up == bytes down
+    fedit = result["methods"]["fedit"]["bytes_per_round"]
+    assert fedit["up"] == fedit["down"] > 0
+    table = (out / "compare.md").read_text()
+    assert "| fedit |" in table and "| fedlease |" in table and "average" in table
+    assert (out / "compare.png").stat().st_size > 0
+    # the same partition for every method under one seed
+    parts = [json.loads((out / f"{m}-seed1" / "summary.json").read_text())["samples"]
+             for m in ("fedit", "fedlease")]  # fmt: skip
+    assert parts[0] == parts[1]
+    # a second invocation reuses the finished runs (their summaries are not rewritten)
+    stamp = (out / "fedit-seed1" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert (out / "fedit-seed1" / "summary.json").stat().st_mtime_ns == stamp
+    assert "| fedlease |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_method_runs_end_to_end(config, tmp_path):
+    others = [m for m in METHODS if m not in ("fedit", "fedlease")]
+    out = tmp_path / "all"
+    assert main(["compare", "--config", str(config), "--methods", ",".join(others),
+                 "--output", str(out), "--no-progress"]) == 0  # fmt: skip
+    rows = json.loads((out / "compare.json").read_text())["methods"]
+    assert list(rows) == others
+    assert rows["local"]["bytes_per_round"] == {"up": 0.0, "down": 0.0}
+    for name, row in rows.items():
+        assert 0.0 <= row["mean"] <= 1.0, name
+
+
+def test_bad_method_and_seeds_are_named(config, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["compare", "--config", str(config), "--methods", "fedit,fedavgx",
+                 "--output", out]) == 2  # fmt: skip
+    assert "unknown method 'fedavgx'" in capsys.readouterr().err
+    assert main(["compare", "--config", str(config), "--methods", "fedit", "--seeds", "1,b",
+                 "--output", out]) == 2  # fmt: skip
+    assert "--seeds expects comma-separated integers, got '1,b'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
