@@ -72,7 +72,7 @@ def round_row(phase, r, clients, evals, losses, statuses, up, down, t0) -> dict:
     return {
         "round": r,
         "phase": phase,
-        "mean_accuracy": float(np.mean([e["accuracy"] for e in evals])),
+        "mean_accuracy": float(np.nanmean([e["accuracy"] for e in evals])),
         "clients": per_client,
         "failed": [c.client_id for c, st in zip(clients, statuses) if st["status"] == "failed"],
         "rejected": [c.client_id for c, st in zip(clients, statuses) if st["status"] == "rejected"],
@@ -288,7 +288,8 @@ def run(
         bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
     bar.close()
 
-    summary = _summarise(cfg, clients, strategy, rec.rows, comm, time.time() - t0)
+    samples = {"train": [len(c.train) for c in clients], "test": [len(c.test) for c in clients]}
+    summary = summarise(cfg, samples, strategy, rec.rows, comm, time.time() - t0)
     summary.initial_mean = initial_mean
     summary.resumed_from_round = done if ckpt else None
     if out:
@@ -314,19 +315,19 @@ def write_clusters(out: Path, alloc: Allocation) -> None:
     )
 
 
-def _summarise(
-    cfg: FLConfig, clients, strategy: Strategy, rows: list[dict], comm: dict, wall: float
+def summarise(
+    cfg: FLConfig, samples: dict, strategy: Strategy, rows: list[dict], comm: dict, wall: float
 ) -> Summary:
+    """The run's ``Summary`` from its metrics rows; ``samples``: train/test examples per client."""
     last = rows[-1]["clients"] if rows else []
     per_task: dict[str, list[float]] = {}
     for c in last:
         per_task.setdefault(c["task"], []).append(c["accuracy"])
-    final = {
+    final = {  # NaN: a client whose evaluation never arrived (Flower); the means skip it
         "per_client": last,
-        "per_task": {t: float(np.mean(v)) for t, v in per_task.items()},
-        "mean": float(np.mean([c["accuracy"] for c in last])) if last else float("nan"),
+        "per_task": {t: float(np.nanmean(v)) for t, v in per_task.items()},
+        "mean": float(np.nanmean([c["accuracy"] for c in last])) if last else float("nan"),
     }
-    samples = {"train": [len(c.train) for c in clients], "test": [len(c.test) for c in clients]}
     return Summary(
         cfg.method,
         strategy.num_experts,

@@ -167,6 +167,14 @@ class Strategy:
         """FedLEASE's clustering (an ``Allocation``), when the method has one."""
         return None
 
+    def public(self) -> dict:
+        """The server's decisions a client needs to run the client-side methods (JSON); a
+        driver whose clients run elsewhere sends it with every message."""
+        return {}
+
+    def set_public(self, public: dict) -> None:
+        """On a remote client: adopt the server's ``public()``."""
+
     def state(self) -> tuple[dict[str, State], dict]:
         """Server state as named tensor groups plus JSON metadata (for checkpoints)."""
         return {}, {}

@@ -114,6 +114,16 @@ class FedLEASE(Strategy):
     def allocation(self):
         return self.alloc
 
+    def public(self):
+        if self.alloc is None:
+            return {}
+        return {"num_experts": self.alloc.num_experts, "assignment": self.alloc.assignment}
+
+    def set_public(self, public):
+        if public:  # the client needs K and the assignment, not the distances
+            self.alloc = Allocation(public["num_experts"], list(public["assignment"]), {},
+                                    np.zeros((0, 0)))  # fmt: skip
+
     def state(self):
         if self.alloc is None:
             return {"warm_global": self.warm_global}, {"allocation": None}

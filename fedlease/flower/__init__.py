@@ -1,0 +1,6 @@
+"""FedLEASE (and every other method) on Flower: a ``ServerApp`` and a ``ClientApp``.
+
+The server runs the same strategy objects and round loop as the in-process simulator; clients
+reuse its client code. Only adapter, router and head tensors travel; each node loads the frozen
+model itself. Client identity and data partition come from the node config (``partition-id``).
+"""

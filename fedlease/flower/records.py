@@ -1,0 +1,61 @@
+"""Run configuration and tensors in and out of Flower records."""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+from dataclasses import dataclass
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord
+
+from ..fl.config import ConfigError, FLConfig, from_dict
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class ServerOptions:
+    """Flower-only settings, read from the run config next to the ``FLConfig`` keys."""
+
+    output_dir: str = "runs/flower"
+    round_timeout: float = 600.0  # seconds to wait for the replies of one round
+    min_results: int = 0  # fewest train replies a round may go on with; 0: every client
+    node_timeout: float = 120.0  # seconds to wait for all clients' nodes to connect
+
+
+def parse_run_config(run_config: dict) -> tuple[FLConfig, ServerOptions]:
+    """``FLConfig`` keys (``-`` or ``_``; strings hold YAML, e.g. ``clients = "[sst2, mrpc]"``,
+    and ``""`` is null) plus the ``ServerOptions`` keys; validated like ``fedlease run`` configs."""
+    hints = typing.get_type_hints(ServerOptions)
+    opts, raw = ServerOptions(), {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name in hints:
+            setattr(opts, name, hints[name](value))
+        elif isinstance(value, str):
+            try:
+                raw[name] = yaml.safe_load(value) if value != "" else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"run config {key!r} = {value!r} is not valid YAML") from exc
+        else:
+            raw[name] = value
+    if not math.isfinite(opts.round_timeout) or opts.round_timeout <= 0:
+        raise ConfigError(f"run config 'round-timeout' = {opts.round_timeout!r}: must be > 0")
+    if opts.min_results < 0:
+        raise ConfigError(f"run config 'min-results' = {opts.min_results!r}: must be >= 0")
+    return from_dict(raw), opts
+
+
+def to_record(state: State) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={k: v.detach().contiguous() for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> State:
+    return dict(record.to_torch_state_dict())
+
+
+def round_config(r: int, public: dict, **extra) -> ConfigRecord:
+    return ConfigRecord({"round": r, "public": json.dumps(public), **extra})

@@ -1,0 +1,191 @@
+"""The Flower ``ServerApp``: the simulator's round loop over Flower messages.
+
+Per round: (``collect`` queries when the strategy asks, e.g. FedLEASE's allocation), one
+``train`` message per client with its own payload, aggregation of the replies that arrived in
+time, then one ``evaluate`` message per client with the aggregate. A client that does not answer
+within ``round-timeout`` is logged as failed in ``metrics.jsonl`` and the round goes on with the
+others, unless fewer than ``min-results`` replied. Artefacts are those of ``fedlease run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import yaml
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from .. import models
+from ..data import TASKS
+from ..fl.client import payload_bytes
+from ..fl.config import FLConfig
+from ..fl.faults import non_finite
+from ..fl.plots import write_plots
+from ..fl.simulator import ModelPool, Recorder, Summary, round_row, summarise, write_clusters
+from ..fl.strategies import make_strategy
+from .records import ServerOptions, from_record, parse_run_config, round_config, to_record
+
+app = ServerApp()
+log = logging.getLogger("fedlease.flower")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, opts = parse_run_config(dict(context.run_config))
+    summary = run_server(grid, cfg, opts)
+    print(f"fedlease on Flower: mean accuracy {summary.final['mean']:.4f}, "
+          f"{summary.num_experts} experts, assignment {summary.assignment}; "
+          f"artefacts in {opts.output_dir}")  # fmt: skip
+
+
+class Exchange:
+    """Sends one message per client (by partition id) and collects the replies that arrive."""
+
+    def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float) -> None:
+        self.grid, self.nodes, self.timeout = grid, nodes, timeout
+
+    def __call__(self, kind: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+        msgs = [Message(content=c, dst_node_id=self.nodes[pid], message_type=kind)
+                for pid, c in contents.items()]  # fmt: skip
+        by_node = {node: pid for pid, node in self.nodes.items()}
+        replies = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            pid = by_node[reply.metadata.src_node_id]
+            if reply.has_error():
+                log.warning("client %d replied with an error: %s", pid, reply.error.reason)
+                continue
+            replies[pid] = reply
+        return replies
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    start = time.time()
+    while True:
+        ids = list(grid.get_node_ids())
+        if len(ids) >= n:
+            return ids
+        if time.time() - start > timeout:
+            raise RuntimeError(f"only {len(ids)} of {n} client nodes connected within {timeout} s")
+        time.sleep(1.0)
+
+
+def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
+    t0 = time.time()
+    n = len(cfg.clients)
+    node_ids = wait_for_nodes(grid, n, opts.node_timeout)
+    hello = {i: RecordDict({"config": round_config(-1, {}, action="hello")})
+             for i in range(len(node_ids))}  # fmt: skip
+    probe = Exchange(grid, dict(enumerate(node_ids)), opts.round_timeout)
+    replies = probe(MessageType.QUERY, hello)
+    nodes, clients, untrained = {}, {}, {}
+    for reply in replies.values():
+        info = reply.content["info"]
+        pid = int(info["partition-id"])
+        if pid in nodes:
+            raise RuntimeError(f"two nodes claim partition-id {pid}")
+        nodes[pid] = reply.metadata.src_node_id
+        clients[pid] = SimpleNamespace(
+            client_id=pid, task=str(info["task"]), train=int(info["train"]), test=int(info["test"])
+        )
+        untrained[pid] = float(reply.content["metrics"]["accuracy"])
+    missing = sorted(set(range(n)) - set(nodes))
+    if missing:
+        raise RuntimeError(f"no node answered for partition-id {missing} (of {n} clients)")
+    order = [clients[i] for i in range(n)]
+    weights = [float(c.train) for c in order]
+    exchange = Exchange(grid, nodes, opts.round_timeout)
+    min_results = opts.min_results or n
+
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
+    base, tokenizer = models.load(cfg.model, num_labels=num_labels)  # tensor shapes only
+    strategy = make_strategy(cfg, weights)
+    strategy.setup(ModelPool(cfg, base, tokenizer, progress=False).template)
+    rec = Recorder(out)
+    comm = {"up": 0, "down": 0}
+
+    for r in range(strategy.total_rounds):
+        up = down = 0
+        if strategy.collect(r) is not None:
+            msgs = {i: RecordDict({"config": round_config(r, strategy.public(),
+                                                          action="collect")})
+                    for i in range(n)}  # fmt: skip
+            got = exchange(MessageType.QUERY, msgs)
+            if len(got) < n:
+                raise RuntimeError(f"round {r}: the allocation needs every client's adapter; "
+                                   f"no reply from {sorted(set(range(n)) - set(got))}")  # fmt: skip
+            uploads = [from_record(got[i].content["up"]) for i in range(n)]
+            up += sum(payload_bytes(u) for u in uploads)
+            strategy.on_collect(r, uploads)
+            write_clusters(out, strategy.allocation)
+        public = strategy.public()
+        payloads = {i: strategy.down(i, r) for i in range(n)}
+        down += sum(payload_bytes(p) for p in payloads.values())
+        got = exchange(MessageType.TRAIN, {
+            i: RecordDict({"down": to_record(p), "config": round_config(r, public)})
+            for i, p in payloads.items()
+        })  # fmt: skip
+        statuses, losses, accepted = [], [], {}
+        for i in range(n):
+            if i not in got:
+                log.warning("round %d: client %d sent no reply within %.0f s", r, i,
+                            opts.round_timeout)  # fmt: skip
+                statuses.append({"status": "failed",
+                                 "error": f"no reply within {opts.round_timeout} s"})  # fmt: skip
+                losses.append(None)
+                continue
+            content = got[i].content
+            status = dict(content["status"])
+            metrics = content.get("metrics")
+            losses.append(float(metrics["train_loss"]) if metrics else None)
+            st = {"status": status["status"]}
+            if status["error"]:
+                st["error"] = status["error"]
+            if status["status"] != "failed":
+                upload = from_record(content["up"])
+                up += payload_bytes(upload)
+                bad = json.loads(status["non_finite"]) or non_finite(upload)[:3]
+                if bad:
+                    warnings.warn(f"round {r}: rejected client {i}'s update: non-finite values "
+                                  f"in {bad}", stacklevel=2)  # fmt: skip
+                    st.update(status="rejected", non_finite=bad)
+                else:
+                    accepted[i] = upload
+            statuses.append(st)
+        ok = sum(st["status"] == "ok" for st in statuses)
+        if ok < min(min_results, n) or ok == 0:
+            raise RuntimeError(f"round {r}: {ok} usable client updates, fewer than "
+                               f"min-results = {min_results}: {statuses}")  # fmt: skip
+        strategy.aggregate(r, accepted)
+        final = {i: strategy.down(i, r, final=True) for i in range(n)}
+        got = exchange(MessageType.EVALUATE, {
+            i: RecordDict({"down": to_record(p), "config": round_config(r, strategy.public())})
+            for i, p in final.items()
+        })  # fmt: skip
+        evals = []
+        for i in range(n):
+            if i in got:
+                evals.append({k: float(v) for k, v in got[i].content["metrics"].items()})
+            else:
+                log.warning("round %d: client %d did not report its evaluation", r, i)
+                evals.append({"accuracy": float("nan"), "eval_loss": float("nan")})
+        comm["up"] += up
+        comm["down"] += down
+        rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0))
+        log.info("round %d/%d: mean accuracy %.4f", r + 1, strategy.total_rounds,
+                 rec.rows[-1]["mean_accuracy"])  # fmt: skip
+
+    samples = {"train": [c.train for c in order], "test": [c.test for c in order]}
+    summary = summarise(cfg, samples, strategy, rec.rows, comm, time.time() - t0)
+    summary.initial_mean = float(np.mean([untrained[i] for i in range(n)]))
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_plots(out, strategy.allocation, rec.rows, cfg.clients, summary.initial_mean)
+    return summary
