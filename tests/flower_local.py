@@ -73,17 +73,20 @@ class LocalFederation:
             raise
         return self
 
-    def run(self, run_config: dict, timeout: float) -> subprocess.CompletedProcess:
-        """``flwr run`` this project with ``run_config`` overrides; waits for the run to end."""
+    def start_run(self, run_config: dict) -> subprocess.Popen:
+        """``flwr run`` this project with ``run_config`` overrides (values without spaces)."""
         items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
         args = [str(BIN / "flwr"), "run", str(ROOT), "local-test", "--stream",
                 "--run-config", items]  # fmt: skip
-        with open(self.dir / "flwr-run.log", "w") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=self.dir, start_new_session=True)  # fmt: skip
-            self.procs.append(proc)
-            rc = proc.wait(timeout=timeout)
-        return subprocess.CompletedProcess(args, rc, (self.dir / "flwr-run.log").read_text(), "")
+        return self._start("flwr-run", args)
+
+    def run(self, run_config: dict, timeout: float) -> tuple[int, str]:
+        """Start a run and wait for it: ``(exit code, its output)``."""
+        rc = self.start_run(run_config).wait(timeout=timeout)
+        return rc, self.log("flwr-run")
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text()
 
     def kill_node(self, i: int) -> None:
         """Stop SuperNode ``i`` (and its ClientApp processes) abruptly."""

@@ -65,10 +65,17 @@ def build_client_data(
     seed: int,
     label_alpha: float | None = None,
     data_dir: str | os.PathLike | None = None,
+    only: int | None = None,
 ) -> list[ClientData]:
-    """One ``ClientData`` per entry of ``clients`` (a task name each), disjoint within a task."""
+    """One ``ClientData`` per entry of ``clients`` (a task name each), disjoint within a task.
+
+    ``only``: build just that client's task (the other entries are None); its data is the same
+    as in a full build, since a task's partition depends only on the clients of that task.
+    """
     out: list[ClientData | None] = [None] * len(clients)
     for task in dict.fromkeys(clients):
+        if only is not None and task != clients[only]:
+            continue
         spec = task_spec(task)
         ids = [i for i, t in enumerate(clients) if t == task]
         parts = {}

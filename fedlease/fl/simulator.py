@@ -97,6 +97,16 @@ def reject_non_finite(update: State, status: dict, round_idx: int, cid: int) -> 
     return bool(bad)
 
 
+def load_base(cfg: FLConfig):
+    """The frozen model and tokenizer, its task head drawn from ``cfg.seed`` (every process that
+    loads it for the same run, simulator or Flower node, gets the same head); sets ``threads``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
+    return models.load(cfg.model, num_labels=num_labels)
+
+
 class ModelPool:
     """One client model per layout on a shared frozen base (adapters are swapped per client)."""
 
@@ -189,11 +199,7 @@ def run(
     ckpt = checkpoint.load(out) if resume and out else None
     t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
     data_dir = resolve_data_dir(cfg.data_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
-    base, tokenizer = models.load(cfg.model, num_labels=num_labels)
+    base, tokenizer = load_base(cfg)
     clients = build_client_data(
         cfg.clients,
         tokenizer,

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .. import models
-from ..data import TASKS, build_client_data, resolve_data_dir
+from ..data import build_client_data, resolve_data_dir
 from ..data.tokenize import ClientData
 from ..fl.client import clone_state
 from ..fl.config import FLConfig
 from ..fl.faults import FaultPlan, non_finite
-from ..fl.simulator import ModelPool, client_update
+from ..fl.simulator import ModelPool, client_update, load_base
 from ..fl.strategies import Strategy, make_strategy
 from ..fl.strategies.base import select
 from .records import State, from_record, parse_run_config, to_record
@@ -59,15 +58,10 @@ def node_for(context: Context) -> Node:
     data_dir = context.node_config.get("data-dir") or cfg.data_dir
     key = (json.dumps(cfg.to_dict(), sort_keys=True), pid, data_dir)
     if key not in _NODES:
-        if cfg.threads:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
-        num_labels = max(TASKS[t].num_labels for t in cfg.clients)
-        base, tokenizer = models.load(cfg.model, num_labels=num_labels)
+        base, tokenizer = load_base(cfg)
         clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                     cfg.max_seq_len, cfg.seed, cfg.label_alpha,
-                                    resolve_data_dir(data_dir))  # fmt: skip
+                                    resolve_data_dir(data_dir), only=pid)  # fmt: skip
         pool = ModelPool(cfg, base, tokenizer, progress=False)
         strategy = make_strategy(cfg, [1.0] * len(cfg.clients))  # weights: server-side only
         strategy.setup(pool.template)

@@ -21,13 +21,19 @@ import yaml
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .. import models
-from ..data import TASKS
 from ..fl.client import payload_bytes
 from ..fl.config import FLConfig
 from ..fl.faults import non_finite
 from ..fl.plots import write_plots
-from ..fl.simulator import ModelPool, Recorder, Summary, round_row, summarise, write_clusters
+from ..fl.simulator import (
+    ModelPool,
+    Recorder,
+    Summary,
+    load_base,
+    round_row,
+    summarise,
+    write_clusters,
+)
 from ..fl.strategies import make_strategy
 from .records import ServerOptions, from_record, parse_run_config, round_config, to_record
 
@@ -105,8 +111,7 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
-    base, tokenizer = models.load(cfg.model, num_labels=num_labels)  # tensor shapes only
+    base, tokenizer = load_base(cfg)  # the same initial tensors as every client's
     strategy = make_strategy(cfg, weights)
     strategy.setup(ModelPool(cfg, base, tokenizer, progress=False).template)
     rec = Recorder(out)

@@ -1,0 +1,124 @@
+"""FedLEASE on Flower: run config parsing, tensors in records, and real deployments (one
+SuperLink and four SuperNodes on 127.0.0.1) checked against the in-process simulator."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+import yaml
+
+from fedlease.fl import ConfigError, from_dict
+from fedlease.flower.records import from_record, parse_run_config, to_record
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("FEDLEASE_DATA_DIR")
+TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "train_samples": 16, "test_samples": 16,
+        "warmup_rounds": 1, "rounds": 2, "local_epochs": 1, "max_seq_len": 32,
+        "max_experts": 2, "threads": 1, "seed": 5}  # fmt: skip
+
+
+def app_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def as_run_config(cfg: dict) -> dict:
+    """FLConfig keys as Flower run-config entries (lists as YAML strings without spaces)."""
+    return {k.replace("_", "-"): ("[" + ",".join(v) + "]" if isinstance(v, list) else v)
+            for k, v in cfg.items()}  # fmt: skip
+
+
+def test_the_app_config_is_a_valid_run_config_and_covers_every_key():
+    from fedlease.fl import FLConfig
+
+    cfg, opts = parse_run_config(app_config())
+    assert cfg.clients == ["sst2", "mrpc", "sst2", "mrpc"] and cfg.label_alpha is None
+    assert cfg.threads is None and cfg.faults is None and opts.min_results == 0
+    # Flower refuses --run-config keys missing from the app config: every key must be there
+    keys = {k.replace("-", "_") for k in app_config()}
+    assert set(FLConfig.__dataclass_fields__) <= keys
+
+
+def test_run_config_values_are_checked_like_a_config_file():
+    cfg, _ = parse_run_config({**app_config(), **as_run_config(TINY)})
+    assert cfg == from_dict(TINY)
+    with pytest.raises(ConfigError, match="'rank' must be"):
+        parse_run_config({**app_config(), "rank": "four"})
+    with pytest.raises(ConfigError, match="'round-timeout' = 0.0"):
+        parse_run_config({**app_config(), "round-timeout": 0.0})
+
+
+def test_tensors_survive_records_with_names_shapes_and_dtypes():
+    state = {"copy1:enc.q.lora_A": torch.randn(2, 3, 5),
+             "classifier.weight": torch.randn(2, 4, dtype=torch.float64)}  # fmt: skip
+    back = from_record(to_record(state))
+    assert list(back) == list(state)
+    for k in state:
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k])
+
+
+def _simulate(tmp_path: Path, cfg: dict) -> dict:
+    """The same config through ``fedlease run`` in its own process (same thread count)."""
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "sim"
+    subprocess.run([sys.executable, "-m", "fedlease", "run", "--config", str(path), "--output",
+                    str(out), "--no-progress"], check=True, capture_output=True)  # fmt: skip
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
+def test_deployment_engine_matches_the_simulator(tmp_path):
+    from flower_local import LocalFederation
+
+    out = tmp_path / "flower"
+    start = time.time()
+    with LocalFederation(tmp_path / "fed", 4, DATA) as fed:
+        rc, log = fed.run({**as_run_config(TINY), "output-dir": str(out)}, timeout=540)
+        procs = list(fed.procs)
+    assert rc == 0, log[-3000:]
+    assert all(p.poll() is not None for p in procs)  # every process started was stopped
+    flower = json.loads((out / "summary.json").read_text())
+    sim = _simulate(tmp_path, TINY)
+    assert flower["assignment"] == sim["assignment"] and flower["num_experts"] == 2
+    assert flower["comm_bytes"] == sim["comm_bytes"]  # the same tensors travel
+    for a, b in zip(flower["final"]["per_client"], sim["final"]["per_client"]):
+        assert a["client"] == b["client"]
+        assert abs(a["accuracy"] - b["accuracy"]) <= 1e-6, (a, b)
+        assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-4, (a, b)
+    for name in ("metrics.jsonl", "clusters.json", "accuracy.png", "dendrogram.png"):
+        assert (out / name).exists(), name
+    print(f"deployment run + simulator: {time.time() - start:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
+def test_a_client_that_disconnects_mid_run_does_not_hang_the_server(tmp_path):
+    from flower_local import LocalFederation
+
+    out = tmp_path / "flower"
+    cfg = {**as_run_config(TINY), "output-dir": str(out), "round-timeout": 30.0,
+           "min-results": 3}  # fmt: skip
+    with LocalFederation(tmp_path / "fed", 4, DATA) as fed:
+        run = fed.start_run(cfg)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 400
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert run.poll() is None, fed.log("flwr-run")[-3000:]
+            assert time.time() < deadline, "the first two rounds did not finish"
+            time.sleep(0.5)
+        fed.kill_node(3)  # after the allocation: client 3 vanishes before the last round
+        assert run.wait(timeout=300) == 0, fed.log("flwr-run")[-3000:]
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    last = rows[-1]
+    assert last["failed"] == [3]
+    assert "no reply within 30.0 s" in last["clients"][3]["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3
+    assert 0.0 <= summary["final"]["mean"] <= 1.0  # the three clients that answered
