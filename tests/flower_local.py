@@ -82,8 +82,16 @@ class LocalFederation:
 
     def run(self, run_config: dict, timeout: float) -> tuple[int, str]:
         """Start a run and wait for it: ``(exit code, its output)``."""
-        rc = self.start_run(run_config).wait(timeout=timeout)
-        return rc, self.log("flwr-run")
+        return self.wait(self.start_run(run_config), timeout)
+
+    def wait(self, run: subprocess.Popen, timeout: float) -> tuple[int, str]:
+        """``(exit code, output)`` of a started run; ``flwr run --stream`` exits 0 even when the
+        ServerApp failed, so a failure reported in its output counts as exit code 1."""
+        rc = run.wait(timeout=timeout)
+        log = self.log("flwr-run")
+        if rc == 0 and "ServerApp raised an exception" in log:
+            rc = 1
+        return rc, log
 
     def log(self, name: str) -> str:
         return (self.dir / f"{name}.log").read_text()

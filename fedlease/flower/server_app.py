@@ -51,23 +51,41 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class Exchange:
-    """Sends one message per client (by partition id) and collects the replies that arrive."""
+    """Sends one message per client (by partition id) and collects the replies that arrive
+    within ``timeout``. Error replies (a crashed ClientApp, or the SuperLink answering for a
+    node it lost) count as no reply; ``errors`` holds their reasons by partition id."""
+
+    POLL_S = 0.5
 
     def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float) -> None:
         self.grid, self.nodes, self.timeout = grid, nodes, timeout
+        self.errors: dict[int, str] = {}
 
     def __call__(self, kind: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
-        msgs = [Message(content=c, dst_node_id=self.nodes[pid], message_type=kind)
-                for pid, c in contents.items()]  # fmt: skip
-        by_node = {node: pid for pid, node in self.nodes.items()}
-        replies = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            pid = by_node[reply.metadata.src_node_id]
-            if reply.has_error():
-                log.warning("client %d replied with an error: %s", pid, reply.error.reason)
-                continue
-            replies[pid] = reply
+        pids = list(contents)
+        msgs = [Message(content=contents[p], dst_node_id=self.nodes[p], message_type=kind)
+                for p in pids]  # fmt: skip
+        ids = list(self.grid.push_messages(msgs))
+        waiting = dict(zip(ids, pids))
+        replies: dict[int, Message] = {}
+        self.errors = {}
+        end = time.time() + self.timeout
+        while waiting and time.time() < end:
+            for reply in self.grid.pull_messages(list(waiting)):
+                pid = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if pid is None:
+                    continue
+                if reply.has_error():
+                    self.errors[pid] = reply.error.reason
+                    log.warning("client %d: %s", pid, reply.error.reason)
+                else:
+                    replies[pid] = reply
+            if waiting:
+                time.sleep(self.POLL_S)
         return replies
+
+    def why_missing(self, pid: int) -> str:
+        return self.errors.get(pid) or f"no reply within {self.timeout} s"
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
@@ -87,7 +105,7 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     node_ids = wait_for_nodes(grid, n, opts.node_timeout)
     hello = {i: RecordDict({"config": round_config(-1, {}, action="hello")})
              for i in range(len(node_ids))}  # fmt: skip
-    probe = Exchange(grid, dict(enumerate(node_ids)), opts.round_timeout)
+    probe = Exchange(grid, dict(enumerate(node_ids)), max(opts.round_timeout, opts.node_timeout))
     replies = probe(MessageType.QUERY, hello)
     nodes, clients, untrained = {}, {}, {}
     for reply in replies.values():
@@ -141,10 +159,9 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
         statuses, losses, accepted = [], [], {}
         for i in range(n):
             if i not in got:
-                log.warning("round %d: client %d sent no reply within %.0f s", r, i,
-                            opts.round_timeout)  # fmt: skip
-                statuses.append({"status": "failed",
-                                 "error": f"no reply within {opts.round_timeout} s"})  # fmt: skip
+                why = exchange.why_missing(i)
+                log.warning("round %d: client %d failed: %s", r, i, why)
+                statuses.append({"status": "failed", "error": why})
                 losses.append(None)
                 continue
             content = got[i].content
