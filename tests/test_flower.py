@@ -1,8 +1,10 @@
 """FedLEASE on Flower: run config parsing, tensors in records, and real deployments (one
 SuperLink and four SuperNodes on 127.0.0.1) checked against the in-process simulator."""
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,3 +127,35 @@ def test_a_client_that_disconnects_mid_run_does_not_hang_the_server(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3
     assert 0.0 <= summary["final"]["mean"] <= 1.0  # the three clients that answered
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="the Flower simulation engine needs ray: pip install 'fedlease[flower-sim]'",
+)
+def test_simulation_engine_matches_the_simulator(tmp_path):
+    from flower_local import BIN, ROOT, _toml, flower_env
+
+    home = tmp_path / "home"
+    env = flower_env(home)
+    out = tmp_path / "flower"
+    items = " ".join(f"{k}={_toml(v)}" for k, v in
+                     {**as_run_config(TINY), "output-dir": str(out)}.items())  # fmt: skip
+    try:
+        done = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "local", "--stream",
+                               "--federation-config", "num-supernodes=4", "--run-config", items],
+                              env=env, capture_output=True, text=True, timeout=540)  # fmt: skip
+    finally:  # `flwr run` leaves the local simulation SuperLink running: stop it by PID
+        found = subprocess.run(["pgrep", "-f", str(home / "local-superlink")],
+                               capture_output=True, text=True).stdout.split()  # fmt: skip
+        for pid in found:
+            os.kill(int(pid), signal.SIGTERM)
+    assert done.returncode == 0 and "ServerApp raised" not in done.stdout, done.stdout[-3000:]
+    flower = json.loads((out / "summary.json").read_text())
+    sim = _simulate(tmp_path, TINY)
+    assert flower["assignment"] == sim["assignment"]
+    assert flower["comm_bytes"] == sim["comm_bytes"]
+    for a, b in zip(flower["final"]["per_client"], sim["final"]["per_client"]):
+        assert abs(a["accuracy"] - b["accuracy"]) <= 1e-6, (a, b)

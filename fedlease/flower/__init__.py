@@ -4,3 +4,11 @@ The server runs the same strategy objects and round loop as the in-process simul
 reuse its client code. Only adapter, router and head tensors travel; each node loads the frozen
 model itself. Client identity and data partition come from the node config (``partition-id``).
 """
+
+try:
+    import flwr  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "fedlease.flower needs Flower: pip install 'fedlease[flower]' "
+        "(or 'fedlease[flower-sim]' for the simulation engine)"
+    ) from exc
