@@ -72,26 +72,44 @@ def load_adapter_state_dict(
             t.copy_(state[k])
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+def save_adapter(model: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
+
+    ``extra``: more JSON for the config file (e.g. the base model's name and the task), read
+    back by :func:`read_adapter_meta`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     save_file(state, str(directory / WEIGHTS_NAME))
     config = getattr(model, "moe_lora_config", None)
-    meta = {"moe_lora": config.to_dict() if config is not None else None}
+    meta = {"moe_lora": config.to_dict() if config is not None else None, **(extra or {})}
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def read_adapter_config(directory: str | Path) -> MoELoRAConfig:
-    """The ``MoELoRAConfig`` saved beside an adapter."""
+def read_adapter_meta(directory: str | Path) -> dict:
+    """Everything in ``adapter_config.json``; ``ValueError`` naming the file if unreadable."""
     path = Path(directory) / CONFIG_NAME
     try:
         meta = json.loads(path.read_text())
-        return MoELoRAConfig(**meta["moe_lora"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read adapter config {path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"adapter config {path} must hold a JSON object")
+    return meta
+
+
+def read_adapter_config(directory: str | Path) -> MoELoRAConfig:
+    """The ``MoELoRAConfig`` saved beside an adapter."""
+    meta = read_adapter_meta(directory)
+    try:
+        config = MoELoRAConfig(**meta["moe_lora"])
+        config.validate()
+    except (KeyError, TypeError, ValueError) as exc:
+        path = Path(directory) / CONFIG_NAME
+        raise ValueError(f"adapter config {path}: bad 'moe_lora' entry ({exc})") from exc
+    return config
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> None:

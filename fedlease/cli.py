@@ -1,5 +1,5 @@
-"""The ``fedlease`` command line: ``run`` (the main job), ``compare`` (methods side by side) and
-``demo`` (a layer tour)."""
+"""The ``fedlease`` command line: ``run`` (the main job), ``compare`` (methods side by side),
+``eval`` (a saved adapter on a task) and ``demo`` (a layer tour)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(cmp)
 
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a saved adapter (e.g. runs/NAME/adapters/client0) on a GLUE task",
+        description="Load the base model an adapter names, inject its MoE-LoRA layers, load its "
+        "weights (names, shapes and dtypes must match exactly) and report accuracy (F1 too for "
+        "MRPC/QQP) on the task's validation split. Every finished `fedlease run` writes one "
+        "adapter per client to <run>/adapters/client<i>/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument(
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="directory holding adapter_model.safetensors and adapter_config.json",
+    )
+    ev.add_argument(
+        "--task", default=None, help="GLUE task to evaluate on (default: the adapter's own task)"
+    )
+    ev.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate on the first N validation examples only (default: all)",
+    )
+    ev.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=None,
+        help="local GLUE copy (DIR/<task>/validation.jsonl); default $FEDLEASE_DATA_DIR, else "
+        "the Hugging Face hub",
+    )
+
     sub.add_parser(
         "demo",
         help="inject MoE-LoRA into the bundled MiniLM, take one step, print what it computed",
@@ -201,6 +234,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .evaluate import evaluate_adapter
+
+    if args.samples is not None and args.samples < 1:
+        print(f"fedlease eval: error: --samples must be >= 1, got {args.samples}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = evaluate_adapter(args.adapter, args.task, args.samples, args.data_dir)
+    except (ValueError, DataError) as exc:
+        print(f"fedlease eval: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    f1 = f"  f1 {result['f1']:.4f}" if "f1" in result else ""
+    print(f"{result['task']}: accuracy {result['accuracy']:.4f}{f1}  "
+          f"loss {result['eval_loss']:.4f}  ({result['examples']} examples)")  # fmt: skip
+    return 0
+
+
 def print_summary(summary, out: Path) -> None:
     final = summary.final
     print(f"\n{summary.method}: {summary.num_experts} experts, assignment {summary.assignment}")
@@ -226,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_run(args)
     if args.command == "compare":
         return _cmd_compare(args)
+    if args.command == "eval":
+        return _cmd_eval(args)
     if args.command == "demo":
         from .demo import print_layer_demo
 

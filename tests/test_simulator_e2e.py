@@ -124,3 +124,63 @@ def test_warmup_aggregate_fedavgs_the_lora(tmp_path):
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     lora_bytes = LAYERS * TARGETS * (RANK * HIDDEN + HIDDEN * RANK) * 4
     assert row["bytes_up"] == 3 * lora_bytes and row["bytes_down"] == 3 * lora_bytes
+
+
+def test_final_adapters_are_saved_and_evaluate(tiny_run, capsys):
+    """Each client's final state is saved as an adapter that `fedlease eval` loads strictly."""
+    from safetensors.torch import load_file
+
+    from fedlease.fl import checkpoint
+
+    groups = checkpoint.unpack(checkpoint.load(tiny_run).tensors)
+    assignment = json.loads((tiny_run / "summary.json").read_text())["assignment"]
+    for i in range(4):
+        adapter = tiny_run / "adapters" / f"client{i}"
+        saved = load_file(str(adapter / "adapter_model.safetensors"))
+        assert saved.keys() == groups[f"client{i}"].keys()
+        assert all(torch.equal(saved[k], groups[f"client{i}"][k]) for k in saved)
+        meta = json.loads((adapter / "adapter_config.json").read_text())
+        assert meta["task"] == TINY["clients"][i] and meta["model"] == "minilm"
+        assert meta["moe_lora"]["own_expert"] == assignment[i]
+        assert meta["moe_lora"]["routing"] == "adaptive"
+    capsys.readouterr()
+    assert (
+        main(["eval", "--adapter", str(tiny_run / "adapters" / "client1"), "--samples", "24"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("mrpc: accuracy ") and "f1 " in out and "(24 examples)" in out
+
+
+def test_bad_adapter_files_are_named(tiny_run, tmp_path, capsys):
+    """Truncated weights, shapes that do not fit, a broken config, no adapter: exit 2, named."""
+    import shutil
+
+    good = tiny_run / "adapters" / "client0"
+    k = json.loads((tiny_run / "summary.json").read_text())["num_experts"]
+
+    def copy(name):
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        return bad
+
+    truncated = copy("truncated")
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    reshaped = copy("reshaped")
+    meta = json.loads((reshaped / "adapter_config.json").read_text())
+    meta["moe_lora"]["rank"] = 8
+    (reshaped / "adapter_config.json").write_text(json.dumps(meta))
+    broken = copy("broken")
+    (broken / "adapter_config.json").write_text('{"moe_lora": {"rank": 4,')
+    cases = {
+        truncated: f"cannot read adapter weights {weights}",
+        reshaped: f"lora_A: shape ({k}, 4, 384), expected ({k}, 8, 384)",
+        broken: "cannot read adapter config",
+        tmp_path / "absent": "cannot read adapter config",
+    }
+    for path, message in cases.items():
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        assert main(["eval", "--adapter", str(path), "--samples", "4"]) == 2, path
+        err = capsys.readouterr().err
+        assert message in err, (path, err)
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written

@@ -49,7 +49,7 @@ def collate(features: dict[str, list[list[int]]], labels: list[int], pad_id: int
     return out
 
 
-def _encode(rows: list[dict], fields: tuple[str, ...], tokenizer, max_len: int) -> Encoded:
+def encode(rows: list[dict], fields: tuple[str, ...], tokenizer, max_len: int) -> Encoded:
     texts = [[r[f] for r in rows] for f in fields]
     enc = tokenizer(*texts, truncation=True, max_length=max_len)
     keep = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
@@ -93,7 +93,7 @@ def build_client_data(
                 labels, len(ids), per_client, seed, task, split, label_alpha, spec.num_labels
             )
             parts[split] = [
-                _encode([rows[j] for j in part], spec.text_fields, tokenizer, max_seq_len)
+                encode([rows[j] for j in part], spec.text_fields, tokenizer, max_seq_len)
                 for part in idx
             ]
         for k, cid in enumerate(ids):

@@ -15,9 +15,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import models
-from ..adapter_io import adapter_state_dict
+from ..adapter_io import adapter_state_dict, load_adapter_state_dict, save_adapter
 from ..data import TASKS, build_client_data, resolve_data_dir
-from ..inject import MoELoRAConfig, inject_moe_lora
+from ..inject import MoELoRAConfig, inject_moe_lora, set_own_expert
 from . import checkpoint
 from .allocation import Allocation
 from .client import ClientRunner, State, clone_state, payload_bytes, seed_for
@@ -299,11 +299,31 @@ def run(
     summary.initial_mean = initial_mean
     summary.resumed_from_round = done if ckpt else None
     if out:
+        if total:
+            write_adapters(out / "adapters", cfg, pool, strategy, clients, kept)
         (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         from .plots import write_plots
 
         write_plots(out, strategy.allocation, rec.rows, cfg.clients, initial_mean)
     return summary
+
+
+def write_adapters(
+    directory: Path, cfg: FLConfig, pool: ModelPool, strategy: Strategy, clients, kept: list[State]
+) -> None:
+    """Every client's final model as a loadable adapter: ``<directory>/client<i>/``
+    (``adapter_model.safetensors`` + ``adapter_config.json`` naming base model and task);
+    ``fedlease eval --adapter`` evaluates one."""
+    last = strategy.total_rounds - 1
+    runner = pool.runner(strategy.layout(last))
+    for c in clients:
+        own = strategy.own_expert(c.client_id, last)
+        load_adapter_state_dict(runner.model, kept[c.client_id], f"client {c.client_id}")
+        set_own_expert(runner.model, 0 if own is None else own)
+        extra = {"model": cfg.model, "num_labels": runner.model.config.num_labels,
+                 "task": c.task, "max_seq_len": cfg.max_seq_len, "method": cfg.method,
+                 "client": c.client_id}  # fmt: skip
+        save_adapter(runner.model, directory / f"client{c.client_id}", extra)
 
 
 def write_clusters(out: Path, alloc: Allocation) -> None:
