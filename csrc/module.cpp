@@ -1,5 +1,5 @@
 // The importable module `fedlease._C`. Importing it loads the shared library, which registers the
-// `torch.ops.fedlease.*` operators (see moe_lora_cpu.cpp); it also reports how it was built.
+// `torch.ops.fedlease.*` operators (see moe_lora.cpp); it also reports how it was built.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -12,5 +12,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("openmp") = true;
 #else
   m.attr("openmp") = false;
+#endif
+#ifdef FEDLEASE_WITH_CUDA
+  m.attr("cuda") = true;  // routing_cuda.cu was compiled in: the ops also take CUDA tensors
+#else
+  m.attr("cuda") = false;
 #endif
 }

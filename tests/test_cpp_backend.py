@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (``fedlease._C``): built, correct in float32/bfloat16, traceable."""
+"""The compiled kernels (``fedlease._C``): built, correct in float32/bfloat16, traceable; the
+CUDA routing kernels where the install had a CUDA torch and nvcc."""
 
 import os
 
@@ -7,6 +8,7 @@ import torch
 from helpers import leaves, make_inputs, rel_err
 
 from fedlease.ops import available_backends, moe_lora
+from fedlease.ops.dispatch import unavailable_reason
 from fedlease.reference import reference_moe_lora
 
 BUILT = "cpp" in available_backends("cpu")
@@ -38,22 +40,29 @@ SHAPES = [  # tokens, d_in, d_out, experts, rank, routing, top_k
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + s[5])
 def test_matches_reference(shape, dtype, tol):
+    _compare_with_reference(shape, dtype, tol, "cpu")
+
+
+def _compare_with_reference(shape, dtype, tol, device):
+    """Forward and every gradient of the cpp op against the float64 reference (on CPU)."""
     t, d_in, d_out, m, r, routing, k = shape
-    x, base, a, b, router, spec = make_inputs(t, d_in, d_out, m, r, routing, k, m - 1, dtype)
+    x, base, a, b, router, spec = make_inputs(
+        t, d_in, d_out, m, r, routing, k, m - 1, dtype, device
+    )
     fast = leaves(x, base, a, b, router)
-    ref = leaves(*(v.double() for v in (x, base, a, b, router)))
+    ref = leaves(*(v.double().cpu() for v in (x, base, a, b, router)))
     y = moe_lora(*fast, spec, 2.0, backend="cpp")
     y_ref = reference_moe_lora(*ref, spec, 2.0)
-    delta, delta_ref = y.double() - base.double(), y_ref - base.double()
+    delta, delta_ref = y.double().cpu() - base.double().cpu(), y_ref - base.double().cpu()
     assert rel_err(delta, delta_ref) < tol  # the LoRA update itself, not drowned by base_out
     dy = torch.randn_like(y_ref)
-    y.backward(dy.to(dtype))
+    y.backward(dy.to(dtype=dtype, device=device))
     y_ref.backward(dy)
     for name, f, r_ in zip(["x", "base_out", "A", "B", "router"], fast, ref):
         if m == 1 and name == "router":
             assert torch.all(f.grad == 0)
             continue
-        assert rel_err(f.grad, r_.grad) < tol, name
+        assert rel_err(f.grad.cpu(), r_.grad) < tol, name
 
 
 @needs_ext
@@ -90,3 +99,33 @@ def test_fake_tensor_and_torch_compile():
     assert rel_err(y, moe_lora(x, base, a, b, router, spec, 2.0, backend="torch")) < 1e-5
     for g, w in zip(inputs, want):
         assert rel_err(g.grad, w.grad) < 1e-5
+
+
+@needs_ext
+def test_cuda_kernels_are_built_exactly_when_torch_and_nvcc_allow():
+    """setup.py's rule: CUDA routing kernels with a CUDA torch and a CUDA toolkit, else none
+    (a CPU torch beside an installed nvcc must build the CPU extension cleanly)."""
+    import fedlease._C as ext
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    wanted = torch.version.cuda is not None and CUDA_HOME is not None
+    if os.environ.get("FEDLEASE_NO_CUDA") == "1":
+        wanted = False
+    assert ext.cuda == wanted
+    reason = unavailable_reason("cpp", torch.device("cuda"))
+    if ext.cuda:
+        assert reason is None
+    else:
+        assert "built without its CUDA routing kernels" in reason
+
+
+CUDA_BUILT = BUILT and torch.cuda.is_available() and "cpp" in available_backends("cuda")
+
+
+@pytest.mark.skipif(not CUDA_BUILT, reason="needs a GPU and fedlease._C built with CUDA")
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 1e-2)], ids=str
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + s[5])
+def test_cuda_routing_matches_reference(shape, dtype, tol):
+    _compare_with_reference(shape, dtype, tol, "cuda")

@@ -1,4 +1,5 @@
-"""The ``cpp`` backend: the compiled CPU kernels of ``fedlease._C`` as one autograd op.
+"""The ``cpp`` backend: the compiled kernels of ``fedlease._C`` as one autograd op (CPU; CUDA
+too when the extension was built with its CUDA routing kernels).
 
 The C++ library registers ``torch.ops.fedlease.moe_lora_fwd`` / ``moe_lora_bwd``; this module
 adds their fake (meta) implementations, so ``torch.compile`` can trace them, and the autograd
@@ -30,9 +31,16 @@ def _load() -> str | None:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    if device.type != "cpu":
-        return f"the compiled kernels run on CPU tensors only, not {device.type}"
-    return LOAD_ERROR
+    if LOAD_ERROR is not None:
+        return LOAD_ERROR
+    from .. import _C
+
+    if device.type == "cuda" and not _C.cuda:
+        return ("fedlease._C was built without its CUDA routing kernels (a CPU build of torch "
+                "or no nvcc at install time)")  # fmt: skip
+    if device.type not in ("cpu", "cuda"):
+        return f"the compiled kernels run on CPU and CUDA tensors, not {device.type}"
+    return None
 
 
 def _register_python_parts() -> None:
