@@ -19,13 +19,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <limits>
 #include <tuple>
 #include <vector>
 
 #include "routing.h"
+#include "routing_token.h"
 
 namespace fedlease {
 namespace {
@@ -33,33 +31,6 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kGrain = 64;  // tokens per parallel chunk
-
-inline int64_t fold_slot(int64_t s, int64_t M, int64_t own) { return s < M ? s : own; }
-
-// q[0..S) := renormalised probabilities of the `keep` most probable slots, zero elsewhere.
-template <typename scalar_t, typename acc_t>
-inline void route_token(const scalar_t* logits, int64_t S, int64_t keep, acc_t* q,
-                        int64_t* order) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t s = 0; s < S; ++s) mx = std::max(mx, static_cast<acc_t>(logits[s]));
-  acc_t sum = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    q[s] = std::exp(static_cast<acc_t>(logits[s]) - mx);
-    sum += q[s];
-  }
-  for (int64_t s = 0; s < S; ++s) q[s] /= sum;
-  if (keep >= S) return;
-  // Rank by logit (equal logits stay equal; ties go to the lower slot).
-  for (int64_t s = 0; s < S; ++s) order[s] = s;
-  std::partial_sort(order, order + keep, order + S, [logits](int64_t a, int64_t b) {
-    const acc_t la = static_cast<acc_t>(logits[a]), lb = static_cast<acc_t>(logits[b]);
-    return la > lb || (la == lb && a < b);
-  });
-  acc_t kept = 0;
-  for (int64_t i = 0; i < keep; ++i) kept += q[order[i]];
-  for (int64_t i = keep; i < S; ++i) q[order[i]] = 0.f;
-  for (int64_t i = 0; i < keep; ++i) q[order[i]] /= kept;
-}
 
 at::ScalarType routing_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -85,7 +56,7 @@ void check_inputs(const Tensor& x, const Tensor& router, const Tensor& a_cat, in
               "router/A_cat columns must equal x's features ", x.size(1));
 }
 
-// CPU routing passes (see routing.h), parallel over tokens.
+// CPU routing passes (see routing.h): routing_token.h over chunks of tokens in parallel.
 void route_forward_cpu(const Tensor& logits, const Tensor& a, Tensor& q, Tensor& h, int64_t M,
                        int64_t own, int64_t keep) {
   const int64_t T = a.size(0), S = q.size(1), MR = h.size(1), R = MR / M;
@@ -97,18 +68,10 @@ void route_forward_cpu(const Tensor& logits, const Tensor& a, Tensor& q, Tensor&
     acc_t* qp = q.data_ptr<acc_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
     at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> order(S);
       std::vector<acc_t> gate(M);
-      for (int64_t t = begin; t < end; ++t) {
-        acc_t* qt = qp + t * S;
-        route_token(lp + t * ls, S, keep, qt, order.data());
-        std::fill(gate.begin(), gate.end(), acc_t(0));
-        for (int64_t s = 0; s < S; ++s) gate[fold_slot(s, M, own)] += qt[s];
-        const scalar_t* at_ = ap + t * as;
-        scalar_t* ht = hp + t * MR;
-        for (int64_t j = 0; j < MR; ++j)
-          ht[j] = static_cast<scalar_t>(static_cast<acc_t>(at_[j]) * gate[j / R]);
-      }
+      for (int64_t t = begin; t < end; ++t)
+        route_forward_token(lp + t * ls, ap + t * as, qp + t * S, hp + t * MR, gate.data(), S, M,
+                            R, own, keep);
     });
   });
 }
@@ -123,27 +86,12 @@ void route_backward_cpu(const Tensor& q, const Tensor& a, const Tensor& d_h, Ten
     const acc_t* qp = q.const_data_ptr<acc_t>();
     const int64_t as = a.stride(0);
     scalar_t* dzp = dz.data_ptr<scalar_t>();
-    const acc_t sc = static_cast<acc_t>(scaling);
     at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> gate(M), d_gate(M);
-      for (int64_t t = begin; t < end; ++t) {
-        const acc_t* qt = qp + t * S;
-        const scalar_t* dht = dhp + t * MR;
-        const scalar_t* at_ = ap + t * as;
-        scalar_t* dzt = dzp + t * (S + MR);
-        std::fill(gate.begin(), gate.end(), acc_t(0));
-        std::fill(d_gate.begin(), d_gate.end(), acc_t(0));
-        for (int64_t s = 0; s < S; ++s) gate[fold_slot(s, M, own)] += qt[s];
-        for (int64_t j = 0; j < MR; ++j) {
-          const acc_t dh = sc * static_cast<acc_t>(dht[j]);
-          d_gate[j / R] += dh * static_cast<acc_t>(at_[j]);
-          dzt[S + j] = static_cast<scalar_t>(dh * gate[j / R]);
-        }
-        acc_t dot = 0;
-        for (int64_t s = 0; s < S; ++s) dot += qt[s] * d_gate[fold_slot(s, M, own)];
-        for (int64_t s = 0; s < S; ++s)
-          dzt[s] = static_cast<scalar_t>(qt[s] * (d_gate[fold_slot(s, M, own)] - dot));
-      }
+      for (int64_t t = begin; t < end; ++t)
+        route_backward_token(qp + t * S, ap + t * as, dhp + t * MR, dzp + t * (S + MR),
+                             gate.data(), d_gate.data(), S, M, R, own,
+                             static_cast<acc_t>(scaling));
     });
   });
 }
