@@ -40,6 +40,8 @@ def test_defaults_follow_the_paper():
         ({"faults": {"client_failure_rate": 1.5}}, "'faults.client_failure_rate' = 1.5"),
         ({"faults": {"seed": "x"}}, "'faults.seed' must be int, got 'x'"),
         ({"faults": "often"}, "'faults' must be"),
+        ({"warmup_rounds": 0}, "'warmup_rounds' = 0: method 'fedlease' clusters"),
+        ({"top_k": 0}, "'top_k' = 0"),
     ],
 )
 def test_bad_values_name_key_and_value(override, pattern):

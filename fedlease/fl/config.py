@@ -171,6 +171,9 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
             )
     elif not 1 <= cfg.num_experts <= n:
         raise bad("num_experts", f"must be in 1..{n} (one expert per cluster of clients)")
+    if cfg.method.startswith("fedlease") and cfg.rounds > 0 and cfg.warmup_rounds == 0:
+        raise bad("warmup_rounds", f"method {cfg.method!r} clusters the clients by their "
+                  "warm-up LoRA B matrices: it needs warmup_rounds >= 1")  # fmt: skip
     if cfg.backend not in ("auto", "torch", "triton", "cpp"):
         raise bad("backend", "must be one of auto, torch, triton, cpp")
     if cfg.threads is not None and cfg.threads < 1:
