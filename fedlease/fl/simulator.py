@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,21 @@ def reject_non_finite(update: State, status: dict, round_idx: int, cid: int) -> 
                       f"non-finite values in {bad[:3]}", stacklevel=3)  # fmt: skip
         status.update(status="rejected", non_finite=bad[:3])
     return bool(bad)
+
+
+ARTEFACTS = ("config.yaml", "metrics.jsonl", "clusters.json", "summary.json", "dendrogram.png",
+             "distance_heatmap.png", "silhouette.png", "accuracy.png")  # fmt: skip
+
+
+def clear_previous_run(out: Path) -> None:
+    """A fresh run into a directory that holds an earlier one: remove that run's artefacts, its
+    adapters and above all its checkpoint (a later --resume must not continue the old run).
+    Nothing else in the directory is touched."""
+    for name in ARTEFACTS:
+        (out / name).unlink(missing_ok=True)
+    for sub in (checkpoint.DIR, "adapters"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
 
 
 def load_base(cfg: FLConfig):
@@ -212,6 +228,8 @@ def run(
     )
     weights = [float(len(c.train)) for c in clients]
     if out:  # only now: bad data stops the run before anything is written
+        if not resume:
+            clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     rec = Recorder(out, ckpt.meta["metrics"] if ckpt else None)
