@@ -11,6 +11,15 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it says something (not None/False/[], not twice)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _methods() -> tuple[str, ...]:
     from .fl.config import METHODS
 
@@ -54,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run FedLEASE end to end (warm-up, allocation, adaptive rounds) from a YAML config",
         description="Run FedLEASE in one process: every client warms up a LoRA adapter, the "
         "server clusters clients by their LoRA B matrices into experts, then clients train "
-        "their own expert and router with adaptive top-M routing. Writes config.yaml, "
-        "metrics.jsonl, clusters.json, summary.json and plots to the output directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "their own expert and router with adaptive top-M routing. The config key `method` "
+        "picks an ablation or a baseline instead (see `fedlease compare --help`). Writes "
+        "config.yaml, metrics.jsonl, clusters.json, summary.json, plots and every client's "
+        "final adapter (adapters/client<i>/) to the output directory, with a checkpoint after "
+        "every round.",
+        formatter_class=_Help,
     )
     run.add_argument(
         "--config",
@@ -87,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "method, one column per task, average, communication per round) and compare.png to the "
         "output directory; each run's own artefacts go to DIR/<method>-seed<seed>/. Re-running "
         "the same command reuses finished runs and resumes interrupted ones.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     cmp.add_argument("--config", metavar="YAML", required=True, help="base run configuration")
     cmp.add_argument(
@@ -118,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights (names, shapes and dtypes must match exactly) and report accuracy (F1 too for "
         "MRPC/QQP) on the task's validation split. Every finished `fedlease run` writes one "
         "adapter per client to <run>/adapters/client<i>/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     ev.add_argument(
         "--adapter",
