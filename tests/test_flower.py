@@ -81,13 +81,14 @@ def test_deployment_engine_matches_the_simulator(tmp_path):
 
     out = tmp_path / "flower"
     start = time.time()
+    cfg = {**TINY, "rounds": 1}  # warm-up, allocation, one adaptive round: every message type
     with LocalFederation(tmp_path / "fed", 4, DATA) as fed:
-        rc, log = fed.run({**as_run_config(TINY), "output-dir": str(out)}, timeout=540)
+        rc, log = fed.run({**as_run_config(cfg), "output-dir": str(out)}, timeout=540)
         procs = list(fed.procs)
     assert rc == 0, log[-3000:]
     assert all(p.poll() is not None for p in procs)  # every process started was stopped
     flower = json.loads((out / "summary.json").read_text())
-    sim = _simulate(tmp_path, TINY)
+    sim = _simulate(tmp_path, cfg)
     assert flower["assignment"] == sim["assignment"] and flower["num_experts"] == 2
     assert flower["comm_bytes"] == sim["comm_bytes"]  # the same tensors travel
     for a, b in zip(flower["final"]["per_client"], sim["final"]["per_client"]):
@@ -105,17 +106,19 @@ def test_a_client_that_disconnects_mid_run_does_not_hang_the_server(tmp_path):
     from flower_local import LocalFederation
 
     out = tmp_path / "flower"
-    cfg = {**as_run_config(TINY), "output-dir": str(out), "round-timeout": 120.0,
+    # FedIT: no allocation step, which needs every client; two rounds, the node dies after one
+    run_cfg = {**TINY, "method": "fedit", "warmup_rounds": 1, "rounds": 1}
+    cfg = {**as_run_config(run_cfg), "output-dir": str(out), "round-timeout": 120.0,
            "min-results": 3}  # fmt: skip
     with LocalFederation(tmp_path / "fed", 4, DATA) as fed:
         run = fed.start_run(cfg)
         metrics = out / "metrics.jsonl"
         deadline = time.time() + 400
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 1):
             assert run.poll() is None, fed.log("flwr-run")[-3000:]
-            assert time.time() < deadline, "the first two rounds did not finish"
-            time.sleep(0.5)
-        fed.kill_node(3)  # after the allocation: client 3 vanishes before the last round
+            assert time.time() < deadline, "the first round did not finish"
+            time.sleep(0.2)
+        fed.kill_node(3)  # client 3 vanishes before the last round
         rc, log = fed.wait(run, timeout=300)
         assert rc == 0, log[-3000:]
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -125,7 +128,7 @@ def test_a_client_that_disconnects_mid_run_does_not_hang_the_server(tmp_path):
     assert last["clients"][3]["error"], last["clients"][3]
     print("client 3:", last["clients"][3]["error"], f"round wall {last['wall_s']:.0f} s")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 3
+    assert summary["rounds"] == 2
     assert 0.0 <= summary["final"]["mean"] <= 1.0  # the three clients that answered
 
 
