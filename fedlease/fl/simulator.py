@@ -26,6 +26,7 @@ from .config import FLConfig
 from .faults import ClientFailure, FaultPlan, non_finite, poison
 from .strategies import Layout, Strategy, make_strategy
 from .strategies.base import HEAD, restored, select
+from .strategies.fedlease import allocation_to_json
 from .strategies.ifca import PICK_EXAMPLES
 
 
@@ -88,9 +89,12 @@ def check_survivors(statuses: list[dict], round_idx: int) -> None:
         raise RuntimeError(f"round {round_idx}: no client update survived ({statuses})")
 
 
-def reject_non_finite(update: State, status: dict, round_idx: int, cid: int) -> bool:
-    """Mark ``status`` rejected (and warn) when ``update`` holds NaN/Inf; True if it does."""
-    bad = non_finite(update)
+def reject_non_finite(
+    update: State, status: dict, round_idx: int, cid: int, bad: list[str] | None = None
+) -> bool:
+    """Mark ``status`` rejected (and warn) when ``update`` holds NaN/Inf, or when ``bad`` (the
+    non-finite tensors a remote client reported) is not empty; True if so."""
+    bad = bad or non_finite(update)
     if bad:
         warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
                       f"non-finite values in {bad[:3]}", stacklevel=3)  # fmt: skip
@@ -176,7 +180,9 @@ def client_update(
     desc: str,
 ) -> tuple[State | None, State | None, float | None, dict]:
     """One client's round: ``(new_state, upload, loss, status)``; state and upload are None when
-    the client crashed (an injected ``ClientFailure``: it sends nothing, the round goes on)."""
+    the client crashed (an injected ``ClientFailure``: it sends nothing, the round goes on). A new
+    state holding NaN/Inf comes back with status ``rejected``: the client must not keep it, the
+    server must not average its upload."""
     layout = strategy.layout(r)
     runner = pool.runner(layout)
 
@@ -196,7 +202,9 @@ def client_update(
         return None, None, None, {"status": "failed", "error": str(exc)}
     if plan.poisons(r, c.client_id):
         new = poison(new)
-    return new, strategy.up(c.client_id, r, new), loss, {"status": "ok"}
+    status = {"status": "ok"}
+    reject_non_finite(new, status, r, c.client_id)
+    return new, strategy.up(c.client_id, r, new), loss, status
 
 
 def run(
@@ -240,7 +248,6 @@ def run(
     strategy.setup(pool.template)
     plan = FaultPlan.from_config(cfg.faults)
 
-    first = pool.template(strategy.layout(0))
     if ckpt:
         saved = checkpoint.unpack(ckpt.tensors)
         if "strategy" not in ckpt.meta:
@@ -251,6 +258,7 @@ def run(
         kept = [restored(kept_template, saved, f"client{c.client_id}") for c in clients]
         initial_mean = ckpt.meta["initial_mean"]
     else:
+        first = pool.template(strategy.layout(0))
         kept = [clone_state(first) for _ in clients]
         untrained = [pool.runner(strategy.layout(0)).evaluate(c, first) for c in clients]
         initial_mean = float(np.mean([e["accuracy"] for e in untrained]))
@@ -265,6 +273,8 @@ def run(
                         "initial_mean": initial_mean, "elapsed_s": time.time() - t0,
                         "strategy": meta}, tensors)  # fmt: skip
 
+    if out and strategy.allocation is not None:  # resumed after the allocation
+        write_clusters(out, strategy.allocation)
     total = strategy.total_rounds
     bar = tqdm(total=total, initial=done, desc="rounds", disable=not progress, unit="round")
     for r in range(done, total):
@@ -274,8 +284,8 @@ def run(
             uploads = [select(k, wanted) for k in kept]
             up += sum(payload_bytes(u) for u in uploads)
             strategy.on_collect(r, uploads)
-        if out and strategy.allocation is not None:
-            write_clusters(out, strategy.allocation)
+            if out and strategy.allocation is not None:
+                write_clusters(out, strategy.allocation)
         losses, statuses, accepted = [], [], {}
         phase = strategy.phase(r)
         for c in clients:
@@ -291,7 +301,7 @@ def run(
             if new is None:
                 continue
             up += payload_bytes(upload)
-            if not reject_non_finite(new, status, r, cid):
+            if status["status"] == "ok":
                 accepted[cid] = upload
                 kept[cid] = new
         check_survivors(statuses, r)
@@ -345,18 +355,10 @@ def write_adapters(
 
 
 def write_clusters(out: Path, alloc: Allocation) -> None:
-    (out / "clusters.json").write_text(
-        json.dumps(
-            {
-                "num_experts": alloc.num_experts,
-                "assignment": alloc.assignment,
-                "silhouette": {str(k): v for k, v in alloc.silhouette.items()},
-                "distance_matrix": alloc.distance_matrix.round(6).tolist(),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    """``clusters.json``: the allocation as checkpoints record it, distances to 6 decimals."""
+    record = allocation_to_json(alloc)
+    record["distance_matrix"] = np.asarray(alloc.distance_matrix).round(6).tolist()
+    (out / "clusters.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def summarise(

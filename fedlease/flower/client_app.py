@@ -24,7 +24,7 @@ from ..data import build_client_data, resolve_data_dir
 from ..data.tokenize import ClientData
 from ..fl.client import clone_state
 from ..fl.config import FLConfig
-from ..fl.faults import FaultPlan, non_finite
+from ..fl.faults import FaultPlan
 from ..fl.simulator import ModelPool, client_update, load_base
 from ..fl.strategies import Strategy, make_strategy
 from ..fl.strategies.base import select
@@ -113,12 +113,8 @@ def train(msg: Message, context: Context) -> Message:
         node.cfg, node.strategy, node.pool, node.plan, node.data, _kept(node, context), received,
         r, desc="",
     )  # fmt: skip
-    if new is not None:
-        bad = non_finite(new)
-        if bad:  # never keep (or let the server average) a state holding NaN/Inf
-            status.update(status="rejected", non_finite=bad[:3])
-        else:
-            context.state[KEPT] = to_record(new)
+    if status["status"] == "ok":  # a crashed client has nothing, a NaN state is not kept
+        context.state[KEPT] = to_record(new)
     report = {"status": status["status"], "error": status.get("error", ""),
               "non_finite": json.dumps(status.get("non_finite", []))}  # fmt: skip
     content = RecordDict({"up": to_record(upload or {}), "status": ConfigRecord(report)})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,13 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..fl.client import payload_bytes
 from ..fl.config import FLConfig
-from ..fl.faults import non_finite
 from ..fl.plots import write_plots
 from ..fl.simulator import (
     ModelPool,
     Recorder,
     Summary,
     load_base,
+    reject_non_finite,
     round_row,
     summarise,
     write_clusters,
@@ -174,12 +173,8 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
             if status["status"] != "failed":
                 upload = from_record(content["up"])
                 up += payload_bytes(upload)
-                bad = json.loads(status["non_finite"]) or non_finite(upload)[:3]
-                if bad:
-                    warnings.warn(f"round {r}: rejected client {i}'s update: non-finite values "
-                                  f"in {bad}", stacklevel=2)  # fmt: skip
-                    st.update(status="rejected", non_finite=bad)
-                else:
+                reported = json.loads(status["non_finite"])  # what the client found in its state
+                if not reject_non_finite(upload, st, r, i, reported):
                     accepted[i] = upload
             statuses.append(st)
         ok = sum(st["status"] == "ok" for st in statuses)

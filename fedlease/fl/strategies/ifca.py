@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Layout, Strategy, is_expert, merge, restored, select, weighted_mean
+from .base import Layout, State, Strategy, is_expert, merge, restored, select, weighted_mean
 
 PICK_EXAMPLES = 256
 B_INIT_STD = 1e-2
@@ -24,6 +24,14 @@ B_INIT_STD = 1e-2
 
 def _copy_key(k: int, key: str) -> str:
     return f"copy{k}:{key}"
+
+
+def _split_copy_key(name: str) -> tuple[int, str] | None:
+    """``"copy2:enc.q.lora_A"`` -> ``(2, "enc.q.lora_A")``; None for a plain tensor name."""
+    prefix, sep, key = name.partition(":")
+    if not (sep and prefix.startswith("copy")):
+        return None
+    return int(prefix[4:]), key
 
 
 class IFCA(Strategy):
@@ -56,9 +64,8 @@ class IFCA(Strategy):
     def client_state(self, cid, template, kept, received, loss_of=None):
         copies: dict[int, dict] = {}
         for name, v in received.items():
-            if name.startswith("copy"):
-                k, _, key = name.partition(":")
-                copies.setdefault(int(k[4:]), {})[key] = v
+            if (split := _split_copy_key(name)) is not None:
+                copies.setdefault(split[0], {})[split[1]] = v
         if not copies:
             return merge(template, kept, received)
         if loss_of is None:
@@ -74,13 +81,16 @@ class IFCA(Strategy):
 
     def aggregate(self, r, ups):
         by_copy: dict[int, list[int]] = {}
+        plain: dict[int, State] = {}
         for cid, up in ups.items():
-            pick = int(next(iter(up)).partition(":")[0][4:])
+            split = {name: _split_copy_key(name) for name in up}
+            pick = next(iter(split.values()))[0]
             self.choice[cid] = pick
             by_copy.setdefault(pick, []).append(cid)
+            plain[cid] = {split[name][1]: v for name, v in up.items()}
         for k, members in by_copy.items():
-            plain = [{key.partition(":")[2]: v for key, v in ups[i].items()} for i in members]
-            self.copies[k] = weighted_mean(plain, [self.weights[i] for i in members])
+            self.copies[k] = weighted_mean([plain[i] for i in members],
+                                           [self.weights[i] for i in members])  # fmt: skip
 
     @property
     def num_experts(self):
