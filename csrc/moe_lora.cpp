@@ -22,15 +22,17 @@
 #include <tuple>
 #include <vector>
 
+#include "inputs.h"
 #include "routing.h"
 #include "routing_token.h"
 
 namespace fedlease {
-namespace {
 
 using at::Tensor;
 
+namespace {
 constexpr int64_t kGrain = 64;  // tokens per parallel chunk
+}  // namespace
 
 at::ScalarType routing_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -56,7 +58,8 @@ void check_inputs(const Tensor& x, const Tensor& router, const Tensor& a_cat, in
               "router/A_cat columns must equal x's features ", x.size(1));
 }
 
-// CPU routing passes (see routing.h): routing_token.h over chunks of tokens in parallel.
+// CPU routing passes (see routing.h): routing_token.h over chunks of tokens in parallel (or
+// inline, when called from inside a parallel region).
 void route_forward_cpu(const Tensor& logits, const Tensor& a, Tensor& q, Tensor& h, int64_t M,
                        int64_t own, int64_t keep) {
   const int64_t T = a.size(0), S = q.size(1), MR = h.size(1), R = MR / M;
@@ -95,6 +98,8 @@ void route_backward_cpu(const Tensor& q, const Tensor& a, const Tensor& d_h, Ten
     });
   });
 }
+
+namespace {
 
 // Returns (y, q, a, h): output, kept slot probabilities (float32), projections, gated projections.
 std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_fwd(

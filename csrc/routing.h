@@ -12,6 +12,12 @@
 
 namespace fedlease {
 
+// CPU (moe_lora.cpp): rows of q, h, dz and d_h contiguous; logits and a may be strided views.
+void route_forward_cpu(const at::Tensor& logits, const at::Tensor& a, at::Tensor& q,
+                       at::Tensor& h, int64_t M, int64_t own, int64_t keep);
+void route_backward_cpu(const at::Tensor& q, const at::Tensor& a, const at::Tensor& d_h,
+                        at::Tensor& dz, int64_t M, int64_t own, double scaling);
+
 #ifdef FEDLEASE_WITH_CUDA
 constexpr int64_t kMaxCudaExperts = 32;  // gates live in registers: one array per thread
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .ops import moe_lora
+from .ops import moe_lora_linear
 from .routing import RoutingSpec, route
 
 
@@ -80,9 +80,10 @@ class MoELoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return moe_lora(
+        return moe_lora_linear(
             x,
-            self.base(x),
+            self.base.weight,
+            self.base.bias,
             self.lora_A,
             self.lora_B,
             self.router,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import leaves, make_inputs, rel_err
 
-from fedlease.ops import available_backends, moe_lora
+from fedlease.ops import available_backends, moe_lora, moe_lora_linear
 from fedlease.ops.dispatch import unavailable_reason
 from fedlease.reference import reference_moe_lora
 
@@ -21,9 +21,8 @@ def test_extension_was_built():
     import fedlease._C as ext
 
     assert ext.openmp, "fedlease._C was compiled without OpenMP"
-    assert hasattr(torch.ops.fedlease, "moe_lora_fwd") and hasattr(
-        torch.ops.fedlease, "moe_lora_bwd"
-    )
+    for op in ("moe_lora_fwd", "moe_lora_bwd", "moe_lora_linear_fwd", "moe_lora_linear_bwd"):
+        assert hasattr(torch.ops.fedlease, op), op
     assert BUILT
 
 
@@ -72,6 +71,35 @@ def test_gradcheck_float64():
         lambda *v: moe_lora(*v, spec, 1.5, backend="cpp"), leaves(x, base, a, b, router),
         eps=1e-6, atol=1e-7,
     )  # fmt: skip
+
+
+@needs_ext
+def test_linear_gradcheck_float64():
+    """The fused layer op (base GEMM inside, blocked over tokens: 130 tokens = two blocks)."""
+    x, _, a, b, router, spec = make_inputs(130, 5, 4, 3, 2, "adaptive", None, 2, torch.float64)
+    w, bias = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda *v: moe_lora_linear(*v, spec, 1.5, backend="cpp"),
+        leaves(x, w, bias, a, b, router), eps=1e-6, atol=1e-7,
+    )  # fmt: skip
+
+
+@needs_ext
+def test_linear_op_opcheck_and_torch_compile():
+    x, _, a, b, router, spec = make_inputs(150, 16, 12, 3, 4, seed=2)
+    w, bias = torch.randn(12, 16), torch.randn(12)
+    a_cat, b_cat = a.reshape(12, 16), b.permute(1, 0, 2).reshape(12, 12)
+    args = (x, None, w, bias, router, a_cat, b_cat, 3, 0, 3, 2.0)
+    torch.library.opcheck(torch.ops.fedlease.moe_lora_linear_fwd.default, args)
+    fn = torch.compile(lambda *v: moe_lora_linear(*v, spec, 2.0, backend="cpp"), fullgraph=True)
+    got, want = leaves(x, a, b, router), leaves(x, a, b, router)
+    y = fn(got[0], w, bias, *got[1:])
+    y.sum().backward()
+    y_want = moe_lora_linear(want[0], w, bias, *want[1:], spec, 2.0, backend="torch")
+    y_want.sum().backward()
+    assert rel_err(y, y_want) < 1e-5
+    for g, t in zip(got, want):
+        assert rel_err(g.grad, t.grad) < 1e-5
 
 
 @needs_ext

@@ -2,8 +2,10 @@
 
 ``moe_lora(x, base_out, lora_A, lora_B, router, spec, scaling)`` returns
 ``base_out + scaling * sum_e g_e(x) * B_e A_e dropout(x)`` with the gates ``g`` from
-:func:`fedlease.routing.route` on ``router @ x``. Backends: ``torch`` (always), ``triton``
-(CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpp`` (the compiled CPU extension).
+:func:`fedlease.routing.route` on ``router @ x``; ``moe_lora_linear(x, weight, bias, ...)`` is the
+same with ``base_out = x @ weight^T + bias``, which a backend may fuse into the op. Backends:
+``torch`` (always), ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpp`` (the compiled
+CPU extension).
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
 register(Backend("torch", _torch_backend, lambda device: None))
 # `cpp` is not auto-selected on CPU: on the CPU target shape it measured no faster than `torch`
 # (both spend their time in the same ATen GEMMs; see benchmarks/RESULTS.md). Ask for it by name.
-register(Backend("cpp", cpp_backend.moe_lora_cpp, cpp_backend.unavailable_reason))
+register(
+    Backend(
+        "cpp",
+        cpp_backend.moe_lora_cpp,
+        cpp_backend.unavailable_reason,
+        linear_fn=cpp_backend.moe_lora_linear_cpp,
+    )
+)
 register(
     Backend("triton", triton_backend.moe_lora_triton, triton_backend.unavailable_reason),
     prefer_on=("cuda",),
@@ -58,17 +67,11 @@ def moe_lora(
     ``lora_A (M, r, in)``, ``lora_B (M, out, r)``, ``router (S, in)``. Dropout (probability
     ``dropout``, only when ``training``) applies to the experts' input, not the router's.
     """
-    m, r, d_in = lora_A.shape
-    d_out = lora_B.shape[1]
-    if x.shape[-1] != d_in or base_out.shape[-1] != d_out or base_out.shape[:-1] != x.shape[:-1]:
+    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, spec)
+    if base_out.shape[-1] != d_out or base_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, base_out {tuple(base_out.shape)}, "
-            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
-        )
-    if lora_B.shape != (m, d_out, r) or router.shape != (spec.num_slots, d_in):
-        raise ValueError(
-            f"lora_B {tuple(lora_B.shape)} / router {tuple(router.shape)} do not fit "
-            f"M={m}, r={r}, in={d_in}, out={d_out}, slots={spec.num_slots}"
+            f"lora_B {tuple(lora_B.shape)}"
         )
     impl = resolve_backend(backend, x.device)
     lead = x.shape[:-1]
@@ -85,10 +88,60 @@ def moe_lora(
     return y.reshape(*lead, d_out)
 
 
+def moe_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    router: torch.Tensor,
+    spec: RoutingSpec,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ weight^T + bias`` plus the MoE-LoRA update: :func:`moe_lora` with the base linear
+    inside the op (fused into one blocked pass by the ``cpp`` backend)."""
+    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, spec)
+    if weight.shape != (d_out, d_in) or (bias is not None and bias.shape != (d_out,)):
+        bias_shape = None if bias is None else tuple(bias.shape)
+        raise ValueError(
+            f"base weight {tuple(weight.shape)} / bias {bias_shape} do not fit "
+            f"in={d_in}, out={d_out}"
+        )
+    impl = resolve_backend(backend, x.device)
+    p = float(dropout) if training else 0.0
+    if impl.linear_fn is None:
+        return moe_lora(
+            x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
+        )
+    lead = x.shape[:-1]
+    y = impl.linear_fn(
+        x.reshape(-1, d_in), weight, bias, lora_A, lora_B, router, spec, float(scaling), p
+    )
+    return y.reshape(*lead, d_out)
+
+
+def _check_shapes(x, lora_A, lora_B, router, spec) -> tuple[int, int]:
+    """``(in, out)`` after checking x, the stacked adapters and the router against each other."""
+    m, r, d_in = lora_A.shape
+    d_out = lora_B.shape[1]
+    if x.shape[-1] != d_in:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}")
+    if lora_B.shape != (m, d_out, r) or router.shape != (spec.num_slots, d_in):
+        raise ValueError(
+            f"lora_B {tuple(lora_B.shape)} / router {tuple(router.shape)} do not fit "
+            f"M={m}, r={r}, in={d_in}, out={d_out}, slots={spec.num_slots}"
+        )
+    return d_in, d_out
+
+
 __all__ = [
     "BACKEND_NAMES",
     "available_backends",
     "moe_lora",
+    "moe_lora_linear",
     "resolve_backend",
     "unavailable_reason",
 ]

@@ -81,6 +81,52 @@ def _register_python_parts() -> None:
 
     torch.library.register_autograd("fedlease::moe_lora_fwd", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("fedlease::moe_lora_linear_fwd")
+    def _linear_fwd_fake(x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, keep,
+                         scaling):  # fmt: skip
+        t, s, mr = x.shape[0], router.shape[0], a_cat.shape[0]
+        return (
+            x.new_empty(t, weight.shape[0]),
+            x.new_empty(t, s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32),
+            x.new_empty(t, mr),
+            x.new_empty(t, mr),
+        )
+
+    @torch.library.register_fake("fedlease::moe_lora_linear_bwd")
+    def _linear_bwd_fake(dy, x, x_drop, weight, router, a_cat, b_cat, q, a, h, num_experts, own,
+                         scaling, need_weight_grad, need_bias_grad):  # fmt: skip
+        return (
+            torch.empty_like(x),
+            torch.empty_like(x) if x_drop is not None else x.new_empty(0),
+            torch.empty_like(weight) if need_weight_grad else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_bias_grad else x.new_empty(0),
+            torch.empty_like(router),
+            torch.empty_like(a_cat),
+            torch.empty_like(b_cat),
+        )
+
+    def linear_setup_context(ctx, inputs, output):
+        x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, _, scaling = inputs
+        _, q, a, h = output
+        ctx.save_for_backward(x, x_drop, weight, router, a_cat, b_cat, q, a, h)
+        ctx.num_experts, ctx.own, ctx.scaling = num_experts, own, scaling
+        ctx.has_bias = bias is not None
+
+    def linear_backward(ctx, dy, _dq, _da, _dh):
+        x, x_drop, weight, router, a_cat, b_cat, q, a, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dx_drop, d_w, d_bias, d_router, d_a, d_b = torch.ops.fedlease.moe_lora_linear_bwd(
+            dy.contiguous(), x, x_drop, weight, router, a_cat, b_cat, q, a, h,
+            ctx.num_experts, ctx.own, ctx.scaling, need[2], ctx.has_bias and need[3],
+        )  # fmt: skip
+        return (dx, dx_drop if x_drop is not None else None, d_w if need[2] else None,
+                d_bias if ctx.has_bias and need[3] else None, d_router, d_a, d_b,
+                None, None, None, None)  # fmt: skip
+
+    torch.library.register_autograd(
+        "fedlease::moe_lora_linear_fwd", linear_backward, setup_context=linear_setup_context
+    )
+
 
 def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p):
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
@@ -89,6 +135,21 @@ def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling
     y, _, _, _ = torch.ops.fedlease.moe_lora_fwd(
         x, x_drop, router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
         base_out.contiguous(), spec.num_experts, spec.fold_target, spec.keep, float(scaling),
+    )  # fmt: skip
+    return y
+
+
+def moe_lora_linear_cpp(
+    x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p
+):
+    """The whole layer (base GEMM included) as one op, blocked over tokens; CPU only."""
+    a_cat, b_cat = concat_adapters(lora_a, lora_b)
+    x = x.contiguous()
+    x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    y, _, _, _ = torch.ops.fedlease.moe_lora_linear_fwd(
+        x, x_drop, weight.contiguous(), None if bias is None else bias.contiguous(),
+        router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
+        spec.num_experts, spec.fold_target, spec.keep, float(scaling),
     )  # fmt: skip
     return y
 

@@ -2,8 +2,10 @@
 
 A backend is a callable ``fn(x, base_out, lora_A, lora_B, router, spec, scaling, dropout_p)`` on
 2-D ``x (T, in)`` and ``base_out (T, out)`` returning ``y (T, out)``, plus a function telling why
-it cannot run on a device (``None`` when it can). ``auto`` takes the first available backend of
-the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
+it cannot run on a device (``None`` when it can). A backend may also compute the whole layer,
+frozen base GEMM included, as ``linear_fn(x, weight, bias, lora_A, lora_B, router, spec, scaling,
+dropout_p)``; the others get the base output from ``F.linear``. ``auto`` takes the first
+available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Backend:
     name: str
     fn: Callable[..., torch.Tensor]
     unavailable_reason: Callable[[torch.device], str | None]
+    linear_fn: Callable[..., torch.Tensor] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -1,0 +1,169 @@
+// The whole MoE-LoRA linear layer as one CPU op: the frozen base GEMM, the routing and the LoRA
+// update, computed block of tokens by block of tokens so that every row of x, y, dy and dx is
+// brought from memory once and stays in cache for all the GEMMs that touch it.
+//
+// Shapes: x (T, in), W (out, in), bias (out) or none, router R (S, in), A_cat (M*R, in),
+// B_cat (out, M*R); W_cat = [R; A_cat] (S + M*R, in).
+//
+// Forward, per block b of tokens (blocks in parallel, each GEMM single-threaded inside):
+//   y_b  = x_b W^T (+ bias)                       base
+//   z_b  = x_b W_cat^T                            router logits and every expert's projection
+//   q_b, h_b = route(z_b)                         routing_token.h: softmax, top-keep, fold, gate
+//   y_b += scaling * h_b B_cat^T                  in place: y_b is still in cache
+// Backward, per block:
+//   dx_b  = dy_b W                                base
+//   dH_b  = dy_b B_cat;   dB_part += scaling * dy_b^T h_b
+//   dz_b  = route_backward(q_b, a_b, dH_b)        [dlogits, scaling * g * dH]
+//   dW_cat_part += dz_b^T x_b;   dx_b += dz_b W_cat
+// Weight gradients are summed over tokens in per-thread float32 partials (one slab per thread,
+// reduced once at the end): no atomics, and deterministic for a given thread count.
+//
+// Against the unfused form (base linear, then the op on its output) this saves a pass over dy,
+// the separate dx of the LoRA path and its addition to the base dx, and the copy of the base
+// output; the routing never leaves the block.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "inputs.h"
+#include "routing.h"
+
+namespace fedlease {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlock = 128;  // tokens per block: x_b and y_b (128 x 1024 fp32) fit in L2
+
+// Calls fn(begin, end, thread) for consecutive blocks of at most kBlock tokens, the blocks split
+// over threads; `thread` indexes the caller's per-thread partials.
+template <typename Fn>
+void for_each_block(int64_t T, Fn&& fn) {
+  at::parallel_for(0, T, kBlock, [&](int64_t begin, int64_t end) {
+    // Autograd is handled around the op: the GEMMs inside (out= variants among them) run below
+    // it. A guard per worker thread, as dispatch state is thread-local.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t thread = at::get_thread_num();
+    for (int64_t b = begin; b < end; b += kBlock) fn(b, std::min(b + kBlock, end), thread);
+  });
+}
+
+// Returns (y, q, a, h), as moe_lora_fwd does, with y = x W^T + bias + the LoRA update.
+std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
+    const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& weight,
+    const std::optional<Tensor>& bias, const Tensor& router, const Tensor& a_cat,
+    const Tensor& b_cat, int64_t M, int64_t own, int64_t keep, double scaling) {
+  check_inputs(x, router, a_cat, M);
+  TORCH_CHECK(x.device().is_cpu(), "fedlease::moe_lora_linear needs CPU tensors, got ",
+              x.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
+              "weight must be (out, in) with in = ", x.size(1), ", got ", weight.sizes());
+  const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), out = weight.size(0);
+  const bool low = x.scalar_type() == at::kBFloat16;
+  const bool drop = x_drop.has_value();
+  // Router logits in float32 for 16-bit inputs (rounded logits flip near-tied top-M choices).
+  const Tensor r_w = low ? router.to(at::kFloat) : router;
+  const Tensor w_cat = (low || drop) ? Tensor() : at::cat({router, a_cat});
+  const Tensor w_t = weight.t(), a_t = a_cat.t(), b_t = b_cat.t();
+
+  Tensor y = at::empty({T, out}, x.options());
+  Tensor q = at::empty({T, S}, x.options().dtype(routing_dtype(x)));
+  Tensor a = at::empty({T, MR}, x.options());
+  Tensor h = at::empty({T, MR}, x.options());
+  for_each_block(T, [&](int64_t b0, int64_t b1, int64_t) {
+    const int64_t n = b1 - b0;
+    const Tensor x_b = x.narrow(0, b0, n);
+    Tensor y_b = y.narrow(0, b0, n), a_b = a.narrow(0, b0, n), h_b = h.narrow(0, b0, n);
+    Tensor q_b = q.narrow(0, b0, n);
+    if (bias.has_value())
+      at::addmm_out(y_b, *bias, x_b, w_t);
+    else
+      at::mm_out(y_b, x_b, w_t);
+    Tensor logits;
+    if (w_cat.defined()) {
+      const Tensor z = at::mm(x_b, w_cat.t());
+      logits = z.narrow(1, 0, S);
+      a_b.copy_(z.narrow(1, S, MR));
+    } else {
+      logits = at::mm(low ? x_b.to(at::kFloat) : x_b, r_w.t());
+      at::mm_out(a_b, drop ? x_drop->narrow(0, b0, n) : x_b, a_t);
+    }
+    route_forward_cpu(logits, a_b, q_b, h_b, M, own, keep);
+    y_b.addmm_(h_b, b_t, 1.0, scaling);
+  });
+  return {y, q, a, h};
+}
+
+// Returns (dx, dx_drop, d_weight, d_bias, d_router, d_a_cat, d_b_cat); dx_drop is empty without
+// dropout, d_weight / d_bias are empty unless asked for (the base is normally frozen).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_linear_bwd(
+    const Tensor& dy, const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& weight,
+    const Tensor& router, const Tensor& a_cat, const Tensor& b_cat, const Tensor& q,
+    const Tensor& a, const Tensor& h, int64_t M, int64_t own, double scaling,
+    bool need_weight_grad, bool need_bias_grad) {
+  const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), in = x.size(1);
+  const int64_t out = weight.size(0);
+  const bool drop = x_drop.has_value();
+  const int64_t threads = at::get_num_threads();
+  const auto f32 = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  Tensor db_part = at::zeros({threads, out, MR}, f32);
+  Tensor dw_part = at::zeros({threads, S + MR, in}, f32);  // rows: router, then A_cat
+  const Tensor w_cat = at::cat({router, a_cat});
+  const Tensor dy_t = dy.t();
+
+  Tensor dx = at::empty({T, in}, x.options());
+  Tensor dx_drop = drop ? at::empty({T, in}, x.options()) : Tensor();
+  for_each_block(T, [&](int64_t b0, int64_t b1, int64_t thread) {
+    const int64_t n = b1 - b0;
+    const Tensor dy_b = dy.narrow(0, b0, n), x_b = x.narrow(0, b0, n);
+    Tensor dx_b = dx.narrow(0, b0, n);
+    at::mm_out(dx_b, dy_b, weight);
+    const Tensor d_h = at::mm(dy_b, b_cat);
+    db_part[thread].add_(at::mm(dy_t.narrow(1, b0, n), h.narrow(0, b0, n)), scaling);
+    Tensor dz = at::empty({n, S + MR}, x.options());
+    route_backward_cpu(q.narrow(0, b0, n), a.narrow(0, b0, n), d_h, dz, M, own, scaling);
+    if (!drop) {
+      dw_part[thread].add_(at::mm(dz.t(), x_b));
+      dx_b.addmm_(dz, w_cat);
+    } else {
+      const Tensor dz_r = dz.narrow(1, 0, S), dz_a = dz.narrow(1, S, MR);
+      dw_part[thread].narrow(0, 0, S).add_(at::mm(dz_r.t(), x_b));
+      dw_part[thread].narrow(0, S, MR).add_(at::mm(dz_a.t(), x_drop->narrow(0, b0, n)));
+      dx_b.addmm_(dz_r, router);
+      Tensor dx_drop_b = dx_drop.narrow(0, b0, n);
+      at::mm_out(dx_drop_b, dz_a, a_cat);
+    }
+  });
+  const Tensor dw = dw_part.sum(0).to(x.scalar_type());
+  const Tensor d_weight = need_weight_grad ? at::mm(dy_t, x) : Tensor();
+  const Tensor d_bias = need_bias_grad ? dy.sum(0) : Tensor();
+  return {dx, dx_drop, d_weight, d_bias, dw.narrow(0, 0, S), dw.narrow(0, S, MR),
+          db_part.sum(0).to(x.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fedlease, m) {
+  m.def(
+      "moe_lora_linear_fwd(Tensor x, Tensor? x_drop, Tensor weight, Tensor? bias, "
+      "Tensor router, Tensor a_cat, Tensor b_cat, int num_experts, int own_expert, int keep, "
+      "float scaling) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "moe_lora_linear_bwd(Tensor dy, Tensor x, Tensor? x_drop, Tensor weight, Tensor router, "
+      "Tensor a_cat, Tensor b_cat, Tensor q, Tensor a, Tensor h, int num_experts, "
+      "int own_expert, float scaling, bool need_weight_grad, bool need_bias_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fedlease, CPU, m) {
+  m.impl("moe_lora_linear_fwd", &moe_lora_linear_fwd);
+  m.impl("moe_lora_linear_bwd", &moe_lora_linear_bwd);
+}
+
+}  // namespace fedlease
