@@ -3,7 +3,8 @@
 Rows: the frozen base linear alone; PEFT LoRA with one adapter; a naive MoE-LoRA that loops over
 the top-M slots and the experts (as the method's reference code does); and each fedlease backend
 available on the device. Each row is timed forward-only and forward+backward (median of
-``--reps`` after ``--warmup``), with the input requiring grad as it does inside a network.
+``--reps`` after ``--warmup``, the rows timed round-robin so that they share the machine's
+slow and fast phases alike), with the input requiring grad as it does inside a network.
 
 Memory: on CUDA ``peak_mb`` is torch's peak allocation over one forward+backward minus what was
 allocated before it; on CPU it is the size of the tensors autograd saves for backward plus the
@@ -20,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -77,17 +79,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
+def interleaved_medians(fns: dict, device, warmup: int, reps: int) -> dict[str, float]:
+    """Median ms of each callable, timed round-robin (one call of each per repetition), so that
+    a slow phase of a shared machine hits every row alike instead of whichever ran then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def memory_mb(module: nn.Module, x: torch.Tensor) -> float:
@@ -136,24 +142,29 @@ def bench(args: argparse.Namespace) -> dict:
         row.load_state_dict(layer.state_dict())
         rows[f"fedlease_{name}"] = row
 
+    def fwd(module):
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd(module):
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(dy)
+
+    fwd_ms = interleaved_medians(
+        {n: partial(fwd, m) for n, m in rows.items()}, device, args.warmup, args.reps
+    )
+    fwd_bwd_ms = interleaved_medians(
+        {n: partial(fwd_bwd, m) for n, m in rows.items()}, device, args.warmup, args.reps
+    )
     results = {}
     for name, module in rows.items():
-
-        def fwd(module=module):
-            with torch.no_grad():
-                module(x)
-
-        def fwd_bwd(module=module):
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            module(x).backward(dy)
-
         results[name] = {
-            "fwd_ms": median_ms(fwd, device, args.warmup, args.reps),
-            "fwd_bwd_ms": median_ms(fwd_bwd, device, args.warmup, args.reps),
+            "fwd_ms": fwd_ms[name],
+            "fwd_bwd_ms": fwd_bwd_ms[name],
             "peak_mb": memory_mb(module, x),
+            "tokens_per_s": args.tokens / fwd_bwd_ms[name] * 1e3,
         }
-        results[name]["tokens_per_s"] = args.tokens / results[name]["fwd_bwd_ms"] * 1e3
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "dtype": args.dtype,

@@ -1,0 +1,30 @@
+"""The layer benchmark runs on a tiny shape and reports what its --json promises."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fedlease.ops import available_backends
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layer.py"
+
+
+def test_bench_layer_json_on_a_tiny_shape():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--d-in", "32", "--d-out", "24",
+         "--rank", "4", "--experts", "3", "--tokens", "200", "--reps", "2", "--warmup", "1",
+         "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    assert set(report) >= {"device", "dtype", "shape", "results", "ratios"}
+    assert report["shape"] == {"d_in": 32, "d_out": 24, "rank": 4, "experts": 3, "tokens": 200}
+    rows = {"base", "peft_lora", "naive_loop"} | {
+        f"fedlease_{b}" for b in available_backends("cpu") if b != "triton"
+    }
+    assert set(report["results"]) == rows
+    for r in report["results"].values():
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0
+    for name, ratio in report["ratios"].items():
+        assert name.startswith("fedlease_") and ratio["vs_naive_loop"] > 0
