@@ -16,6 +16,8 @@ def test_defaults_follow_the_paper():
     assert (cfg.train_samples, cfg.test_samples) == (1000, 200)
     assert cfg.target_modules == ["query", "value"] and cfg.num_experts == "auto"
     assert cfg.warmup_aggregate is False
+    # not from the paper: the warm-up B matrices that the allocation compares (allocation.md)
+    assert (cfg.warmup_optimizer, cfg.warmup_lr) == ("sgd", 0.05)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,8 @@ def test_defaults_follow_the_paper():
         ({"faults": "often"}, "'faults' must be"),
         ({"warmup_rounds": 0}, "'warmup_rounds' = 0: method 'fedlease' clusters"),
         ({"top_k": 0}, "'top_k' = 0"),
+        ({"warmup_optimizer": "adam"}, "'warmup_optimizer' = 'adam': must be one of"),
+        ({"warmup_lr": 0}, "'warmup_lr' = 0.0: must be > 0"),
     ],
 )
 def test_bad_values_name_key_and_value(override, pattern):

@@ -203,3 +203,30 @@ def test_strategy_state_round_trips_through_a_checkpoint():
         assert fresh.state()[1] == meta and fresh.assignment() == s.assignment()
         for g, tensors in fresh.state()[0].items():
             assert all(torch.equal(tensors[k], groups[g][k]) for k in tensors), (method, g)
+
+
+@pytest.mark.parametrize("method", STRATEGIES)
+def test_only_fedlease_warm_up_rounds_change_the_optimizer(method):
+    s = strategy(method, warmup_optimizer="sgd", warmup_lr=0.07)
+    warm = s.optimizer(0)
+    if method.startswith("fedlease"):
+        assert (warm.name, warm.lr) == ("sgd", 0.07)
+        assert isinstance(warm.make([torch.nn.Parameter(torch.ones(2))]), torch.optim.SGD)
+    else:
+        assert warm is None  # AdamW at the run's lr, as in every other round
+    assert s.optimizer(1) is None and s.optimizer(2) is None
+
+
+def test_sgd_warm_up_step_is_the_negative_gradient():
+    """From B = 0, one SGD step leaves B = -lr * grad: the B matrices the allocation compares are
+    gradient sums, not AdamW's per-coordinate signs."""
+    from fedlease.fl.client import OptimizerSpec
+
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    grad = torch.randn(3, 2)
+    for name, expected in (("sgd", -0.05 * grad), ("adamw", -0.05 * grad.sign())):
+        p.data.zero_()
+        opt = OptimizerSpec(name, 0.05).make([p])
+        p.grad = grad.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from ..adapter_io import adapter_state_dict, load_adapter_state_dict
 from ..data.glue import task_spec
 from ..data.tokenize import ClientData, Encoded
 from ..inject import moe_lora_layers, set_own_expert
+from .config import OPTIMIZERS
 from .faults import ClientFailure
 
 State = dict[str, torch.Tensor]
@@ -32,6 +34,23 @@ def seed_for(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 
 
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How a client trains in a round: ``adamw`` (decoupled weight decay) or ``sgd`` (momentum
+    0.9, no weight decay: the update stays proportional to the accumulated gradient)."""
+
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+
+    def make(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer {self.name!r} (known: {', '.join(OPTIMIZERS)})")
+
+
 class ClientRunner:
     """Trains and evaluates any client on one model whose adapter tensors are swapped per client."""
 
@@ -48,7 +67,7 @@ class ClientRunner:
     ) -> None:
         self.model = model
         self.pad_id = pad_id
-        self.lr, self.weight_decay = lr, weight_decay
+        self.optimizer = OptimizerSpec("adamw", lr, weight_decay)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.local_epochs = local_epochs
         self.progress = progress
@@ -67,8 +86,10 @@ class ClientRunner:
         desc: str = "",
         fail_at_step: int | None = None,
         frozen: Callable[[str], bool] | None = None,
+        optimizer: OptimizerSpec | None = None,
     ) -> tuple[State, float]:
-        """Local epochs of AdamW from ``state``; returns the new state and the mean train loss.
+        """Local epochs from ``state`` with ``optimizer`` (default: AdamW at the run's lr and
+        weight decay); returns the new state and the mean train loss.
 
         With ``own_expert`` set, only that expert (plus routers and heads) changes: the other
         experts' rows are restored after every step (AdamW's weight decay would move them).
@@ -81,7 +102,7 @@ class ClientRunner:
         rng = np.random.default_rng(seed)
         params = [p for name, p in model.named_parameters()
                   if p.requires_grad and not (frozen and frozen(name))]  # fmt: skip
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = (optimizer or self.optimizer).make(params)
         frozen = _other_expert_rows(model, own_expert)
         n = len(data.train)
         steps = self.local_epochs * ((n + self.batch_size - 1) // self.batch_size)

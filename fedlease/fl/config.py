@@ -26,6 +26,8 @@ METHODS = (
     "ifca",
 )
 
+OPTIMIZERS = ("adamw", "sgd")  # what a client may train with (fedlease.fl.client.OptimizerSpec)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the value."""
@@ -43,6 +45,8 @@ class FLConfig:
     label_alpha: float | None = None  # Dirichlet label skew within a task; None = uniform
     warmup_rounds: int = 5
     warmup_aggregate: bool = False  # FedAvg the warm-up LoRA (the paper trains it locally)
+    warmup_optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw": FedLEASE's warm-up rounds
+    warmup_lr: float = 0.05  # learning rate of the warm-up rounds
     rounds: int = 20  # adaptive rounds after the warm-up
     local_epochs: int = 2
     batch_size: int = 16
@@ -145,8 +149,11 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
     for key in _NON_NEGATIVE_INT:
         if getattr(cfg, key) < 0:
             raise bad(key, "must be >= 0")
-    if cfg.lr <= 0:
-        raise bad("lr", "must be > 0")
+    for key in ("lr", "warmup_lr"):
+        if getattr(cfg, key) <= 0:
+            raise bad(key, "must be > 0")
+    if cfg.warmup_optimizer not in OPTIMIZERS:
+        raise bad("warmup_optimizer", f"must be one of {OPTIMIZERS}")
     if cfg.weight_decay < 0:
         raise bad("weight_decay", "must be >= 0")
     if cfg.alpha <= 0:

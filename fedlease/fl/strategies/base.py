@@ -27,6 +27,7 @@ import torch
 from ...adapter_io import check_state_dict
 from ..allocation import average
 from ..checkpoint import CheckpointError
+from ..client import OptimizerSpec
 
 State = dict[str, torch.Tensor]
 HEAD = ("classifier",)
@@ -149,6 +150,10 @@ class Strategy:
 
     def frozen(self, key: str, r: int) -> bool:
         return False
+
+    def optimizer(self, r: int) -> OptimizerSpec | None:
+        """How clients train in round ``r``; None: AdamW at the run's ``lr`` and weight decay."""
+        return None
 
     def up(self, cid: int, r: int, new: State) -> State:
         return {}
