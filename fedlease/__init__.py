@@ -3,7 +3,7 @@
 from .adapter_io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 from .inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers, set_own_expert
 from .layer import MoELoRALinear
-from .ops import available_backends, moe_lora
+from .ops import available_backends, moe_lora, moe_lora_linear
 from .routing import RoutingSpec, route
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "load_adapter_state_dict",
     "moe_lora",
     "moe_lora_layers",
+    "moe_lora_linear",
     "route",
     "save_adapter",
     "set_own_expert",

@@ -37,8 +37,13 @@ def test_unavailable_backend_says_why(name, monkeypatch):
 
 def test_auto_preferences(monkeypatch):
     monkeypatch.delenv("FEDLEASE_BACKEND", raising=False)
-    # CPU: torch (cpp measured no faster, so it is only used when asked for by name)
-    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    # CPU: the compiled kernels when built (measured faster), else torch; never the interpreter
+    cpu = torch.device("cpu")
+    want = "cpp" if "cpp" in available_backends("cpu") else "torch"
+    assert resolve_backend("auto", cpu).name == want
+    assert resolve_backend("auto", cpu, torch.float32).name == want
+    # float16 on CPU: cpp does not compute in it, auto falls back to torch
+    assert resolve_backend("auto", cpu, torch.float16).name == "torch"
     # CUDA: triton when it can run there (stood in for here, where no GPU may exist)
     from fedlease.ops import dispatch
 
@@ -48,3 +53,14 @@ def test_auto_preferences(monkeypatch):
         dispatch.Backend("triton", lambda *a: None, lambda d: None),
     )
     assert resolve_backend("auto", torch.device("cuda")).name == "triton"
+
+
+def test_backend_asked_for_in_a_dtype_it_lacks_says_so(monkeypatch):
+    monkeypatch.delenv("FEDLEASE_BACKEND", raising=False)
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("cpp is not built here")
+    x, base, a, b, router, spec = make_inputs(4, 8, 8, 2, 2, dtype=torch.float16, seed=0)
+    with pytest.raises(RuntimeError, match="'cpp' is unavailable on cpu: .*not float16"):
+        moe_lora(x, base, a, b, router, spec, 1.0, backend="cpp")
+    y = moe_lora(x, base, a, b, router, spec, 1.0)  # auto: torch
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()

@@ -34,18 +34,27 @@ def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
 
 
 register(Backend("torch", _torch_backend, lambda device: None))
-# `cpp` is not auto-selected on CPU: on the CPU target shape it measured no faster than `torch`
-# (both spend their time in the same ATen GEMMs; see benchmarks/RESULTS.md). Ask for it by name.
+_F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+# `cpp` is preferred on CPU: its fused layer op (base GEMM, routing and LoRA per block of tokens)
+# measured 0.91x the `torch` time at the CPU target shape and 0.80x at MiniLM's (see
+# benchmarks/RESULTS.md).
 register(
     Backend(
         "cpp",
         cpp_backend.moe_lora_cpp,
         cpp_backend.unavailable_reason,
         linear_fn=cpp_backend.moe_lora_linear_cpp,
-    )
+        dtypes={"cpu": (_F32, _BF16, _F64), "cuda": (_F32, _F16, _BF16, _F64)},
+    ),
+    prefer_on=("cpu",),
 )
 register(
-    Backend("triton", triton_backend.moe_lora_triton, triton_backend.unavailable_reason),
+    Backend(
+        "triton",
+        triton_backend.moe_lora_triton,
+        triton_backend.unavailable_reason,
+        dtypes={"cuda": (_F32, _F16, _BF16), "cpu": (_F32, _F16, _BF16)},
+    ),
     prefer_on=("cuda",),
 )
 
@@ -73,7 +82,7 @@ def moe_lora(
             f"shape mismatch: x {tuple(x.shape)}, base_out {tuple(base_out.shape)}, "
             f"lora_B {tuple(lora_B.shape)}"
         )
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(backend, x.device, x.dtype)
     lead = x.shape[:-1]
     y = impl.fn(
         x.reshape(-1, d_in),
@@ -110,7 +119,7 @@ def moe_lora_linear(
             f"base weight {tuple(weight.shape)} / bias {bias_shape} do not fit "
             f"in={d_in}, out={d_out}"
         )
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout) if training else 0.0
     if impl.linear_fn is None:
         return moe_lora(

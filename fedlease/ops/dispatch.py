@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,15 @@ class Backend:
     fn: Callable[..., torch.Tensor]
     unavailable_reason: Callable[[torch.device], str | None]
     linear_fn: Callable[..., torch.Tensor] | None = None
+    # dtypes it computes in, per device type; a device type not listed: any dtype
+    dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+
+    def dtype_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
+        allowed = self.dtypes.get(device.type)
+        if dtype is None or allowed is None or dtype in allowed:
+            return None
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        return f"it computes in {names} on {device.type}, not {str(dtype).removeprefix('torch.')}"
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -51,14 +60,16 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in BACKEND_NAMES if unavailable_reason(n, device) is None]
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """Pick the backend for ``name`` ("auto" or a backend name) on ``device``."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """Pick the backend for ``name`` ("auto" or a backend name) on ``device`` for inputs of
+    ``dtype`` (None: any)."""
     env = os.environ.get(ENV_VAR)
     if env:
         name = env.strip().lower()
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, []) + ["torch"]:
-            if unavailable_reason(candidate, device) is None:
+            usable = unavailable_reason(candidate, device) is None
+            if usable and _REGISTRY[candidate].dtype_reason(device, dtype) is None:
                 return _REGISTRY[candidate]
         raise RuntimeError(f"no MoE-LoRA backend can run on device {device}")
     if name not in BACKEND_NAMES:
@@ -66,7 +77,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         raise ValueError(
             f"unknown backend {name!r}{source}; choose from {('auto',) + BACKEND_NAMES}"
         )
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device) or _REGISTRY[name].dtype_reason(device, dtype)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is unavailable on {device}: {reason}")
     return _REGISTRY[name]
