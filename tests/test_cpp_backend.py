@@ -157,3 +157,16 @@ CUDA_BUILT = BUILT and torch.cuda.is_available() and "cpp" in available_backends
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + s[5])
 def test_cuda_routing_matches_reference(shape, dtype, tol):
     _compare_with_reference(shape, dtype, tol, "cuda")
+
+
+@pytest.mark.skipif(not CUDA_BUILT, reason="needs a GPU and fedlease._C built with CUDA")
+def test_cuda_layer_uses_the_routing_op():
+    """On CUDA the cpp layer is F.linear + the routing op (the fused layer op is CPU-only)."""
+    from fedlease import MoELoRALinear
+
+    base = torch.nn.Linear(48, 40).cuda()
+    layers = [MoELoRALinear(base, 3, 4, own_expert=1, backend=b) for b in ("cpp", "torch")]
+    torch.nn.init.normal_(layers[0].lora_B)
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(3, 70, 48, device="cuda")
+    assert rel_err(layers[0](x), layers[1](x)) < 1e-5

@@ -142,7 +142,11 @@ def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling
 def moe_lora_linear_cpp(
     x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p
 ):
-    """The whole layer (base GEMM included) as one op, blocked over tokens; CPU only."""
+    """The whole layer (base GEMM included) as one op, blocked over tokens, on CPU; elsewhere
+    (CUDA) the base output from F.linear and the routing op."""
+    if x.device.type != "cpu":
+        base_out = F.linear(x, weight, bias)
+        return moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p)
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x = x.contiguous()
     x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
