@@ -206,27 +206,35 @@ def test_strategy_state_round_trips_through_a_checkpoint():
 
 
 @pytest.mark.parametrize("method", STRATEGIES)
-def test_only_fedlease_warm_up_rounds_change_the_optimizer(method):
+def test_only_fedlease_warm_up_rounds_change_how_clients_train(method):
     s = strategy(method, warmup_optimizer="sgd", warmup_lr=0.07)
-    warm = s.optimizer(0)
+    warm = s.training(0)
     if method.startswith("fedlease"):
-        assert (warm.name, warm.lr) == ("sgd", 0.07)
+        assert (warm.optimizer, warm.lr, warm.class_balanced) == ("sgd", 0.07, True)
         assert isinstance(warm.make([torch.nn.Parameter(torch.ones(2))]), torch.optim.SGD)
     else:
         assert warm is None  # AdamW at the run's lr, as in every other round
-    assert s.optimizer(1) is None and s.optimizer(2) is None
+    assert s.training(1) is None and s.training(2) is None
 
 
 def test_sgd_warm_up_step_is_the_negative_gradient():
     """From B = 0, one SGD step leaves B = -lr * grad: the B matrices the allocation compares are
     gradient sums, not AdamW's per-coordinate signs."""
-    from fedlease.fl.client import OptimizerSpec
+    from fedlease.fl.client import TrainSpec
 
     p = torch.nn.Parameter(torch.zeros(3, 2))
     grad = torch.randn(3, 2)
     for name, expected in (("sgd", -0.05 * grad), ("adamw", -0.05 * grad.sign())):
         p.data.zero_()
-        opt = OptimizerSpec(name, 0.05).make([p])
+        opt = TrainSpec(name, 0.05).make([p])
         p.grad = grad.clone()
         opt.step()
         torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_class_weights_make_every_present_class_weigh_the_same():
+    from fedlease.fl.client import class_weights
+
+    w = class_weights([1, 1, 1, 0, 1, 1, 1, 1], 3)  # 1 of class 0, 7 of class 1, none of 2
+    torch.testing.assert_close(w, torch.tensor([4.0, 8 / 14, 1.0]))
+    assert w[0] * 1 == pytest.approx(w[1] * 7)  # total weight per present class is equal

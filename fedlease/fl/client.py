@@ -35,20 +35,32 @@ def seed_for(seed: int, round_idx: int, client_id: int) -> int:
 
 
 @dataclass(frozen=True)
-class OptimizerSpec:
-    """How a client trains in a round: ``adamw`` (decoupled weight decay) or ``sgd`` (momentum
-    0.9, no weight decay: the update stays proportional to the accumulated gradient)."""
+class TrainSpec:
+    """How a client trains in a round: the optimizer, ``adamw`` (decoupled weight decay) or
+    ``sgd`` (momentum 0.9, no weight decay: the update stays proportional to the accumulated
+    gradient), and whether the loss weighs each class by the inverse of its frequency in the
+    client's training data (so that the client's label mix does not steer the update)."""
 
-    name: str
+    optimizer: str
     lr: float
     weight_decay: float = 0.0
+    class_balanced: bool = False
 
     def make(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if self.name == "sgd":
+        if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
-        if self.name == "adamw":
+        if self.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        raise ValueError(f"unknown optimizer {self.name!r} (known: {', '.join(OPTIMIZERS)})")
+        raise ValueError(f"unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+
+
+def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
+    """``n / (C * n_c)`` for each of the ``C`` classes present (``n_c`` examples of class c), 1
+    for absent ones: every present class weighs the same in a weighted mean loss."""
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double()
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, len(labels) / (present * counts.clamp_min(1)), 1.0)
+    return w.float()
 
 
 class ClientRunner:
@@ -67,7 +79,7 @@ class ClientRunner:
     ) -> None:
         self.model = model
         self.pad_id = pad_id
-        self.optimizer = OptimizerSpec("adamw", lr, weight_decay)
+        self.training = TrainSpec("adamw", lr, weight_decay)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.local_epochs = local_epochs
         self.progress = progress
@@ -86,10 +98,10 @@ class ClientRunner:
         desc: str = "",
         fail_at_step: int | None = None,
         frozen: Callable[[str], bool] | None = None,
-        optimizer: OptimizerSpec | None = None,
+        training: TrainSpec | None = None,
     ) -> tuple[State, float]:
-        """Local epochs from ``state`` with ``optimizer`` (default: AdamW at the run's lr and
-        weight decay); returns the new state and the mean train loss.
+        """Local epochs from ``state`` as ``training`` says (default: AdamW at the run's lr and
+        weight decay, plain loss); returns the new state and the mean train loss.
 
         With ``own_expert`` set, only that expert (plus routers and heads) changes: the other
         experts' rows are restored after every step (AdamW's weight decay would move them).
@@ -102,7 +114,11 @@ class ClientRunner:
         rng = np.random.default_rng(seed)
         params = [p for name, p in model.named_parameters()
                   if p.requires_grad and not (frozen and frozen(name))]  # fmt: skip
-        opt = (optimizer or self.optimizer).make(params)
+        training = training or self.training
+        opt = training.make(params)
+        weight = None
+        if training.class_balanced:
+            weight = class_weights(data.train.labels, model.config.num_labels)
         frozen = _other_expert_rows(model, own_expert)
         n = len(data.train)
         steps = self.local_epochs * ((n + self.batch_size - 1) // self.batch_size)
@@ -116,7 +132,12 @@ class ClientRunner:
                     raise ClientFailure(f"injected crash of client {data.client_id} at step "
                                         f"{fail_at_step}")  # fmt: skip
                 batch = data.train.batch(order[start : start + self.batch_size], self.pad_id)
-                loss = model(**batch).loss
+                if weight is None:
+                    loss = model(**batch).loss
+                else:
+                    labels = batch.pop("labels")
+                    logits = model(**batch).logits
+                    loss = nn.functional.cross_entropy(logits, labels, weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

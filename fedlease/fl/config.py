@@ -47,6 +47,7 @@ class FLConfig:
     warmup_aggregate: bool = False  # FedAvg the warm-up LoRA (the paper trains it locally)
     warmup_optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw": FedLEASE's warm-up rounds
     warmup_lr: float = 0.05  # learning rate of the warm-up rounds
+    warmup_class_balanced: bool = True  # warm-up loss weighs classes by inverse frequency
     rounds: int = 20  # adaptive rounds after the warm-up
     local_epochs: int = 2
     batch_size: int = 16

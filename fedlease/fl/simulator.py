@@ -195,7 +195,7 @@ def client_update(
         new, loss = runner.train(
             c, state, seed_for(cfg.seed, r, c.client_id), strategy.own_expert(c.client_id, r),
             desc=desc, fail_at_step=plan.fail_at_step(r, c.client_id, steps),
-            frozen=lambda key: strategy.frozen(key, r), optimizer=strategy.optimizer(r),
+            frozen=lambda key: strategy.frozen(key, r), training=strategy.training(r),
         )  # fmt: skip
     except ClientFailure as exc:
         warnings.warn(f"round {r}: {exc}", stacklevel=2)

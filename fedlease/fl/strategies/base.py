@@ -27,7 +27,7 @@ import torch
 from ...adapter_io import check_state_dict
 from ..allocation import average
 from ..checkpoint import CheckpointError
-from ..client import OptimizerSpec
+from ..client import TrainSpec
 
 State = dict[str, torch.Tensor]
 HEAD = ("classifier",)
@@ -151,8 +151,9 @@ class Strategy:
     def frozen(self, key: str, r: int) -> bool:
         return False
 
-    def optimizer(self, r: int) -> OptimizerSpec | None:
-        """How clients train in round ``r``; None: AdamW at the run's ``lr`` and weight decay."""
+    def training(self, r: int) -> TrainSpec | None:
+        """How clients train in round ``r``; None: AdamW at the run's ``lr`` and weight decay
+        on the plain loss."""
         return None
 
     def up(self, cid: int, r: int, new: State) -> State:

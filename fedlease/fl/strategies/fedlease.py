@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..allocation import Allocation, allocate, b_distance_matrix, init_experts
-from ..client import OptimizerSpec
+from ..client import TrainSpec
 from .base import (
     Layout,
     State,
@@ -54,13 +54,16 @@ class FedLEASE(Strategy):
     def phase(self, r):
         return "warmup" if r < self.cfg.warmup_rounds else "adaptive"
 
-    def optimizer(self, r):
-        """Warm-up with ``warmup_optimizer`` at ``warmup_lr``: the allocation compares the B
-        matrices it leaves (plain SGD keeps them proportional to the accumulated gradient;
-        AdamW's per-coordinate scaling fills them with noise, docs/results/allocation.md)."""
+    def training(self, r):
+        """Warm-up with ``warmup_optimizer`` at ``warmup_lr``, class-balanced loss when
+        ``warmup_class_balanced``: the allocation compares the B matrices it leaves. Plain SGD
+        keeps them proportional to the accumulated gradient (AdamW's per-coordinate scaling fills
+        them with noise), and balancing removes the pull towards each client's majority label,
+        which is shared across tasks (docs/results/allocation.md)."""
         if r < self.cfg.warmup_rounds:
             cfg = self.cfg
-            return OptimizerSpec(cfg.warmup_optimizer, cfg.warmup_lr, cfg.weight_decay)
+            return TrainSpec(cfg.warmup_optimizer, cfg.warmup_lr, cfg.weight_decay,
+                             cfg.warmup_class_balanced)  # fmt: skip
         return None
 
     def setup(self, template):
