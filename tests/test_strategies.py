@@ -211,6 +211,7 @@ def test_only_fedlease_warm_up_rounds_change_how_clients_train(method):
     warm = s.training(0)
     if method.startswith("fedlease"):
         assert (warm.optimizer, warm.lr, warm.class_balanced) == ("sgd", 0.07, True)
+        assert warm.dropout is False
         assert isinstance(warm.make([torch.nn.Parameter(torch.ones(2))]), torch.optim.SGD)
     else:
         assert warm is None  # AdamW at the run's lr, as in every other round

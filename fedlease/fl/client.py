@@ -38,13 +38,15 @@ def seed_for(seed: int, round_idx: int, client_id: int) -> int:
 class TrainSpec:
     """How a client trains in a round: the optimizer, ``adamw`` (decoupled weight decay) or
     ``sgd`` (momentum 0.9, no weight decay: the update stays proportional to the accumulated
-    gradient), and whether the loss weighs each class by the inverse of its frequency in the
-    client's training data (so that the client's label mix does not steer the update)."""
+    gradient); whether the loss weighs each class by the inverse of its frequency in the
+    client's training data (so that the client's label mix does not steer the update); whether
+    dropout (the model's and the adapters') is on."""
 
     optimizer: str
     lr: float
     weight_decay: float = 0.0
     class_balanced: bool = False
+    dropout: bool = True
 
     def make(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -109,12 +111,12 @@ class ClientRunner:
         """
         self._load(state, own_expert)
         model = self.model
-        model.train()
+        training = training or self.training
+        model.train(training.dropout)  # eval mode: every dropout off, nothing else changes
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         params = [p for name, p in model.named_parameters()
                   if p.requires_grad and not (frozen and frozen(name))]  # fmt: skip
-        training = training or self.training
         opt = training.make(params)
         weight = None
         if training.class_balanced:

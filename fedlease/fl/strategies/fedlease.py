@@ -56,14 +56,15 @@ class FedLEASE(Strategy):
 
     def training(self, r):
         """Warm-up with ``warmup_optimizer`` at ``warmup_lr``, class-balanced loss when
-        ``warmup_class_balanced``: the allocation compares the B matrices it leaves. Plain SGD
-        keeps them proportional to the accumulated gradient (AdamW's per-coordinate scaling fills
-        them with noise), and balancing removes the pull towards each client's majority label,
-        which is shared across tasks (docs/results/allocation.md)."""
+        ``warmup_class_balanced``, dropout only with ``warmup_dropout``: the allocation compares
+        the B matrices the warm-up leaves, which should estimate each client's expected gradient.
+        Plain SGD keeps B a sum of gradients (AdamW's per-coordinate scaling fills it with
+        noise), balancing removes the pull towards each client's majority label (shared across
+        tasks), and without dropout the sum is far less noisy (docs/results/allocation.md)."""
         if r < self.cfg.warmup_rounds:
             cfg = self.cfg
             return TrainSpec(cfg.warmup_optimizer, cfg.warmup_lr, cfg.weight_decay,
-                             cfg.warmup_class_balanced)  # fmt: skip
+                             cfg.warmup_class_balanced, cfg.warmup_dropout)  # fmt: skip
         return None
 
     def setup(self, template):
