@@ -17,7 +17,7 @@ def test_defaults_follow_the_paper():
     assert cfg.target_modules == ["query", "value"] and cfg.num_experts == "auto"
     assert cfg.warmup_aggregate is False
     # not from the paper: the warm-up B matrices that the allocation compares (allocation.md)
-    assert (cfg.warmup_optimizer, cfg.warmup_lr) == ("sgd", 0.05)
+    assert (cfg.warmup_optimizer, cfg.warmup_lr) == ("sgd", 0.005)
     assert cfg.warmup_class_balanced is True and cfg.warmup_dropout is False
 
 

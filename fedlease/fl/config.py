@@ -46,7 +46,7 @@ class FLConfig:
     warmup_rounds: int = 5
     warmup_aggregate: bool = False  # FedAvg the warm-up LoRA (the paper trains it locally)
     warmup_optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw": FedLEASE's warm-up rounds
-    warmup_lr: float = 0.05  # learning rate of the warm-up rounds
+    warmup_lr: float = 0.005  # learning rate of the warm-up rounds
     warmup_class_balanced: bool = True  # warm-up loss weighs classes by inverse frequency
     warmup_dropout: bool = False  # dropout during the warm-up rounds
     rounds: int = 20  # adaptive rounds after the warm-up
