@@ -23,14 +23,12 @@
 // output; the routing never leaves the block.
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "inputs.h"
 #include "routing.h"

@@ -26,7 +26,7 @@ METHODS = (
     "ifca",
 )
 
-OPTIMIZERS = ("adamw", "sgd")  # what a client may train with (fedlease.fl.client.OptimizerSpec)
+OPTIMIZERS = ("adamw", "sgd")  # what a client may train with (fedlease.fl.client.TrainSpec)
 
 
 class ConfigError(ValueError):
