@@ -21,6 +21,7 @@ folds onto it: the own expert is always chosen and between 1 and M distinct expe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,25 +64,48 @@ class RoutingSpec:
         return self.fold[-1] if self.num_slots > self.num_experts else 0
 
     def fold_matrix(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """(S, M) float32 one-hot matrix with ``F[s, fold[s]] = 1``: gates = q @ F."""
-        f = torch.zeros(self.num_slots, self.num_experts, device=device)
-        f[torch.arange(self.num_slots), torch.tensor(self.fold)] = 1.0
-        return f
+        """(S, M) float32 one-hot matrix with ``F[s, fold[s]] = 1``: gates = q @ F. Built once
+        per device (no host-to-device copy per call)."""
+        return _fold_matrix(self.fold, self.num_experts, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=256)
+def _fold_matrix(fold: tuple[int, ...], num_experts: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # an ordinary tensor, even if first asked for in inference
+        f = torch.zeros(len(fold), num_experts)
+        f[torch.arange(len(fold)), torch.tensor(fold)] = 1.0
+        return f.to(device)
+
+
+# Up to this many slots (2M - 1 with M <= 8) the kept slots are found by pairwise comparisons,
+# as the kernels do: a few elementwise ops on (..., S, S), where a sort over every token (a radix
+# sort on GPUs) costs far more. Wider routers fall back to a stable sort.
+COMPARE_MAX_SLOTS = 16
+
+
+def kept_slots(logits: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the ``keep`` largest logits per row (ties go to the lower slot).
+
+    Ranked on the logits, not the probabilities: softmax is monotonic, and equal logits stay
+    exactly equal, which vectorised exp does not promise for probabilities."""
+    s = logits.shape[-1]
+    if s <= COMPARE_MAX_SLOTS:
+        mine, other = logits.unsqueeze(-1), logits.unsqueeze(-2)  # [..., s, u]
+        lower = torch.ones(s, s, dtype=torch.bool, device=logits.device).tril_(-1)  # u < s
+        beaten_by = (other > mine) | ((other == mine) & lower)
+        return beaten_by.sum(-1) < keep
+    chosen = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
 
 
 def slot_probs(logits: torch.Tensor, keep: int) -> torch.Tensor:
     """Renormalised probabilities of the ``keep`` best slots, zero elsewhere (float32)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    p = torch.softmax(logits, dim=-1)
-    if keep >= p.shape[-1]:
-        return p
-    # Rank by the logits (softmax is monotonic, and equal logits stay exactly equal, which
-    # vectorised exp does not promise for probabilities); a stable descending sort breaks ties
-    # towards the lower slot index, like the kernels do.
-    chosen = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :keep]
-    mask = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, chosen, True)
-    q = torch.where(mask, p, torch.zeros_like(p))
-    return q / q.sum(dim=-1, keepdim=True)
+    if keep >= logits.shape[-1]:
+        return torch.softmax(logits, dim=-1)
+    # A softmax restricted to the kept slots equals the renormalised kept probabilities.
+    masked = logits.masked_fill(~kept_slots(logits, keep), float("-inf"))
+    return torch.softmax(masked, dim=-1)
 
 
 def slot_probs_backward(q: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:

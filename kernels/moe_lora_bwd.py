@@ -1,16 +1,23 @@
-"""Backward kernels of the MoE-LoRA op.
+"""Backward kernels of the MoE-LoRA op, three passes that each hold only small tiles.
+
+Shapes: x (T, D), dy (T, N), router (S, D), A_cat (MR, D), B_cat (N, MR); K = S + MR, and
+``dz (T, K)`` float32 holds ``[dlogits, da]`` per token: the gradients of the router logits and of
+the experts' projections ``a = A_cat dropout(x)``.
 
 1. ``grad_route``: one program per block of tokens reads dy once: dH = scaling * dy @ B_cat
    (T, MR); the gate gradient folded back onto slots dq[t, s] = sum_j dH a [fold(s) = expert(j)];
    the restricted-softmax backward dlogits = q * (dq - <q, dq>); and da = gate * dH.
-2. ``grad_input_weights``: one pass over x. Programs own a column block of D and a contiguous
-   range of tokens (a split of T). Each computes its tiles of dx = dlogits @ router + mask *
-   (da @ A_cat) and accumulates the weight gradients d_router = dlogits^T x and
-   dA_cat = da^T dropout(x) over its tokens, then writes one float32 partial per split; the
-   partials are summed afterwards. No atomics: the result is deterministic, and the partial
-   buffers stay small (SPLIT x (S + MR) x D).
+2. ``grad_input``: dx = dlogits @ router + mask * (da @ A_cat). A program owns a block of tokens
+   and a range of columns of D; x is not read.
+3. ``grad_weights``: d[router; A_cat] = dz^T [x, dropout(x)], a (K x T) @ (T x D) product. A
+   program owns a block of at most 128 rows of K, a block of columns of D and a contiguous range
+   of tokens (a split of T), accumulates over its tokens in registers (at most 128 x 64 float32)
+   and writes one float32 partial per split; the partials are summed afterwards. No atomics: the
+   result is deterministic, and the partial buffers stay small (SPLITS x K x D).
 
-dB_cat = scaling * dy^T h is a plain (N x T) @ (T x MR) GEMM left to the vendor BLAS.
+Matrix products run on the input dtype (tensor cores for 16-bit inputs) with float32
+accumulation; ``UPCAST`` (float32 inputs, and the interpreter, whose bfloat16 math is wrong)
+computes them in float32 instead. dB_cat = scaling * dy^T h is left to the vendor BLAS.
 """
 
 import triton
@@ -21,7 +28,7 @@ from .routing import dropout_keep, load_tile, slot_to_column_onehot
 
 @triton.jit
 def grad_route_kernel(
-    dy_ptr, b_cat_ptr, q_ptr, a_ptr, dlogits_ptr, da_ptr,
+    dy_ptr, b_cat_ptr, q_ptr, a_ptr, dz_ptr,
     T, N, S, M, MR, R, OWN, scaling,
     stride_dyt, stride_bn,
     UPCAST: tl.constexpr,
@@ -44,8 +51,6 @@ def grad_route_kernel(
         acc += tl.dot(dy, b, input_precision=DOT_PRECISION)
     d_h = acc * scaling
 
-    s_mask = t_ok[:, None] & (offs_s[None, :] < S)
-    j_mask = t_ok[:, None] & (offs_j[None, :] < MR)
     q = load_tile(q_ptr, offs_t, offs_s, S, T, S)
     a = load_tile(a_ptr, offs_t, offs_j, MR, T, MR)
     onehot = slot_to_column_onehot(S, M, MR, R, OWN, S_PAD, MR_PAD)
@@ -53,64 +58,96 @@ def grad_route_kernel(
     d_q = tl.dot(d_h * a, tl.trans(onehot), input_precision="ieee")
     d_logits = q * (d_q - tl.sum(q * d_q, axis=1)[:, None])
     d_a = d_h * gate_per_column
-    tl.store(dlogits_ptr + offs_t[:, None] * S + offs_s[None, :], d_logits, mask=s_mask)
-    tl.store(da_ptr + offs_t[:, None] * MR + offs_j[None, :], d_a, mask=j_mask)
+    k = S + MR
+    s_mask = t_ok[:, None] & (offs_s[None, :] < S)
+    j_mask = t_ok[:, None] & (offs_j[None, :] < MR)
+    tl.store(dz_ptr + offs_t[:, None] * k + offs_s[None, :], d_logits, mask=s_mask)
+    tl.store(dz_ptr + offs_t[:, None] * k + S + offs_j[None, :], d_a, mask=j_mask)
 
 
 @triton.jit
-def grad_input_weights_kernel(
-    x_ptr, router_ptr, a_cat_ptr, dlogits_ptr, da_ptr, dx_ptr, dw_router_ptr, dw_a_ptr,
-    T, D, S, MR, tokens_per_split,
-    stride_xt, stride_rs, stride_am, stride_dxt,
+def grad_input_kernel(
+    dz_ptr, router_ptr, a_cat_ptr, dx_ptr,
+    T, D, S, MR, cols_per_program,
+    stride_rs, stride_am, stride_dxt,
     seed, p_drop,
     HAS_DROPOUT: tl.constexpr,
-    NEED_DX: tl.constexpr,
-    NEED_DW: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr, MR_PAD: tl.constexpr,
 ):  # fmt: skip
-    pid_d = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, S_PAD)
     offs_j = tl.arange(0, MR_PAD)
-    d_ok = offs_d < D
-    # This program's slice of the weights stays in registers for the whole token loop.
-    w_r = load_tile(router_ptr, offs_s, offs_d, stride_rs, S, D).to(tl.float32)
-    w_a = load_tile(a_cat_ptr, offs_j, offs_d, stride_am, MR, D).to(tl.float32)
-    acc_r = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
-    acc_a = tl.zeros((MR_PAD, BLOCK_D), dtype=tl.float32)
+    t_ok = offs_t < T
+    k = S + MR
+    # This block's rows of dz, loaded once for all its columns of dx.
+    g_r = load_tile(dz_ptr, offs_t, offs_s, k, T, S)
+    g_a = load_tile(dz_ptr + S, offs_t, offs_j, k, T, MR)
+    if not UPCAST:
+        g_r = g_r.to(dx_ptr.dtype.element_ty)
+        g_a = g_a.to(dx_ptr.dtype.element_ty)
+    d_begin = pid_d * cols_per_program
+    for d0 in range(d_begin, d_begin + cols_per_program, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        w_r = load_tile(router_ptr, offs_s, offs_d, stride_rs, S, D)
+        w_a = load_tile(a_cat_ptr, offs_j, offs_d, stride_am, MR, D)
+        if UPCAST:
+            w_r = w_r.to(tl.float32)
+            w_a = w_a.to(tl.float32)
+        dx_e = tl.dot(g_a, w_a, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_t, offs_d, D, p_drop)
+            dx_e = tl.where(keep, dx_e / (1.0 - p_drop), 0.0)
+        dx = tl.dot(g_r, w_r, acc=dx_e, input_precision=DOT_PRECISION)
+        tl.store(
+            dx_ptr + offs_t[:, None] * stride_dxt + offs_d[None, :],
+            dx.to(dx_ptr.dtype.element_ty),
+            mask=t_ok[:, None] & (offs_d[None, :] < D),
+        )
+
+
+@triton.jit
+def grad_weights_kernel(
+    dz_ptr, x_ptr, dw_ptr,
+    T, D, S, K, tokens_per_split,
+    stride_xt,
+    seed, p_drop,
+    HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    is_router_row = offs_k < S
+    acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     t_begin = split * tokens_per_split
     for t0 in range(t_begin, t_begin + tokens_per_split, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = offs_t < T
-        g_r = load_tile(dlogits_ptr, offs_t, offs_s, S, T, S)
-        g_a = load_tile(da_ptr, offs_t, offs_j, MR, T, MR)
-        xd_mask = t_ok[:, None] & d_ok[None, :]
-        if HAS_DROPOUT:
+        g = tl.trans(load_tile(dz_ptr, offs_t, offs_k, K, T, K))  # (BLOCK_K, BLOCK_T)
+        x = load_tile(x_ptr, offs_t, offs_d, stride_xt, T, D)
+        if UPCAST:
+            x = x.to(tl.float32)
+        else:
+            g = g.to(x.dtype)
+        if HAS_DROPOUT:  # the router rows see x, the expert rows dropout(x)
             keep = dropout_keep(seed, offs_t, offs_d, D, p_drop)
-            inv_keep = tl.where(keep, 1.0 / (1.0 - p_drop), 0.0)
-        if NEED_DX:
-            dx = tl.dot(g_r, w_r, input_precision="ieee")
-            dx_e = tl.dot(g_a, w_a, input_precision="ieee")
-            if HAS_DROPOUT:
-                dx_e = dx_e * inv_keep
-            dx = dx + dx_e
-            tl.store(
-                dx_ptr + offs_t[:, None] * stride_dxt + offs_d[None, :],
-                dx.to(dx_ptr.dtype.element_ty),
-                mask=xd_mask,
-            )
-        if NEED_DW:
-            x = load_tile(x_ptr, offs_t, offs_d, stride_xt, T, D).to(tl.float32)
-            acc_r += tl.dot(tl.trans(g_r), x, input_precision="ieee")
-            if HAS_DROPOUT:
-                x = x * inv_keep
-            acc_a += tl.dot(tl.trans(g_a), x, input_precision="ieee")
-    if NEED_DW:
-        r_ptrs = dw_router_ptr + split * S * D + offs_s[:, None] * D + offs_d[None, :]
-        tl.store(r_ptrs, acc_r, mask=(offs_s[:, None] < S) & d_ok[None, :])
-        a_ptrs = dw_a_ptr + split * MR * D + offs_j[:, None] * D + offs_d[None, :]
-        tl.store(a_ptrs, acc_a, mask=(offs_j[:, None] < MR) & d_ok[None, :])
+            x_e = tl.where(keep, x.to(tl.float32) / (1.0 - p_drop), 0.0).to(x.dtype)
+            zero = tl.zeros_like(g)
+            acc = tl.dot(tl.where(is_router_row[:, None], g, zero), x, acc=acc,
+                         input_precision=DOT_PRECISION)  # fmt: skip
+            acc = tl.dot(tl.where(is_router_row[:, None], zero, g), x_e, acc=acc,
+                         input_precision=DOT_PRECISION)  # fmt: skip
+        else:
+            acc = tl.dot(g, x, acc=acc, input_precision=DOT_PRECISION)
+    ptrs = dw_ptr + split * K * D + offs_k[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, acc, mask=(offs_k[:, None] < K) & (offs_d[None, :] < D))
 
 
-__all__ = ["grad_input_weights_kernel", "grad_route_kernel", "triton"]
+__all__ = ["grad_input_kernel", "grad_route_kernel", "grad_weights_kernel", "triton"]

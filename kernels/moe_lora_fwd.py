@@ -7,7 +7,9 @@ Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B_cat (N, MR).
    in float32 (softmax, top-KEEP slots, renormalise, fold slots onto experts) and writes the slot
    probabilities q (T, S), the projection a (T, MR, float32) and h = gate * a (T, MR).
    Dropout on the experts' input is drawn in-kernel from a seed; the router sees x undropped.
-2. ``expand``: y = base + scaling * h @ B_cat^T, written in place over the base output.
+2. ``expand``: y = base + scaling * h @ B_cat^T (+ bias). ``base`` is read from its own tensor,
+   so the op's output needs no copy of it; without a base the kernel only writes, and the frozen
+   base GEMM then accumulates onto y (``addmm_`` with beta = 1, in cuBLAS's epilogue).
 """
 
 import triton
@@ -67,9 +69,11 @@ def shrink_route_kernel(
 
 @triton.jit
 def expand_kernel(
-    h_ptr, b_cat_ptr, y_ptr,
+    h_ptr, b_cat_ptr, base_ptr, bias_ptr, y_ptr,
     T, N, MR, scaling,
-    stride_bn, stride_yt,
+    stride_bn, stride_baset, stride_yt,
+    HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, MR_PAD: tl.constexpr,
@@ -86,18 +90,15 @@ def expand_kernel(
     if UPCAST:
         h = h.to(tl.float32)
         b_t = b_t.to(tl.float32)
-    delta = tl.dot(h, b_t, input_precision=DOT_PRECISION) * scaling
-    y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :]
+    y = tl.dot(h, b_t, input_precision=DOT_PRECISION) * scaling
     mask = t_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + delta
+    if HAS_BASE:
+        base_ptrs = base_ptr + offs_t[:, None] * stride_baset + offs_n[None, :]
+        y += tl.load(base_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(is_interpreter: bool) -> dict:
-    """Block sizes: large blocks under the interpreter (each program costs milliseconds there)."""
-    if is_interpreter:
-        return {"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_N": 64}
-    return {"BLOCK_T": 64, "BLOCK_D": 64, "BLOCK_N": 128}
-
-
-__all__ = ["expand_kernel", "launch_config", "shrink_route_kernel", "triton"]
+__all__ = ["expand_kernel", "shrink_route_kernel", "triton"]

@@ -70,7 +70,3 @@ def dropout_mask_kernel(out_ptr, T, D, seed, p_drop, BLOCK_T: tl.constexpr, BLOC
         tl.where(keep, 1.0 / (1.0 - p_drop), 0.0),
         mask=mask,
     )
-
-
-def next_pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))

@@ -95,3 +95,20 @@ def test_restricted_softmax_backward_matches_autograd():
 def test_bad_specs_name_the_value(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
         RoutingSpec.make(**kwargs)
+
+
+@pytest.mark.parametrize("slots,keep", [(7, 4), (15, 8), (3, 1), (24, 5)])
+def test_kept_slots_comparisons_match_a_stable_sort(slots, keep, monkeypatch):
+    """The pairwise-comparison ranking and the sort fallback keep the same slots, ties included
+    (integer-valued logits tie often; the lower slot wins)."""
+    from fedlease import routing
+
+    g = torch.Generator().manual_seed(slots * 31 + keep)
+    logits = torch.randint(-3, 4, (257, slots), generator=g).float()
+    chosen = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :keep]
+    want = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, chosen, True)
+    for limit in (0, 64):  # 0: always sort; 64: always compare
+        monkeypatch.setattr(routing, "COMPARE_MAX_SLOTS", limit)
+        got = routing.kept_slots(logits, keep)
+        assert torch.equal(got, want), limit
+        assert torch.all(got.sum(-1) == keep)

@@ -53,6 +53,7 @@ register(
         "triton",
         triton_backend.moe_lora_triton,
         triton_backend.unavailable_reason,
+        linear_fn=triton_backend.moe_lora_linear_triton,
         dtypes={"cuda": (_F32, _F16, _BF16), "cpu": (_F32, _F16, _BF16)},
     ),
     prefer_on=("cuda",),

@@ -62,7 +62,7 @@ class MoELoRATorchFunction(torch.autograd.Function):
         d_b = torch.mm(dy.t(), a * g_rep).mul_(scaling) if ctx.needs_input_grad[4] else None
         # Gate gradient per expert, then through fold, renormalisation and softmax (float32).
         d_gates = (d_h.to(q.dtype) * a.to(q.dtype)).view(-1, spec.num_experts, rank).sum(-1)
-        d_q = d_gates[:, list(spec.fold)]
+        d_q = d_gates @ spec.fold_matrix(d_gates.device).to(d_gates.dtype).t()
         d_logits = slot_probs_backward(q, d_q).to(x.dtype)
         d_a = d_h.mul_(g_rep)
         dx = dx_drop = d_a_cat = d_router = None

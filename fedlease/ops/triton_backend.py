@@ -1,4 +1,10 @@
-"""The ``triton`` backend: the fused kernels of ``fedlease.kernels`` as one autograd op.
+"""The ``triton`` backend: the fused kernels of ``fedlease.kernels`` as autograd ops.
+
+Two ops share the kernels: ``moe_lora_triton`` adds the update to a given base output (read by the
+expand kernel, never copied); ``moe_lora_linear_triton`` owns the frozen base GEMM too: the expand
+kernel writes ``scaling * h B^T + bias`` and cuBLAS accumulates ``x W^T`` onto it (beta = 1), and
+in the backward the LoRA part of dx is written first and the base ``dy W`` accumulated onto it, so
+no T x N or T x D tensor is added, copied or read twice outside a GEMM.
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was
 imported (Triton's interpreter: slow, for tests). Routing is float32 in every dtype; matrix
@@ -18,7 +24,6 @@ from ..routing import RoutingSpec
 from .dispatch import concat_adapters
 
 INTERPRET_ENV = "TRITON_INTERPRET"
-SPLIT_T = 8  # token splits of the weight-gradient pass (float32 partials, summed after)
 
 
 def interpreting() -> bool:
@@ -39,9 +44,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 @functools.cache
 def _kernels():
-    from ..kernels import moe_lora_bwd, moe_lora_fwd, routing
+    from ..kernels import launch, moe_lora_bwd, moe_lora_fwd, routing
 
-    return moe_lora_fwd, moe_lora_bwd, routing
+    return moe_lora_fwd, moe_lora_bwd, routing, launch
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -62,98 +67,175 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() or dtype == torch.float32
+
+
+def _pads(spec: RoutingSpec, mr: int) -> tuple[int, int]:
+    launch = _kernels()[3]
+    return launch.pow2_at_least_16(spec.num_slots), launch.pow2_at_least_16(mr)
+
+
+def _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, seed, base, bias, y):
+    """Shrink + route, then ``y = base + scaling * h B_cat^T + bias`` (base, bias optional).
+    Returns the saved routing tensors ``(q, a, h)``."""
+    fwd, _, _, launch = _kernels()
+    t, d = x.shape
+    n, mr = b_cat.shape
+    cfg = launch.forward_launch(interpreting())
+    s_pad, mr_pad = _pads(spec, mr)
+    upcast, precision = _upcast(x.dtype), _dot_precision(x.dtype)
+    q = _scratch(t, spec.num_slots, device=x.device, dtype=torch.float32)
+    a = _scratch(t, mr, device=x.device, dtype=torch.float32)
+    h = _scratch(t, mr, device=x.device, dtype=x.dtype)
+    fwd.shrink_route_kernel[(launch.cdiv(t, cfg.block_t),)](
+        x, router, a_cat, q, a, h,
+        t, d, spec.num_slots, spec.num_experts, mr, mr // spec.num_experts, spec.fold_target,
+        spec.keep, x.stride(0), router.stride(0), a_cat.stride(0),
+        seed, float(p_drop),
+        HAS_DROPOUT=p_drop > 0, UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, S_PAD=s_pad, MR_PAD=mr_pad,
+    )  # fmt: skip
+    grid = (launch.cdiv(t, cfg.block_t), launch.cdiv(n, cfg.block_n))
+    fwd.expand_kernel[grid](
+        h, b_cat, y if base is None else base, y if bias is None else bias, y,
+        t, n, mr, float(scaling),
+        b_cat.stride(0), y.stride(0) if base is None else base.stride(0), y.stride(0),
+        HAS_BASE=base is not None, HAS_BIAS=bias is not None,
+        UPCAST=upcast, DOT_PRECISION=precision,
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, MR_PAD=mr_pad,
+    )  # fmt: skip
+    return q, a, h
+
+
+def _route_backward(dy, b_cat, q, a, spec, scaling, cfg):
+    """``dz (T, S + M*r)`` float32: the gradients of the router logits and of ``a``."""
+    _, bwd, _, launch = _kernels()
+    t = dy.shape[0]
+    n, mr = b_cat.shape
+    s_pad, mr_pad = _pads(spec, mr)
+    dz = _scratch(t, spec.num_slots + mr, device=dy.device, dtype=torch.float32)
+    bwd.grad_route_kernel[(launch.cdiv(t, cfg.block_t),)](
+        dy, b_cat, q, a, dz,
+        t, n, spec.num_slots, spec.num_experts, mr, mr // spec.num_experts, spec.fold_target,
+        float(scaling), dy.stride(0), b_cat.stride(0),
+        UPCAST=_upcast(dy.dtype), DOT_PRECISION=_dot_precision(dy.dtype),
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, S_PAD=s_pad, MR_PAD=mr_pad,
+    )  # fmt: skip
+    return dz
+
+
+def _grad_input(dz, router, a_cat, spec, seed, p_drop, cfg, dtype):
+    """The LoRA path's dx: ``dlogits @ router + mask * (da @ A_cat)``."""
+    _, bwd, _, launch = _kernels()
+    t = dz.shape[0]
+    mr, d = a_cat.shape
+    s_pad, mr_pad = _pads(spec, mr)
+    dx = _scratch(t, d, device=dz.device, dtype=dtype)
+    grid = (launch.cdiv(t, cfg.block_t), launch.cdiv(d, cfg.cols_per_program))
+    bwd.grad_input_kernel[grid](
+        dz, router, a_cat, dx,
+        t, d, spec.num_slots, mr, cfg.cols_per_program,
+        router.stride(0), a_cat.stride(0), dx.stride(0),
+        seed, float(p_drop),
+        HAS_DROPOUT=p_drop > 0, UPCAST=_upcast(dtype), DOT_PRECISION=_dot_precision(dtype),
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, S_PAD=s_pad, MR_PAD=mr_pad,
+    )  # fmt: skip
+    return dx
+
+
+def _grad_weights(dz, x, spec, seed, p_drop, cfg):
+    """``d[router; A_cat] = dz^T [x, dropout(x)]`` in float32 (summed token-split partials)."""
+    _, bwd, _, launch = _kernels()
+    t, d = x.shape
+    k = dz.shape[1]
+    part = _scratch(cfg.splits, k, d, device=x.device, dtype=torch.float32)
+    grid = (launch.cdiv(d, cfg.w_block_d), launch.cdiv(k, cfg.w_block_k), cfg.splits)
+    bwd.grad_weights_kernel[grid](
+        dz, x, part,
+        t, d, spec.num_slots, k, cfg.tokens_per_split, x.stride(0),
+        seed, float(p_drop),
+        HAS_DROPOUT=p_drop > 0, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_T=cfg.block_t, BLOCK_D=cfg.w_block_d, BLOCK_K=cfg.w_block_k,
+    )  # fmt: skip
+    dw = part[0] if cfg.splits == 1 else part.sum(0)
+    return dw[: spec.num_slots], dw[spec.num_slots :]
+
+
+def _lora_backward(ctx, dy, need_x, need_a, need_b, need_r):
+    """``(dx of the LoRA path, dA_cat, dB_cat, d_router)``, each None unless asked for."""
+    launch = _kernels()[3]
+    x, a_cat, b_cat, router, q, a, h = ctx.saved_tensors[:7]
+    spec, scaling = ctx.spec, ctx.scaling
+    t, d = x.shape
+    cfg = launch.backward_launch(t, d, spec.num_slots + a_cat.shape[0], interpreting())
+    dz = _route_backward(dy, b_cat, q, a, spec, scaling, cfg)
+    dx = (
+        _grad_input(dz, router, a_cat, spec, ctx.seed, ctx.p_drop, cfg, x.dtype) if need_x else None
+    )
+    d_a = d_r = d_b = None
+    if need_a or need_r:
+        d_r, d_a = _grad_weights(dz, x, spec, ctx.seed, ctx.p_drop, cfg)
+        d_r, d_a = d_r.to(router.dtype), d_a.to(a_cat.dtype)
+    if need_b:  # beta = 0: b_cat only gives the shape; alpha applies the scaling in the GEMM
+        d_b = torch.addmm(b_cat, dy.t(), h, beta=0, alpha=scaling)
+    return dx, d_a, d_b, d_r
+
+
+def _prepare(ctx, x, a_cat, b_cat, router, spec, scaling, p_drop):
+    x = x.contiguous()
+    a_cat, b_cat, router = a_cat.contiguous(), b_cat.contiguous(), router.contiguous()
+    ctx.spec, ctx.scaling, ctx.p_drop = spec, float(scaling), float(p_drop)
+    ctx.seed = _draw_seed() if p_drop > 0 else 0
+    return x, a_cat, b_cat, router
+
+
 class MoELoRATritonFunction(torch.autograd.Function):
+    """``base_out + scaling * sum_e g_e B_e A_e dropout(x)`` for a given base output."""
+
     @staticmethod
     def forward(ctx, x, base_out, a_cat, b_cat, router, spec: RoutingSpec, scaling, p_drop):
-        fwd, _, rt = _kernels()
-        x = x.contiguous()
-        a_cat, b_cat, router = a_cat.contiguous(), b_cat.contiguous(), router.contiguous()
-        t, d = x.shape
-        n, mr = b_cat.shape
-        s, m = spec.num_slots, spec.num_experts
-        r = mr // m
-        own = spec.fold_target
-        seed = _draw_seed() if p_drop > 0 else 0
-        upcast = interpreting() or x.dtype == torch.float32
-        cfg = fwd.launch_config(interpreting())
-        s_pad, mr_pad = rt.next_pow2_at_least_16(s), rt.next_pow2_at_least_16(mr)
-        q = _scratch(t, s, device=x.device, dtype=torch.float32)
-        a = _scratch(t, mr, device=x.device, dtype=torch.float32)
-        h = _scratch(t, mr, device=x.device, dtype=x.dtype)
-        grid = (triton_cdiv(t, cfg["BLOCK_T"]),)
-        fwd.shrink_route_kernel[grid](
-            x, router, a_cat, q, a, h,
-            t, d, s, m, mr, r, own, spec.keep,
-            x.stride(0), router.stride(0), a_cat.stride(0),
-            seed, float(p_drop),
-            HAS_DROPOUT=p_drop > 0, UPCAST=upcast, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], S_PAD=s_pad, MR_PAD=mr_pad,
-        )  # fmt: skip
-        y = base_out.contiguous().clone()
-        grid = (triton_cdiv(t, cfg["BLOCK_T"]), triton_cdiv(n, cfg["BLOCK_N"]))
-        fwd.expand_kernel[grid](
-            h, b_cat, y, t, n, mr, float(scaling), b_cat.stride(0), y.stride(0),
-            UPCAST=upcast, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], MR_PAD=mr_pad,
-        )  # fmt: skip
+        x, a_cat, b_cat, router = _prepare(ctx, x, a_cat, b_cat, router, spec, scaling, p_drop)
+        base_out = base_out.contiguous()
+        y = torch.empty_like(base_out)
+        q, a, h = _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, ctx.seed, base_out,
+                           None, y)  # fmt: skip
         ctx.save_for_backward(x, a_cat, b_cat, router, q, a, h)
-        ctx.spec, ctx.scaling, ctx.p_drop, ctx.seed = spec, float(scaling), float(p_drop), seed
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        fwd, bwd, rt = _kernels()
-        x, a_cat, b_cat, router, q, a, h = ctx.saved_tensors
-        spec, scaling = ctx.spec, ctx.scaling
         dy = dy.contiguous()
-        t, d = x.shape
-        n, mr = b_cat.shape
-        s, m = spec.num_slots, spec.num_experts
-        own = spec.fold_target
-        upcast = interpreting() or x.dtype == torch.float32
-        cfg = fwd.launch_config(interpreting())
-        s_pad, mr_pad = rt.next_pow2_at_least_16(s), rt.next_pow2_at_least_16(mr)
-        d_logits = _scratch(t, s, device=x.device, dtype=torch.float32)
-        d_a = _scratch(t, mr, device=x.device, dtype=torch.float32)
-        bwd.grad_route_kernel[(triton_cdiv(t, cfg["BLOCK_T"]),)](
-            dy, b_cat, q, a, d_logits, d_a,
-            t, n, s, m, mr, mr // m, own, scaling,
-            dy.stride(0), b_cat.stride(0),
-            UPCAST=upcast, DOT_PRECISION=_dot_precision(x.dtype),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], S_PAD=s_pad, MR_PAD=mr_pad,
-        )  # fmt: skip
-        need_x, _, need_a, need_b, need_r = ctx.needs_input_grad[:5]
-        need_dw = need_a or need_r
-        splits = min(SPLIT_T, triton_cdiv(t, cfg["BLOCK_T"]))
-        per_split = triton_cdiv(triton_cdiv(t, splits), cfg["BLOCK_T"]) * cfg["BLOCK_T"]
-        splits = triton_cdiv(t, per_split)
-        dx = _scratch(t, d, device=x.device, dtype=x.dtype) if need_x else x.new_empty(1)
-        dw_r = _scratch(splits, s, d, device=x.device, dtype=torch.float32)
-        dw_a = _scratch(splits, mr, d, device=x.device, dtype=torch.float32)
-        if need_x or need_dw:
-            bwd.grad_input_weights_kernel[(triton_cdiv(d, cfg["BLOCK_D"]), splits)](
-                x, router, a_cat, d_logits, d_a, dx, dw_r, dw_a,
-                t, d, s, mr, per_split,
-                x.stride(0), router.stride(0), a_cat.stride(0), dx.stride(0),
-                ctx.seed, ctx.p_drop,
-                HAS_DROPOUT=ctx.p_drop > 0, NEED_DX=need_x, NEED_DW=need_dw,
-                BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], S_PAD=s_pad, MR_PAD=mr_pad,
-            )  # fmt: skip
-        d_b = torch.mm(dy.t(), h).mul_(scaling).to(b_cat.dtype) if need_b else None
-        return (
-            dx if need_x else None,
-            dy if ctx.needs_input_grad[1] else None,
-            dw_a.sum(0).to(a_cat.dtype) if need_a else None,
-            d_b,
-            dw_r.sum(0).to(router.dtype) if need_r else None,
-            None,
-            None,
-            None,
-        )
+        need_x, need_base, need_a, need_b, need_r = ctx.needs_input_grad[:5]
+        dx, d_a, d_b, d_r = _lora_backward(ctx, dy, need_x, need_a, need_b, need_r)
+        return dx, dy if need_base else None, d_a, d_b, d_r, None, None, None
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+class MoELoRALinearTritonFunction(torch.autograd.Function):
+    """``x W^T + bias + scaling * sum_e g_e B_e A_e dropout(x)``: the layer, base GEMM inside."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_cat, b_cat, router, spec: RoutingSpec, scaling, p_drop):
+        x, a_cat, b_cat, router = _prepare(ctx, x, a_cat, b_cat, router, spec, scaling, p_drop)
+        y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+        q, a, h = _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, ctx.seed, None,
+                           bias, y)  # fmt: skip
+        y.addmm_(x, weight.t())  # the frozen base GEMM accumulates onto the LoRA part
+        ctx.save_for_backward(x, a_cat, b_cat, router, q, a, h, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy = dy.contiguous()
+        x, weight = ctx.saved_tensors[0], ctx.saved_tensors[7]
+        need_x, need_w, need_bias, need_a, need_b, need_r = ctx.needs_input_grad[:6]
+        dx, d_a, d_b, d_r = _lora_backward(ctx, dy, need_x, need_a, need_b, need_r)
+        if need_x:
+            dx.addmm_(dy, weight)  # the base's dx accumulates onto the LoRA part's
+        d_w = dy.t() @ x if need_w else None
+        d_bias = dy.sum(0) if ctx.has_bias and need_bias else None
+        return dx, d_w, d_bias, d_a, d_b, d_r, None, None, None
 
 
 def moe_lora_triton(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
@@ -161,10 +243,17 @@ def moe_lora_triton(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_
     return MoELoRATritonFunction.apply(x, base_out, a_cat, b_cat, router, spec, scaling, dropout_p)
 
 
+def moe_lora_linear_triton(x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p):
+    a_cat, b_cat = concat_adapters(lora_a, lora_b)
+    return MoELoRALinearTritonFunction.apply(
+        x, weight, bias, a_cat, b_cat, router, spec, scaling, dropout_p
+    )
+
+
 def dropout_mask(seed: int, tokens: int, features: int, p: float, device) -> torch.Tensor:
     """The (tokens, features) inverted-dropout multiplier the kernels use for ``seed``."""
-    _, _, rt = _kernels()
+    _, _, rt, launch = _kernels()
     out = torch.empty(tokens, features, device=device, dtype=torch.float32)
-    grid = (triton_cdiv(tokens, 32), triton_cdiv(features, 64))
+    grid = (launch.cdiv(tokens, 32), launch.cdiv(features, 64))
     rt.dropout_mask_kernel[grid](out, tokens, features, seed, float(p), BLOCK_T=32, BLOCK_D=64)
     return out
