@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlease import MoELoRALinear
-from fedlease.ops import available_backends
+from fedlease.ops import available_backends, resolve_backend
 
 TARGETS = {  # device type -> default shape
     "cuda": {"d_in": 4096, "d_out": 4096, "rank": 8, "experts": 4, "tokens": 16384,
@@ -167,6 +167,8 @@ def bench(args: argparse.Namespace) -> dict:
         }
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "versions": versions(),
+        "auto_backend": resolve_backend("auto", device, dtype).name,
         "dtype": args.dtype,
         "shape": {k: getattr(args, k) for k in ("d_in", "d_out", "rank", "experts", "tokens")},
         "threads": torch.get_num_threads(),
@@ -191,6 +193,17 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def versions() -> dict:
+    """Versions of what the numbers depend on."""
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "peft", "fedlease"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            out[name] = None
+    return out
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -204,7 +217,7 @@ def _cpu_name() -> str:
 
 def print_table(report: dict) -> None:
     print(f"device: {report['device']}  dtype: {report['dtype']}  shape: {report['shape']}  "
-          f"threads: {report['threads']}")  # fmt: skip
+          f"threads: {report['threads']}  auto: {report['auto_backend']}")  # fmt: skip
     print(f"{'row':<18}{'fwd ms':>10}{'fwd+bwd ms':>12}{'ktok/s':>9}{'peak MB':>10}")
     for name, r in report["results"].items():
         print(f"{name:<18}{r['fwd_ms']:>10.3f}{r['fwd_bwd_ms']:>12.3f}"

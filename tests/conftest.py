@@ -1,5 +1,8 @@
 import os
+import signal
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -23,3 +26,32 @@ try:
         settings.load_profile("ci")
 except ImportError:  # pragma: no cover
     pass
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--per-test-timeout",
+        type=float,
+        default=0.0,
+        help="fail a test that runs longer than this many seconds (0: no limit; the check runs "
+        "when Python regains control, so a long GPU kernel or compile ends first)",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    limit = item.config.getoption("--per-test-timeout")
+    if not limit or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past --per-test-timeout={limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

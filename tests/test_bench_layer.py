@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from fedlease.ops import available_backends
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layer.py"
@@ -28,3 +30,17 @@ def test_bench_layer_json_on_a_tiny_shape():
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0
     for name, ratio in report["ratios"].items():
         assert name.startswith("fedlease_") and ratio["vs_naive_loop"] > 0
+    assert report["auto_backend"] in available_backends("cpu")
+    assert report["versions"]["torch"] == torch.__version__
+
+    # benchmarks/layer_table.py turns it into the markdown row gpu_check.sh writes
+    sys.path.insert(0, str(SCRIPT.parent))
+    import layer_table
+
+    result = layer_table.checks(report)
+    auto = report["results"][f"fedlease_{report['auto_backend']}"]["fwd_bwd_ms"]
+    value, bound, met = result["auto / PEFT"]
+    assert value == auto / report["results"]["peft_lora"]["fwd_bwd_ms"] and bound == 0.85
+    assert met == (value <= bound)
+    row = layer_table.table([report]).splitlines()[-1]
+    assert row.startswith("| 32x24, M=3, r=4, 200 tok |") and report["auto_backend"] in row

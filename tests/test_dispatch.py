@@ -53,6 +53,12 @@ def test_auto_preferences(monkeypatch):
         dispatch.Backend("triton", lambda *a: None, lambda d: None),
     )
     assert resolve_backend("auto", torch.device("cuda")).name == "triton"
+    # CUDA without Triton: the compiled routing op before torch (measured faster there)
+    for name, reason in (("triton", "no triton"), ("cpp", None)):
+        monkeypatch.setitem(
+            dispatch._REGISTRY, name, dispatch.Backend(name, lambda *a: None, lambda d, r=reason: r)
+        )
+    assert resolve_backend("auto", torch.device("cuda")).name == "cpp"
 
 
 def test_backend_asked_for_in_a_dtype_it_lacks_says_so(monkeypatch):

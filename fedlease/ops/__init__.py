@@ -20,6 +20,7 @@ from .dispatch import (
     Backend,
     available_backends,
     concat_adapters,
+    prefer,
     register,
     resolve_backend,
     unavailable_reason,
@@ -35,9 +36,6 @@ def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p
 
 register(Backend("torch", _torch_backend, lambda device: None))
 _F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# `cpp` is preferred on CPU: its fused layer op (base GEMM, routing and LoRA per block of tokens)
-# measured 0.91x the `torch` time at the CPU target shape and 0.80x at MiniLM's (see
-# benchmarks/RESULTS.md).
 register(
     Backend(
         "cpp",
@@ -45,8 +43,7 @@ register(
         cpp_backend.unavailable_reason,
         linear_fn=cpp_backend.moe_lora_linear_cpp,
         dtypes={"cpu": (_F32, _BF16, _F64), "cuda": (_F32, _F16, _BF16, _F64)},
-    ),
-    prefer_on=("cpu",),
+    )
 )
 register(
     Backend(
@@ -55,9 +52,14 @@ register(
         triton_backend.unavailable_reason,
         linear_fn=triton_backend.moe_lora_linear_triton,
         dtypes={"cuda": (_F32, _F16, _BF16), "cpu": (_F32, _F16, _BF16)},
-    ),
-    prefer_on=("cuda",),
+    )
 )
+# CPU: `cpp`'s fused layer op (base GEMM, routing and LoRA per block of tokens) measured 0.91x the
+# `torch` time at in = out = 1024 and 0.80x at MiniLM's 384 (benchmarks/RESULTS.md).
+prefer("cpu", ("cpp",))
+# CUDA: `triton`, then `cpp` (ATen GEMMs around its CUDA routing kernels), which measured 0.55-0.76x
+# the `torch` time at all four reference shapes on an H100 (benchmarks/RESULTS.md, bf16).
+prefer("cuda", ("triton", "cpp"))
 
 
 def moe_lora(

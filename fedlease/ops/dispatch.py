@@ -38,14 +38,18 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Fastest first; filled in as backends register.
-_PREFERENCE: dict[str, list[str]] = {"cpu": [], "cuda": []}
+# Per device type, the order `auto` tries backends in (fastest first, by measurement); `torch`
+# closes every list.
+_PREFERENCE: dict[str, list[str]] = {}
 
 
-def register(backend: Backend, prefer_on: tuple[str, ...] = ()) -> None:
+def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
-    for device_type in prefer_on:
-        _PREFERENCE.setdefault(device_type, []).insert(0, backend.name)
+
+
+def prefer(device_type: str, names: tuple[str, ...]) -> None:
+    """Make `auto` on ``device_type`` try ``names`` in this order before ``torch``."""
+    _PREFERENCE[device_type] = list(names)
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
