@@ -2,7 +2,8 @@
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
 # current Python, runs the CUDA-relevant tests with a per-test timeout, and benchmarks the layer
 # at the four reference shapes in bf16; every output goes to OUT_DIR:
-#   env.txt, install.log, tests.txt, layer_<shape>.json, layer.md, gpu_check.log
+#   env.txt, install.log, tests.txt, kernel_resources.txt, layer_<shape>.json, layer.md,
+#   gpu_check.log
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -49,6 +50,11 @@ timeout 300 $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
   tests/test_op_linear.py tests/test_layer.py >"$out/tests.txt" 2>&1
 echo "pytest exit code: $?" >>"$out/tests.txt"
 tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
+
+log "kernel resources on this GPU's architecture (registers, spills)"
+arch=$($py -c "import torch; p = torch.cuda.get_device_properties(0); print(p.major * 10 + p.minor)" 2>/dev/null || echo 90)
+env -u TRITON_INTERPRET $py benchmarks/kernel_resources.py --arch "$arch" >"$out/kernel_resources.txt" 2>&1
+tail -n 1 "$out/kernel_resources.txt" | tee -a "$out/gpu_check.log"
 
 log "layer benchmark"
 if [ "$gpu" = 1 ]; then

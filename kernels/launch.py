@@ -1,13 +1,16 @@
-"""Block sizes and grids of the MoE-LoRA kernels, chosen from the problem's shape.
+"""Launch plans of the MoE-LoRA kernels: block sizes, warps and grids from the problem's shape.
 
-Under Triton's interpreter every program costs milliseconds, so blocks are large there; on a GPU
-they are chosen to keep each program's tiles in registers (at most 128 x 64 float32 accumulator
-elements per program) and to launch enough programs to fill the device.
+Every kernel launch takes its meta-parameters from here (``plan.meta[kernel]``: block sizes,
+padded widths, ``num_warps``), and so does ``benchmarks/kernel_resources.py``, which compiles the
+kernels for a GPU target and reports their registers and spills without needing a GPU. On a GPU
+the blocks keep every kernel's live tiles in registers (no spills, checked by that script for
+M*r up to 128) and launch enough programs to fill the device; under Triton's interpreter, where
+every program costs milliseconds, blocks are large and programs few.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import triton
 
@@ -26,49 +29,73 @@ def pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@dataclass(frozen=True)
-class ForwardLaunch:
-    block_t: int
-    block_d: int
-    block_n: int
-
-
-@dataclass(frozen=True)
-class BackwardLaunch:
-    block_t: int
-    block_n: int  # grad_route: columns of dy per step
-    block_d: int  # grad_input: columns of dx per step
-    cols_per_program: int  # grad_input: columns of dx per program
-    w_block_k: int  # grad_weights: rows of [router; A_cat] per program
-    w_block_d: int  # grad_weights: columns per program
-    tokens_per_split: int  # grad_weights: tokens per program (a multiple of block_t)
-    splits: int
-
-
-def forward_launch(interpreter: bool) -> ForwardLaunch:
+def _routing_block_t(mr_pad: int, interpreter: bool, wide: bool) -> int:
+    """Tokens per program of the kernels that route (several BLOCK_T x MR_PAD float32 tiles)."""
     if interpreter:
-        return ForwardLaunch(block_t=64, block_d=64, block_n=64)
-    return ForwardLaunch(block_t=64, block_d=64, block_n=128)
+        return 64
+    return 64 if mr_pad <= 32 and not wide else 32
 
 
-def backward_launch(tokens: int, d_in: int, k: int, interpreter: bool) -> BackwardLaunch:
-    """Launch shape of the three backward passes for ``tokens`` x ``d_in`` inputs and
-    ``k = S + M*r`` gradient columns per token."""
-    block_t = 64
+@dataclass(frozen=True)
+class ForwardPlan:
+    meta: dict[str, dict] = field(default_factory=dict)  # kernel name -> meta-parameters
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    cols_per_program: int  # grad_input: columns of dx per program (a multiple of BLOCK_D)
+    tokens_per_split: int  # grad_weights: tokens per program (a multiple of BLOCK_T)
+    splits: int
+    meta: dict[str, dict] = field(default_factory=dict)
+
+
+def forward_plan(slots: int, mr: int, interpreter: bool, wide: bool = False) -> ForwardPlan:
+    """``wide``: float32 operands (``ieee`` dots on CUDA cores, which hold their operands in
+    registers): half-width column blocks or twice the warps, where 16-bit tiles would spill."""
+    s_pad, mr_pad = pow2_at_least_16(slots), pow2_at_least_16(mr)
+    wide = wide and not interpreter
+    block_t = _routing_block_t(mr_pad, interpreter, wide)
+    return ForwardPlan(
+        {
+            "shrink_route": dict(BLOCK_T=block_t, BLOCK_D=32 if wide else 64, S_PAD=s_pad,
+                                 MR_PAD=mr_pad, num_warps=8 if wide else 4),
+            "expand": dict(BLOCK_T=32 if wide else 64, BLOCK_N=64 if interpreter or wide else 128,
+                           MR_PAD=mr_pad, num_warps=8 if wide else 4),
+        }
+    )  # fmt: skip
+
+
+def backward_plan(
+    tokens: int, d_in: int, slots: int, mr: int, interpreter: bool, wide: bool = False
+) -> BackwardPlan:
+    """Plan of the three backward passes for ``tokens`` x ``d_in`` inputs, ``slots`` router
+    outputs and ``mr = M * r`` rank columns (``wide``: float32 operands, as in ``forward_plan``)."""
+    wide = wide and not interpreter
+    s_pad, mr_pad = pow2_at_least_16(slots), pow2_at_least_16(mr)
+    k = slots + mr
     target = TARGET_PROGRAMS["interpreter" if interpreter else "gpu"]
-    t_blocks = cdiv(tokens, block_t)
-    # grad_input: one program per token block and range of columns; split the columns only
+    route_t = _routing_block_t(mr_pad, interpreter, wide)
+    # grad_input: one program per token block and range of columns; the columns are split only
     # when there are too few token blocks to fill the device.
-    block_d = 64
+    input_t, block_d = (32, 32) if wide else (64, 64)
+    t_blocks = cdiv(tokens, input_t)
     d_blocks = cdiv(d_in, block_d)
     col_groups = min(d_blocks, max(1, target // t_blocks))
     cols_per_program = cdiv(d_blocks, col_groups) * block_d
-    # grad_weights: the float32 accumulator is w_block_k x w_block_d <= 128 x 64 (or 64 x 128).
+    # grad_weights: a float32 accumulator of at most 128 x 128 over 8 warps; 32 tokens a step
+    # (the in-kernel dropout draws a BLOCK_T x BLOCK_D tile of random numbers).
     w_block_k = min(128, pow2_at_least_16(k))
-    w_block_d = 64 if interpreter else 8192 // w_block_k
+    w_block_d = 64 if interpreter or wide else 128
+    w_t = 64 if interpreter else 32
     tiles = cdiv(d_in, w_block_d) * cdiv(k, w_block_k)
-    splits = min(t_blocks, MAX_SPLITS, max(1, target // tiles))
-    tokens_per_split = cdiv(t_blocks, splits) * block_t
+    w_blocks = cdiv(tokens, w_t)
+    splits = min(w_blocks, MAX_SPLITS, max(1, target // tiles))
+    tokens_per_split = cdiv(w_blocks, splits) * w_t
     splits = cdiv(tokens, tokens_per_split)
-    return BackwardLaunch(block_t, 64, block_d, cols_per_program, w_block_k, w_block_d,
-                          tokens_per_split, splits)  # fmt: skip
+    meta = {
+        "grad_route": dict(BLOCK_T=route_t, BLOCK_N=64, S_PAD=s_pad, MR_PAD=mr_pad, num_warps=4),
+        "grad_input": dict(BLOCK_T=input_t, BLOCK_D=block_d, S_PAD=s_pad, MR_PAD=mr_pad,
+                           num_warps=4),
+        "grad_weights": dict(BLOCK_T=w_t, BLOCK_D=w_block_d, BLOCK_K=w_block_k, num_warps=8),
+    }  # fmt: skip
+    return BackwardPlan(cols_per_program, tokens_per_split, splits, meta)

@@ -11,9 +11,12 @@ the experts' projections ``a = A_cat dropout(x)``.
    and a range of columns of D; x is not read.
 3. ``grad_weights``: d[router; A_cat] = dz^T [x, dropout(x)], a (K x T) @ (T x D) product. A
    program owns a block of at most 128 rows of K, a block of columns of D and a contiguous range
-   of tokens (a split of T), accumulates over its tokens in registers (at most 128 x 64 float32)
-   and writes one float32 partial per split; the partials are summed afterwards. No atomics: the
-   result is deterministic, and the partial buffers stay small (SPLITS x K x D).
+   of tokens (a split of T), accumulates over its tokens in registers (at most 128 x 128 float32
+   over 8 warps) and writes one float32 partial per split; the partials are summed afterwards.
+   No atomics: the result is deterministic, and the partial buffers stay small (SPLITS x K x D).
+
+Every kernel's tiles fit in registers for M*r up to 128 (no spills on sm_90, checked by
+``benchmarks/kernel_resources.py`` and its test).
 
 Matrix products run on the input dtype (tensor cores for 16-bit inputs) with float32
 accumulation; ``UPCAST`` (float32 inputs, and the interpreter, whose bfloat16 math is wrong)
@@ -23,7 +26,7 @@ computes them in float32 instead. dB_cat = scaling * dy^T h is left to the vendo
 import triton
 import triton.language as tl
 
-from .routing import dropout_keep, load_tile, slot_to_column_onehot
+from .routing import dropout_keep, gate_per_column, load_tile, sum_columns_per_slot
 
 
 @triton.jit
@@ -53,11 +56,9 @@ def grad_route_kernel(
 
     q = load_tile(q_ptr, offs_t, offs_s, S, T, S)
     a = load_tile(a_ptr, offs_t, offs_j, MR, T, MR)
-    onehot = slot_to_column_onehot(S, M, MR, R, OWN, S_PAD, MR_PAD)
-    gate_per_column = tl.dot(q, onehot, input_precision="ieee")
-    d_q = tl.dot(d_h * a, tl.trans(onehot), input_precision="ieee")
+    d_q = sum_columns_per_slot(d_h * a, M, R, OWN, S_PAD, MR_PAD)
     d_logits = q * (d_q - tl.sum(q * d_q, axis=1)[:, None])
-    d_a = d_h * gate_per_column
+    d_a = d_h * gate_per_column(q, M, R, OWN, S_PAD, MR_PAD)
     k = S + MR
     s_mask = t_ok[:, None] & (offs_s[None, :] < S)
     j_mask = t_ok[:, None] & (offs_j[None, :] < MR)

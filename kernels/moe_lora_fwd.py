@@ -15,7 +15,7 @@ Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B_cat (N, MR).
 import triton
 import triton.language as tl
 
-from .routing import dropout_keep, load_tile, restricted_softmax, slot_to_column_onehot
+from .routing import dropout_keep, gate_per_column, load_tile, restricted_softmax
 
 
 @triton.jit
@@ -54,9 +54,7 @@ def shrink_route_kernel(
         acc_a += tl.dot(x_e, tl.trans(w_a), input_precision=DOT_PRECISION)
 
     q = restricted_softmax(acc_logits, S, KEEP, S_PAD)
-    onehot = slot_to_column_onehot(S, M, MR, R, OWN, S_PAD, MR_PAD)
-    gate_per_column = tl.dot(q, onehot, input_precision="ieee")
-    h = acc_a * gate_per_column
+    h = acc_a * gate_per_column(q, M, R, OWN, S_PAD, MR_PAD)
 
     s_mask = t_ok[:, None] & (offs_s[None, :] < S)
     j_mask = t_ok[:, None] & (offs_j[None, :] < MR)

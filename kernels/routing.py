@@ -18,14 +18,42 @@ def load_tile(ptr, rows, cols, stride, n_rows, n_cols):
 
 
 @triton.jit
-def slot_to_column_onehot(S, M, MR, R, OWN, S_PAD: tl.constexpr, MR_PAD: tl.constexpr):
-    """(S_PAD, MR_PAD) float32 matrix: 1 where slot s folds onto the expert owning column j."""
+def _fold(s, M, OWN):
+    """The expert slot ``s`` folds onto."""
+    return tl.where(s < M, s, OWN)
+
+
+@triton.jit
+def column(tile, idx, c):
+    """Column ``c`` of ``tile`` as a vector (``idx``: the tile's column indices)."""
+    return tl.sum(tl.where(idx[None, :] == c, tile, 0.0), axis=1)
+
+
+@triton.jit
+def gate_per_column(q, M, R, OWN, S_PAD: tl.constexpr, MR_PAD: tl.constexpr):
+    """(BLOCK_T, MR_PAD): the gate of the expert owning rank column j, i.e. the sum of the slot
+    probabilities ``q`` (BLOCK_T, S_PAD) folding onto it. Slot by slot, so that no S x MR or
+    T x S x MR intermediate is ever live."""
     offs_s = tl.arange(0, S_PAD)
-    offs_j = tl.arange(0, MR_PAD)
-    fold = tl.where(offs_s < M, offs_s, OWN)
-    hit = (fold[:, None] == (offs_j // R)[None, :]) & (offs_s[:, None] < S)
-    hit = hit & (offs_j[None, :] < MR)
-    return hit.to(tl.float32)
+    expert = tl.arange(0, MR_PAD) // R
+    gate = tl.zeros((q.shape[0], MR_PAD), dtype=tl.float32)
+    for s in tl.static_range(S_PAD):  # padded slots have q = 0 and add nothing
+        q_s = column(q, offs_s, s)
+        gate += tl.where((expert == _fold(s, M, OWN))[None, :], q_s[:, None], 0.0)
+    return gate
+
+
+@triton.jit
+def sum_columns_per_slot(v, M, R, OWN, S_PAD: tl.constexpr, MR_PAD: tl.constexpr):
+    """(BLOCK_T, S_PAD): for each slot s, the sum of ``v`` (BLOCK_T, MR_PAD) over the rank
+    columns of the expert s folds onto (the transpose of ``gate_per_column``)."""
+    offs_s = tl.arange(0, S_PAD)
+    expert = tl.arange(0, MR_PAD) // R
+    out = tl.zeros((v.shape[0], S_PAD), dtype=tl.float32)
+    for s in tl.static_range(S_PAD):
+        v_s = tl.sum(tl.where((expert == _fold(s, M, OWN))[None, :], v, 0.0), axis=1)
+        out += tl.where(offs_s[None, :] == s, v_s[:, None], 0.0)
+    return out
 
 
 @triton.jit
@@ -36,19 +64,17 @@ def restricted_softmax(logits, S, KEEP, S_PAD: tl.constexpr):
     valid = offs_s[None, :] < S
     z = tl.where(valid, logits, float("-inf"))
     z = z - tl.max(z, axis=1)[:, None]
-    e = tl.where(valid, tl.exp(z), 0.0)
-    p = e / tl.sum(e, axis=1)[:, None]
     # rank of slot s = number of slots whose logit beats it (ties: the lower slot wins);
     # a slot is kept when its rank is < KEEP. Logits, not probabilities: equal logits stay equal.
-    mine = z[:, :, None]
-    other = z[:, None, :]
-    s_idx = offs_s[None, :, None]
-    o_idx = offs_s[None, None, :]
-    beats = (other > mine) | ((other == mine) & (o_idx < s_idx))
-    rank = tl.sum(beats.to(tl.int32), axis=2)
+    # One slot u at a time: only (BLOCK_T, S_PAD) tiles are live.
+    rank = tl.zeros(z.shape, dtype=tl.int32)
+    for u in tl.static_range(S_PAD):
+        z_u = column(z, offs_s, u)[:, None]  # -inf for a padded slot: it beats nothing
+        beats = (z_u > z) | ((z_u == z) & (u < offs_s[None, :]))
+        rank += beats.to(tl.int32)
     kept = (rank < KEEP) & valid
-    q = tl.where(kept, p, 0.0)
-    return q / tl.sum(q, axis=1)[:, None]
+    e = tl.where(kept, tl.exp(z), 0.0)
+    return e / tl.sum(e, axis=1)[:, None]
 
 
 @triton.jit

@@ -178,15 +178,16 @@ def test_dropout_on_many_experts_matches_reference(op):
 
 def test_launch_plans_cover_splits_column_ranges_and_row_blocks():
     """The shapes above reach every partitioning path of the backward under the interpreter,
-    and GPU plans keep the weight-gradient accumulator at 128 x 64 float32 or less."""
-    assert launch.backward_launch(65, 48, 5 * 8 + 9, interpreter=True).splits == 2
-    assert launch.backward_launch(70, 150, 4 * 8 + 7, interpreter=True).cols_per_program < 150
-    plan = launch.backward_launch(29, 40, 8 * 16 + 15, interpreter=True)
-    assert launch.cdiv(8 * 16 + 15, plan.w_block_k) == 2  # two row blocks of [router; A_cat]
-    for k in (4 * 8 + 7, 8 * 8 + 15, 8 * 16 + 15):
+    and GPU plans keep the weight-gradient accumulator at 128 x 128 float32 or less."""
+    assert launch.backward_plan(65, 48, 9, 5 * 8, interpreter=True).splits == 2
+    assert launch.backward_plan(70, 150, 7, 4 * 8, interpreter=True).cols_per_program < 150
+    plan = launch.backward_plan(29, 40, 15, 8 * 16, interpreter=True)
+    assert launch.cdiv(15 + 8 * 16, plan.meta["grad_weights"]["BLOCK_K"]) == 2  # two row blocks
+    for s, mr in ((7, 4 * 8), (15, 8 * 8), (15, 8 * 16)):
         for tokens, d in ((16384, 4096), (8192, 384), (7, 1024)):
-            plan = launch.backward_launch(tokens, d, k, interpreter=False)
-            assert plan.w_block_k * plan.w_block_d <= 128 * 64
+            plan = launch.backward_plan(tokens, d, s, mr, interpreter=False)
+            w = plan.meta["grad_weights"]
+            assert w["BLOCK_K"] * w["BLOCK_D"] <= 128 * 128
             assert plan.splits * plan.tokens_per_split >= tokens
             assert (plan.splits - 1) * plan.tokens_per_split < tokens  # no empty split
-            assert plan.cols_per_program % plan.block_d == 0
+            assert plan.cols_per_program % plan.meta["grad_input"]["BLOCK_D"] == 0

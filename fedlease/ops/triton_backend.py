@@ -71,94 +71,88 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() or dtype == torch.float32
 
 
-def _pads(spec: RoutingSpec, mr: int) -> tuple[int, int]:
-    launch = _kernels()[3]
-    return launch.pow2_at_least_16(spec.num_slots), launch.pow2_at_least_16(mr)
-
-
 def _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, seed, base, bias, y):
     """Shrink + route, then ``y = base + scaling * h B_cat^T + bias`` (base, bias optional).
     Returns the saved routing tensors ``(q, a, h)``."""
     fwd, _, _, launch = _kernels()
     t, d = x.shape
     n, mr = b_cat.shape
-    cfg = launch.forward_launch(interpreting())
-    s_pad, mr_pad = _pads(spec, mr)
+    plan = launch.forward_plan(spec.num_slots, mr, interpreting(), x.dtype == torch.float32)
     upcast, precision = _upcast(x.dtype), _dot_precision(x.dtype)
     q = _scratch(t, spec.num_slots, device=x.device, dtype=torch.float32)
     a = _scratch(t, mr, device=x.device, dtype=torch.float32)
     h = _scratch(t, mr, device=x.device, dtype=x.dtype)
-    fwd.shrink_route_kernel[(launch.cdiv(t, cfg.block_t),)](
+    meta = plan.meta["shrink_route"]
+    fwd.shrink_route_kernel[(launch.cdiv(t, meta["BLOCK_T"]),)](
         x, router, a_cat, q, a, h,
         t, d, spec.num_slots, spec.num_experts, mr, mr // spec.num_experts, spec.fold_target,
         spec.keep, x.stride(0), router.stride(0), a_cat.stride(0),
         seed, float(p_drop),
-        HAS_DROPOUT=p_drop > 0, UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, S_PAD=s_pad, MR_PAD=mr_pad,
+        HAS_DROPOUT=p_drop > 0, UPCAST=upcast, DOT_PRECISION=precision, **meta,
     )  # fmt: skip
-    grid = (launch.cdiv(t, cfg.block_t), launch.cdiv(n, cfg.block_n))
+    meta = plan.meta["expand"]
+    grid = (launch.cdiv(t, meta["BLOCK_T"]), launch.cdiv(n, meta["BLOCK_N"]))
     fwd.expand_kernel[grid](
         h, b_cat, y if base is None else base, y if bias is None else bias, y,
         t, n, mr, float(scaling),
         b_cat.stride(0), y.stride(0) if base is None else base.stride(0), y.stride(0),
         HAS_BASE=base is not None, HAS_BIAS=bias is not None,
-        UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, MR_PAD=mr_pad,
+        UPCAST=upcast, DOT_PRECISION=precision, **meta,
     )  # fmt: skip
     return q, a, h
 
 
-def _route_backward(dy, b_cat, q, a, spec, scaling, cfg):
+def _route_backward(dy, b_cat, q, a, spec, scaling, plan):
     """``dz (T, S + M*r)`` float32: the gradients of the router logits and of ``a``."""
     _, bwd, _, launch = _kernels()
     t = dy.shape[0]
     n, mr = b_cat.shape
-    s_pad, mr_pad = _pads(spec, mr)
     dz = _scratch(t, spec.num_slots + mr, device=dy.device, dtype=torch.float32)
-    bwd.grad_route_kernel[(launch.cdiv(t, cfg.block_t),)](
+    meta = plan.meta["grad_route"]
+    bwd.grad_route_kernel[(launch.cdiv(t, meta["BLOCK_T"]),)](
         dy, b_cat, q, a, dz,
         t, n, spec.num_slots, spec.num_experts, mr, mr // spec.num_experts, spec.fold_target,
         float(scaling), dy.stride(0), b_cat.stride(0),
-        UPCAST=_upcast(dy.dtype), DOT_PRECISION=_dot_precision(dy.dtype),
-        BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, S_PAD=s_pad, MR_PAD=mr_pad,
+        UPCAST=_upcast(dy.dtype), DOT_PRECISION=_dot_precision(dy.dtype), **meta,
     )  # fmt: skip
     return dz
 
 
-def _grad_input(dz, router, a_cat, spec, seed, p_drop, cfg, dtype):
+def _grad_input(dz, router, a_cat, spec, seed, p_drop, plan, dtype):
     """The LoRA path's dx: ``dlogits @ router + mask * (da @ A_cat)``."""
     _, bwd, _, launch = _kernels()
     t = dz.shape[0]
     mr, d = a_cat.shape
-    s_pad, mr_pad = _pads(spec, mr)
     dx = _scratch(t, d, device=dz.device, dtype=dtype)
-    grid = (launch.cdiv(t, cfg.block_t), launch.cdiv(d, cfg.cols_per_program))
+    meta = plan.meta["grad_input"]
+    grid = (launch.cdiv(t, meta["BLOCK_T"]), launch.cdiv(d, plan.cols_per_program))
     bwd.grad_input_kernel[grid](
         dz, router, a_cat, dx,
-        t, d, spec.num_slots, mr, cfg.cols_per_program,
+        t, d, spec.num_slots, mr, plan.cols_per_program,
         router.stride(0), a_cat.stride(0), dx.stride(0),
         seed, float(p_drop),
         HAS_DROPOUT=p_drop > 0, UPCAST=_upcast(dtype), DOT_PRECISION=_dot_precision(dtype),
-        BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, S_PAD=s_pad, MR_PAD=mr_pad,
+        **meta,
     )  # fmt: skip
     return dx
 
 
-def _grad_weights(dz, x, spec, seed, p_drop, cfg):
+def _grad_weights(dz, x, spec, seed, p_drop, plan):
     """``d[router; A_cat] = dz^T [x, dropout(x)]`` in float32 (summed token-split partials)."""
     _, bwd, _, launch = _kernels()
     t, d = x.shape
     k = dz.shape[1]
-    part = _scratch(cfg.splits, k, d, device=x.device, dtype=torch.float32)
-    grid = (launch.cdiv(d, cfg.w_block_d), launch.cdiv(k, cfg.w_block_k), cfg.splits)
+    meta = plan.meta["grad_weights"]
+    part = _scratch(plan.splits, k, d, device=x.device, dtype=torch.float32)
+    grid = (launch.cdiv(d, meta["BLOCK_D"]), launch.cdiv(k, meta["BLOCK_K"]), plan.splits)
     bwd.grad_weights_kernel[grid](
         dz, x, part,
-        t, d, spec.num_slots, k, cfg.tokens_per_split, x.stride(0),
+        t, d, spec.num_slots, k, plan.tokens_per_split, x.stride(0),
         seed, float(p_drop),
         HAS_DROPOUT=p_drop > 0, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_T=cfg.block_t, BLOCK_D=cfg.w_block_d, BLOCK_K=cfg.w_block_k,
+        **meta,
     )  # fmt: skip
-    dw = part[0] if cfg.splits == 1 else part.sum(0)
+    dw = part[0] if plan.splits == 1 else part.sum(0)
     return dw[: spec.num_slots], dw[spec.num_slots :]
 
 
@@ -168,14 +162,16 @@ def _lora_backward(ctx, dy, need_x, need_a, need_b, need_r):
     x, a_cat, b_cat, router, q, a, h = ctx.saved_tensors[:7]
     spec, scaling = ctx.spec, ctx.scaling
     t, d = x.shape
-    cfg = launch.backward_launch(t, d, spec.num_slots + a_cat.shape[0], interpreting())
-    dz = _route_backward(dy, b_cat, q, a, spec, scaling, cfg)
-    dx = (
-        _grad_input(dz, router, a_cat, spec, ctx.seed, ctx.p_drop, cfg, x.dtype) if need_x else None
+    plan = launch.backward_plan(
+        t, d, spec.num_slots, a_cat.shape[0], interpreting(), x.dtype == torch.float32
     )
+    dz = _route_backward(dy, b_cat, q, a, spec, scaling, plan)
+    dx = None
+    if need_x:
+        dx = _grad_input(dz, router, a_cat, spec, ctx.seed, ctx.p_drop, plan, x.dtype)
     d_a = d_r = d_b = None
     if need_a or need_r:
-        d_r, d_a = _grad_weights(dz, x, spec, ctx.seed, ctx.p_drop, cfg)
+        d_r, d_a = _grad_weights(dz, x, spec, ctx.seed, ctx.p_drop, plan)
         d_r, d_a = d_r.to(router.dtype), d_a.to(a_cat.dtype)
     if need_b:  # beta = 0: b_cat only gives the shape; alpha applies the scaling in the GEMM
         d_b = torch.addmm(b_cat, dy.t(), h, beta=0, alpha=scaling)
