@@ -85,6 +85,11 @@ def moe_lora(
             f"shape mismatch: x {tuple(x.shape)}, base_out {tuple(base_out.shape)}, "
             f"lora_B {tuple(lora_B.shape)}"
         )
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_lora(*_cast((x, base_out, lora_A, lora_B, router), cast), spec, scaling,
+                            dropout, training, backend)  # fmt: skip
     impl = resolve_backend(backend, x.device, x.dtype)
     lead = x.shape[:-1]
     y = impl.fn(
@@ -122,6 +127,11 @@ def moe_lora_linear(
             f"base weight {tuple(weight.shape)} / bias {bias_shape} do not fit "
             f"in={d_in}, out={d_out}"
         )
+    cast = _autocast_dtype(x)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_lora_linear(*_cast((x, weight, bias, lora_A, lora_B, router), cast), spec,
+                                   scaling, dropout, training, backend)  # fmt: skip
     impl = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout) if training else 0.0
     if impl.linear_fn is None:
@@ -133,6 +143,21 @@ def moe_lora_linear(
         x.reshape(-1, d_in), weight, bias, lora_A, lora_B, router, spec, float(scaling), p
     )
     return y.reshape(*lead, d_out)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes linear layers in on ``x``'s device, when it is on there."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(tensors, dtype: torch.dtype) -> list:
+    """Autocast's rule for a linear op: floating inputs in ``dtype``. ``.to`` is differentiable, so
+    each parameter still gets its gradient in its own dtype (float32 master weights stay float32);
+    routing inside the backends stays float32 whatever the dtype."""
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 
 def _check_shapes(x, lora_A, lora_B, router, spec) -> tuple[int, int]:
