@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timing import device_name, interleaved_medians, versions
 from torch import nn
 
 from fedlease import MoELoRALinear
@@ -72,28 +71,6 @@ def peft_lora(base: nn.Linear, rank: int, alpha: float) -> nn.Module:
     )
     nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.02)
     return model
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns: dict, device, warmup: int, reps: int) -> dict[str, float]:
-    """Median ms of each callable, timed round-robin (one call of each per repetition), so that
-    a slow phase of a shared machine hits every row alike instead of whichever ran then."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def memory_mb(module: nn.Module, x: torch.Tensor) -> float:
@@ -166,7 +143,7 @@ def bench(args: argparse.Namespace) -> dict:
             "tokens_per_s": args.tokens / fwd_bwd_ms[name] * 1e3,
         }
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": device_name(device),
         "versions": versions(),
         "auto_backend": resolve_backend("auto", device, dtype).name,
         "dtype": args.dtype,
@@ -191,28 +168,6 @@ def ratios(results: dict) -> dict:
             entry["added_over_base_vs_peft"] = (r["fwd_bwd_ms"] - base) / max(peft - base, 1e-9)
         out[name] = entry
     return out
-
-
-def versions() -> dict:
-    """Versions of what the numbers depend on."""
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "peft", "fedlease"):
-        try:
-            out[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
-            out[name] = None
-    return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 def print_table(report: dict) -> None:

@@ -1,0 +1,182 @@
+"""Training speed of a whole model, side by side in one run: PEFT LoRA, fedlease with one expert
+(plain LoRA through the MoE-LoRA layer) and fedlease with M adaptive experts, in each precision.
+
+Every row trains the same model on the same batch (random token ids, all positions real) with
+AdamW over its trainable tensors: LoRA (or MoE-LoRA) on the target modules plus the task head.
+``bf16`` is the mixed precision ``fedlease run`` uses: frozen base stored in bfloat16, trainable
+tensors float32, forward and backward under ``torch.autocast``. Steps are timed round-robin (one
+step of each row per repetition); the table gives samples/s from the median step.
+
+    python benchmarks/bench_train.py                          # MiniLM, fp32 and bf16, CPU
+    python benchmarks/bench_train.py --device cuda --json     # one JSON object on stdout
+    python benchmarks/bench_train.py --attn eager,sdpa        # attention implementations too
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from functools import partial
+
+import torch
+from timing import device_name, interleaved_medians, versions
+
+from fedlease import MoELoRAConfig, inject_moe_lora
+from fedlease.models import load
+from fedlease.precision import autocast, cast_frozen, resolve_device
+
+
+def build_row(base, kind: str, args, precision: str, device: torch.device, attn: str):
+    """``(model, optimizer)`` for one row: ``peft``, or ``fedlease`` with ``kind`` experts."""
+    model = copy.deepcopy(base)
+    model.set_attn_implementation(attn)
+    torch.manual_seed(0)
+    if kind == "peft":
+        import peft
+
+        config = peft.LoraConfig(
+            r=args.rank, lora_alpha=16, lora_dropout=0.05, target_modules=args.targets,
+            modules_to_save=["classifier"],
+        )  # fmt: skip
+        model = peft.get_peft_model(model, config)
+    else:
+        experts = int(kind)
+        config = MoELoRAConfig(
+            num_experts=experts, rank=args.rank, alpha=16, dropout=0.05,
+            routing="dense" if experts == 1 else "adaptive", target_modules=args.targets,
+            trainable_modules=["classifier"],
+        )  # fmt: skip
+        inject_moe_lora(model, config)
+    model.to(device)
+    if precision == "bf16":
+        cast_frozen(model, torch.bfloat16)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params), "trainable tensors stay float32"
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def train_step(model, opt, batch, device, precision) -> None:
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+
+
+def bench(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, _ = load(args.model, num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    batch = {
+        "input_ids": torch.randint(1000, vocab, (args.batch, args.seq), generator=g),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    rows = {}
+    for precision in args.precisions:
+        for attn in args.attn:
+            for kind in ("peft", "1", str(args.experts)):
+                name = f"{'peft_lora' if kind == 'peft' else f'fedlease_m{kind}'}/{precision}"
+                name += f"/{attn}" if len(args.attn) > 1 else ""
+                rows[name] = build_row(base, kind, args, precision, device, attn)
+    step_ms = interleaved_medians(
+        {n: partial(train_step, m, o, batch, device, n.split("/")[1]) for n, (m, o) in rows.items()},
+        device, args.warmup, args.steps,
+    )  # fmt: skip
+    results = {
+        n: {"step_ms": ms, "samples_per_s": args.batch / ms * 1e3} for n, ms in step_ms.items()
+    }
+    return {
+        "device": device_name(device),
+        "versions": versions(),
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "experts": args.experts,
+        "attn": args.attn,
+        "threads": torch.get_num_threads(),
+        "results": results,
+        "ratios": ratios(results, args),
+    }
+
+
+def ratios(results: dict, args) -> dict:
+    """Per precision: fedlease M / PEFT samples/s; per row: bf16 / fp32 samples/s."""
+    out = {}
+    for name, r in results.items():
+        row, precision, *attn = name.split("/")
+        if row == f"fedlease_m{args.experts}":
+            peft = results.get("/".join(["peft_lora", precision, *attn]))
+            if peft:
+                out[f"{name} vs peft"] = r["samples_per_s"] / peft["samples_per_s"]
+        if precision == "bf16":
+            fp32 = results.get("/".join([row, "fp32", *attn]))
+            if fp32:
+                out[f"{row}{'/' + attn[0] if attn else ''} bf16 vs fp32"] = (
+                    r["samples_per_s"] / fp32["samples_per_s"]
+                )
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"device: {report['device']}  model: {report['model']}  batch {report['batch']} x "
+          f"{report['seq']} tokens  r {report['rank']}  threads {report['threads']}")  # fmt: skip
+    print(f"{'row':<32}{'step ms':>10}{'samples/s':>11}")
+    for name, r in report["results"].items():
+        print(f"{name:<32}{r['step_ms']:>10.1f}{r['samples_per_s']:>11.1f}")
+    for name, v in report["ratios"].items():
+        print(f"{name}: {v:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="minilm",
+                   help="'minilm' (bundled) or any from_pretrained name or path (default: minilm)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--attn", default="sdpa",
+                   help="attention implementations, comma-separated: sdpa, eager (default: sdpa)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
+    p.add_argument("--experts", type=int, default=4, help="experts of the MoE rows (default: 4)")
+    p.add_argument("--targets", default="query,value",
+                   help="target modules, comma-separated (default: query,value)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row (default: 2)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row (default: 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    args.precisions = args.precisions.split(",")
+    args.attn = args.attn.split(",")
+    args.targets = args.targets.split(",")
+    for value in args.precisions:
+        if value not in ("fp32", "bf16"):
+            p.error(f"--precisions: {value!r} is not fp32 or bf16")
+    for value in args.attn:
+        if value not in ("sdpa", "eager"):
+            p.error(f"--attn: {value!r} is not sdpa or eager")
+    for key in ("batch", "seq", "rank", "experts", "steps"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+    try:
+        report = bench(args)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
