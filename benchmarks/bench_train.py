@@ -88,7 +88,7 @@ def bench(args: argparse.Namespace) -> dict:
                 name += f"/{attn}" if len(args.attn) > 1 else ""
                 rows[name] = build_row(base, kind, args, precision, device, attn)
     step_ms = interleaved_medians(
-        {n: partial(train_step, m, o, batch, device, n.split("/")[1]) for n, (m, o) in rows.items()},
+        {n: partial(train_step, *mo, batch, device, n.split("/")[1]) for n, mo in rows.items()},
         device, args.warmup, args.steps,
     )  # fmt: skip
     results = {
@@ -140,11 +140,11 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="minilm",
-                   help="'minilm' (bundled) or any from_pretrained name or path (default: minilm)")  # fmt: skip
+                   help="'minilm' (bundled) or a from_pretrained name or path")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--attn", default="sdpa",
-                   help="attention implementations, comma-separated: sdpa, eager (default: sdpa)")  # fmt: skip
+                   help="attention implementations, comma-separated: sdpa, eager")  # fmt: skip
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
