@@ -97,7 +97,7 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Store every frozen floating parameter and buffer in ``dtype``; trainable ones keep theirs
     (float32 master weights). In place; returns ``model``."""
     for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
+        for p in list(module.parameters(recurse=False)):
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(dtype)
         for name, b in list(module.named_buffers(recurse=False)):
