@@ -17,8 +17,9 @@ def model_path(name: str) -> str:
     return name
 
 
-def load(name: str = "minilm", num_labels: int = 2):
-    """Return ``(model, tokenizer)`` for sequence classification with ``num_labels`` classes."""
+def load(name: str = "minilm", num_labels: int = 2, attn: str | None = None):
+    """Return ``(model, tokenizer)`` for sequence classification with ``num_labels`` classes;
+    ``attn`` names the attention implementation (``sdpa``, ``eager``; None: the model's default)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -28,7 +29,10 @@ def load(name: str = "minilm", num_labels: int = 2):
     hf_logging.set_verbosity_error()  # the new head's "newly initialised" report is expected
     hf_logging.disable_progress_bar()  # a sub-second load needs no bar
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        kwargs = {"attn_implementation": attn} if attn else {}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, **kwargs
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)

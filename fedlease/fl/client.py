@@ -14,6 +14,7 @@ from ..adapter_io import adapter_state_dict, load_adapter_state_dict
 from ..data.glue import task_spec
 from ..data.tokenize import ClientData, Encoded
 from ..inject import moe_lora_layers, set_own_expert
+from ..precision import autocast
 from .config import OPTIMIZERS
 from .faults import ClientFailure
 
@@ -21,7 +22,9 @@ State = dict[str, torch.Tensor]
 
 
 def clone_state(state: State) -> State:
-    return {k: v.detach().clone() for k, v in state.items()}
+    """A copy of ``state`` on the CPU: clients keep, send and checkpoint CPU tensors, whatever
+    device they train on."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
 
 def payload_bytes(payload: State) -> int:
@@ -78,8 +81,11 @@ class ClientRunner:
         eval_batch_size: int,
         local_epochs: int,
         progress: bool = True,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
+        self.device = next(model.parameters()).device
+        self.precision = precision
         self.pad_id = pad_id
         self.training = TrainSpec("adamw", lr, weight_decay)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -120,7 +126,7 @@ class ClientRunner:
         opt = training.make(params)
         weight = None
         if training.class_balanced:
-            weight = class_weights(data.train.labels, model.config.num_labels)
+            weight = class_weights(data.train.labels, model.config.num_labels).to(self.device)
         frozen = _other_expert_rows(model, own_expert)
         n = len(data.train)
         steps = self.local_epochs * ((n + self.batch_size - 1) // self.batch_size)
@@ -133,13 +139,14 @@ class ClientRunner:
                     bar.close()
                     raise ClientFailure(f"injected crash of client {data.client_id} at step "
                                         f"{fail_at_step}")  # fmt: skip
-                batch = data.train.batch(order[start : start + self.batch_size], self.pad_id)
-                if weight is None:
-                    loss = model(**batch).loss
-                else:
-                    labels = batch.pop("labels")
-                    logits = model(**batch).logits
-                    loss = nn.functional.cross_entropy(logits, labels, weight=weight)
+                batch = self._batch(data.train, order[start : start + self.batch_size])
+                with autocast(self.device, self.precision):
+                    if weight is None:
+                        loss = model(**batch).loss
+                    else:
+                        labels = batch.pop("labels")
+                        logits = model(**batch).logits.float()
+                        loss = nn.functional.cross_entropy(logits, labels, weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -148,6 +155,9 @@ class ClientRunner:
                 bar.update()
         bar.close()
         return clone_state(adapter_state_dict(model)), float(np.mean(losses))
+
+    def _batch(self, data: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in data.batch(idx, self.pad_id).items()}
 
     @torch.no_grad()
     def train_loss(self, data: ClientData, state: State, limit: int) -> float:
@@ -158,14 +168,18 @@ class ClientRunner:
         total = 0.0
         for start in range(0, n, self.eval_batch_size):
             idx = list(range(start, min(start + self.eval_batch_size, n)))
-            total += self.model(**data.train.batch(idx, self.pad_id)).loss.item() * len(idx)
+            with autocast(self.device, self.precision):
+                total += self.model(**self._batch(data.train, idx)).loss.item() * len(idx)
         return total / n
 
     @torch.no_grad()
     def evaluate(self, data: ClientData, state: State, own_expert: int | None = None) -> dict:
         self._load(state, own_expert)
         self.model.eval()
-        return evaluate_encoded(self.model, data.test, data.task, self.pad_id, self.eval_batch_size)
+        with autocast(self.device, self.precision):
+            return evaluate_encoded(
+                self.model, data.test, data.task, self.pad_id, self.eval_batch_size
+            )
 
 
 def _other_expert_rows(
@@ -194,14 +208,16 @@ def evaluate_encoded(
     model: nn.Module, data: Encoded, task: str, pad_id: int, batch_size: int
 ) -> dict:
     """Accuracy and mean loss on ``data`` (binary F1 of class 1 too for MRPC/QQP)."""
+    device = next(model.parameters()).device
     order = sorted(range(len(data)), key=lambda i: len(data.features["input_ids"][i]))
     preds, labels, loss_sum = [], [], 0.0
     for start in range(0, len(order), batch_size):
-        batch = data.batch(order[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size],
+                                                        pad_id).items()}  # fmt: skip
         out = model(**batch)
         loss_sum += out.loss.item() * len(batch["labels"])
-        preds.append(out.logits.argmax(-1))
-        labels.append(batch["labels"])
+        preds.append(out.logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
     p, y = torch.cat(preds), torch.cat(labels)
     result = {"accuracy": (p == y).double().mean().item(), "eval_loss": loss_sum / len(y)}
     if task_spec(task).f1:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..data.glue import TASKS
+from ..precision import PRECISIONS
 from .faults import FAULT_KEYS
 
 METHODS = (
@@ -66,6 +69,8 @@ class FLConfig:
     seed: int = 0
     data_dir: str | None = None  # local <dir>/<task>/{train,validation}.jsonl; else the hub
     backend: str = "auto"
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
+    precision: str = "auto"  # auto (bf16 where the hardware is fast in it), fp32, bf16
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     faults: dict | None = None  # fault injection for tests: see fedlease.fl.faults
 
@@ -185,6 +190,10 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
                   "warm-up LoRA B matrices: it needs warmup_rounds >= 1")  # fmt: skip
     if cfg.backend not in ("auto", "torch", "triton", "cpp"):
         raise bad("backend", "must be one of auto, torch, triton, cpp")
+    if cfg.device != "auto" and re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is None:
+        raise bad("device", "must be auto, cpu, cuda or cuda:N")
+    if cfg.precision not in PRECISIONS:
+        raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     if cfg.threads is not None and cfg.threads < 1:
         raise bad("threads", "must be >= 1")
     for key, value in (cfg.faults or {}).items():
@@ -195,6 +204,18 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
                               f"got {value!r}")  # fmt: skip
         if key.endswith("_rate") and not 0 <= value < 1:
             raise ConfigError(f"config key 'faults.{key}' = {value!r}: must be in [0, 1)")
+
+
+def runtime(cfg: FLConfig) -> tuple[torch.device, str]:
+    """The device and precision this machine runs ``cfg`` with; ``ConfigError`` naming the key
+    when the device is not here (``cuda`` without a GPU)."""
+    from ..precision import resolve_device, resolve_precision
+
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'device': {exc}") from None
+    return device, resolve_precision(cfg.precision, device)
 
 
 def parse_override(item: str) -> tuple[str, object]:

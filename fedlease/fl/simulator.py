@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .. import models
-from ..adapter_io import adapter_state_dict, load_adapter_state_dict, save_adapter
-from ..data import TASKS, build_client_data, resolve_data_dir
-from ..inject import MoELoRAConfig, inject_moe_lora, set_own_expert
+from ..adapter_io import load_adapter_state_dict, save_adapter
+from ..data import build_client_data, resolve_data_dir
+from ..inject import set_own_expert
 from . import checkpoint
 from .allocation import Allocation
-from .client import ClientRunner, State, clone_state, payload_bytes, seed_for
-from .config import FLConfig
-from .faults import ClientFailure, FaultPlan, non_finite, poison
-from .strategies import Layout, Strategy, make_strategy
-from .strategies.base import HEAD, restored, select
+from .client import State, clone_state, payload_bytes
+from .config import FLConfig, runtime
+from .faults import FaultPlan
+from .pool import ClientSide, ModelPool, load_base
+from .strategies import Strategy, make_strategy
+from .strategies.base import restored, select
 from .strategies.fedlease import allocation_to_json
-from .strategies.ifca import PICK_EXAMPLES
 
 
 @dataclass
@@ -43,6 +39,8 @@ class Summary:
     initial_mean: float = float("nan")  # mean accuracy of the untrained model (random head)
     samples: dict = field(default_factory=dict)  # train/test examples per client
     resumed_from_round: int | None = None  # rounds already complete when this process resumed
+    device: str = ""  # where the clients trained, e.g. "cpu" or "cuda:0"
+    precision: str = ""  # "fp32" or "bf16"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,19 +87,6 @@ def check_survivors(statuses: list[dict], round_idx: int) -> None:
         raise RuntimeError(f"round {round_idx}: no client update survived ({statuses})")
 
 
-def reject_non_finite(
-    update: State, status: dict, round_idx: int, cid: int, bad: list[str] | None = None
-) -> bool:
-    """Mark ``status`` rejected (and warn) when ``update`` holds NaN/Inf, or when ``bad`` (the
-    non-finite tensors a remote client reported) is not empty; True if so."""
-    bad = bad or non_finite(update)
-    if bad:
-        warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
-                      f"non-finite values in {bad[:3]}", stacklevel=3)  # fmt: skip
-        status.update(status="rejected", non_finite=bad[:3])
-    return bool(bad)
-
-
 ARTEFACTS = ("config.yaml", "metrics.jsonl", "clusters.json", "summary.json", "dendrogram.png",
              "distance_heatmap.png", "silhouette.png", "accuracy.png")  # fmt: skip
 
@@ -117,94 +102,164 @@ def clear_previous_run(out: Path) -> None:
             shutil.rmtree(out / sub)
 
 
-def load_base(cfg: FLConfig):
-    """The frozen model and tokenizer, its task head drawn from ``cfg.seed`` (every process that
-    loads it for the same run, simulator or Flower node, gets the same head); sets ``threads``."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
-    return models.load(cfg.model, num_labels=num_labels)
+class FederatedRun:
+    """One federated run in this process. Its methods are the phases of every round, for every
+    method: ``allocate`` (when the strategy collects the clients' tensors first, as FedLEASE does
+    after its warm-up), ``train_round`` (a warm-up or adaptive round: each client trains as the
+    strategy's layout and training spec for the round say, the server aggregates) and
+    ``evaluate_round``; ``execute`` runs them with a checkpoint after every round.
 
+    With an output directory ``resume=True`` continues from the last complete round found there
+    and gives the same result as an uninterrupted run (every client's randomness is seeded by run
+    seed, round and client id).
+    """
 
-class ModelPool:
-    """One client model per layout on a shared frozen base (adapters are swapped per client)."""
+    def __init__(
+        self,
+        cfg: FLConfig,
+        output_dir: str | Path | None = None,
+        progress: bool = True,
+        resume: bool = False,
+    ) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.out = out = Path(output_dir) if output_dir is not None else None
+        self.device, self.precision = runtime(cfg)  # a device this machine lacks stops here
+        ckpt = checkpoint.load(out) if resume and out else None
+        self.resumed = ckpt is not None
+        self.t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
+        data_dir = resolve_data_dir(cfg.data_dir)
+        base, tokenizer = load_base(cfg)
+        self.clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples,
+                                         cfg.test_samples, cfg.max_seq_len, cfg.seed,
+                                         cfg.label_alpha, data_dir)  # fmt: skip
+        if out:  # only now: bad data stops the run before anything is written
+            if not resume:
+                clear_previous_run(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.rec = Recorder(out, ckpt.meta["metrics"] if ckpt else None)
+        self.comm = dict(ckpt.meta["comm"]) if ckpt else {"up": 0, "down": 0}
+        self.done = ckpt.meta["rounds_done"] if ckpt else 0
+        self.pool = ModelPool(cfg, base, tokenizer, progress)
+        self.strategy = make_strategy(cfg, [float(len(c.train)) for c in self.clients])
+        self.strategy.setup(self.pool.template)
+        self.side = ClientSide(cfg, self.strategy, self.pool, FaultPlan.from_config(cfg.faults))
+        if ckpt:
+            self._restore(ckpt)
+        else:
+            first = self.pool.template(self.strategy.layout(0))
+            self.kept = [clone_state(first) for _ in self.clients]
+            runner = self.pool.runner(self.strategy.layout(0))
+            untrained = [runner.evaluate(c, first) for c in self.clients]
+            self.initial_mean = float(np.mean([e["accuracy"] for e in untrained]))
 
-    def __init__(self, cfg: FLConfig, base, tokenizer, progress: bool) -> None:
-        self.cfg, self.base, self.tokenizer, self.progress = cfg, base, tokenizer, progress
-        self.runners: dict[Layout, ClientRunner] = {}
-        self.templates: dict[Layout, State] = {}
-
-    def runner(self, layout: Layout) -> ClientRunner:
-        if layout not in self.runners:
-            cfg = self.cfg
-            mcfg = MoELoRAConfig(
-                num_experts=layout.num_experts,
-                rank=cfg.rank,
-                alpha=cfg.alpha,
-                dropout=cfg.dropout,
-                routing=layout.routing,
-                top_k=layout.top_k,
-                target_modules=list(cfg.target_modules),
-                trainable_modules=list(HEAD),
+    def _restore(self, ckpt) -> None:
+        saved = checkpoint.unpack(ckpt.tensors)
+        if "strategy" not in ckpt.meta:
+            raise checkpoint.CheckpointError(
+                f"checkpoint in {str(self.out)!r} has no strategy state"
             )
-            torch.manual_seed(cfg.seed)  # same seed, same initial adapters in every method
-            model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
-            self.runners[layout] = ClientRunner(
-                model,
-                self.tokenizer.pad_token_id,
-                cfg.lr,
-                cfg.weight_decay,
-                cfg.batch_size,
-                cfg.eval_batch_size,
-                cfg.local_epochs,
-                self.progress,
-            )
-            self.templates[layout] = clone_state(adapter_state_dict(model))
-        return self.runners[layout]
+        self.strategy.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")},
+                              ckpt.meta["strategy"])  # fmt: skip
+        template = self.pool.template(self.strategy.layout(max(self.done - 1, 0)))
+        self.kept = [restored(template, saved, f"client{c.client_id}") for c in self.clients]
+        self.initial_mean = ckpt.meta["initial_mean"]
 
-    def template(self, layout: Layout) -> State:
-        self.runner(layout)
-        return self.templates[layout]
+    def execute(self) -> Summary:
+        """Every remaining round, then the summary and the artefacts."""
+        if self.out and self.strategy.allocation is not None:  # resumed after the allocation
+            write_clusters(self.out, self.strategy.allocation)
+        total = self.strategy.total_rounds
+        bar = tqdm(total=total, initial=self.done, desc="rounds", disable=not self.progress,
+                   unit="round")  # fmt: skip
+        for r in range(self.done, total):
+            wanted = self.strategy.collect(r)
+            up = self.allocate(r, wanted) if wanted is not None else 0
+            losses, statuses, round_up, down = self.train_round(r)
+            evals = self.evaluate_round(r)
+            self.comm["up"] += up + round_up
+            self.comm["down"] += down
+            self.rec.add(round_row(self.strategy.phase(r), r, self.clients, evals, losses,
+                                   statuses, up + round_up, down, self.t0))  # fmt: skip
+            self.save_checkpoint(r + 1)
+            bar.update()
+            bar.set_postfix(acc=f"{self.rec.rows[-1]['mean_accuracy']:.3f}")
+        bar.close()
+        return self.finish()
 
+    def allocate(self, r: int, wanted) -> int:
+        """Every client uploads the kept tensors the strategy asks for (FedLEASE: its warm-up
+        adapter) and the strategy allocates from them; returns the bytes sent up."""
+        uploads = [select(k, wanted) for k in self.kept]
+        self.strategy.on_collect(r, uploads)
+        if self.out and self.strategy.allocation is not None:
+            write_clusters(self.out, self.strategy.allocation)
+        return sum(payload_bytes(u) for u in uploads)
 
-def client_update(
-    cfg: FLConfig,
-    strategy: Strategy,
-    pool: ModelPool,
-    plan: FaultPlan,
-    c,
-    kept: State,
-    received: State,
-    r: int,
-    desc: str,
-) -> tuple[State | None, State | None, float | None, dict]:
-    """One client's round: ``(new_state, upload, loss, status)``; state and upload are None when
-    the client crashed (an injected ``ClientFailure``: it sends nothing, the round goes on). A new
-    state holding NaN/Inf comes back with status ``rejected``: the client must not keep it, the
-    server must not average its upload."""
-    layout = strategy.layout(r)
-    runner = pool.runner(layout)
+    def train_round(self, r: int) -> tuple[list, list[dict], int, int]:
+        """Each client trains from what it kept and what it received, the server aggregates the
+        accepted uploads; returns ``(losses, statuses, bytes up, bytes down)``."""
+        losses, statuses, accepted = [], [], {}
+        up = down = 0
+        phase = self.strategy.phase(r)
+        for c in self.clients:
+            cid = c.client_id
+            received = self.strategy.down(cid, r)
+            down += payload_bytes(received)
+            desc = f"{phase} {r + 1} client {cid}"
+            new, upload, loss, status = self.side.update(c, self.kept[cid], received, r, desc)
+            losses.append(loss)
+            statuses.append(status)
+            if new is None:
+                continue
+            up += payload_bytes(upload)
+            if status["status"] == "ok":
+                accepted[cid] = upload
+                self.kept[cid] = new
+        check_survivors(statuses, r)
+        self.strategy.aggregate(r, accepted)
+        return losses, statuses, up, down
 
-    def loss_of(state: State) -> float:
-        return runner.train_loss(c, state, PICK_EXAMPLES)
+    def evaluate_round(self, r: int) -> list[dict]:
+        """Every client receives the aggregate, merges it into what it kept and is evaluated."""
+        layout = self.strategy.layout(r)
+        runner, template = self.pool.runner(layout), self.pool.template(layout)
+        evals = []
+        for c in self.clients:
+            cid = c.client_id
+            final = self.strategy.down(cid, r, final=True)
+            self.kept[cid] = self.strategy.client_state(cid, template, self.kept[cid], final)
+            evals.append(runner.evaluate(c, self.kept[cid], self.strategy.own_expert(cid, r)))
+        return evals
 
-    state = strategy.client_state(c.client_id, pool.template(layout), kept, received, loss_of)
-    steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
-    try:
-        new, loss = runner.train(
-            c, state, seed_for(cfg.seed, r, c.client_id), strategy.own_expert(c.client_id, r),
-            desc=desc, fail_at_step=plan.fail_at_step(r, c.client_id, steps),
-            frozen=lambda key: strategy.frozen(key, r), training=strategy.training(r),
-        )  # fmt: skip
-    except ClientFailure as exc:
-        warnings.warn(f"round {r}: {exc}", stacklevel=2)
-        return None, None, None, {"status": "failed", "error": str(exc)}
-    if plan.poisons(r, c.client_id):
-        new = poison(new)
-    status = {"status": "ok"}
-    reject_non_finite(new, status, r, c.client_id)
-    return new, strategy.up(c.client_id, r, new), loss, status
+    def save_checkpoint(self, rounds_done: int) -> None:
+        if not self.out:
+            return
+        groups, meta = self.strategy.state()
+        tensors = checkpoint.pack({f"client{i}": st for i, st in enumerate(self.kept)}
+                                  | {f"s.{g}": st for g, st in groups.items()})  # fmt: skip
+        checkpoint.save(self.out, rounds_done, {"comm": self.comm, "metrics": self.rec.rows,
+                        "initial_mean": self.initial_mean, "elapsed_s": time.time() - self.t0,
+                        "strategy": meta}, tensors)  # fmt: skip
+
+    def finish(self) -> Summary:
+        """The summary; with an output directory also the adapters, summary.json and plots."""
+        cfg, clients, out = self.cfg, self.clients, self.out
+        samples = {"train": [len(c.train) for c in clients], "test": [len(c.test) for c in clients]}
+        summary = summarise(cfg, samples, self.strategy, self.rec.rows, self.comm,
+                            time.time() - self.t0)  # fmt: skip
+        summary.initial_mean = self.initial_mean
+        summary.resumed_from_round = self.done if self.resumed else None
+        summary.device, summary.precision = str(self.device), self.precision
+        if out:
+            if self.strategy.total_rounds:
+                write_adapters(out / "adapters", cfg, self.pool, self.strategy, clients, self.kept)
+            (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+            from .plots import write_plots
+
+            write_plots(out, self.strategy.allocation, self.rec.rows, cfg.clients,
+                        self.initial_mean)  # fmt: skip
+        return summary
 
 
 def run(
@@ -213,127 +268,9 @@ def run(
     progress: bool = True,
     resume: bool = False,
 ) -> Summary:
-    """Run ``cfg.method`` as configured; write artefacts to ``output_dir`` when given.
-
-    With an output directory the run checkpoints after every round; ``resume=True`` continues
-    from the last complete round found there (and gives the same result as an uninterrupted run:
-    every client's randomness is seeded by run seed, round and client id).
-    """
-    out = Path(output_dir) if output_dir is not None else None
-    ckpt = checkpoint.load(out) if resume and out else None
-    t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
-    data_dir = resolve_data_dir(cfg.data_dir)
-    base, tokenizer = load_base(cfg)
-    clients = build_client_data(
-        cfg.clients,
-        tokenizer,
-        cfg.train_samples,
-        cfg.test_samples,
-        cfg.max_seq_len,
-        cfg.seed,
-        cfg.label_alpha,
-        data_dir,
-    )
-    weights = [float(len(c.train)) for c in clients]
-    if out:  # only now: bad data stops the run before anything is written
-        if not resume:
-            clear_previous_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    rec = Recorder(out, ckpt.meta["metrics"] if ckpt else None)
-    comm = dict(ckpt.meta["comm"]) if ckpt else {"up": 0, "down": 0}
-    done = ckpt.meta["rounds_done"] if ckpt else 0
-    pool = ModelPool(cfg, base, tokenizer, progress)
-    strategy = make_strategy(cfg, weights)
-    strategy.setup(pool.template)
-    plan = FaultPlan.from_config(cfg.faults)
-
-    if ckpt:
-        saved = checkpoint.unpack(ckpt.tensors)
-        if "strategy" not in ckpt.meta:
-            raise checkpoint.CheckpointError(f"checkpoint in {str(out)!r} has no strategy state")
-        strategy.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")},
-                         ckpt.meta["strategy"])  # fmt: skip
-        kept_template = pool.template(strategy.layout(max(done - 1, 0)))
-        kept = [restored(kept_template, saved, f"client{c.client_id}") for c in clients]
-        initial_mean = ckpt.meta["initial_mean"]
-    else:
-        first = pool.template(strategy.layout(0))
-        kept = [clone_state(first) for _ in clients]
-        untrained = [pool.runner(strategy.layout(0)).evaluate(c, first) for c in clients]
-        initial_mean = float(np.mean([e["accuracy"] for e in untrained]))
-
-    def save_checkpoint(rounds_done: int) -> None:
-        if not out:
-            return
-        groups, meta = strategy.state()
-        tensors = checkpoint.pack({f"client{i}": st for i, st in enumerate(kept)}
-                                  | {f"s.{g}": st for g, st in groups.items()})  # fmt: skip
-        checkpoint.save(out, rounds_done, {"comm": comm, "metrics": rec.rows,
-                        "initial_mean": initial_mean, "elapsed_s": time.time() - t0,
-                        "strategy": meta}, tensors)  # fmt: skip
-
-    if out and strategy.allocation is not None:  # resumed after the allocation
-        write_clusters(out, strategy.allocation)
-    total = strategy.total_rounds
-    bar = tqdm(total=total, initial=done, desc="rounds", disable=not progress, unit="round")
-    for r in range(done, total):
-        up = down = 0
-        wanted = strategy.collect(r)
-        if wanted is not None:  # e.g. FedLEASE's allocation: every client uploads its adapter
-            uploads = [select(k, wanted) for k in kept]
-            up += sum(payload_bytes(u) for u in uploads)
-            strategy.on_collect(r, uploads)
-            if out and strategy.allocation is not None:
-                write_clusters(out, strategy.allocation)
-        losses, statuses, accepted = [], [], {}
-        phase = strategy.phase(r)
-        for c in clients:
-            cid = c.client_id
-            received = strategy.down(cid, r)
-            down += payload_bytes(received)
-            new, upload, loss, status = client_update(
-                cfg, strategy, pool, plan, c, kept[cid], received, r,
-                f"{phase} {r + 1} client {cid}",
-            )  # fmt: skip
-            losses.append(loss)
-            statuses.append(status)
-            if new is None:
-                continue
-            up += payload_bytes(upload)
-            if status["status"] == "ok":
-                accepted[cid] = upload
-                kept[cid] = new
-        check_survivors(statuses, r)
-        strategy.aggregate(r, accepted)
-        layout = strategy.layout(r)
-        runner, template = pool.runner(layout), pool.template(layout)
-        evals = []
-        for c in clients:  # every client receives the aggregate and is evaluated on it
-            cid = c.client_id
-            kept[cid] = strategy.client_state(cid, template, kept[cid],
-                                              strategy.down(cid, r, final=True))  # fmt: skip
-            evals.append(runner.evaluate(c, kept[cid], strategy.own_expert(cid, r)))
-        comm["up"] += up
-        comm["down"] += down
-        rec.add(round_row(phase, r, clients, evals, losses, statuses, up, down, t0))
-        save_checkpoint(r + 1)
-        bar.update()
-        bar.set_postfix(acc=f"{rec.rows[-1]['mean_accuracy']:.3f}")
-    bar.close()
-
-    samples = {"train": [len(c.train) for c in clients], "test": [len(c.test) for c in clients]}
-    summary = summarise(cfg, samples, strategy, rec.rows, comm, time.time() - t0)
-    summary.initial_mean = initial_mean
-    summary.resumed_from_round = done if ckpt else None
-    if out:
-        if total:
-            write_adapters(out / "adapters", cfg, pool, strategy, clients, kept)
-        (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-        from .plots import write_plots
-
-        write_plots(out, strategy.allocation, rec.rows, cfg.clients, initial_mean)
-    return summary
+    """Run ``cfg.method`` as configured; write artefacts to ``output_dir`` when given (see
+    ``FederatedRun``)."""
+    return FederatedRun(cfg, output_dir, progress, resume).execute()
 
 
 def write_adapters(

@@ -25,7 +25,7 @@ from ..data.tokenize import ClientData
 from ..fl.client import clone_state
 from ..fl.config import FLConfig
 from ..fl.faults import FaultPlan
-from ..fl.simulator import ModelPool, client_update, load_base
+from ..fl.pool import ClientSide, ModelPool, load_base
 from ..fl.strategies import Strategy, make_strategy
 from ..fl.strategies.base import select
 from .records import State, from_record, parse_run_config, to_record
@@ -109,10 +109,8 @@ def train(msg: Message, context: Context) -> Message:
     node = node_for(context)
     r = _sync(node, msg)
     received = from_record(msg.content["down"])
-    new, upload, loss, status = client_update(
-        node.cfg, node.strategy, node.pool, node.plan, node.data, _kept(node, context), received,
-        r, desc="",
-    )  # fmt: skip
+    side = ClientSide(node.cfg, node.strategy, node.pool, node.plan)
+    new, upload, loss, status = side.update(node.data, _kept(node, context), received, r)
     if status["status"] == "ok":  # a crashed client has nothing, a NaN state is not kept
         context.state[KEPT] = to_record(new)
     report = {"status": status["status"], "error": status.get("error", ""),

@@ -9,6 +9,7 @@ others, unless fewer than ``min-results`` replied. Artefacts are those of ``fedl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,16 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from ..fl.client import payload_bytes
 from ..fl.config import FLConfig
 from ..fl.plots import write_plots
-from ..fl.simulator import (
-    ModelPool,
-    Recorder,
-    Summary,
-    load_base,
-    reject_non_finite,
-    round_row,
-    summarise,
-    write_clusters,
-)
+from ..fl.pool import ModelPool, load_base, reject_non_finite
+from ..fl.simulator import Recorder, Summary, round_row, summarise, write_clusters
 from ..fl.strategies import make_strategy
 from .records import ServerOptions, from_record, parse_run_config, round_config, to_record
 
@@ -128,9 +121,12 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    base, tokenizer = load_base(cfg)  # the same initial tensors as every client's
+    # The same initial tensors as every client's (drawn on the CPU before any device move); the
+    # server trains nothing, so it needs neither the clients' device nor their precision.
+    local = dataclasses.replace(cfg, device="cpu", precision="fp32")
+    base, tokenizer = load_base(local)
     strategy = make_strategy(cfg, weights)
-    strategy.setup(ModelPool(cfg, base, tokenizer, progress=False).template)
+    strategy.setup(ModelPool(local, base, tokenizer, progress=False).template)
     rec = Recorder(out)
     comm = {"up": 0, "down": 0}
 

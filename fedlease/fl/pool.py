@@ -1,0 +1,137 @@
+"""What a client process holds: the frozen model on its device and precision, one client model per
+layout, and the code of one client round. Shared by the in-process simulator and Flower nodes."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .. import models
+from ..adapter_io import adapter_state_dict
+from ..data import TASKS
+from ..inject import MoELoRAConfig, inject_moe_lora
+from ..precision import attention_for, cast_frozen
+from .client import ClientRunner, State, clone_state, seed_for
+from .config import FLConfig, runtime
+from .faults import ClientFailure, FaultPlan, non_finite, poison
+from .strategies import Layout, Strategy
+from .strategies.base import HEAD
+from .strategies.ifca import PICK_EXAMPLES
+
+
+def load_base(cfg: FLConfig):
+    """The frozen model and tokenizer, its task head drawn from ``cfg.seed`` (every process that
+    loads it for the same run, simulator or Flower node, gets the same head); sets ``threads``.
+    On CPU and in float32; ``ModelPool`` moves each client model to the run's device and
+    precision."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, precision = runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    num_labels = max(TASKS[t].num_labels for t in cfg.clients)
+    return models.load(cfg.model, num_labels=num_labels, attn=attention_for(device, precision))
+
+
+class ModelPool:
+    """One client model per layout on a shared frozen base (adapters are swapped per client), on
+    the run's device; in bf16 the frozen weights are stored in bf16, the trainable ones float32."""
+
+    def __init__(self, cfg: FLConfig, base, tokenizer, progress: bool) -> None:
+        self.cfg, self.base, self.tokenizer, self.progress = cfg, base, tokenizer, progress
+        self.device, self.precision = runtime(cfg)
+        self.runners: dict[Layout, ClientRunner] = {}
+        self.templates: dict[Layout, State] = {}
+
+    def runner(self, layout: Layout) -> ClientRunner:
+        if layout not in self.runners:
+            cfg = self.cfg
+            mcfg = MoELoRAConfig(
+                num_experts=layout.num_experts,
+                rank=cfg.rank,
+                alpha=cfg.alpha,
+                dropout=cfg.dropout,
+                routing=layout.routing,
+                top_k=layout.top_k,
+                target_modules=list(cfg.target_modules),
+                trainable_modules=list(HEAD),
+            )
+            torch.manual_seed(cfg.seed)  # same seed, same initial adapters in every method
+            model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
+            model.to(self.device)
+            if self.precision == "bf16":
+                cast_frozen(model, torch.bfloat16)
+            self.runners[layout] = ClientRunner(
+                model,
+                self.tokenizer.pad_token_id,
+                cfg.lr,
+                cfg.weight_decay,
+                cfg.batch_size,
+                cfg.eval_batch_size,
+                cfg.local_epochs,
+                self.progress,
+                self.precision,
+            )
+            self.templates[layout] = clone_state(adapter_state_dict(model))
+        return self.runners[layout]
+
+    def template(self, layout: Layout) -> State:
+        self.runner(layout)
+        return self.templates[layout]
+
+
+def reject_non_finite(
+    update: State, status: dict, round_idx: int, cid: int, bad: list[str] | None = None
+) -> bool:
+    """Mark ``status`` rejected (and warn) when ``update`` holds NaN/Inf, or when ``bad`` (the
+    non-finite tensors a remote client reported) is not empty; True if so."""
+    bad = bad or non_finite(update)
+    if bad:
+        warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
+                      f"non-finite values in {bad[:3]}", stacklevel=3)  # fmt: skip
+        status.update(status="rejected", non_finite=bad[:3])
+    return bool(bad)
+
+
+@dataclass
+class ClientSide:
+    """The client half of a run: its config, the method, the models, the injected faults."""
+
+    cfg: FLConfig
+    strategy: Strategy
+    pool: ModelPool
+    plan: FaultPlan
+
+    def update(
+        self, c, kept: State, received: State, r: int, desc: str = ""
+    ) -> tuple[State | None, State | None, float | None, dict]:
+        """Client ``c``'s round ``r``: ``(new_state, upload, loss, status)``. State and upload are
+        None when the client crashed (an injected ``ClientFailure``: it sends nothing, the round
+        goes on). A new state holding NaN/Inf comes back with status ``rejected``: the client must
+        not keep it, the server must not average its upload."""
+        cfg, strategy = self.cfg, self.strategy
+        layout = strategy.layout(r)
+        runner = self.pool.runner(layout)
+
+        def loss_of(state: State) -> float:
+            return runner.train_loss(c, state, PICK_EXAMPLES)
+
+        template = self.pool.template(layout)
+        state = strategy.client_state(c.client_id, template, kept, received, loss_of)
+        steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
+        try:
+            new, loss = runner.train(
+                c, state, seed_for(cfg.seed, r, c.client_id), strategy.own_expert(c.client_id, r),
+                desc=desc, fail_at_step=self.plan.fail_at_step(r, c.client_id, steps),
+                frozen=lambda key: strategy.frozen(key, r), training=strategy.training(r),
+            )  # fmt: skip
+        except ClientFailure as exc:
+            warnings.warn(f"round {r}: {exc}", stacklevel=2)
+            return None, None, None, {"status": "failed", "error": str(exc)}
+        if self.plan.poisons(r, c.client_id):
+            new = poison(new)
+        status = {"status": "ok"}
+        reject_non_finite(new, status, r, c.client_id)
+        return new, strategy.up(c.client_id, r, new), loss, status
