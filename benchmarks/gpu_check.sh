@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
-# current Python, runs the CUDA-relevant tests with a per-test timeout, and benchmarks the layer
-# at the four reference shapes in bf16; every output goes to OUT_DIR:
+# current Python, runs the CUDA-relevant tests with a per-test timeout, checks the kernels'
+# registers, benchmarks the layer at the four reference shapes in bf16 and a whole model's
+# training (fp32 and bf16), and times one short federated run on the GPU; outputs go to OUT_DIR:
 #   env.txt, install.log, tests.txt, kernel_resources.txt, layer_<shape>.json, layer.md,
-#   gpu_check.log
+#   train.json, train.txt, fl_run/ (a short `fedlease run`), fl_run.log, gpu_check.log
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -47,7 +48,8 @@ cat "$out/env.txt" | tee -a "$out/gpu_check.log"
 log "tests (per-test timeout 120 s)"
 timeout 300 $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
   tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py \
-  tests/test_op_linear.py tests/test_layer.py >"$out/tests.txt" 2>&1
+  tests/test_op_linear.py tests/test_layer.py tests/test_autocast.py tests/test_precision.py \
+  >"$out/tests.txt" 2>&1
 echo "pytest exit code: $?" >>"$out/tests.txt"
 tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
 
@@ -72,5 +74,36 @@ for s in "${shapes[@]}"; do
     2>>"$out/gpu_check.log" || log "bench $name failed"
 done
 $py benchmarks/layer_table.py "$out"/layer_*.json >"$out/layer.md" && cat "$out/layer.md"
+
+log "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16)"
+if [ "$gpu" = 1 ]; then
+  train_args=(--device cuda --batch 32 --seq 128 --steps 20 --warmup 3)
+else
+  train_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
+fi
+$py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
+  && $py -c "import json, sys; r = json.load(open(sys.argv[1])); [print(f'{k:<28} {v[\"samples_per_s\"]:9.1f} samples/s') for k, v in r['results'].items()]; [print(f'{k}: {v:.2f}x') for k, v in r['ratios'].items()]" "$out/train.json" | tee "$out/train.txt" \
+  || log "training benchmark failed"
+
+log "one short federated run (seconds per round in metrics.jsonl)"
+run_dir="$out/fl_run"
+device=cpu; [ "$gpu" = 1 ] && device=cuda
+if FEDLEASE_DATA_DIR=${FEDLEASE_DATA_DIR:-} timeout 300 $py -m fedlease run --config configs/demo.yaml \
+    --output "$run_dir" --no-progress --set device=$device --set rounds=1 --set warmup_rounds=1 \
+    >"$out/fl_run.log" 2>&1; then
+  $py - "$run_dir" <<'PY' | tee -a "$out/gpu_check.log"
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+summary = json.loads((run / "summary.json").read_text())
+walls = [rows[0]["wall_s"]] + [b["wall_s"] - a["wall_s"] for a, b in zip(rows, rows[1:])]
+print(f"fedlease run on {summary['device']} ({summary['precision']}): "
+      + ", ".join(f"round {r['round']} {w:.1f} s" for r, w in zip(rows, walls))
+      + f"; mean accuracy {summary['final']['mean']:.3f}")
+PY
+else
+  log "federated run failed or found no data (set FEDLEASE_DATA_DIR): see fl_run.log"
+fi
 
 log "done in $(($(date +%s) - started)) s"

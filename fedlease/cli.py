@@ -169,11 +169,13 @@ def _load(args: argparse.Namespace, config_path: str):
     """The validated config with the command line's overrides; raises ConfigError/DataError."""
     from .data import resolve_data_dir
     from .fl import load_config
+    from .fl.config import runtime
 
     cfg = load_config(config_path, args.overrides)
     if args.data_dir is not None:
         cfg.data_dir = args.data_dir
     resolve_data_dir(cfg.data_dir)  # a missing directory stops the run before any work
+    runtime(cfg)  # so does a device this machine lacks
     return cfg
 
 

@@ -1,6 +1,7 @@
 """Config validation and the CLI on bad input: one message naming key and value, exit 2."""
 
 import pytest
+import torch
 import yaml
 
 from fedlease.cli import main
@@ -47,6 +48,9 @@ def test_defaults_follow_the_paper():
         ({"top_k": 0}, "'top_k' = 0"),
         ({"warmup_optimizer": "adam"}, "'warmup_optimizer' = 'adam': must be one of"),
         ({"warmup_lr": 0}, "'warmup_lr' = 0.0: must be > 0"),
+        ({"device": "gpu"}, "'device' = 'gpu': must be auto, cpu, cuda or cuda:N"),
+        ({"device": "cuda:x"}, "'device' = 'cuda:x'"),
+        ({"precision": "fp16"}, "'precision' = 'fp16': must be one of auto, fp32, bf16"),
     ],
 )
 def test_bad_values_name_key_and_value(override, pattern):
@@ -70,6 +74,14 @@ def test_overrides_are_yaml(tmp_path):
         ({"colour": "blue"}, [], "unknown config key 'colour'"),
         ({}, ["--set", "num_experts=7"], "'num_experts' = 7"),
         ({}, ["--data-dir", "/no/such/dir"], "'/no/such/dir' does not exist"),
+        ({}, ["--set", "precision=half"], "'precision' = 'half'"),
+        pytest.param(
+            {},
+            ["--set", "device=cuda"],
+            "config key 'device': 'cuda': no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU"),
+        ),
+        ({}, ["--set", "device=cuda:99"], "config key 'device': 'cuda:99'"),
     ],
 )
 def test_cli_bad_input_exits_2_before_work(tmp_path, capsys, extra, args, pattern):
