@@ -86,9 +86,13 @@ $py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$
   || log "training benchmark failed"
 
 log "one short federated run (seconds per round in metrics.jsonl)"
+# GLUE data: $FEDLEASE_DATA_DIR, else a shared/ copy beside or inside the checkout (no hub here)
+for d in "${FEDLEASE_DATA_DIR:-}" ../shared/data/glue shared/data/glue; do
+  if [ -n "$d" ] && [ -d "$d" ]; then export FEDLEASE_DATA_DIR=$(cd "$d" && pwd); break; fi
+done
 run_dir="$out/fl_run"
 device=cpu; [ "$gpu" = 1 ] && device=cuda
-if FEDLEASE_DATA_DIR=${FEDLEASE_DATA_DIR:-} timeout 300 $py -m fedlease run --config configs/demo.yaml \
+if HF_HUB_OFFLINE=1 timeout 300 $py -m fedlease run --config configs/demo.yaml \
     --output "$run_dir" --no-progress --set device=$device --set rounds=1 --set warmup_rounds=1 \
     >"$out/fl_run.log" 2>&1; then
   $py - "$run_dir" <<'PY' | tee -a "$out/gpu_check.log"
