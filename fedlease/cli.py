@@ -19,6 +19,11 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+    def _fill_text(self, text, width, indent):
+        if text.startswith("config keys"):  # a list, one key per line: keep its lines
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
 
 def _methods() -> tuple[str, ...]:
     from .fl.config import METHODS
@@ -52,6 +57,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .fl.config import keys_help
+
     parser = argparse.ArgumentParser(
         prog="fedlease",
         description="Federated fine-tuning with mixtures of LoRA experts (FedLEASE).",
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config.yaml, metrics.jsonl, clusters.json, summary.json, plots and every client's "
         "final adapter (adapters/client<i>/) to the output directory, with a checkpoint after "
         "every round.",
+        epilog=keys_help(),
         formatter_class=_Help,
     )
     run.add_argument(

@@ -106,6 +106,14 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--config", "--output", "--data-dir", "--set", "--no-progress"):
         assert flag in text
+    # every config key that --set takes is explained, with its default
+    from fedlease.fl.config import KEY_HELP, FLConfig
+
+    assert set(KEY_HELP) == set(FLConfig.__dataclass_fields__)
+    keys = text[text.index("config keys") :]
+    for key in KEY_HELP:
+        assert f"\n  {key} [" in keys or key == "clients", key
+    assert "  precision [auto]: auto (bf16 where" in keys and "  threads [null]:" in keys
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,58 @@ class FLConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# One line per key for `fedlease run --help` (a test checks that every key has one).
+KEY_HELP = {
+    "clients": "one GLUE task per client, e.g. [sst2, sst2, qnli, qnli] (required)",
+    "model": "'minilm' (bundled) or a Hugging Face name or local path",
+    "method": f"fedlease or an ablation / baseline: {', '.join(METHODS[1:])}",
+    "train_samples": "training examples per client",
+    "test_samples": "held-out examples per client (from the task's validation split)",
+    "label_alpha": "Dirichlet label skew within a task; null: each client's labels as the task's",
+    "warmup_rounds": "rounds in which every client trains one plain LoRA (FedLEASE needs >= 1)",
+    "warmup_aggregate": "FedAvg the warm-up LoRA (the paper trains it locally: false)",
+    "warmup_optimizer": "optimizer of the warm-up rounds: sgd (momentum 0.9) or adamw",
+    "warmup_lr": "learning rate of the warm-up rounds",
+    "warmup_class_balanced": "warm-up loss weighs each class by its inverse frequency",
+    "warmup_dropout": "dropout during the warm-up rounds",
+    "rounds": "adaptive rounds after the warm-up (or rounds of a baseline)",
+    "local_epochs": "passes over its data a client makes per round",
+    "batch_size": "training batch size",
+    "eval_batch_size": "evaluation batch size",
+    "lr": "learning rate (AdamW) of the rounds after the warm-up",
+    "weight_decay": "AdamW weight decay",
+    "max_seq_len": "tokens per example after truncation",
+    "rank": "LoRA rank r of every expert",
+    "alpha": "LoRA alpha (the update is scaled by alpha / rank)",
+    "dropout": "dropout on the experts' input",
+    "target_modules": "linear layers that get MoE-LoRA, matched by name suffix",
+    "max_experts": "largest K the silhouette search tries (num_experts: auto)",
+    "num_experts": "'auto' (silhouette over K = 2..max_experts) or a fixed number of experts",
+    "top_k": "experts per token in the fedlease_topk ablation (capped at K)",
+    "seed": "draws the partitions and every client's randomness",
+    "data_dir": "local GLUE copy <dir>/<task>/{train,validation}.jsonl; null: the hub",
+    "backend": "MoE-LoRA op backend: auto, torch, triton, cpp",
+    "device": "auto (a GPU when there is one), cpu, cuda or cuda:N",
+    "precision": "auto (bf16 where the hardware is fast in it), fp32 or bf16 (frozen base in "
+    "bf16, adapters float32, autocast)",
+    "threads": "torch intra-op threads; null leaves torch's default",
+    "faults": "fault injection for tests, e.g. {client_failure_rate: 0.2, nan_update_rate: 0.1, "
+    "seed: 0}",
+}
+
+
+def keys_help() -> str:
+    """The config keys with their defaults and meaning, for ``--help``."""
+    defaults = FLConfig(clients=[]).to_dict()
+    lines = ["config keys (in the YAML file or with --set KEY=VALUE; default in brackets):"]
+    for key, text in KEY_HELP.items():
+        shown = yaml.safe_dump(defaults[key], default_flow_style=True).strip().removesuffix("...")
+        default = "" if key == "clients" else f" [{shown.strip()}]"
+        lines += textwrap.wrap(f"{key}{default}: {text}", 96, initial_indent="  ",
+                               subsequent_indent="      ")  # fmt: skip
+    return "\n".join(lines)
 
 
 _POSITIVE_INT = (
