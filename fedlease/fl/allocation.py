@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import AgglomerativeClustering
-from sklearn.metrics import silhouette_score
 
 
 def b_distance_matrix(states: list[dict[str, torch.Tensor]]) -> np.ndarray:
@@ -50,12 +48,18 @@ def cluster(distance: np.ndarray, k: int) -> list[int]:
         return [0] * len(distance)
     if k == len(distance):
         return list(range(k))
+    from sklearn.cluster import AgglomerativeClustering  # see allocate()
+
     model = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
     return _relabel(model.fit_predict(distance))
 
 
 def allocate(distance: np.ndarray, max_experts: int, num_experts: int | str = "auto") -> Allocation:
     """Fixed ``num_experts``, or the K in 2..max_experts (at most n-1) with the best silhouette."""
+    # scikit-learn is imported where it is used: clients never cluster, and importing it (with
+    # scipy.stats and pandas) cost 2.5 s in every Flower ClientApp process, one per message.
+    from sklearn.metrics import silhouette_score
+
     n = len(distance)
     if num_experts != "auto":
         return Allocation(int(num_experts), cluster(distance, int(num_experts)), {}, distance)
