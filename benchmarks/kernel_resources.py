@@ -108,9 +108,21 @@ def compile_kernel(kernel, pointers: dict, dtype: str, constexprs: dict, num_war
     return {"regs": regs, "stack": stack, "shared": int(compiled.metadata.shared)}
 
 
+def _variants(key: str, flags: tuple, dropout) -> list[dict]:
+    """The constexpr flag combinations a kernel is launched with."""
+    if key == "expand":  # the linear op (bias, no base) and the plain op (base)
+        return [{"HAS_BASE": False, "HAS_BIAS": True}, {"HAS_BASE": True, "HAS_BIAS": False}]
+    return [dict.fromkeys(flags, on) for on in dropout] if flags else [{}]
+
+
 def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: int = 4096,
-          arch: int = 90, dropout=(False, True), kernels=tuple(KERNELS)) -> list[dict]:  # fmt: skip
+          arch: int = 90, dropout=(False, True), kernels=tuple(KERNELS),
+          progress: bool = False) -> list[dict]:  # fmt: skip
     """One row per (kernel, expert shape, flags): its resources under the backend's plan."""
+    from tqdm.auto import tqdm
+
+    total = len(experts) * sum(len(_variants(k, KERNELS[k][2], dropout)) for k in kernels)
+    bar = tqdm(total=total, desc="compiling", disable=not progress, unit="kernel")
     rows = []
     for m, r in experts:
         slots, mr = 2 * m - 1, m * r
@@ -123,11 +135,7 @@ def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: in
             kernel, pointers, flags = KERNELS[key]
             plan = dict(meta[key])
             num_warps = plan.pop("num_warps")
-            variants = [dict.fromkeys(flags, on) for on in dropout] if flags else [{}]
-            if key == "expand":  # the linear op (bias, no base) and the plain op (base)
-                variants = [{"HAS_BASE": False, "HAS_BIAS": True},
-                            {"HAS_BASE": True, "HAS_BIAS": False}]  # fmt: skip
-            for flag_values in variants:
+            for flag_values in _variants(key, flags, dropout):
                 constexprs = {**plan, **flag_values, "UPCAST": dtype == "fp32",
                               "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
                 res = compile_kernel(kernel, pointers, DTYPES[dtype], constexprs, num_warps, arch,
@@ -135,6 +143,8 @@ def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: in
                 rows.append({"kernel": key, "experts": m, "rank": r, "dtype": dtype,
                              "flags": flag_values, "num_warps": num_warps,
                              "meta": {k: v for k, v in plan.items()}, **res})  # fmt: skip
+                bar.update()
+    bar.close()
     return rows
 
 
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"kernel_resources: {reason}", file=sys.stderr)
         return 2
-    rows = check(args.dtype, experts, arch=args.arch, kernels=kernels)
+    rows = check(args.dtype, experts, arch=args.arch, kernels=kernels, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
