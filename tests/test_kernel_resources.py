@@ -31,9 +31,10 @@ def compile_rows(code: str) -> list[dict]:
 
 
 def test_no_kernel_spills_at_the_largest_expert_shape():
-    """M = 8, r = 16 (M*r = 128, 15 router slots) in bfloat16: every kernel, dropout on and off,
-    with the meta-parameters the backend launches it with."""
-    rows = compile_rows("print(json.dumps(kr.check('bf16', experts=[(8, 16)])))")
+    """M = 8, r = 16 (M*r = 128, 15 router slots) in bfloat16: every kernel with the
+    meta-parameters the backend launches it with, with dropout (its in-kernel random tiles make
+    those the register-heaviest variants; benchmarks/kernel_resources_sm90.txt has them all)."""
+    rows = compile_rows("print(json.dumps(kr.check('bf16', experts=[(8, 16)], dropout=(True,))))")
     assert {r["kernel"] for r in rows} == {
         "shrink_route", "expand", "grad_route", "grad_input", "grad_weights"
     }  # fmt: skip
