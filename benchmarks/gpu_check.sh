@@ -42,6 +42,12 @@ if torch.cuda.is_available():
           f"{p.multi_processor_count} SMs")
 print("backends on cuda:", available_backends("cuda") if torch.cuda.is_available() else "-")
 print("backends on cpu:", available_backends("cpu"))
+import importlib.util
+needed = {"tests and benchmarks": ("pytest", "peft", "transformers", "safetensors", "yaml", "tqdm"),
+          "the federated run": ("sklearn", "scipy", "matplotlib", "datasets")}
+for what, mods in needed.items():
+    missing = [m for m in mods if importlib.util.find_spec(m) is None]
+    print(f"missing for {what}:", ", ".join(missing) if missing else "nothing")
 PY
 cat "$out/env.txt" | tee -a "$out/gpu_check.log"
 
