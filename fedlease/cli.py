@@ -164,6 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
         "the Hugging Face hub",
     )
 
+    ex = sub.add_parser(
+        "export",
+        help="write one expert of a saved adapter as a standard PEFT LoRA adapter",
+        description="Load a saved adapter (e.g. runs/NAME/adapters/client0) on the base model it "
+        "names and write expert K, with the adapter's task head, as a PEFT LoRA adapter "
+        "(adapter_config.json + adapter_model.safetensors) that "
+        "peft.PeftModel.from_pretrained(base, OUT) loads with no fedlease code, computing exactly "
+        "that expert's output. Nothing is written when the input is bad (exit code 2).",
+        formatter_class=_Help,
+    )
+    ex.add_argument(
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="saved fedlease adapter (adapter_model.safetensors + adapter_config.json)",
+    )
+    ex.add_argument(
+        "--expert",
+        required=True,
+        type=int,
+        metavar="K",
+        help="which expert to export (0..M-1; a client's own expert is `own_expert` in its "
+        "adapter_config.json)",
+    )
+    ex.add_argument("--out", required=True, metavar="DIR", help="directory for the PEFT adapter")
+
     sub.add_parser(
         "demo",
         help="inject MoE-LoRA into the bundled MiniLM, take one step, print what it computed",
@@ -274,6 +300,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .peft_io import export_saved_expert
+
+    try:
+        out = export_saved_expert(args.adapter, args.expert, args.out)
+    except (ValueError, ImportError) as exc:
+        print(f"fedlease export: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"expert {args.expert} of {args.adapter} written as a PEFT LoRA adapter to {out}")
+    return 0
+
+
 def print_summary(summary, out: Path) -> None:
     final = summary.final
     print(f"\n{summary.method}: {summary.num_experts} experts, assignment {summary.assignment}")
@@ -301,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_compare(args)
     if args.command == "eval":
         return _cmd_eval(args)
+    if args.command == "export":
+        return _cmd_export(args)
     if args.command == "demo":
         from .demo import print_layer_demo
 
