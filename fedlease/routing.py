@@ -66,15 +66,20 @@ class RoutingSpec:
     def fold_matrix(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(S, M) float32 one-hot matrix with ``F[s, fold[s]] = 1``: gates = q @ F. Built once
         per device (no host-to-device copy per call)."""
-        return _fold_matrix(self.fold, self.num_experts, torch.device(device or "cpu"))
+        device = torch.device(device or "cpu")
+        if torch.compiler.is_compiling():  # traced into the graph as a constant: no cache
+            return _fold_matrix(self.fold, self.num_experts, device)
+        return _cached_fold_matrix(self.fold, self.num_experts, device)
 
 
-@functools.lru_cache(maxsize=256)
 def _fold_matrix(fold: tuple[int, ...], num_experts: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):  # an ordinary tensor, even if first asked for in inference
         f = torch.zeros(len(fold), num_experts)
         f[torch.arange(len(fold)), torch.tensor(fold)] = 1.0
         return f.to(device)
+
+
+_cached_fold_matrix = functools.lru_cache(maxsize=256)(_fold_matrix)
 
 
 # Up to this many slots (2M - 1 with M <= 8) the kept slots are found by pairwise comparisons,
