@@ -4,6 +4,7 @@ from .adapter_io import adapter_state_dict, load_adapter, load_adapter_state_dic
 from .inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers, set_own_expert
 from .layer import MoELoRALinear
 from .ops import available_backends, moe_lora, moe_lora_linear
+from .peft_io import experts_from_peft, export_expert
 from .routing import RoutingSpec, route
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "RoutingSpec",
     "adapter_state_dict",
     "available_backends",
+    "experts_from_peft",
+    "export_expert",
     "inject_moe_lora",
     "load_adapter",
     "load_adapter_state_dict",
