@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 class FLConfig:
     """Every setting of a federated run. Defaults follow the FedLEASE paper."""
 
-    clients: list[str]  # one GLUE task per client, e.g. [sst2, sst2, qnli, qnli]
+    clients: list[str]  # one GLUE task per client, e.g. [sst2, sst2, qnli, qnli] (or {task: count})
     model: str = "minilm"  # "minilm" (bundled) or a Hugging Face name / local path
     method: str = "fedlease"  # or a baseline / ablation: see fedlease.fl.strategies
     train_samples: int = 1000  # training examples per client
@@ -54,6 +54,8 @@ class FLConfig:
     warmup_class_balanced: bool = True  # warm-up loss weighs classes by inverse frequency
     warmup_dropout: bool = False  # dropout during the warm-up rounds
     rounds: int = 20  # adaptive rounds after the warm-up
+    clients_per_round: int | float | None = None  # clients drawn per round (a count or a fraction)
+    eval_every: int = 1  # evaluate every client every this many rounds (and after the last)
     local_epochs: int = 2
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -81,7 +83,8 @@ class FLConfig:
 
 # One line per key for `fedlease run --help` (a test checks that every key has one).
 KEY_HELP = {
-    "clients": "one GLUE task per client, e.g. [sst2, sst2, qnli, qnli] (required)",
+    "clients": "one GLUE task per client, e.g. [sst2, sst2, qnli, qnli], or a count per task, "
+    "e.g. {sst2: 250, qnli: 250} (required)",
     "model": "'minilm' (bundled) or a Hugging Face name or local path",
     "method": f"fedlease or an ablation / baseline: {', '.join(METHODS[1:])}",
     "train_samples": "training examples per client",
@@ -94,6 +97,9 @@ KEY_HELP = {
     "warmup_class_balanced": "warm-up loss weighs each class by its inverse frequency",
     "warmup_dropout": "dropout during the warm-up rounds",
     "rounds": "adaptive rounds after the warm-up (or rounds of a baseline)",
+    "clients_per_round": "clients that train in a round, drawn from the run seed: a count, a "
+    "fraction of all clients, or null for all (FedLEASE's warm-up rounds train every client)",
+    "eval_every": "evaluate every client every this many rounds, and after the last",
     "local_epochs": "passes over its data a client makes per round",
     "batch_size": "training batch size",
     "eval_batch_size": "evaluation batch size",
@@ -175,15 +181,41 @@ def from_dict(raw: dict) -> FLConfig:
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw).__name__}")
     hints = typing.get_type_hints(FLConfig)
     for key, value in raw.items():
+        if key == "clients" and isinstance(value, dict):
+            continue  # the compact form, expanded below
         if key not in hints:
             raise ConfigError(f"unknown config key {key!r} (known: {', '.join(hints)})")
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"config key {key!r} must be {_type_name(hints[key])}, got {value!r}")
     if "clients" not in raw:
         raise ConfigError("config key 'clients' is required (a list of task names, one per client)")
+    if isinstance(raw["clients"], dict):
+        raw = {**raw, "clients": expand_clients(raw["clients"])}
     cfg = FLConfig(**{k: (float(v) if hints[k] is float else v) for k, v in raw.items()})
     validate(cfg, explicit=set(raw))
     return cfg
+
+
+def expand_clients(counts: dict) -> list[str]:
+    """``{task: count, ...}`` -> one task name per client, the tasks in the order given."""
+    for task, count in counts.items():
+        if not isinstance(task, str) or isinstance(count, bool) or not isinstance(count, int):
+            raise ConfigError(f"config key 'clients': {task!r}: {count!r} must be a task name "
+                              "and a whole number of clients")  # fmt: skip
+        if count < 1:
+            raise ConfigError(f"config key 'clients': {task}: {count} must be >= 1")
+    return [task for task, count in counts.items() for _ in range(count)]
+
+
+def clients_per_round(cfg: FLConfig) -> int:
+    """How many clients train in a sampled round (``clients_per_round`` resolved against the
+    number of clients; a fraction rounds to the nearest count, at least 1)."""
+    n, value = len(cfg.clients), cfg.clients_per_round
+    if value is None:
+        return n
+    if isinstance(value, int):
+        return value
+    return max(1, min(n, round(value * n)))
 
 
 def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
@@ -247,6 +279,13 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
         raise bad("device", "must be auto, cpu, cuda or cuda:N")
     if cfg.precision not in PRECISIONS:
         raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    k = cfg.clients_per_round
+    if isinstance(k, int) and not 1 <= k <= n:
+        raise bad("clients_per_round", f"a count must be in 1..{n} (the number of clients)")
+    if isinstance(k, float) and not 0 < k <= 1:
+        raise bad("clients_per_round", "a fraction must be in (0, 1]")
+    if cfg.eval_every < 1:
+        raise bad("eval_every", "must be >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise bad("threads", "must be >= 1")
     for key, value in (cfg.faults or {}).items():

@@ -62,6 +62,8 @@ def plot_silhouette(path: Path, alloc: Allocation) -> None:
 
 def plot_accuracy(path: Path, rows: list[dict], initial_mean: float | None = None) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    warm = sum(1 for r in rows if r["phase"] == "warmup")
+    rows = [r for r in rows if r.get("evaluated", True)]  # eval_every > 1 skips rounds
     rounds = [r["round"] + 1 for r in rows]
     tasks = sorted({c["task"] for c in rows[0]["clients"]}) if rows else []
     for t in tasks:
@@ -70,7 +72,6 @@ def plot_accuracy(path: Path, rows: list[dict], initial_mean: float | None = Non
     ax.plot(rounds, [r["mean_accuracy"] for r in rows], "k-", lw=2, label="mean")
     if initial_mean is not None:
         ax.axhline(initial_mean, color="gray", ls=":", label="untrained (mean)")
-    warm = sum(1 for r in rows if r["phase"] == "warmup")
     if warm:
         ax.axvspan(0.5, warm + 0.5, color="gray", alpha=0.15, label="warm-up")
     ax.set_xlabel("round")

@@ -20,6 +20,7 @@ from .allocation import Allocation
 from .client import State, clone_state, payload_bytes
 from .config import FLConfig, runtime
 from .faults import FaultPlan
+from .participation import evaluated, participants
 from .pool import ClientSide, ModelPool, load_base
 from .strategies import Strategy, make_strategy
 from .strategies.base import restored, select
@@ -65,14 +66,22 @@ class Recorder:
                 f.write(json.dumps(row) + "\n")
 
 
-def round_row(phase, r, clients, evals, losses, statuses, up, down, t0) -> dict:
+def round_row(phase, r, clients, evals, losses, statuses, up, down, t0, participants=None) -> dict:
+    """One line of metrics.jsonl. ``evals``: one dict per client, or None when the round was not
+    evaluated (``eval_every``; its mean accuracy is then NaN); ``participants``: the clients that
+    trained (None: all); the others have status ``idle``."""
     per_client = []
-    for c, e, loss, st in zip(clients, evals, losses, statuses):
+    for i, (c, loss, st) in enumerate(zip(clients, losses, statuses)):
+        e = evals[i] if evals is not None else {}
         per_client.append({"client": c.client_id, "task": c.task, "train_loss": loss, **st, **e})
+    mean = float(np.nanmean([e["accuracy"] for e in evals])) if evals is not None else float("nan")
+    all_ids = [c.client_id for c in clients]
     return {
         "round": r,
         "phase": phase,
-        "mean_accuracy": float(np.nanmean([e["accuracy"] for e in evals])),
+        "mean_accuracy": mean,
+        "evaluated": evals is not None,
+        "participants": list(participants) if participants is not None else all_ids,
         "clients": per_client,
         "failed": [c.client_id for c, st in zip(clients, statuses) if st["status"] == "failed"],
         "rejected": [c.client_id for c, st in zip(clients, statuses) if st["status"] == "rejected"],
@@ -175,15 +184,17 @@ class FederatedRun:
         for r in range(self.done, total):
             wanted = self.strategy.collect(r)
             up = self.allocate(r, wanted) if wanted is not None else 0
-            losses, statuses, round_up, down = self.train_round(r)
-            evals = self.evaluate_round(r)
+            ids = participants(self.cfg, r, self.strategy.samples(r))
+            losses, statuses, round_up, down = self.train_round(r, ids)
+            evals = self.evaluate_round(r) if evaluated(self.cfg, r, total) else None
             self.comm["up"] += up + round_up
             self.comm["down"] += down
             self.rec.add(round_row(self.strategy.phase(r), r, self.clients, evals, losses,
-                                   statuses, up + round_up, down, self.t0))  # fmt: skip
+                                   statuses, up + round_up, down, self.t0, ids))  # fmt: skip
             self.save_checkpoint(r + 1)
             bar.update()
-            bar.set_postfix(acc=f"{self.rec.rows[-1]['mean_accuracy']:.3f}")
+            if evals is not None:
+                bar.set_postfix(acc=f"{self.rec.rows[-1]['mean_accuracy']:.3f}")
         bar.close()
         return self.finish()
 
@@ -196,27 +207,29 @@ class FederatedRun:
             write_clusters(self.out, self.strategy.allocation)
         return sum(payload_bytes(u) for u in uploads)
 
-    def train_round(self, r: int) -> tuple[list, list[dict], int, int]:
-        """Each client trains from what it kept and what it received, the server aggregates the
-        accepted uploads; returns ``(losses, statuses, bytes up, bytes down)``."""
-        losses, statuses, accepted = [], [], {}
+    def train_round(self, r: int, ids: list[int]) -> tuple[list, list[dict], int, int]:
+        """The clients ``ids`` train from what they kept and what they received, the server
+        aggregates their accepted uploads; the others sit the round out (status ``idle``) and
+        keep their state. Returns ``(losses, statuses, bytes up, bytes down)`` per client."""
+        losses: list = [None] * len(self.clients)
+        statuses = [{"status": "idle"} for _ in self.clients]
+        accepted = {}
         up = down = 0
         phase = self.strategy.phase(r)
-        for c in self.clients:
-            cid = c.client_id
+        for cid in ids:
+            c = self.clients[cid]
             received = self.strategy.down(cid, r)
             down += payload_bytes(received)
             desc = f"{phase} {r + 1} client {cid}"
             new, upload, loss, status = self.side.update(c, self.kept[cid], received, r, desc)
-            losses.append(loss)
-            statuses.append(status)
+            losses[cid], statuses[cid] = loss, status
             if new is None:
                 continue
             up += payload_bytes(upload)
             if status["status"] == "ok":
                 accepted[cid] = upload
                 self.kept[cid] = new
-        check_survivors(statuses, r)
+        check_survivors([statuses[i] for i in ids], r)
         self.strategy.aggregate(r, accepted)
         return losses, statuses, up, down
 

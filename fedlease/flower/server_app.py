@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..fl.client import payload_bytes
 from ..fl.config import FLConfig
+from ..fl.participation import evaluated, participants
 from ..fl.plots import write_plots
 from ..fl.pool import ModelPool, load_base, reject_non_finite
 from ..fl.simulator import Recorder, Summary, round_row, summarise, write_clusters
@@ -145,24 +146,25 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
             strategy.on_collect(r, uploads)
             write_clusters(out, strategy.allocation)
         public = strategy.public()
-        payloads = {i: strategy.down(i, r) for i in range(n)}
+        ids = participants(cfg, r, strategy.samples(r))  # the simulator's draw, same seed
+        payloads = {i: strategy.down(i, r) for i in ids}
         down += sum(payload_bytes(p) for p in payloads.values())
         got = exchange(MessageType.TRAIN, {
             i: RecordDict({"down": to_record(p), "config": round_config(r, public)})
             for i, p in payloads.items()
         })  # fmt: skip
-        statuses, losses, accepted = [], [], {}
-        for i in range(n):
+        statuses = [{"status": "idle"} for _ in range(n)]
+        losses, accepted = [None] * n, {}
+        for i in ids:
             if i not in got:
                 why = exchange.why_missing(i)
                 log.warning("round %d: client %d failed: %s", r, i, why)
-                statuses.append({"status": "failed", "error": why})
-                losses.append(None)
+                statuses[i] = {"status": "failed", "error": why}
                 continue
             content = got[i].content
             status = dict(content["status"])
             metrics = content.get("metrics")
-            losses.append(float(metrics["train_loss"]) if metrics else None)
+            losses[i] = float(metrics["train_loss"]) if metrics else None
             st = {"status": status["status"]}
             if status["error"]:
                 st["error"] = status["error"]
@@ -172,27 +174,29 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
                 reported = json.loads(status["non_finite"])  # what the client found in its state
                 if not reject_non_finite(upload, st, r, i, reported):
                     accepted[i] = upload
-            statuses.append(st)
-        ok = sum(st["status"] == "ok" for st in statuses)
-        if ok < min(min_results, n) or ok == 0:
+            statuses[i] = st
+        ok = sum(statuses[i]["status"] == "ok" for i in ids)
+        if ok < min(min_results, len(ids)) or ok == 0:
             raise RuntimeError(f"round {r}: {ok} usable client updates, fewer than "
                                f"min-results = {min_results}: {statuses}")  # fmt: skip
         strategy.aggregate(r, accepted)
-        final = {i: strategy.down(i, r, final=True) for i in range(n)}
-        got = exchange(MessageType.EVALUATE, {
-            i: RecordDict({"down": to_record(p), "config": round_config(r, strategy.public())})
-            for i, p in final.items()
-        })  # fmt: skip
-        evals = []
-        for i in range(n):
-            if i in got:
-                evals.append({k: float(v) for k, v in got[i].content["metrics"].items()})
-            else:
-                log.warning("round %d: client %d did not report its evaluation", r, i)
-                evals.append({"accuracy": float("nan"), "eval_loss": float("nan")})
+        evals = None
+        if evaluated(cfg, r, strategy.total_rounds):
+            final = {i: strategy.down(i, r, final=True) for i in range(n)}
+            got = exchange(MessageType.EVALUATE, {
+                i: RecordDict({"down": to_record(p), "config": round_config(r, strategy.public())})
+                for i, p in final.items()
+            })  # fmt: skip
+            evals = []
+            for i in range(n):
+                if i in got:
+                    evals.append({k: float(v) for k, v in got[i].content["metrics"].items()})
+                else:
+                    log.warning("round %d: client %d did not report its evaluation", r, i)
+                    evals.append({"accuracy": float("nan"), "eval_loss": float("nan")})
         comm["up"] += up
         comm["down"] += down
-        rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0))
+        rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0, ids))
         log.info("round %d/%d: mean accuracy %.4f", r + 1, strategy.total_rounds,
                  rec.rows[-1]["mean_accuracy"])  # fmt: skip
 

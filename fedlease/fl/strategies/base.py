@@ -116,6 +116,10 @@ class Strategy:
     def phase(self, r: int) -> str:
         return "train"
 
+    def samples(self, r: int) -> bool:
+        """Whether round ``r`` trains only the drawn ``clients_per_round`` (else every client)."""
+        return True
+
     def setup(self, template: Callable[[Layout], State]) -> None:
         """Called once before round 0 with a function giving a fresh model's adapter state."""
         self.template = template

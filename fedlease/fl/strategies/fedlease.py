@@ -54,6 +54,11 @@ class FedLEASE(Strategy):
     def phase(self, r):
         return "warmup" if r < self.cfg.warmup_rounds else "adaptive"
 
+    def samples(self, r):
+        """The warm-up rounds train every client: the allocation clusters every client's warm-up
+        B, so each must have trained one; sampling starts with the adaptive rounds."""
+        return r >= self.cfg.warmup_rounds
+
     def training(self, r):
         """Warm-up with ``warmup_optimizer`` at ``warmup_lr``, class-balanced loss when
         ``warmup_class_balanced``, dropout only with ``warmup_dropout``: the allocation compares
