@@ -19,10 +19,25 @@ def _labels(tasks: list[str]) -> list[str]:
     return [f"{i}:{t}" for i, t in enumerate(tasks)]
 
 
+# Beyond this many clients the per-client plots drop their per-client labels and stop growing: a
+# figure sized per client reached tens of gigabytes of pixels at 1,000 clients.
+LABEL_LIMIT = 40
+MAX_INCHES = 14.0
+
+
+def _side(n: int, per_client: float, least: float) -> float:
+    return min(MAX_INCHES, max(least, n * per_client))
+
+
 def plot_dendrogram(path: Path, alloc: Allocation, tasks: list[str]) -> None:
-    fig, ax = plt.subplots(figsize=(max(5, len(tasks) * 0.5), 4))
+    n = len(tasks)
+    fig, ax = plt.subplots(figsize=(_side(n, 0.5, 5), 4))
     z = linkage(squareform(alloc.distance_matrix, checks=False), method="average")
-    dendrogram(z, labels=_labels(tasks), ax=ax, leaf_rotation=90)
+    if n <= LABEL_LIMIT:
+        dendrogram(z, labels=_labels(tasks), ax=ax, leaf_rotation=90)
+    else:  # the last merges only; a leaf shows how many clients it holds
+        dendrogram(z, ax=ax, truncate_mode="lastp", p=LABEL_LIMIT, leaf_rotation=90)
+        ax.set_xlabel(f"{n} clients (the top {LABEL_LIMIT} clusters; leaf labels: clients)")
     ax.set_ylabel("1 - cos(B) (average linkage)")
     ax.set_title(f"Client clustering: {alloc.num_experts} experts")
     fig.tight_layout()
@@ -32,10 +47,20 @@ def plot_dendrogram(path: Path, alloc: Allocation, tasks: list[str]) -> None:
 
 def plot_heatmap(path: Path, alloc: Allocation, tasks: list[str]) -> None:
     n = len(tasks)
-    fig, ax = plt.subplots(figsize=(max(4, n * 0.45 + 1.5), max(3.5, n * 0.45)))
-    im = ax.imshow(alloc.distance_matrix, cmap="viridis")
-    ax.set_xticks(range(n), _labels(tasks), rotation=90)
-    ax.set_yticks(range(n), [f"{lab} -> E{a}" for lab, a in zip(_labels(tasks), alloc.assignment)])
+    fig, ax = plt.subplots(figsize=(_side(n, 0.45, 4) + 1.5, _side(n, 0.45, 3.5)))
+    if n <= LABEL_LIMIT:
+        im = ax.imshow(alloc.distance_matrix, cmap="viridis")
+        ax.set_xticks(range(n), _labels(tasks), rotation=90)
+        ax.set_yticks(
+            range(n), [f"{lab} -> E{a}" for lab, a in zip(_labels(tasks), alloc.assignment)]
+        )
+    else:  # clients ordered by expert, then task: the clusters show as blocks
+        order = sorted(range(n), key=lambda i: (alloc.assignment[i], tasks[i], i))
+        d = np.asarray(alloc.distance_matrix)[np.ix_(order, order)]
+        im = ax.imshow(d, cmap="viridis", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{n} clients, ordered by expert then task")
     fig.colorbar(im, ax=ax, label="1 - cos(B)")
     ax.set_title("Client distance (LoRA B)")
     fig.tight_layout()
