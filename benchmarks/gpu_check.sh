@@ -3,8 +3,9 @@
 # current Python, runs the CUDA-relevant tests with a per-test timeout, checks the kernels'
 # registers, benchmarks the layer at the four reference shapes in bf16 and a whole model's
 # training (fp32 and bf16), and times one short federated run on the GPU; outputs go to OUT_DIR:
-#   env.txt, install.log, tests.txt, kernel_resources.txt, layer_<shape>.json, layer.md,
-#   train.json, train.txt, fl_run/ (a short `fedlease run`), fl_run.log, gpu_check.log
+#   env.txt, install.log, layer_<shape>.json, layer.md, profile.txt, tests.txt, train.json,
+#   train.txt, fl_run/ (a short `fedlease run`), fl_run.log, kernel_resources.txt, gpu_check.log
+# in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s).
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -51,19 +52,6 @@ for what, mods in needed.items():
 PY
 cat "$out/env.txt" | tee -a "$out/gpu_check.log"
 
-log "tests (per-test timeout 120 s)"
-timeout 300 $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
-  tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py \
-  tests/test_op_linear.py tests/test_layer.py tests/test_autocast.py tests/test_precision.py \
-  >"$out/tests.txt" 2>&1
-echo "pytest exit code: $?" >>"$out/tests.txt"
-tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
-
-log "kernel resources on this GPU's architecture (registers, spills)"
-arch=$($py -c "import torch; p = torch.cuda.get_device_properties(0); print(p.major * 10 + p.minor)" 2>/dev/null || echo 90)
-env -u TRITON_INTERPRET $py benchmarks/kernel_resources.py --arch "$arch" >"$out/kernel_resources.txt" 2>&1
-tail -n 1 "$out/kernel_resources.txt" | tee -a "$out/gpu_check.log"
-
 log "layer benchmark"
 if [ "$gpu" = 1 ]; then
   shapes=("4096 4096 8 4 16384" "4096 4096 8 8 16384" "1024 1024 8 4 16384" "384 384 4 4 8192")
@@ -80,6 +68,30 @@ for s in "${shapes[@]}"; do
     2>>"$out/gpu_check.log" || log "bench $name failed"
 done
 $py benchmarks/layer_table.py "$out"/layer_*.json >"$out/layer.md" && cat "$out/layer.md"
+
+log "kernel profile (torch.profiler) at the widest and the narrowest shape"
+if [ "$gpu" = 1 ]; then
+  prof_shapes=("4096 4096 8 8 16384" "384 384 4 4 8192")
+  prof_args=(--device cuda --dtype bfloat16 --backends triton,cpp)
+else
+  prof_shapes=("64 64 8 4 128")
+  prof_args=(--device cpu --dtype float32 --backends torch,cpp --steps 2)
+fi
+for s in "${prof_shapes[@]}"; do
+  read -r d_in d_out rank experts tokens <<<"$s"
+  $py benchmarks/profile_layer.py "${prof_args[@]}" --d-in "$d_in" --d-out "$d_out" \
+    --rank "$rank" --experts "$experts" --tokens "$tokens" >>"$out/profile.txt" 2>&1 \
+    || log "profile at $s failed: see profile.txt"
+done
+
+test_budget=${GPU_CHECK_TEST_BUDGET_S:-300}
+log "tests (per-test timeout 120 s, ${test_budget} s in all)"
+timeout "$test_budget" $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
+  tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py \
+  tests/test_op_linear.py tests/test_layer.py tests/test_autocast.py tests/test_precision.py \
+  >"$out/tests.txt" 2>&1
+echo "pytest exit code: $?" >>"$out/tests.txt"
+tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
 
 log "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16)"
 if [ "$gpu" = 1 ]; then
@@ -115,5 +127,10 @@ PY
 else
   log "federated run failed or found no data (set FEDLEASE_DATA_DIR): see fl_run.log"
 fi
+
+log "kernel resources on this GPU's architecture (registers, spills)"
+arch=$($py -c "import torch; p = torch.cuda.get_device_properties(0); print(p.major * 10 + p.minor)" 2>/dev/null || echo 90)
+env -u TRITON_INTERPRET $py benchmarks/kernel_resources.py --arch "$arch" >"$out/kernel_resources.txt" 2>&1
+tail -n 1 "$out/kernel_resources.txt" | tee -a "$out/gpu_check.log"
 
 log "done in $(($(date +%s) - started)) s"
