@@ -2,7 +2,7 @@
 
 Rows: the frozen base linear alone; PEFT LoRA with one adapter; a naive MoE-LoRA that loops over
 the top-M slots and the experts (as the method's reference code does); and each fedlease backend
-available on the device. Each row is timed forward-only and forward+backward (median of
+available on the device (Triton also in its other order of base GEMM and kernels). Each row is timed forward-only and forward+backward (median of
 ``--reps`` after ``--warmup``, the rows timed round-robin so that they share the machine's
 slow and fast phases alike), with the input requiring grad as it does inside a network.
 
@@ -59,6 +59,25 @@ class NaiveMoELoRA(nn.Module):
                 w = (top_p[..., slot] * (fold[..., slot] == e)).to(x.dtype)
                 y = y + w.unsqueeze(-1) * out
         return y
+
+
+class BaseGemmFirst(nn.Module):
+    """The Triton layer with the frozen base GEMMs issued before the kernels (the other order of
+    ``triton_backend.BASE_GEMM_FIRST``), for a side-by-side row."""
+
+    def __init__(self, layer: MoELoRALinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fedlease.ops import triton_backend
+
+        saved = triton_backend.BASE_GEMM_FIRST
+        triton_backend.BASE_GEMM_FIRST = not saved
+        try:
+            return self.layer(x)
+        finally:
+            triton_backend.BASE_GEMM_FIRST = saved
 
 
 def peft_lora(base: nn.Linear, rank: int, alpha: float) -> nn.Module:
@@ -118,6 +137,11 @@ def bench(args: argparse.Namespace) -> dict:
         row = MoELoRALinear(base, args.experts, args.rank, alpha=16, backend=name).to(device, dtype)
         row.load_state_dict(layer.state_dict())
         rows[f"fedlease_{name}"] = row
+        if name == "triton":
+            from fedlease.ops import triton_backend
+
+            order = "lora_first" if triton_backend.BASE_GEMM_FIRST else "base_first"
+            rows[f"fedlease_triton_{order}"] = BaseGemmFirst(row)
 
     def fwd(module):
         with torch.no_grad():

@@ -5,7 +5,9 @@
 # training (fp32 and bf16), and times one short federated run on the GPU; outputs go to OUT_DIR:
 #   env.txt, install.log, layer_<shape>.json, layer.md, profile.txt, tests.txt, train.json,
 #   train.txt, fl_run/ (a short `fedlease run`), fl_run.log, kernel_resources.txt, gpu_check.log
-# in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s).
+# in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s);
+# GPU_CHECK_SKIP lists steps to leave out (e.g. "fl_run kernel_resources"); GPU_CHECK_TESTS the
+# pytest selection (default: every test file that runs the ops).
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$out/gpu_check.log"; }
 started=$(date +%s)
+skip() { [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]] && log "skipping $1"; }
 
 if [ "${FEDLEASE_SKIP_INSTALL:-0}" != 1 ]; then
   log "installing (pip install --no-deps --no-build-isolation -e .)"
@@ -69,6 +72,7 @@ for s in "${shapes[@]}"; do
 done
 $py benchmarks/layer_table.py "$out"/layer_*.json >"$out/layer.md" && cat "$out/layer.md"
 
+if ! skip profile; then
 log "kernel profile (torch.profiler) at the widest and the narrowest shape"
 if [ "$gpu" = 1 ]; then
   prof_shapes=("4096 4096 8 8 16384" "384 384 4 4 8192")
@@ -83,16 +87,21 @@ for s in "${prof_shapes[@]}"; do
     --rank "$rank" --experts "$experts" --tokens "$tokens" >>"$out/profile.txt" 2>&1 \
     || log "profile at $s failed: see profile.txt"
 done
+fi
 
 test_budget=${GPU_CHECK_TEST_BUDGET_S:-300}
+default_tests="tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py
+  tests/test_op_linear.py tests/test_layer.py tests/test_autocast.py tests/test_precision.py"
+read -r -a test_sel <<<"$(echo ${GPU_CHECK_TESTS:-$default_tests})"
+if ! skip tests; then
 log "tests (per-test timeout 120 s, ${test_budget} s in all)"
 timeout "$test_budget" $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
-  tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py \
-  tests/test_op_linear.py tests/test_layer.py tests/test_autocast.py tests/test_precision.py \
-  >"$out/tests.txt" 2>&1
+  "${test_sel[@]}" >"$out/tests.txt" 2>&1
 echo "pytest exit code: $?" >>"$out/tests.txt"
 tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
+fi
 
+if ! skip train; then
 log "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16)"
 if [ "$gpu" = 1 ]; then
   train_args=(--device cuda --batch 32 --seq 128 --steps 20 --warmup 3)
@@ -102,7 +111,9 @@ fi
 $py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
   && $py -c "import json, sys; r = json.load(open(sys.argv[1])); [print(f'{k:<28} {v[\"samples_per_s\"]:9.1f} samples/s') for k, v in r['results'].items()]; [print(f'{k}: {v:.2f}x') for k, v in r['ratios'].items()]" "$out/train.json" | tee "$out/train.txt" \
   || log "training benchmark failed"
+fi
 
+if ! skip fl_run; then
 log "one short federated run (seconds per round in metrics.jsonl)"
 # GLUE data: $FEDLEASE_DATA_DIR, else a shared/ copy beside or inside the checkout (no hub here)
 for d in "${FEDLEASE_DATA_DIR:-}" ../shared/data/glue shared/data/glue; do
@@ -127,10 +138,13 @@ PY
 else
   log "federated run failed or found no data (set FEDLEASE_DATA_DIR): see fl_run.log"
 fi
+fi
 
+if ! skip kernel_resources; then
 log "kernel resources on this GPU's architecture (registers, spills)"
 arch=$($py -c "import torch; p = torch.cuda.get_device_properties(0); print(p.major * 10 + p.minor)" 2>/dev/null || echo 90)
 env -u TRITON_INTERPRET $py benchmarks/kernel_resources.py --arch "$arch" >"$out/kernel_resources.txt" 2>&1
 tail -n 1 "$out/kernel_resources.txt" | tee -a "$out/gpu_check.log"
+fi
 
 log "done in $(($(date +%s) - started)) s"

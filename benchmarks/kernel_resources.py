@@ -112,6 +112,8 @@ def _variants(key: str, flags: tuple, dropout) -> list[dict]:
     """The constexpr flag combinations a kernel is launched with."""
     if key == "expand":  # the linear op (bias, no base) and the plain op (base)
         return [{"HAS_BASE": False, "HAS_BIAS": True}, {"HAS_BASE": True, "HAS_BIAS": False}]
+    if key == "grad_input":  # dx written, or added onto the base GEMM's dx
+        return [{"HAS_DROPOUT": on, "ACCUMULATE": acc} for on in dropout for acc in (False, True)]
     return [dict.fromkeys(flags, on) for on in dropout] if flags else [{}]
 
 

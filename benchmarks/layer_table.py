@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("base", "peft_lora", "fedlease_torch", "fedlease_triton", "fedlease_cpp", "naive_loop")
+COLUMNS = ("base", "peft_lora", "fedlease_torch", "fedlease_triton", "fedlease_triton_base_first",
+           "fedlease_triton_lora_first", "fedlease_cpp", "naive_loop")
 
 
 def checks(report: dict) -> dict[str, tuple[float, float, bool]]:
@@ -34,20 +35,21 @@ def checks(report: dict) -> dict[str, tuple[float, float, bool]]:
 
 def table(reports: list[dict]) -> str:
     first = reports[0]
+    columns = [c for c in COLUMNS if any(c in rep["results"] for rep in reports)]
     lines = [
         f"device: {first['device']}; dtype {first['dtype']}; versions "
         + ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items()),
         "",
         "forward+backward ms (median), `auto` = the backend `auto` picks",
         "",
-        "| shape | " + " | ".join(COLUMNS) + " | auto | auto / PEFT | targets |",
-        "|---" * (len(COLUMNS) + 4) + "|",
+        "| shape | " + " | ".join(columns) + " | auto | auto / PEFT | targets |",
+        "|---" * (len(columns) + 4) + "|",
     ]
     for rep in reports:
         s = rep["shape"]
         name = f"{s['d_in']}x{s['d_out']}, M={s['experts']}, r={s['rank']}, {s['tokens']} tok"
         cells = []
-        for col in COLUMNS:
+        for col in columns:
             r = rep["results"].get(col)
             cells.append("—" if r is None else f"{r['fwd_bwd_ms']:.3f}")
         result = checks(rep)

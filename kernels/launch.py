@@ -10,6 +10,7 @@ every program costs milliseconds, blocks are large and programs few.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import triton
@@ -49,6 +50,7 @@ class BackwardPlan:
     meta: dict[str, dict] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=256)  # plans are pure functions of the shape; built once each
 def forward_plan(slots: int, mr: int, interpreter: bool, wide: bool = False) -> ForwardPlan:
     """``wide``: float32 operands (``ieee`` dots on CUDA cores, which hold their operands in
     registers): half-width column blocks or twice the warps, where 16-bit tiles would spill."""
@@ -65,6 +67,7 @@ def forward_plan(slots: int, mr: int, interpreter: bool, wide: bool = False) -> 
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=256)
 def backward_plan(
     tokens: int, d_in: int, slots: int, mr: int, interpreter: bool, wide: bool = False
 ) -> BackwardPlan:

@@ -8,7 +8,8 @@ the experts' projections ``a = A_cat dropout(x)``.
    (T, MR); the gate gradient folded back onto slots dq[t, s] = sum_j dH a [fold(s) = expert(j)];
    the restricted-softmax backward dlogits = q * (dq - <q, dq>); and da = gate * dH.
 2. ``grad_input``: dx = dlogits @ router + mask * (da @ A_cat). A program owns a block of tokens
-   and a range of columns of D; x is not read.
+   and a range of columns of D; x is not read. ``ACCUMULATE`` adds it onto the dx already in
+   memory (the frozen base's dy W, when cuBLAS wrote that first).
 3. ``grad_weights``: d[router; A_cat] = dz^T [x, dropout(x)], a (K x T) @ (T x D) product. A
    program owns a block of at most 128 rows of K, a block of columns of D and a contiguous range
    of tokens (a split of T), accumulates over its tokens in registers (at most 128 x 128 float32
@@ -73,6 +74,7 @@ def grad_input_kernel(
     stride_rs, stride_am, stride_dxt,
     seed, p_drop,
     HAS_DROPOUT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr, MR_PAD: tl.constexpr,
@@ -103,11 +105,11 @@ def grad_input_kernel(
             keep = dropout_keep(seed, offs_t, offs_d, D, p_drop)
             dx_e = tl.where(keep, dx_e / (1.0 - p_drop), 0.0)
         dx = tl.dot(g_r, w_r, acc=dx_e, input_precision=DOT_PRECISION)
-        tl.store(
-            dx_ptr + offs_t[:, None] * stride_dxt + offs_d[None, :],
-            dx.to(dx_ptr.dtype.element_ty),
-            mask=t_ok[:, None] & (offs_d[None, :] < D),
-        )
+        dx_ptrs = dx_ptr + offs_t[:, None] * stride_dxt + offs_d[None, :]
+        dx_mask = t_ok[:, None] & (offs_d[None, :] < D)
+        if ACCUMULATE:  # onto the frozen base's dx, written before this kernel
+            dx += tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.jit

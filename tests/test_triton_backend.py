@@ -113,12 +113,15 @@ def test_layer_uses_triton_through_env(monkeypatch):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("base_first", [False, True], ids=["lora_first", "base_first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[-1]], ids=shape_id)
-def test_linear_op_matches_reference(shape, dtype, with_bias):
-    """The layer with its base GEMM inside the op (expand written first, base GEMM accumulated
-    onto it; LoRA dx written first, base dx accumulated onto it), every gradient included."""
+def test_linear_op_matches_reference(shape, dtype, with_bias, base_first, monkeypatch):
+    """The layer with its base GEMM inside the op, in both orders (expand written first and the
+    base GEMM accumulated onto it, LoRA dx likewise; or the base GEMMs first and the kernels
+    adding onto their outputs), every gradient included."""
+    monkeypatch.setattr(triton_backend, "BASE_GEMM_FIRST", base_first)
     t, d_in, d_out, m, r, routing, k = shape
     x, _, a, b, router, spec = make_inputs(t, d_in, d_out, m, r, routing, k, m - 1, dtype, DEVICE)
     w = (torch.randn(d_out, d_in) * d_in**-0.5).to(dtype=dtype, device=DEVICE)
@@ -140,10 +143,12 @@ def test_linear_op_matches_reference(shape, dtype, with_bias):
         assert rel_err(f.grad.cpu(), r_.grad) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("op", ["moe_lora", "moe_lora_linear"])
-def test_dropout_on_many_experts_matches_reference(op):
+@pytest.mark.parametrize("op", ["moe_lora", "moe_lora_linear", "moe_lora_linear_base_first"])
+def test_dropout_on_many_experts_matches_reference(op, monkeypatch):
     """Dropout with M = 8, r = 16 (two row blocks of the weight-gradient pass) and several token
     splits: the experts see the seeded mask, the router and the base do not."""
+    monkeypatch.setattr(triton_backend, "BASE_GEMM_FIRST", op.endswith("base_first"))
+    op = op.removesuffix("_base_first")
     t, d_in, d_out, m, r = 133, 72, 40, 8, 16
     x, base, a, b, router, spec = make_inputs(t, d_in, d_out, m, r, "adaptive", None, 5,
                                               torch.float32, DEVICE)  # fmt: skip
