@@ -2,9 +2,10 @@
 
 Rows: the frozen base linear alone; PEFT LoRA with one adapter; a naive MoE-LoRA that loops over
 the top-M slots and the experts (as the method's reference code does); and each fedlease backend
-available on the device (Triton also in its other order of base GEMM and kernels). Each row is timed forward-only and forward+backward (median of
-``--reps`` after ``--warmup``, the rows timed round-robin so that they share the machine's
-slow and fast phases alike), with the input requiring grad as it does inside a network.
+available on the device (Triton also in its other order of base GEMM and kernels). Each row is
+timed forward-only and forward+backward (median of ``--reps`` after ``--warmup``, the rows timed
+round-robin so that they share the machine's slow and fast phases alike), with the input
+requiring grad as it does inside a network.
 
 Memory: on CUDA ``peak_mb`` is torch's peak allocation over one forward+backward minus what was
 allocated before it; on CPU it is the size of the tensors autograd saves for backward plus the
