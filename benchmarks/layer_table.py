@@ -13,8 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("base", "peft_lora", "fedlease_torch", "fedlease_triton", "fedlease_triton_base_first",
-           "fedlease_triton_lora_first", "fedlease_cpp", "naive_loop")
+COLUMNS = (
+    "base",
+    "peft_lora",
+    "fedlease_torch",
+    "fedlease_triton",
+    "fedlease_triton_base_first",
+    "fedlease_triton_lora_first",
+    "fedlease_cpp",
+    "naive_loop",
+)
 
 
 def checks(report: dict) -> dict[str, tuple[float, float, bool]]:
