@@ -57,8 +57,9 @@ register(
 # CPU: `cpp`'s fused layer op (base GEMM, routing and LoRA per block of tokens) measured 0.91x the
 # `torch` time at in = out = 1024 and 0.80x at MiniLM's 384 (benchmarks/RESULTS.md).
 prefer("cpu", ("cpp",))
-# CUDA: `triton`, then `cpp` (ATen GEMMs around its CUDA routing kernels), which measured 0.55-0.76x
-# the `torch` time at all four reference shapes on an H100 (benchmarks/RESULTS.md, bf16).
+# CUDA: `triton` (0.78-0.85x `cpp`'s time at all four reference shapes on an H100, bf16), then `cpp`
+# (ATen GEMMs around its CUDA routing kernels; 0.59-0.82x `torch`'s time), then `torch`
+# (benchmarks/RESULTS.md).
 prefer("cuda", ("triton", "cpp"))
 
 

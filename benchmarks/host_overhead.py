@@ -1,0 +1,90 @@
+"""Host time of one forward+backward of the Triton layer op, without a GPU.
+
+On a GPU small layers are bound by what the host does per call (Python, autograd, launches), not
+by the kernels. This measures that host-side part on the CPU: the Triton launches are replaced by
+no-ops, the tensors are tiny, so what remains is the op's Python, its ATen calls and autograd;
+PEFT's LoRA and the bare base linear are timed the same way, side by side. (Triton's own launcher
+cost on a GPU comes on top and is not measured here.)
+
+    python benchmarks/host_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from bench_layer import peft_lora
+from torch import nn
+
+from fedlease import MoELoRALinear
+from fedlease.ops import dispatch, triton_backend
+
+
+class _NoLaunch:
+    """Stands in for a module of Triton kernels: ``kernel[grid](...)`` does nothing."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_triton_launches() -> None:
+    """Keep the launch plans, make every kernel launch a no-op, let ``triton`` run on CPU."""
+    launch = triton_backend._kernels()[3]
+    stub = _NoLaunch()
+    triton_backend._kernels = lambda: (stub, stub, stub, launch)
+    dispatch._REGISTRY["triton"] = dispatch.Backend(
+        "triton",
+        triton_backend.moe_lora_triton,
+        lambda device: None,
+        linear_fn=triton_backend.moe_lora_linear_triton,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--experts", type=int, default=4, help="number of experts M")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
+    p.add_argument("--calls", type=int, default=50, help="calls per timed repetition")
+    p.add_argument("--reps", type=int, default=30, help="timed repetitions; the median is reported")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    stub_triton_launches()
+    base = nn.Linear(16, 16, bias=False)
+    base.requires_grad_(False)
+    x = torch.randn(8, 16, requires_grad=True)
+    dy = torch.randn(8, 16)
+    rows = {
+        "base linear": base,
+        "PEFT LoRA": peft_lora(base, args.rank, 16),
+        "fedlease triton (launches stubbed)": MoELoRALinear(
+            base, args.experts, args.rank, backend="triton"
+        ),
+    }
+
+    def step(module):
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(dy)
+
+    for module in rows.values():
+        for _ in range(200):
+            step(module)
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(args.reps):
+        for name, module in rows.items():
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                step(module)
+            times[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+    for name, ts in times.items():
+        print(f"{name:<36} {statistics.median(ts):8.1f} us per forward+backward")
+
+
+if __name__ == "__main__":
+    main()
