@@ -15,7 +15,8 @@ import yaml
 
 from ..data.glue import TASKS
 from ..precision import PRECISIONS
-from .faults import FAULT_KEYS
+from .faults import ATTACK_KEYS, ATTACK_KINDS, FAULT_KEYS
+from .robust import Aggregation, AggregationError
 
 METHODS = (
     "fedlease",
@@ -76,6 +77,9 @@ class FLConfig:
     precision: str = "auto"  # auto (bf16 where the hardware is fast in it), fp32, bf16
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     faults: dict | None = None  # fault injection for tests: see fedlease.fl.faults
+    aggregation: str | dict = "mean"  # mean, median, trimmed_mean, norm_clip: fedlease.fl.robust
+    max_norm_ratio: float | None = None  # reject uploads over this x the median norm of their group
+    attacks: dict | None = None  # tampered uploads for robustness studies: fedlease.fl.faults
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,6 +126,12 @@ KEY_HELP = {
     "threads": "torch intra-op threads; null leaves torch's default",
     "faults": "fault injection for tests, e.g. {client_failure_rate: 0.2, nan_update_rate: 0.1, "
     "seed: 0}",
+    "aggregation": "how the server combines the uploads of one aggregate: mean (sample-weighted), "
+    "median, trimmed_mean or norm_clip, or e.g. {rule: trimmed_mean, trim: 0.25}",
+    "max_norm_ratio": "reject an upload whose norm exceeds this many times the median norm of the "
+    "uploads it aggregates with (null: no bound)",
+    "attacks": "tampered uploads for robustness studies, e.g. {clients: [3], kind: scale, factor: "
+    "100}; kinds: scale, sign_flip, noise, wrong_shape, wrong_dtype",
 }
 
 
@@ -296,6 +306,32 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
                               f"got {value!r}")  # fmt: skip
         if key.endswith("_rate") and not 0 <= value < 1:
             raise ConfigError(f"config key 'faults.{key}' = {value!r}: must be in [0, 1)")
+    try:
+        Aggregation.from_config(cfg.aggregation)
+    except AggregationError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.max_norm_ratio is not None and not cfg.max_norm_ratio > 1:
+        raise bad("max_norm_ratio", "must be > 1 (or null)")
+    _validate_attacks(cfg.attacks, len(cfg.clients))
+
+
+def _validate_attacks(attacks: dict | None, n: int) -> None:
+    for key, value in (attacks or {}).items():
+        if key not in ATTACK_KEYS:
+            raise ConfigError(f"unknown config key 'attacks.{key}' (known: "
+                              f"{', '.join(ATTACK_KEYS)})")  # fmt: skip
+        if not _type_ok(value, ATTACK_KEYS[key]):
+            raise ConfigError(f"config key 'attacks.{key}' must be {ATTACK_KEYS[key].__name__}, "
+                              f"got {value!r}")  # fmt: skip
+    attacks = attacks or {}
+    if attacks.get("kind", "scale") not in ATTACK_KINDS:
+        raise ConfigError(f"config key 'attacks.kind' = {attacks['kind']!r}: choose from "
+                          f"{', '.join(ATTACK_KINDS)}")  # fmt: skip
+    for c in attacks.get("clients", []):
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < n:
+            raise ConfigError(
+                f"config key 'attacks.clients' holds {c!r}: client ids are 0..{n - 1}"
+            )
 
 
 def runtime(cfg: FLConfig) -> tuple[torch.device, str]:

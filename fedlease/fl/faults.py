@@ -54,3 +54,67 @@ def poison(update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def non_finite(update: dict[str, torch.Tensor]) -> list[str]:
     """Names of the tensors holding NaN or Inf."""
     return [k for k, v in update.items() if not torch.isfinite(v).all()]
+
+
+# -- attacks: clients whose uploads are tampered with, for robustness tests and studies ----------
+ATTACK_KEYS = {"clients": list, "kind": str, "factor": float, "from_round": int, "seed": int}
+ATTACK_KINDS = ("scale", "sign_flip", "noise", "wrong_shape", "wrong_dtype")
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """``attacks: {clients: [3], kind: scale, factor: 100}``: from round ``from_round`` on, each
+    listed client uploads a tampered update; it keeps its honest state itself. With the update
+    ``u = new - start`` (what local training changed), the upload is built from
+    ``start + factor * u`` (``scale``), ``start - factor * u`` (``sign_flip``) or
+    ``start + u + factor * std(u) * N(0, 1)`` (``noise``, seeded per round and client); or the
+    honest upload with its first tensor one row short (``wrong_shape``) or in float64
+    (``wrong_dtype``)."""
+
+    clients: tuple[int, ...] = ()
+    kind: str = "scale"
+    factor: float = 100.0
+    from_round: int = 0
+    seed: int = 0
+
+    @staticmethod
+    def from_config(attacks: dict | None) -> AttackPlan:
+        raw = dict(attacks or {})
+        if "clients" in raw:
+            raw["clients"] = tuple(raw["clients"])
+        if "factor" in raw:
+            raw["factor"] = float(raw["factor"])
+        return AttackPlan(**raw)
+
+    def hits(self, round_idx: int, client: int) -> bool:
+        return client in self.clients and round_idx >= self.from_round
+
+    def tamper(self, start: dict, new: dict, round_idx: int, client: int) -> dict:
+        """The state the tampered upload is cut from (``new`` itself for the malformed kinds)."""
+        if self.kind not in ("scale", "sign_flip", "noise"):
+            return new
+        gen = torch.Generator().manual_seed(int(np.random.default_rng(
+            [self.seed, 3, round_idx, client]).integers(2**31)))  # fmt: skip
+        out = {}
+        for k, v in new.items():
+            s = start.get(k)
+            if s is None or s.shape != v.shape or not v.is_floating_point():
+                out[k] = v
+                continue
+            u = v - s.to(v.device, v.dtype)
+            if self.kind == "scale":
+                out[k] = s + self.factor * u
+            elif self.kind == "sign_flip":
+                out[k] = s - self.factor * u
+            else:
+                noise = torch.randn(v.shape, generator=gen).to(v.device, v.dtype)
+                out[k] = v + self.factor * u.float().std().to(v.dtype) * noise
+        return out
+
+    def malform(self, upload: dict) -> dict:
+        if self.kind == "wrong_shape" and upload:
+            first = next(iter(upload))
+            return {**upload, first: upload[first][:-1].clone()}
+        if self.kind == "wrong_dtype":
+            return {k: v.double() for k, v in upload.items()}
+        return upload

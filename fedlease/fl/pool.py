@@ -16,7 +16,7 @@ from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
 from .client import ClientRunner, State, clone_state, seed_for
 from .config import FLConfig, runtime
-from .faults import ClientFailure, FaultPlan, non_finite, poison
+from .faults import AttackPlan, ClientFailure, FaultPlan, non_finite, poison
 from .strategies import Layout, Strategy
 from .strategies.base import HEAD
 from .strategies.ifca import PICK_EXAMPLES
@@ -104,6 +104,9 @@ class ClientSide:
     pool: ModelPool
     plan: FaultPlan
 
+    def __post_init__(self) -> None:
+        self.attacks = AttackPlan.from_config(self.cfg.attacks)
+
     def update(
         self, c, kept: State, received: State, r: int, desc: str = ""
     ) -> tuple[State | None, State | None, float | None, dict]:
@@ -134,4 +137,7 @@ class ClientSide:
             new = poison(new)
         status = {"status": "ok"}
         reject_non_finite(new, status, r, c.client_id)
+        if self.attacks.hits(r, c.client_id):  # the upload lies; the client keeps its own state
+            tampered = self.attacks.tamper(state, new, r, c.client_id)
+            return new, self.attacks.malform(strategy.up(c.client_id, r, tampered)), loss, status
         return new, strategy.up(c.client_id, r, new), loss, status

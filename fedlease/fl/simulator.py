@@ -22,6 +22,7 @@ from .config import FLConfig, runtime
 from .faults import FaultPlan
 from .participation import evaluated, participants
 from .pool import ClientSide, ModelPool, load_base
+from .robust import screen_round
 from .strategies import Strategy, make_strategy
 from .strategies.base import restored, select
 from .strategies.fedlease import allocation_to_json
@@ -229,6 +230,7 @@ class FederatedRun:
             if status["status"] == "ok":
                 accepted[cid] = upload
                 self.kept[cid] = new
+        accepted = screen_round(self.strategy, r, accepted, statuses, self.cfg.max_norm_ratio)
         check_survivors([statuses[i] for i in ids], r)
         self.strategy.aggregate(r, accepted)
         return losses, statuses, up, down

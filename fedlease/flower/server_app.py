@@ -26,6 +26,7 @@ from ..fl.config import FLConfig
 from ..fl.participation import evaluated, participants
 from ..fl.plots import write_plots
 from ..fl.pool import ModelPool, load_base, reject_non_finite
+from ..fl.robust import screen_round
 from ..fl.simulator import Recorder, Summary, round_row, summarise, write_clusters
 from ..fl.strategies import make_strategy
 from .records import ServerOptions, from_record, parse_run_config, round_config, to_record
@@ -175,6 +176,7 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
                 if not reject_non_finite(upload, st, r, i, reported):
                     accepted[i] = upload
             statuses[i] = st
+        accepted = screen_round(strategy, r, accepted, statuses, cfg.max_norm_ratio)
         ok = sum(statuses[i]["status"] == "ok" for i in ids)
         if ok < min(min_results, len(ids)) or ok == 0:
             raise RuntimeError(f"round {r}: {ok} usable client updates, fewer than "

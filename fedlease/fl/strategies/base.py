@@ -9,7 +9,10 @@ loop for all of them; per round and client it asks the strategy
   a fresh model, what the client kept from earlier rounds and what it received;
 * ``own_expert(cid, r)`` / ``frozen(key, r)``: which expert row trains, which tensors never do;
 * ``up(cid, r, new)``: the tensors the client sends back (counted as bytes up);
-* ``aggregate(r, ups)``: the server update from the accepted uploads.
+* ``aggregate(r, ups)``: the server update from the accepted uploads, combined by
+  ``self.combine`` (the config's ``aggregation`` rule: the weighted mean unless set otherwise);
+* ``check_upload(cid, r, upload)``: why the server must reject an upload (None: accept it), and
+  ``group_of(cid, r, upload)``: which uploads aggregate together (for the norm bound).
 
 ``collect(r)`` lets a method ask every client for part of its kept state before round ``r``
 (FedLEASE's allocation). A client keeps everything it trained (task head, personal adapters);
@@ -28,6 +31,7 @@ from ...adapter_io import check_state_dict
 from ..allocation import average
 from ..checkpoint import CheckpointError
 from ..client import TrainSpec
+from ..robust import Aggregation, validate_upload
 
 State = dict[str, torch.Tensor]
 HEAD = ("classifier",)
@@ -108,6 +112,7 @@ class Strategy:
         self.weights = list(weights)
         self.n = len(weights)
         self.total_rounds = cfg.warmup_rounds + cfg.rounds
+        self.combine = Aggregation.from_config(getattr(cfg, "aggregation", None))
 
     # -- plan ----------------------------------------------------------------------------------
     def layout(self, r: int) -> Layout:
@@ -137,6 +142,18 @@ class Strategy:
 
     def aggregate(self, r: int, ups: dict[int, State]) -> None:
         """``ups``: client id -> accepted upload (failed and rejected clients are absent)."""
+
+    def expected_up(self, cid: int, r: int) -> State:
+        """Tensors of the names, shapes and dtypes client ``cid``'s round-``r`` upload must have."""
+        return self.up(cid, r, self.template(self.layout(r)))
+
+    def check_upload(self, cid: int, r: int, upload: State) -> str | None:
+        """Why ``upload`` must be rejected (wrong names, shapes, dtypes; NaN/Inf), or None."""
+        return validate_upload(self.expected_up(cid, r), upload)
+
+    def group_of(self, cid: int, r: int, upload: State) -> int:
+        """Uploads of the same group are combined into one aggregate (norms compare within it)."""
+        return 0
 
     # -- client side ---------------------------------------------------------------------------
     def client_state(
@@ -216,7 +233,7 @@ class SharedLoRA(Strategy):
     def aggregate(self, r, ups):
         if ups and self.global_:
             ids = sorted(ups)
-            self.global_ = weighted_mean([ups[i] for i in ids], [self.weights[i] for i in ids])
+            self.global_ = self.combine([ups[i] for i in ids], [self.weights[i] for i in ids])
 
     def state(self):
         return {"global": self.global_}, {}

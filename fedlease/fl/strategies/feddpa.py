@@ -11,7 +11,7 @@ Sends up / gets down: expert 0's A and B. Stays local: expert 1, router, head.
 
 from __future__ import annotations
 
-from .base import Layout, Strategy, is_expert, merge, restored, select, weighted_mean
+from .base import Layout, Strategy, is_expert, merge, restored, select
 
 GLOBAL = 0
 
@@ -42,7 +42,7 @@ class FedDPA(Strategy):
     def aggregate(self, r, ups):
         if ups:
             ids = sorted(ups)
-            self.global_ = weighted_mean([ups[i] for i in ids], [self.weights[i] for i in ids])
+            self.global_ = self.combine([ups[i] for i in ids], [self.weights[i] for i in ids])
 
     @property
     def num_experts(self):

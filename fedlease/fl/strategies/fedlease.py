@@ -22,6 +22,7 @@ import numpy as np
 
 from ..allocation import Allocation, allocate, b_distance_matrix, init_experts
 from ..client import TrainSpec
+from ..robust import Aggregation
 from .base import (
     Layout,
     State,
@@ -114,12 +115,17 @@ class FedLEASE(Strategy):
         if r < self.cfg.warmup_rounds:
             if self.cfg.warmup_aggregate and ups:
                 ids = sorted(ups)
-                self.warm_global = weighted_mean([ups[i] for i in ids],
-                                                 [self.weights[i] for i in ids])  # fmt: skip
+                self.warm_global = self.combine([ups[i] for i in ids],
+                                                [self.weights[i] for i in ids])  # fmt: skip
             return
         self.experts, self.routers = aggregate_clusters(
-            self.experts, self.routers, ups, self.alloc.assignment, self.weights
+            self.experts, self.routers, ups, self.alloc.assignment, self.weights, self.combine
         )
+
+    def group_of(self, cid, r, upload):
+        if r < self.cfg.warmup_rounds or self.alloc is None:
+            return 0
+        return self.alloc.assignment[cid]
 
     # -- results and checkpoints ---------------------------------------------------------------
     @property
@@ -182,9 +188,12 @@ def aggregate_clusters(
     ups: dict[int, State],
     assignment: list[int],
     weights: list[float],
+    combine: Aggregation | None = None,
 ) -> tuple[State, list[State]]:
-    """Expert k and cluster k's router := sample-weighted mean of the accepted uploads of cluster
-    k's members (``ups``: client id -> upload); a cluster with none keeps its previous ones."""
+    """Expert k and cluster k's router := ``combine`` (default: the sample-weighted mean) of the
+    accepted uploads of cluster k's members (``ups``: client id -> upload); a cluster with none
+    keeps its previous ones."""
+    combine = combine or weighted_mean
     new_experts = {key: t.clone() for key, t in experts.items()}
     new_routers = []
     for k, previous in enumerate(routers):
@@ -192,7 +201,7 @@ def aggregate_clusters(
         if not members:
             new_routers.append(previous)
             continue
-        mean = weighted_mean([ups[i] for i in members], [weights[i] for i in members])
+        mean = combine([ups[i] for i in members], [weights[i] for i in members])
         for key in experts:
             new_experts[key][k] = mean[key]
         new_routers.append({key: mean[key] for key in previous})

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Layout, State, Strategy, is_expert, merge, restored, select, weighted_mean
+from ..robust import validate_upload
+from .base import Layout, State, Strategy, is_expert, merge, restored, select
 
 PICK_EXAMPLES = 256
 B_INIT_STD = 1e-2
@@ -89,8 +90,21 @@ class IFCA(Strategy):
             by_copy.setdefault(pick, []).append(cid)
             plain[cid] = {split[name][1]: v for name, v in up.items()}
         for k, members in by_copy.items():
-            self.copies[k] = weighted_mean([plain[i] for i in members],
+            self.copies[k] = self.combine([plain[i] for i in members],
                                            [self.weights[i] for i in members])  # fmt: skip
+
+    def check_upload(self, cid, r, upload):
+        """Names carry the copy the client picked: one valid copy, its plain tensors as expected."""
+        split = {name: _split_copy_key(name) for name in upload}
+        picks = {s[0] for s in split.values() if s is not None}
+        if None in split.values() or len(picks) != 1 or not 0 <= next(iter(picks)) < self.k:
+            return f"wrong tensors: names {sorted(upload)[:3]} name no single copy 0..{self.k - 1}"
+        plain = {split[name][1]: v for name, v in upload.items()}
+        return validate_upload(select(self.template(self.layout(r)), is_expert), plain)
+
+    def group_of(self, cid, r, upload):
+        """The copy the upload names (checked by ``check_upload``)."""
+        return _split_copy_key(next(iter(upload)))[0]
 
     @property
     def num_experts(self):
