@@ -1,6 +1,10 @@
 """Start a Flower SuperLink and N SuperNodes on 127.0.0.1, run this project's app, stop them.
 
-Every process started here is stopped by PID (its whole process group), also on failure.
+Every process started here is stopped by PID (its whole process group), also on failure. With
+``tls=True`` every connection is TLS (a CA and a server certificate for 127.0.0.1 made here with
+the ``cryptography`` package) and the SuperLink authenticates SuperNodes: each node gets an ECDSA
+key pair, and only the nodes in ``registered`` are added to the federation (``flwr supernode
+register``) before they start; the others are refused.
 """
 
 from __future__ import annotations
@@ -32,13 +36,70 @@ def flower_env(home: Path) -> dict[str, str]:
     return env
 
 
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A self-signed CA and a server certificate it signed for 127.0.0.1 / localhost (PEM)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(name("fedlease test CA"))
+          .issuer_name(name("fedlease test CA")).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    key = ec.generate_private_key(ec.SECP384R1())
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), loopback])
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))  # fmt: skip
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))  # fmt: skip
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA (P-384) key pair in OpenSSH format, as ``ssh-keygen -t ecdsa -b 384`` writes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))  # fmt: skip
+    ssh = serialization.Encoding.OpenSSH
+    public.write_bytes(key.public_key().public_bytes(ssh, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
 class LocalFederation:
     """``with LocalFederation(tmp, 4) as fed: fed.run({...})``: one SuperLink, N SuperNodes."""
 
-    def __init__(self, workdir: Path, num_nodes: int, data_dir: str | None = None) -> None:
+    def __init__(self, workdir: Path, num_nodes: int, data_dir: str | None = None,
+                 tls: bool = False, registered: set[int] | None = None) -> None:  # fmt: skip
         self.dir = Path(workdir)
         self.n = num_nodes
         self.data_dir = data_dir
+        self.tls = tls
+        self.registered = set(range(num_nodes)) if registered is None else set(registered)
         self.procs: list[subprocess.Popen] = []
         self.env = flower_env(self.dir / "flwr-home")
         self.port = free_port()
@@ -54,24 +115,56 @@ class LocalFederation:
         self.dir.mkdir(parents=True, exist_ok=True)
         home = self.dir / "flwr-home"
         home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink.local-test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
+        link = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(self.dir / "state.db")]  # fmt: skip
+        node = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
+        if self.tls:
+            certs = make_certificates(self.dir / "certificates")
+            (home / "config.toml").write_text(
+                f'[superlink.local-test]\naddress = "127.0.0.1:{self.port}"\n'
+                f'root-certificates = "{certs["ca"]}"\n'
+            )
+            link += ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+                     "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth"]  # fmt: skip
+            node += ["--root-certificates", str(certs["ca"])]
+        else:
+            (home / "config.toml").write_text(
+                f'[superlink.local-test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            )
+            link.append("--insecure")
+            node.append("--insecure")
         try:
-            self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host",
-                        "127.0.0.1", "--port", str(self.port), "--database",
-                        str(self.dir / "state.db")])  # fmt: skip
+            self._start("superlink", link)
+            keys = {}
+            if self.tls:
+                for i in range(self.n):
+                    keys[i] = make_node_key(self.dir / "certificates", f"node{i}")
+                for i in sorted(self.registered):
+                    self.register(keys[i][1])
             for i in range(self.n):
                 node_config = f"partition-id={i} num-partitions={self.n}"
                 if self.data_dir:
                     node_config += f' data-dir="{self.data_dir}"'
-                self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure",
-                            "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                auth = ["--auth-supernode-private-key", str(keys[i][0])] if self.tls else []
+                self._start(f"supernode{i}", [*node, *auth, "--port", str(free_port()),
                             "--node-config", node_config])  # fmt: skip
         except BaseException:
             self.stop()
             raise
         return self
+
+    def register(self, public_key: Path, timeout: float = 60) -> None:
+        """``flwr supernode register`` the key, retried until the SuperLink answers."""
+        deadline = time.time() + timeout
+        while True:
+            done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public_key),
+                                   "local-test"], env=self.env, cwd=self.dir, capture_output=True,
+                                  text=True, timeout=60)  # fmt: skip
+            if done.returncode == 0:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"could not register {public_key}: {done.stdout}{done.stderr}")
+            time.sleep(1.0)
 
     def start_run(self, run_config: dict) -> subprocess.Popen:
         """``flwr run`` this project with ``run_config`` overrides (values without spaces)."""

@@ -77,16 +77,25 @@ def _simulate(tmp_path: Path, cfg: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
 def test_deployment_engine_matches_the_simulator(tmp_path):
+    """Over TLS (a CA made in the test) with SuperNode authentication: four registered nodes run
+    the federation; a fifth, with the CA but an unregistered key, is refused by the SuperLink and
+    the run goes on without it."""
     from flower_local import LocalFederation
 
     out = tmp_path / "flower"
     start = time.time()
     cfg = {**TINY, "rounds": 1}  # warm-up, allocation, one adaptive round: every message type
-    with LocalFederation(tmp_path / "fed", 4, DATA) as fed:
+    with LocalFederation(tmp_path / "fed", 5, DATA, tls=True, registered={0, 1, 2, 3}) as fed:
         rc, log = fed.run({**as_run_config(cfg), "output-dir": str(out)}, timeout=540)
+        refused = fed.procs[1 + 4]
+        refused.wait(timeout=120)
+        node4 = fed.log("supernode4")
         procs = list(fed.procs)
     assert rc == 0, log[-3000:]
     assert all(p.poll() is not None for p in procs)  # every process started was stopped
+    assert refused.returncode != 0
+    # Flower's FLEET_NODE_ACTIVATION_FAILED: no SuperNode is registered with that public key
+    assert "[code: 2004] Failed to activate SuperNode" in node4, node4[-2000:]
     flower = json.loads((out / "summary.json").read_text())
     sim = _simulate(tmp_path, cfg)
     assert flower["assignment"] == sim["assignment"] and flower["num_experts"] == 2
