@@ -189,6 +189,20 @@ class LocalFederation:
     def log(self, name: str) -> str:
         return (self.dir / f"{name}.log").read_text()
 
+    def kill_serverapp(self) -> list[int]:
+        """SIGKILL this federation's ServerApp processes (``flwr-serverapp``, started by the
+        SuperLink's SuperExec, connected to this SuperLink's port); their PIDs."""
+        table = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True,
+                               text=True).stdout.splitlines()  # fmt: skip
+        killed = []
+        for line in table:
+            pid, args = line.split(None, 1)
+            if "flwr-serverapp" in args and f"127.0.0.1:{self.port}" in args:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+        return killed
+
     def kill_node(self, i: int) -> None:
         """Stop SuperNode ``i`` (and its ClientApp processes) abruptly."""
         _kill_group(self.procs[1 + i], signal.SIGKILL)

@@ -79,14 +79,28 @@ def _simulate(tmp_path: Path, cfg: dict) -> dict:
 def test_deployment_engine_matches_the_simulator(tmp_path):
     """Over TLS (a CA made in the test) with SuperNode authentication: four registered nodes run
     the federation; a fifth, with the CA but an unregistered key, is refused by the SuperLink and
-    the run goes on without it."""
+    the run goes on without it. The ServerApp is killed mid-run and the run resumed: the result
+    equals the in-process simulator's uninterrupted run."""
     from flower_local import LocalFederation
 
     out = tmp_path / "flower"
     start = time.time()
     cfg = {**TINY, "rounds": 1}  # warm-up, allocation, one adaptive round: every message type
+    run_cfg = {**as_run_config(cfg), "output-dir": str(out)}
     with LocalFederation(tmp_path / "fed", 5, DATA, tls=True, registered={0, 1, 2, 3}) as fed:
-        rc, log = fed.run({**as_run_config(cfg), "output-dir": str(out)}, timeout=540)
+        # The ServerApp is killed once the warm-up round is checkpointed; `resume = true` goes on
+        # from there (the clients from their own saved states) to the simulator's result.
+        first = fed.start_run(run_cfg)
+        state = out / "checkpoint" / "state.json"
+        deadline = time.time() + 400
+        while not state.exists():
+            assert first.poll() is None, fed.log("flwr-run")[-3000:]
+            assert time.time() < deadline, "the first round did not finish"
+            time.sleep(0.2)
+        assert fed.kill_serverapp(), "no ServerApp process found"
+        first.kill()
+        first.wait()
+        rc, log = fed.run({**run_cfg, "resume": True}, timeout=540)
         refused = fed.procs[1 + 4]
         refused.wait(timeout=120)
         node4 = fed.log("supernode4")
@@ -97,6 +111,7 @@ def test_deployment_engine_matches_the_simulator(tmp_path):
     # Flower's FLEET_NODE_ACTIVATION_FAILED: no SuperNode is registered with that public key
     assert "[code: 2004] Failed to activate SuperNode" in node4, node4[-2000:]
     flower = json.loads((out / "summary.json").read_text())
+    assert 1 <= flower["resumed_from_round"] < flower["rounds"], flower["resumed_from_round"]
     sim = _simulate(tmp_path, cfg)
     assert flower["assignment"] == sim["assignment"] and flower["num_experts"] == 2
     assert flower["comm_bytes"] == sim["comm_bytes"]  # the same tensors travel

@@ -88,3 +88,35 @@ def unpack(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         group, _, name = key.partition("/")
         out.setdefault(group, {})[name] = value
     return out
+
+
+# -- a Flower client's own state, on its node: the server's checkpoint does not hold it ----------
+def _round_of(path: Path) -> int:
+    return int(path.name[1:].split("-")[0])
+
+
+def save_client_state(folder: Path, round_idx: int, step: int, tensors: dict) -> None:
+    """What a client keeps after round ``round_idx``'s training (``step`` 0) or evaluation (1),
+    written atomically; of older files only the newest earlier round's are kept (what a resume
+    from this round would need)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path = folder / f"r{round_idx:05d}-{step}.safetensors"
+    _atomic_write(path, lambda p: save_file(flat, str(p)))
+    rounds = {_round_of(f) for f in folder.glob("r*-*.safetensors")}
+    earlier = [x for x in rounds if x < round_idx]
+    keep = {round_idx, max(earlier)} if earlier else {round_idx}
+    for f in folder.glob("r*-*.safetensors"):
+        if _round_of(f) not in keep:
+            f.unlink()
+
+
+def load_client_state(folder: Path, before_round: int) -> dict[str, torch.Tensor] | None:
+    """The newest state saved for a round before ``before_round``, or None."""
+    files = sorted(f for f in folder.glob("r*-*.safetensors") if _round_of(f) < before_round)
+    if not files:
+        return None
+    try:
+        return load_file(str(files[-1]))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read client state {files[-1]}: {exc}") from exc

@@ -7,8 +7,11 @@ Handlers (the server's message types):
 * ``train``: merge the received tensors into the kept state, train, keep the result, upload.
 * ``evaluate``: merge the round's aggregate into the kept state and evaluate it.
 
-What the client keeps between rounds lives in ``context.state`` (it never leaves the node).
-The frozen model and the tokenised data are cached per process.
+What the client keeps between rounds lives in ``context.state`` (it never leaves the node) and,
+after every training and evaluation, in a file on the node (``state-dir`` from the node config,
+else ``<output-dir>/client-states``, per run token and client): a run resumed after the ServerApp
+died is a new Flower run with an empty ``context.state``, and each client continues from its own
+file for the last complete round. The frozen model and the tokenised data are cached per process.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..data import build_client_data, resolve_data_dir
 from ..data.tokenize import ClientData
+from ..fl import checkpoint
 from ..fl.client import clone_state
 from ..fl.config import FLConfig
 from ..fl.faults import FaultPlan
@@ -42,6 +47,7 @@ class Node:
     pool: ModelPool
     strategy: Strategy
     plan: FaultPlan
+    state_dir: Path
 
 
 _NODES: dict[tuple, Node] = {}
@@ -49,7 +55,7 @@ _NODES: dict[tuple, Node] = {}
 
 def node_for(context: Context) -> Node:
     """This node's client: config from the run, partition and data directory from the node."""
-    cfg, _ = parse_run_config(dict(context.run_config))
+    cfg, opts = parse_run_config(dict(context.run_config))
     if "partition-id" not in context.node_config:
         raise ValueError("the SuperNode needs --node-config 'partition-id=<i> ...'")
     pid = int(context.node_config["partition-id"])
@@ -65,16 +71,34 @@ def node_for(context: Context) -> Node:
         pool = ModelPool(cfg, base, tokenizer, progress=False)
         strategy = make_strategy(cfg, [1.0] * len(cfg.clients))  # weights: server-side only
         strategy.setup(pool.template)
+        state_dir = Path(context.node_config.get("state-dir") or Path(opts.output_dir)
+                         / "client-states")  # fmt: skip
         _NODES[key] = Node(
-            cfg, pid, clients[pid], pool, strategy, FaultPlan.from_config(cfg.faults)
+            cfg, pid, clients[pid], pool, strategy, FaultPlan.from_config(cfg.faults), state_dir
         )
     return _NODES[key]
 
 
-def _kept(node: Node, context: Context) -> State:
+def _files(node: Node, msg: Message) -> Path:
+    return node.state_dir / str(msg.content["config"]["run-token"]) / f"client{node.pid}"
+
+
+def _kept(node: Node, context: Context, msg: Message) -> State:
+    """What this client kept: from ``context.state``; in a resumed run, first from its file of
+    the last round before the one resumed; else a fresh model's tensors."""
     if KEPT in context.state:
         return from_record(context.state[KEPT])
+    resume_from = int(msg.content["config"]["resume-from"])
+    if resume_from > 0:
+        saved = checkpoint.load_client_state(_files(node, msg), resume_from)
+        if saved is not None:
+            return saved
     return clone_state(node.pool.template(node.strategy.layout(0)))
+
+
+def _keep(node: Node, context: Context, msg: Message, state: State, r: int, step: int) -> None:
+    context.state[KEPT] = to_record(state)
+    checkpoint.save_client_state(_files(node, msg), r, step, state)
 
 
 def _sync(node: Node, msg: Message) -> int:
@@ -97,7 +121,7 @@ def query(msg: Message, context: Context) -> Message:
     elif action == "collect":
         r = _sync(node, msg)
         wanted = node.strategy.collect(r)
-        kept = _kept(node, context)
+        kept = _kept(node, context, msg)
         content = RecordDict({"up": to_record(select(kept, wanted) if wanted else {})})
     else:
         raise ValueError(f"unknown query action {action!r}")
@@ -110,9 +134,9 @@ def train(msg: Message, context: Context) -> Message:
     r = _sync(node, msg)
     received = from_record(msg.content["down"])
     side = ClientSide(node.cfg, node.strategy, node.pool, node.plan)
-    new, upload, loss, status = side.update(node.data, _kept(node, context), received, r)
+    new, upload, loss, status = side.update(node.data, _kept(node, context, msg), received, r)
     if status["status"] == "ok":  # a crashed client has nothing, a NaN state is not kept
-        context.state[KEPT] = to_record(new)
+        _keep(node, context, msg, new, r, 0)
     report = {"status": status["status"], "error": status.get("error", ""),
               "non_finite": json.dumps(status.get("non_finite", []))}  # fmt: skip
     content = RecordDict({"up": to_record(upload or {}), "status": ConfigRecord(report)})
@@ -126,8 +150,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = node_for(context)
     r = _sync(node, msg)
     strategy, layout = node.strategy, node.strategy.layout(r)
-    kept = strategy.client_state(node.pid, node.pool.template(layout), _kept(node, context),
+    kept = strategy.client_state(node.pid, node.pool.template(layout), _kept(node, context, msg),
                                  from_record(msg.content["down"]))  # fmt: skip
-    context.state[KEPT] = to_record(kept)
+    _keep(node, context, msg, kept, r, 1)
     result = node.pool.runner(layout).evaluate(node.data, kept, strategy.own_expert(node.pid, r))
     return Message(content=RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)

@@ -24,6 +24,7 @@ class ServerOptions:
     round_timeout: float = 600.0  # seconds to wait for the replies of one round
     min_results: int = 0  # fewest train replies a round may go on with; 0: every client
     node_timeout: float = 120.0  # seconds to wait for all clients' nodes to connect
+    resume: bool = False  # continue from the checkpoint in output_dir (clients from their nodes')
 
 
 def parse_run_config(run_config: dict) -> tuple[FLConfig, ServerOptions]:

@@ -5,6 +5,12 @@ Per round: (``collect`` queries when the strategy asks, e.g. FedLEASE's allocati
 time, then one ``evaluate`` message per client with the aggregate. A client that does not answer
 within ``round-timeout`` is logged as failed in ``metrics.jsonl`` and the round goes on with the
 others, unless fewer than ``min-results`` replied. Artefacts are those of ``fedlease run``.
+
+After every round the server writes the simulator's checkpoint (``fedlease.fl.checkpoint``: the
+strategy's state, metrics, communication) to ``output-dir``; the clients keep theirs on their
+nodes. ``resume = true`` continues a run whose ServerApp died from the last complete round; every
+message then tells the clients that round (``resume-from``) and the run's token (``run-token``)
+under which they saved their state.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,15 +28,24 @@ import yaml
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..fl import checkpoint
 from ..fl.client import payload_bytes
 from ..fl.config import FLConfig
 from ..fl.participation import evaluated, participants
 from ..fl.plots import write_plots
 from ..fl.pool import ModelPool, load_base, reject_non_finite
 from ..fl.robust import screen_round
-from ..fl.simulator import Recorder, Summary, round_row, summarise, write_clusters
+from ..fl.simulator import (
+    Recorder,
+    Summary,
+    clear_previous_run,
+    round_row,
+    summarise,
+    write_clusters,
+)
 from ..fl.strategies import make_strategy
-from .records import ServerOptions, from_record, parse_run_config, round_config, to_record
+from .records import ServerOptions, from_record, parse_run_config, to_record
+from .records import round_config as make_round_config
 
 app = ServerApp()
 log = logging.getLogger("fedlease.flower")
@@ -97,7 +113,7 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     t0 = time.time()
     n = len(cfg.clients)
     node_ids = wait_for_nodes(grid, n, opts.node_timeout)
-    hello = {i: RecordDict({"config": round_config(-1, {}, action="hello")})
+    hello = {i: RecordDict({"config": make_round_config(-1, {}, action="hello")})
              for i in range(len(node_ids))}  # fmt: skip
     probe = Exchange(grid, dict(enumerate(node_ids)), max(opts.round_timeout, opts.node_timeout))
     replies = probe(MessageType.QUERY, hello)
@@ -121,6 +137,9 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     min_results = opts.min_results or n
 
     out = Path(opts.output_dir)
+    ckpt = checkpoint.load(out) if opts.resume else None
+    if not opts.resume:
+        clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     # The same initial tensors as every client's (drawn on the CPU before any device move); the
@@ -129,10 +148,32 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     base, tokenizer = load_base(local)
     strategy = make_strategy(cfg, weights)
     strategy.setup(ModelPool(local, base, tokenizer, progress=False).template)
-    rec = Recorder(out)
-    comm = {"up": 0, "down": 0}
+    done, token, resumed_from = 0, uuid.uuid4().hex[:16], None
+    rec, comm = Recorder(out), {"up": 0, "down": 0}
+    if ckpt is not None:
+        done, token = ckpt.meta["rounds_done"], ckpt.meta["run_token"]
+        resumed_from = done
+        saved = checkpoint.unpack(ckpt.tensors)
+        strategy.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")},
+                         ckpt.meta["strategy"])  # fmt: skip
+        rec, comm = Recorder(out, ckpt.meta["metrics"]), dict(ckpt.meta["comm"])
+        t0 = time.time() - ckpt.meta["elapsed_s"]
+        untrained = dict(enumerate(ckpt.meta["untrained"]))
+        if strategy.allocation is not None:
+            write_clusters(out, strategy.allocation)
+        log.info("resuming run %s after round %d", token, done)
 
-    for r in range(strategy.total_rounds):
+    def round_config(r: int, public: dict, **extra):
+        return make_round_config(r, public, **extra, **{"run-token": token, "resume-from": done})
+
+    def save_checkpoint(rounds_done: int) -> None:
+        groups, meta = strategy.state()
+        checkpoint.save(out, rounds_done, {
+            "comm": comm, "metrics": rec.rows, "elapsed_s": time.time() - t0, "strategy": meta,
+            "run_token": token, "untrained": [untrained[i] for i in range(n)],
+        }, checkpoint.pack({f"s.{g}": st for g, st in groups.items()}))  # fmt: skip
+
+    for r in range(done, strategy.total_rounds):
         up = down = 0
         if strategy.collect(r) is not None:
             msgs = {i: RecordDict({"config": round_config(r, strategy.public(),
@@ -199,12 +240,14 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
         comm["up"] += up
         comm["down"] += down
         rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0, ids))
+        save_checkpoint(r + 1)
         log.info("round %d/%d: mean accuracy %.4f", r + 1, strategy.total_rounds,
                  rec.rows[-1]["mean_accuracy"])  # fmt: skip
 
     samples = {"train": [c.train for c in order], "test": [c.test for c in order]}
     summary = summarise(cfg, samples, strategy, rec.rows, comm, time.time() - t0)
     summary.initial_mean = float(np.mean([untrained[i] for i in range(n)]))
+    summary.resumed_from_round = resumed_from
     (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     write_plots(out, strategy.allocation, rec.rows, cfg.clients, summary.initial_mean)
     return summary
