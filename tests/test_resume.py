@@ -137,3 +137,28 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys):
     (tmp_path / "checkpoint" / "state.json").write_text("{truncated")
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_rewrites_only_the_groups_that_changed(tmp_path):
+    """Per-client files: an unchanged client keeps its file from the previous checkpoint; the
+    loaded checkpoint holds every group; files no longer named are removed."""
+    import torch
+
+    from fedlease.fl import checkpoint
+
+    meta = {"comm": {}, "metrics": []}
+    server = {"s.global/w": torch.ones(2)}
+    clients = {"client0": {"w": torch.zeros(3)}, "client1": {"w": torch.full((3,), 2.0)}}
+    checkpoint.save(tmp_path, 1, meta, server, clients)
+    clients["client0"] = {"w": torch.full((3,), 5.0)}
+    checkpoint.save(tmp_path, 2, meta, server, clients, unchanged={"client1"})
+    files = sorted(p.name for p in (tmp_path / "checkpoint").glob("*.safetensors"))
+    assert files == ["client0-0002.safetensors", "client1-0001.safetensors",
+                     "state-0002.safetensors"]  # fmt: skip
+    groups = checkpoint.unpack(checkpoint.load(tmp_path).tensors)
+    assert torch.equal(groups["client0"]["w"], torch.full((3,), 5.0))
+    assert torch.equal(groups["client1"]["w"], torch.full((3,), 2.0))
+    assert torch.equal(groups["s.global"]["w"], torch.ones(2))
+    (tmp_path / "checkpoint" / "client1-0001.safetensors").write_bytes(b"truncated")
+    with pytest.raises(checkpoint.CheckpointError, match="client1-0001.safetensors"):
+        checkpoint.load(tmp_path)

@@ -1,9 +1,13 @@
 """Crash-safe run state: written after every round, read back by ``fedlease run --resume``.
 
-A checkpoint is a pair in ``<run>/checkpoint/``: ``state-<round>.safetensors`` (every tensor the
-run needs) and ``state.json`` (round count, allocation, communication, metrics so far, and the
-name of the tensor file). Each file is written to a temporary name, fsynced and renamed, the
-tensors first: a crash at any point leaves the previous complete checkpoint readable. No pickle.
+A checkpoint in ``<run>/checkpoint/``: ``state-<round>.safetensors`` (the server's tensors),
+one ``<group>-<round>.safetensors`` per separately stored group (each client's kept state) and
+``state.json`` (round count, allocation, communication, metrics so far, and the names of the tensor
+files). A group that did not change since the previous checkpoint keeps its file, so a round in
+which 50 of 1,000 clients train writes 50 client files, not 1,000. Each file is written to a
+temporary name, fsynced and renamed, the tensors first and ``state.json`` last, and files no longer
+named are removed only after it: a crash at any point leaves the previous complete checkpoint
+readable. No pickle.
 """
 
 from __future__ import annotations
@@ -48,16 +52,38 @@ def _atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def save(run_dir: Path, rounds_done: int, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+def save(
+    run_dir: Path,
+    rounds_done: int,
+    meta: dict,
+    tensors: dict[str, torch.Tensor],
+    groups: dict[str, dict[str, torch.Tensor]] | None = None,
+    unchanged: set[str] = frozenset(),
+) -> None:
+    """Write a checkpoint: ``tensors`` in one file; each of ``groups`` in its own file, except
+    those in ``unchanged`` whose file from the previous checkpoint is still there."""
     ckpt = run_dir / DIR
     ckpt.mkdir(parents=True, exist_ok=True)
+    try:
+        previous = json.loads((ckpt / META).read_text()).get("files", {})
+    except (OSError, json.JSONDecodeError):
+        previous = {}
+    files = {}
+    for group, state in (groups or {}).items():
+        if group in unchanged and group in previous and (ckpt / previous[group]).exists():
+            files[group] = previous[group]
+            continue
+        files[group] = f"{group}-{rounds_done:04d}.safetensors"
+        flat_group = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        _atomic_write(ckpt / files[group], lambda p, t=flat_group: save_file(t, str(p)))
     name = f"state-{rounds_done:04d}.safetensors"
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic_write(ckpt / name, lambda p: save_file(flat, str(p)))
-    full = {**meta, "rounds_done": rounds_done, "tensors": name}
+    full = {**meta, "rounds_done": rounds_done, "tensors": name, "files": files}
     _atomic_write(ckpt / META, lambda p: p.write_text(json.dumps(full) + "\n"))
-    for old in ckpt.glob("state-*.safetensors"):
-        if old.name != name:
+    named = {name, *files.values()}
+    for old in ckpt.glob("*.safetensors"):
+        if old.name not in named:
             old.unlink()
 
 
@@ -69,11 +95,14 @@ def load(run_dir: Path) -> Checkpoint:
         raise CheckpointError(f"no checkpoint to resume in {str(run_dir)!r} ({meta_path})") from exc
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read checkpoint {meta_path}: {exc}") from exc
-    tensor_path = run_dir / DIR / meta["tensors"]
-    try:
-        tensors = load_file(str(tensor_path))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read checkpoint tensors {tensor_path}: {exc}") from exc
+    tensors = {}
+    for group, name in [(None, meta["tensors"]), *meta.get("files", {}).items()]:
+        path = run_dir / DIR / name
+        try:
+            part = load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"cannot read checkpoint tensors {path}: {exc}") from exc
+        tensors |= part if group is None else {f"{group}/{k}": v for k, v in part.items()}
     return Checkpoint(meta, tensors)
 
 

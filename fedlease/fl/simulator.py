@@ -154,6 +154,8 @@ class FederatedRun:
         self.strategy = make_strategy(cfg, [float(len(c.train)) for c in self.clients])
         self.strategy.setup(self.pool.template)
         self.side = ClientSide(cfg, self.strategy, self.pool, FaultPlan.from_config(cfg.faults))
+        # clients whose kept state changed since the last checkpoint (all, before the first)
+        self.dirty: set[int] = set() if ckpt else set(range(len(self.clients)))
         if ckpt:
             self._restore(ckpt)
         else:
@@ -230,6 +232,7 @@ class FederatedRun:
             if status["status"] == "ok":
                 accepted[cid] = upload
                 self.kept[cid] = new
+                self.dirty.add(cid)
         accepted = screen_round(self.strategy, r, accepted, statuses, self.cfg.max_norm_ratio)
         check_survivors([statuses[i] for i in ids], r)
         self.strategy.aggregate(r, accepted)
@@ -244,18 +247,24 @@ class FederatedRun:
             cid = c.client_id
             final = self.strategy.down(cid, r, final=True)
             self.kept[cid] = self.strategy.client_state(cid, template, self.kept[cid], final)
+            self.dirty.add(cid)
             evals.append(runner.evaluate(c, self.kept[cid], self.strategy.own_expert(cid, r)))
         return evals
 
     def save_checkpoint(self, rounds_done: int) -> None:
+        """The server state, and each client's kept state in its own file, rewritten only for
+        the clients whose state changed since the last checkpoint."""
         if not self.out:
             return
         groups, meta = self.strategy.state()
-        tensors = checkpoint.pack({f"client{i}": st for i, st in enumerate(self.kept)}
-                                  | {f"s.{g}": st for g, st in groups.items()})  # fmt: skip
+        clients = {f"client{i}": st for i, st in enumerate(self.kept)}
+        unchanged = {f"client{i}" for i in range(len(self.kept)) if i not in self.dirty}
         checkpoint.save(self.out, rounds_done, {"comm": self.comm, "metrics": self.rec.rows,
                         "initial_mean": self.initial_mean, "elapsed_s": time.time() - self.t0,
-                        "strategy": meta}, tensors)  # fmt: skip
+                        "strategy": meta},
+                        checkpoint.pack({f"s.{g}": st for g, st in groups.items()}),
+                        clients, unchanged)  # fmt: skip
+        self.dirty = set()
 
     def finish(self) -> Summary:
         """The summary; with an output directory also the adapters, summary.json and plots."""
