@@ -30,9 +30,17 @@ def app_config() -> dict:
 
 
 def as_run_config(cfg: dict) -> dict:
-    """FLConfig keys as Flower run-config entries (lists as YAML strings without spaces)."""
-    return {k.replace("_", "-"): ("[" + ",".join(v) + "]" if isinstance(v, list) else v)
-            for k, v in cfg.items()}  # fmt: skip
+    """FLConfig keys as Flower run-config entries (lists and mappings as YAML strings without
+    spaces; mappings in JSON's layout with single quotes)."""
+
+    def entry(v):
+        if isinstance(v, list):
+            return "[" + ",".join(v) + "]"
+        if isinstance(v, dict):  # single quotes: the run-config string is double-quoted
+            return json.dumps(v, separators=(",", ":")).replace('"', "'")
+        return v
+
+    return {k.replace("_", "-"): entry(v) for k, v in cfg.items()}
 
 
 def test_the_app_config_is_a_valid_run_config_and_covers_every_key():
@@ -85,7 +93,9 @@ def test_deployment_engine_matches_the_simulator(tmp_path):
 
     out = tmp_path / "flower"
     start = time.time()
-    cfg = {**TINY, "rounds": 1}  # warm-up, allocation, one adaptive round: every message type
+    # warm-up, allocation, one adaptive round: every message type; client 1 uploads float64
+    # tensors, which the server must reject (as the simulator does) with the reason logged
+    cfg = {**TINY, "rounds": 1, "attacks": {"clients": [1], "kind": "wrong_dtype"}}
     run_cfg = {**as_run_config(cfg), "output-dir": str(out)}
     with LocalFederation(tmp_path / "fed", 5, DATA, tls=True, registered={0, 1, 2, 3}) as fed:
         # The ServerApp is killed once the warm-up round is checkpointed; `resume = true` goes on
@@ -112,6 +122,8 @@ def test_deployment_engine_matches_the_simulator(tmp_path):
     assert "[code: 2004] Failed to activate SuperNode" in node4, node4[-2000:]
     flower = json.loads((out / "summary.json").read_text())
     assert 1 <= flower["resumed_from_round"] < flower["rounds"], flower["resumed_from_round"]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["rejected"] == [1] and "dtype float64" in last["clients"][1]["reason"], last
     sim = _simulate(tmp_path, cfg)
     assert flower["assignment"] == sim["assignment"] and flower["num_experts"] == 2
     assert flower["comm_bytes"] == sim["comm_bytes"]  # the same tensors travel

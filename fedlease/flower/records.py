@@ -22,7 +22,7 @@ class ServerOptions:
 
     output_dir: str = "runs/flower"
     round_timeout: float = 600.0  # seconds to wait for the replies of one round
-    min_results: int = 0  # fewest train replies a round may go on with; 0: every client
+    min_results: int = 0  # fewest train replies (rejected uploads count) to go on; 0: all
     node_timeout: float = 120.0  # seconds to wait for all clients' nodes to connect
     resume: bool = False  # continue from the checkpoint in output_dir (clients from their nodes')
 

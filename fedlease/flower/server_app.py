@@ -4,7 +4,8 @@ Per round: (``collect`` queries when the strategy asks, e.g. FedLEASE's allocati
 ``train`` message per client with its own payload, aggregation of the replies that arrived in
 time, then one ``evaluate`` message per client with the aggregate. A client that does not answer
 within ``round-timeout`` is logged as failed in ``metrics.jsonl`` and the round goes on with the
-others, unless fewer than ``min-results`` replied. Artefacts are those of ``fedlease run``.
+others, unless fewer than ``min-results`` replied (a reply whose upload the server rejects
+counts; the round needs one usable update). Artefacts are those of ``fedlease run``.
 
 After every round the server writes the simulator's checkpoint (``fedlease.fl.checkpoint``: the
 strategy's state, metrics, communication) to ``output-dir``; the clients keep theirs on their
@@ -218,9 +219,12 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
                     accepted[i] = upload
             statuses[i] = st
         accepted = screen_round(strategy, r, accepted, statuses, cfg.max_norm_ratio)
+        # replies count whether or not their upload was usable (a rejected upload is the
+        # client's fault, not the round's); the round still needs one usable update
+        answered = sum(statuses[i]["status"] in ("ok", "rejected") for i in ids)
         ok = sum(statuses[i]["status"] == "ok" for i in ids)
-        if ok < min(min_results, len(ids)) or ok == 0:
-            raise RuntimeError(f"round {r}: {ok} usable client updates, fewer than "
+        if answered < min(min_results, len(ids)) or ok == 0:
+            raise RuntimeError(f"round {r}: {answered} clients answered ({ok} usable updates), "
                                f"min-results = {min_results}: {statuses}")  # fmt: skip
         strategy.aggregate(r, accepted)
         evals = None
