@@ -23,6 +23,7 @@ ATTACKS = {
     "none": None,
     "scale x100": {"kind": "scale", "factor": 100.0},
     "sign flip x1": {"kind": "sign_flip", "factor": 1.0},
+    "sign flip x100": {"kind": "sign_flip", "factor": 100.0},
 }
 
 
@@ -47,21 +48,35 @@ def one_run(args, rule: str, attack: dict | None, seed: int) -> dict:
 
 
 def table(results: list[dict], seeds: list[int]) -> str:
-    def cell(rule, attack):
-        vals = [r["honest_mean"] for r in results if r["rule"] == rule and r["attack"] == attack]
+    """One table per seed whose grid is complete, then their mean when there are several."""
+
+    def value(rule, attack, seed_list):
+        vals = [
+            r["honest_mean"]
+            for r in results
+            if r["rule"] == rule and r["attack"] == attack and r["seed"] in seed_list
+        ]
         return sum(vals) / len(vals)
 
-    clean = cell("mean", "none")
-    lines = ["| aggregation | " + " | ".join(ATTACKS) + " |", "|---" * (len(ATTACKS) + 1) + "|"]
-    for rule in RULES:
-        cells = []
-        for attack in ATTACKS:
-            v = cell(rule, attack)
-            cells.append(f"{100 * v:.1f} ({100 * (v - clean):+.1f})")
-        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
-    head = (f"Mean accuracy (%) of the three honest clients, mean over seeds {seeds}; in "
-            "brackets the difference to the clean run under `mean`.")  # fmt: skip
-    return head + "\n\n" + "\n".join(lines) + "\n"
+    complete = [s for s in seeds if all(
+        any(r["rule"] == rule and r["attack"] == a and r["seed"] == s for r in results)
+        for rule in RULES for a in ATTACKS)]  # fmt: skip
+    out = []
+    groups = [([s], f"seed {s}") for s in complete]
+    if len(complete) > 1:
+        groups.append((complete, f"mean over seeds {complete}"))
+    for seed_list, name in groups:
+        clean = value("mean", "none", seed_list)
+        lines = [f"{name}: mean accuracy (%) of the three honest clients; in brackets the "
+                 "difference to the clean run under `mean`", "",
+                 "| aggregation | " + " | ".join(ATTACKS) + " |",
+                 "|---" * (len(ATTACKS) + 1) + "|"]  # fmt: skip
+        for rule in RULES:
+            cells = [f"{100 * (v := value(rule, a, seed_list)):.1f} ({100 * (v - clean):+.1f})"
+                     for a in ATTACKS]  # fmt: skip
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
