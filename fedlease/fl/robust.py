@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .allocation import average
+from .faults import non_finite
 
 State = dict[str, torch.Tensor]
 RULES = ("mean", "median", "trimmed_mean", "norm_clip")
@@ -116,7 +117,7 @@ def clipped_mean(ups: list[State], weights: list[float], clip: float) -> State:
     keys = list(ups[0])
     center = {k: coordinate_median([u[k] for u in ups]).double() for k in keys}
     deltas = [{k: u[k].double() - center[k] for k in keys} for u in ups]
-    norms = torch.tensor([math.sqrt(sum(float(d[k].square().sum()) for k in keys)) for d in deltas])
+    norms = torch.tensor([upload_norm(d) for d in deltas])
     bound = clip * float(norms.median())
     scales = [1.0 if n <= bound or n == 0 else bound / n for n in norms.tolist()]
     w = torch.tensor(weights, dtype=torch.float64)
@@ -150,7 +151,7 @@ def validate_upload(expected: State, upload: State) -> str | None:
             return f"{k}: dtype {str(got.dtype).removeprefix('torch.')}, expected " + str(
                 want.dtype
             ).removeprefix("torch.")
-    bad = [k for k, v in upload.items() if not torch.isfinite(v).all()]
+    bad = non_finite(upload)
     if bad:
         return f"non-finite values in {bad[:3]}"
     return None
