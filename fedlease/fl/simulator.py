@@ -171,8 +171,7 @@ class FederatedRun:
             raise checkpoint.CheckpointError(
                 f"checkpoint in {str(self.out)!r} has no strategy state"
             )
-        self.strategy.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")},
-                              ckpt.meta["strategy"])  # fmt: skip
+        self.strategy.restore_checkpoint(saved, ckpt.meta["strategy"])
         template = self.pool.template(self.strategy.layout(max(self.done - 1, 0)))
         self.kept = [restored(template, saved, f"client{c.client_id}") for c in self.clients]
         self.initial_mean = ckpt.meta["initial_mean"]
@@ -256,14 +255,13 @@ class FederatedRun:
         the clients whose state changed since the last checkpoint."""
         if not self.out:
             return
-        groups, meta = self.strategy.state()
+        tensors, meta = self.strategy.checkpoint_state()
         clients = {f"client{i}": st for i, st in enumerate(self.kept)}
         unchanged = {f"client{i}" for i in range(len(self.kept)) if i not in self.dirty}
         checkpoint.save(self.out, rounds_done, {"comm": self.comm, "metrics": self.rec.rows,
                         "initial_mean": self.initial_mean, "elapsed_s": time.time() - self.t0,
                         "strategy": meta},
-                        checkpoint.pack({f"s.{g}": st for g, st in groups.items()}),
-                        clients, unchanged)  # fmt: skip
+                        tensors, clients, unchanged)  # fmt: skip
         self.dirty = set()
 
     def finish(self) -> Summary:

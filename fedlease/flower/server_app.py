@@ -154,9 +154,7 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     if ckpt is not None:
         done, token = ckpt.meta["rounds_done"], ckpt.meta["run_token"]
         resumed_from = done
-        saved = checkpoint.unpack(ckpt.tensors)
-        strategy.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")},
-                         ckpt.meta["strategy"])  # fmt: skip
+        strategy.restore_checkpoint(checkpoint.unpack(ckpt.tensors), ckpt.meta["strategy"])
         rec, comm = Recorder(out, ckpt.meta["metrics"]), dict(ckpt.meta["comm"])
         t0 = time.time() - ckpt.meta["elapsed_s"]
         untrained = dict(enumerate(ckpt.meta["untrained"]))
@@ -168,11 +166,11 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
         return make_round_config(r, public, **extra, **{"run-token": token, "resume-from": done})
 
     def save_checkpoint(rounds_done: int) -> None:
-        groups, meta = strategy.state()
+        tensors, meta = strategy.checkpoint_state()
         checkpoint.save(out, rounds_done, {
             "comm": comm, "metrics": rec.rows, "elapsed_s": time.time() - t0, "strategy": meta,
             "run_token": token, "untrained": [untrained[i] for i in range(n)],
-        }, checkpoint.pack({f"s.{g}": st for g, st in groups.items()}))  # fmt: skip
+        }, tensors)  # fmt: skip
 
     for r in range(done, strategy.total_rounds):
         up = down = 0

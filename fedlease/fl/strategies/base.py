@@ -29,7 +29,7 @@ import torch
 
 from ...adapter_io import check_state_dict
 from ..allocation import average
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, pack
 from ..client import TrainSpec
 from ..robust import Aggregation, validate_upload
 
@@ -208,6 +208,15 @@ class Strategy:
 
     def restore(self, groups: dict[str, State], meta: dict) -> None:
         """Inverse of ``state()``; the driver has called ``setup`` already."""
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """``state()`` for a checkpoint: the tensor groups packed under ``s.<group>``, the JSON."""
+        groups, meta = self.state()
+        return pack({f"s.{g}": st for g, st in groups.items()}), meta
+
+    def restore_checkpoint(self, saved: dict[str, State], meta: dict) -> None:
+        """Inverse of ``checkpoint_state`` on the unpacked groups of a checkpoint."""
+        self.restore({g[2:]: t for g, t in saved.items() if g.startswith("s.")}, meta)
 
 
 class SharedLoRA(Strategy):
