@@ -3,7 +3,9 @@
 import json
 import os
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from fedlease.cli import main
@@ -37,11 +39,18 @@ def test_two_methods_two_seeds(config, tmp_path, capsys):
         for seed in (1, 2):  # the summary of each run is what the row averages
             s = json.loads((out / f"{name}-seed{seed}" / "summary.json").read_text())
             assert s["method"] == name and s["final"]["mean"] == row["per_seed"][seed - 1]
+        # MRPC's F1: the mean over seeds of each run's mean over its MRPC clients
+        runs = [json.loads((out / f"{name}-seed{s}" / "summary.json").read_text()) for s in (1, 2)]
+        per_run = [np.mean([c["f1"] for c in r["final"]["per_client"] if c["task"] == "mrpc"])
+                   for r in runs]  # fmt: skip
+        assert set(row["per_task_f1"]) == {"mrpc"}
+        assert row["per_task_f1"]["mrpc"] == pytest.approx(np.mean(per_run))
     # FedIT exchanges the whole LoRA both ways every round: bytes up == bytes down
     fedit = result["methods"]["fedit"]["bytes_per_round"]
     assert fedit["up"] == fedit["down"] > 0
     table = (out / "compare.md").read_text()
     assert "| fedit |" in table and "| fedlease |" in table and "average" in table
+    assert "mrpc F1" in table and "wall (s, all seeds)" in table
     assert (out / "compare.png").stat().st_size > 0
     # the same partition for every method under one seed
     parts = [json.loads((out / f"{m}-seed1" / "summary.json").read_text())["samples"]
@@ -77,3 +86,25 @@ def test_bad_method_and_seeds_are_named(config, tmp_path, capsys):
                  "--output", out]) == 2  # fmt: skip
     assert "--seeds expects comma-separated integers, got '1,b'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_finished_runs_from_another_device_are_tabulated_without_it(config, tmp_path, capsys):
+    """Runs made on a GPU are merged on a machine without one; a run still to do stops the
+    command (exit 2) naming the device before anything runs."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--methods", "fedit", "--seeds", "1",
+            "--output", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    run_dir = out / "fedit-seed1"
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["device"] = "cuda"  # as written by the same command on a GPU machine
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (out / "compare.json").unlink()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device")
+    assert main([*args, "--set", "device=cuda"]) == 0
+    assert json.loads((out / "compare.json").read_text())["config"]["device"] == "cuda"
+    (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--set", "device=cuda"]) == 2
+    assert "'device'" in capsys.readouterr().err

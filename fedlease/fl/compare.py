@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from . import checkpoint
-from .config import METHODS, ConfigError, FLConfig, validate
+from .config import METHODS, ConfigError, FLConfig, runtime, validate
 from .simulator import run
 
 
@@ -54,6 +54,10 @@ def compare(
     methods = _method_list(methods)
     if not seeds:
         raise ConfigError("--seeds must name at least one seed")
+    # Finished runs are only read (e.g. GPU runs tabulated on a laptop); a run still to do needs
+    # the config's device, checked before any of them starts.
+    if any(not (out / f"{m}-seed{s}" / "summary.json").exists() for m in methods for s in seeds):
+        runtime(cfg)
     table: dict[str, dict] = {}
     for method in methods:
         summaries = []
@@ -71,14 +75,25 @@ def compare(
     return result
 
 
+def task_f1(summary: dict) -> dict[str, float]:
+    """Mean F1 over a run's clients per task, for the tasks scored with F1 (MRPC, QQP)."""
+    scores: dict[str, list[float]] = {}
+    for c in summary["final"]["per_client"]:
+        if c.get("f1") is not None:
+            scores.setdefault(c["task"], []).append(c["f1"])
+    return {t: float(np.nanmean(v)) for t, v in scores.items()}
+
+
 def _method_row(summaries: list[dict], runs: list[str]) -> dict:
     tasks = list(summaries[0]["final"]["per_task"])
     per_task = {t: [s["final"]["per_task"][t] for s in summaries] for t in tasks}
+    f1 = [task_f1(s) for s in summaries]
     means = [s["final"]["mean"] for s in summaries]
     rounds = [max(s["rounds"], 1) for s in summaries]
     return {
         "per_task": {t: float(np.mean(v)) for t, v in per_task.items()},
         "per_task_std": {t: float(np.std(v)) for t, v in per_task.items()},
+        "per_task_f1": {t: float(np.mean([f[t] for f in f1])) for t in f1[0]},
         "mean": float(np.mean(means)),
         "std": float(np.std(means)),
         "per_seed": means,
@@ -93,14 +108,18 @@ def _method_row(summaries: list[dict], runs: list[str]) -> dict:
 
 
 def markdown_table(result: dict) -> str:
-    """One row per method, one column per task, the average and communication per round."""
+    """One row per method, one column per task (and its F1 where the task has one), the
+    average accuracy, communication per round and the wall time of the method's runs."""
     methods = result["methods"]
-    tasks = list(next(iter(methods.values()))["per_task"])
+    first = next(iter(methods.values()))
+    tasks = list(first["per_task"])
+    f1_tasks = [t for t in tasks if t in first.get("per_task_f1", {})]
     seeds = result["seeds"]
-    head = ["method", *tasks, "average", "comm / round (MB up + down)"]
+    head = ["method", *tasks, *(f"{t} F1" for t in f1_tasks), "average",
+            "comm / round (MB up + down)", "wall (s, all seeds)"]  # fmt: skip
     lines = [
-        f"Accuracy (%) on each client's held-out data, mean ± std over seeds {seeds}; "
-        f"{len(result['clients'])} clients.",
+        f"Accuracy (%) on each client's held-out data (F1 in % where named), mean ± std over "
+        f"seeds {seeds}; {len(result['clients'])} clients.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -109,12 +128,13 @@ def markdown_table(result: dict) -> str:
     for name, row in methods.items():
         cells = [f"{100 * row['per_task'][t]:.1f} ± {100 * row['per_task_std'][t]:.1f}"
                  for t in tasks]  # fmt: skip
+        cells += [f"{100 * row['per_task_f1'][t]:.1f}" for t in f1_tasks]
         avg = f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
         if row["mean"] == best:
             avg = f"**{avg}**"
         b = row["bytes_per_round"]
         comm = f"{(b['up'] + b['down']) / 1e6:.2f}"
-        lines.append("| " + " | ".join([name, *cells, avg, comm]) + " |")
+        lines.append("| " + " | ".join([name, *cells, avg, comm, f"{row['wall_s']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
