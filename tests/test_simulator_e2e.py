@@ -20,7 +20,7 @@ TINY = {
     "test_samples": 32,
     "warmup_rounds": 2,
     "rounds": 2,
-    "local_epochs": 2,
+    "local_epochs": 1,
     "max_seq_len": 64,
     "max_experts": 3,
     "seed": 0,
