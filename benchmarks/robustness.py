@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-RULES = ("mean", "median", "trimmed_mean", "norm_clip")
+RULES = ("mean", "median", "trimmed_mean", "norm_clip", "krum")
 ATTACKS = {
     "none": None,
     "scale x100": {"kind": "scale", "factor": 100.0},
@@ -47,6 +47,11 @@ def one_run(args, rule: str, attack: dict | None, seed: int) -> dict:
             "wall_s": time.time() - t0}  # fmt: skip
 
 
+def rules_in(results: list[dict]) -> list[str]:
+    """The rules that have runs, in the order of RULES."""
+    return [rule for rule in RULES if any(r["rule"] == rule for r in results)]
+
+
 def table(results: list[dict], seeds: list[int]) -> str:
     """One table per seed whose grid is complete, then their mean when there are several."""
 
@@ -60,7 +65,7 @@ def table(results: list[dict], seeds: list[int]) -> str:
 
     complete = [s for s in seeds if all(
         any(r["rule"] == rule and r["attack"] == a and r["seed"] == s for r in results)
-        for rule in RULES for a in ATTACKS)]  # fmt: skip
+        for rule in rules_in(results) for a in ATTACKS)]  # fmt: skip
     out = []
     groups = [([s], f"seed {s}") for s in complete]
     if len(complete) > 1:
@@ -71,7 +76,7 @@ def table(results: list[dict], seeds: list[int]) -> str:
                  "difference to the clean run under `mean`", "",
                  "| aggregation | " + " | ".join(ATTACKS) + " |",
                  "|---" * (len(ATTACKS) + 1) + "|"]  # fmt: skip
-        for rule in RULES:
+        for rule in rules_in(results):
             cells = [f"{100 * (v := value(rule, a, seed_list)):.1f} ({100 * (v - clean):+.1f})"
                      for a in ATTACKS]  # fmt: skip
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
@@ -90,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="rounds after the first")
     p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--rules", default=",".join(RULES), help="aggregation rules to run")
     p.add_argument("--json", help="write every run's numbers here (finished runs are reused)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    rules = [r for r in args.rules.split(",") if r]
     path = Path(args.json) if args.json else None
     results = json.loads(path.read_text()) if path and path.exists() else []
     done = {(r["rule"], r["attack"], r["seed"]) for r in results}
-    for seed, attack, rule in itertools.product(seeds, ATTACKS, RULES):
+    for seed, attack, rule in itertools.product(seeds, ATTACKS, rules):
         if (rule, attack, seed) in done:
             continue
         res = one_run(args, rule, ATTACKS[attack], seed)

@@ -11,7 +11,7 @@ from scipy import stats
 
 from fedlease.fl import ConfigError, from_dict
 from fedlease.fl.faults import AttackPlan
-from fedlease.fl.robust import Aggregation, norm_outliers, validate_upload
+from fedlease.fl.robust import Aggregation, multi_krum, norm_outliers, validate_upload
 from fedlease.fl.simulator import run
 from fedlease.fl.strategies.base import weighted_mean
 
@@ -57,10 +57,47 @@ def test_norm_clip_bounds_an_outliers_pull():
     assert dist(clipped, clean) < 2 * spread  # the clipped one moves by about the spread
 
 
+@pytest.mark.parametrize("n,f", [(5, 1), (6, 2), (7, 1), (3, 1)])
+def test_multi_krum_keeps_the_uploads_a_direct_computation_picks(n, f):
+    ups = uploads(n, seed=10 * n + f)
+    flat = np.stack([np.concatenate([u[k].numpy().ravel() for k in u]) for u in ups]).astype(float)
+    scores = []
+    for i in range(n):
+        d = sorted(float(((flat[i] - flat[j]) ** 2).sum()) for j in range(n) if j != i)
+        scores.append(sum(d[: max(1, n - f - 2)]))
+    want = sorted(np.argsort(scores, kind="stable")[: n - f].tolist())
+    assert multi_krum(ups, f) == want
+    w = [float(i + 1) for i in range(n)]
+    got = Aggregation.from_config({"rule": "krum", "byzantine": f})(ups, w)
+    kept = [ups[i] for i in want]
+    expect = weighted_mean(kept, [w[i] for i in want])
+    for k in got:
+        torch.testing.assert_close(got[k], expect[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "scale"])
+def test_krum_leaves_out_a_tampered_upload_whole(attack):
+    """Four clients from one start, similar updates; client 3 flips or scales its update: Multi-
+    Krum drops it and returns the honest clients' mean (where the median is biased)."""
+    g = torch.Generator().manual_seed(3)
+    start = {"a": torch.randn(4, 6, generator=g)}
+    common = torch.randn(4, 6, generator=g)
+    new = [{"a": start["a"] + common + 0.3 * torch.randn(4, 6, generator=g)} for _ in range(4)]
+    bad = AttackPlan(clients=(3,), kind=attack, factor=1.0 if attack == "sign_flip" else 100.0)
+    ups = new[:3] + [bad.tamper(start, new[3], 0, 3)]
+    w = [1.0, 2.0, 1.0, 1.0]
+    assert multi_krum(ups, 1) == [0, 1, 2]
+    got = Aggregation.from_config("krum")(ups, w)
+    torch.testing.assert_close(got["a"], weighted_mean(new[:3], w[:3])["a"])
+    two = Aggregation.from_config("krum")(ups[:2], w[:2])  # nothing to compare: the mean
+    torch.testing.assert_close(two["a"], weighted_mean(ups[:2], w[:2])["a"])
+
+
 def test_bad_aggregation_settings_name_the_key():
     for value, pattern in [("mode", "'aggregation.rule' = 'mode'"),
                            ({"rule": "trimmed_mean", "trim": 0.5}, "'aggregation.trim' = 0.5"),
                            ({"rule": "norm_clip", "clip": 0}, "'aggregation.clip' = 0"),
+                           ({"rule": "krum", "byzantine": -1}, "'aggregation.byzantine' = -1"),
                            ({"rule": "median", "beta": 1}, "unknown config key 'aggregation.beta'"),
                            ({"trim": "a lot"}, "'aggregation.trim' must be float")]:  # fmt: skip
         with pytest.raises(ConfigError, match=pattern):

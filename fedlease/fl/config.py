@@ -77,7 +77,7 @@ class FLConfig:
     precision: str = "auto"  # auto (bf16 where the hardware is fast in it), fp32, bf16
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     faults: dict | None = None  # fault injection for tests: see fedlease.fl.faults
-    aggregation: str | dict = "mean"  # mean, median, trimmed_mean, norm_clip: fedlease.fl.robust
+    aggregation: str | dict = "mean"  # mean, median, trimmed_mean, norm_clip, krum: fl.robust
     max_norm_ratio: float | None = None  # reject uploads over this x the median norm of their group
     attacks: dict | None = None  # tampered uploads for robustness studies: fedlease.fl.faults
 
@@ -127,7 +127,8 @@ KEY_HELP = {
     "faults": "fault injection for tests, e.g. {client_failure_rate: 0.2, nan_update_rate: 0.1, "
     "seed: 0}",
     "aggregation": "how the server combines the uploads of one aggregate: mean (sample-weighted), "
-    "median, trimmed_mean or norm_clip, or e.g. {rule: trimmed_mean, trim: 0.25}",
+    "median, trimmed_mean, norm_clip or krum (Multi-Krum), or e.g. {rule: trimmed_mean, "
+    "trim: 0.25} or {rule: krum, byzantine: 1}",
     "max_norm_ratio": "reject an upload whose norm exceeds this many times the median norm of the "
     "uploads it aggregates with (null: no bound)",
     "attacks": "tampered uploads for robustness studies, e.g. {clients: [3], kind: scale, factor: "

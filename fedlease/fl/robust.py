@@ -13,6 +13,12 @@ participant, for their shared tensors):
   vector) clipped to ``clip`` times the median of those distances, then the sample-weighted mean
   of the clipped uploads (centered clipping around a robust center: a huge or sign-flipped upload
   moves the result by at most the typical spread).
+* ``krum``: Multi-Krum (Blanchard et al., NeurIPS 2017): each upload (all its tensors as one
+  vector) is scored by its summed squared distance to its ``n - byzantine - 2`` nearest others
+  (at least one), and the sample-weighted mean of the ``n - byzantine`` best-scored uploads is the
+  result. An upload pointing away from the others (a sign flip) or far out (scaled) scores worst
+  and is left out whole, so the rest are averaged unbiased; with two uploads or fewer there is
+  nothing to compare and it is the mean.
 
 Written as ``aggregation: median`` or ``aggregation: {rule: trimmed_mean, trim: 0.25}``.
 
@@ -34,8 +40,8 @@ from .allocation import average
 from .faults import non_finite
 
 State = dict[str, torch.Tensor]
-RULES = ("mean", "median", "trimmed_mean", "norm_clip")
-AGGREGATION_KEYS = {"rule": str, "trim": float, "clip": float}
+RULES = ("mean", "median", "trimmed_mean", "norm_clip", "krum")
+AGGREGATION_KEYS = {"rule": str, "trim": float, "clip": float, "byzantine": int}
 
 
 class AggregationError(ValueError):
@@ -47,6 +53,7 @@ class Aggregation:
     rule: str = "mean"
     trim: float = 0.2  # trimmed_mean: the fraction dropped at each end, per coordinate
     clip: float = 1.0  # norm_clip: the bound, in medians of the distance to the median
+    byzantine: int = 1  # krum: attackers tolerated per aggregate (that many uploads are dropped)
 
     @staticmethod
     def from_config(value: str | dict | None) -> Aggregation:
@@ -80,6 +87,10 @@ class Aggregation:
                                    "[0, 0.5)")  # fmt: skip
         if not agg.clip > 0:
             raise AggregationError(f"config key 'aggregation.clip' = {agg.clip!r}: must be > 0")
+        if agg.byzantine < 0:
+            raise AggregationError(
+                f"config key 'aggregation.byzantine' = {agg.byzantine!r}: must be >= 0"
+            )
         return agg
 
     def __call__(self, ups: list[State], weights: list[float]) -> State:
@@ -90,6 +101,10 @@ class Aggregation:
             return {k: coordinate_median([u[k] for u in ups]) for k in ups[0]}
         if self.rule == "trimmed_mean":
             return {k: trimmed_mean([u[k] for u in ups], self.trim) for k in ups[0]}
+        if self.rule == "krum":
+            keep = multi_krum(ups, self.byzantine)
+            return {k: average([ups[i][k] for i in keep], [weights[i] for i in keep])
+                    for k in ups[0]}  # fmt: skip
         return clipped_mean(ups, weights, self.clip)
 
 
@@ -111,6 +126,23 @@ def trimmed_mean(tensors: list[torch.Tensor], trim: float) -> torch.Tensor:
         cut = (n - 1) // 2
     s = _stack(tensors).sort(dim=0).values
     return s[cut : n - cut].mean(0).to(tensors[0].dtype)
+
+
+def multi_krum(ups: list[State], byzantine: int) -> list[int]:
+    """Indices of the uploads Multi-Krum keeps: the ``n - byzantine`` (at least one) with the
+    smallest sums of squared distances to their ``n - byzantine - 2`` (at least one) nearest
+    other uploads; all of them when there are two or fewer. Ties keep the lower index."""
+    n = len(ups)
+    if n <= 2:
+        return list(range(n))
+    flat = torch.stack([torch.cat([u[k].double().reshape(-1) for k in ups[0]]) for u in ups])
+    dist = torch.cdist(flat, flat).square()
+    dist.fill_diagonal_(float("inf"))
+    neighbours = max(1, n - byzantine - 2)
+    scores = dist.sort(dim=1).values[:, :neighbours].sum(dim=1)
+    keep = max(1, n - byzantine)
+    order = sorted(range(n), key=lambda i: (float(scores[i]), i))
+    return sorted(order[:keep])
 
 
 def clipped_mean(ups: list[State], weights: list[float], clip: float) -> State:
@@ -212,6 +244,7 @@ __all__ = [
     "RULES",
     "Aggregation",
     "AggregationError",
+    "multi_krum",
     "norm_outliers",
     "screen_round",
     "screen_uploads",
