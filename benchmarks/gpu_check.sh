@@ -121,7 +121,7 @@ for d in "${FEDLEASE_DATA_DIR:-}" ../shared/data/glue shared/data/glue; do
 done
 run_dir="$out/fl_run"
 device=cpu; [ "$gpu" = 1 ] && device=cuda
-if HF_HUB_OFFLINE=1 timeout 300 $py -m fedlease run --config configs/demo.yaml \
+if HF_HUB_OFFLINE=1 timeout 300 $py -m fedlease run --config configs/smoke.yaml \
     --output "$run_dir" --no-progress --set device=$device --set rounds=1 --set warmup_rounds=1 \
     >"$out/fl_run.log" 2>&1; then
   $py - "$run_dir" <<'PY' | tee -a "$out/gpu_check.log"
