@@ -1,0 +1,73 @@
+"""FLAN instruction tasks from a local JSON Lines directory: ``<dir>/<task>/{train,test}.jsonl``,
+one ``{"instruction", "input", "output", "task", "category"}`` object per line (the FLAN template
+already applied to ``instruction``; ``input`` may be empty or absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .glue import DataError
+
+FLAN_DIR_ENV = "FEDLEASE_FLAN_DIR"
+SPLITS = ("train", "test")
+
+
+def resolve_flan_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The FLAN directory: the argument, else ``$FEDLEASE_FLAN_DIR``; there is no hub fallback."""
+    chosen = data_dir if data_dir not in (None, "") else os.environ.get(FLAN_DIR_ENV) or None
+    if chosen is None:
+        raise DataError(f"no FLAN data directory: give one or set ${FLAN_DIR_ENV} "
+                        "(<dir>/<task>/{train,test}.jsonl)")  # fmt: skip
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise DataError(f"FLAN data directory {str(path)!r} does not exist")
+    return path
+
+
+def flan_tasks(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The tasks present in the FLAN directory (sub-directories with a train split)."""
+    root = resolve_flan_dir(data_dir)
+    return sorted(p.name for p in root.iterdir() if (p / "train.jsonl").is_file())
+
+
+def _check_row(row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise DataError(f"{where}: missing key {key!r}")
+    for key in ("instruction", "output", "input"):
+        if key in row and not isinstance(row[key], str):
+            raise DataError(f"{where}: key {key!r} must be a string, got {row[key]!r}")
+    return {"instruction": row["instruction"], "input": row.get("input", ""),
+            "output": row["output"], "category": str(row.get("category", ""))}  # fmt: skip
+
+
+def load_flan_split(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The examples of one FLAN task's ``train`` or ``test`` split, each checked; errors name the
+    task, or the file and line."""
+    if split not in SPLITS:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    root = resolve_flan_dir(data_dir)
+    if not (root / task).is_dir():
+        raise DataError(f"unknown FLAN task {task!r} in {str(root)!r}; available: "
+                        f"{', '.join(flan_tasks(root)) or 'none'}")  # fmt: skip
+    path = root / task / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataError(f"missing data file {str(path)!r}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: malformed JSON ({exc.msg})") from exc
+            rows.append(_check_row(row, where))
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    return rows

@@ -1,0 +1,36 @@
+"""The Alpaca-style prompt (FedDPA's ``alpaca_short``) and training examples whose labels cover
+only the response: the prompt's positions are ``IGNORE_INDEX``, which the loss skips."""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
+TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def prompt_text(instruction: str, input_text: str = "") -> str:
+    """What the model sees before its answer."""
+    if input_text:
+        return TEMPLATE_INPUT.format(instruction=instruction, input=input_text)
+    return TEMPLATE.format(instruction=instruction)
+
+
+def encode_example(tokenizer, row: dict, max_len: int) -> dict[str, list[int]]:
+    """``input_ids`` (prompt, response, EOS) and ``labels`` (``IGNORE_INDEX`` over the prompt, the
+    response and EOS after it). Too long for ``max_len``: the response keeps up to ``max_len - 1``
+    tokens and the prompt keeps its end (where "### Response:" stands)."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    prompt = tokenizer(prompt_text(row["instruction"], row.get("input", "")))["input_ids"]
+    full = tokenizer(prompt_text(row["instruction"], row.get("input", "")) + row["output"],
+                     add_special_tokens=False)["input_ids"]  # fmt: skip
+    # the response's tokens as the tokenizer cuts them in context (the prompt ends in a newline)
+    prefix = len(tokenizer(prompt_text(row["instruction"], row.get("input", "")),
+                           add_special_tokens=False)["input_ids"])  # fmt: skip
+    response = full[prefix:]
+    if tokenizer.eos_token_id is not None:
+        response = [*response, tokenizer.eos_token_id]
+    response = response[: max_len - 1]
+    prompt = prompt[-(max_len - len(response)) :]
+    return {"input_ids": prompt + response,
+            "labels": [IGNORE_INDEX] * len(prompt) + response}  # fmt: skip
