@@ -36,6 +36,9 @@ def test_defaults_follow_the_paper():
         ({"dropout": 1.0}, "'dropout' = 1.0"),
         ({"lr": -1}, "'lr' = -1"),
         ({"lr": float("nan")}, "'lr' must be a finite number, got nan"),
+        ({"lr": "fast"}, "'lr' must be a finite number, got 'fast'"),
+        ({"lr": "3e-3e"}, "'lr' must be a finite number, got '3e-3e'"),
+        ({"rank": "4e0"}, "'rank' must be int, got '4e0'"),
         ({"dropout": float("inf")}, "'dropout' must be a finite number"),
         ({"method": "fedprox"}, "'method' = 'fedprox'"),
         ({"label_alpha": 0}, "'label_alpha' = 0"),
@@ -56,6 +59,14 @@ def test_defaults_follow_the_paper():
 def test_bad_values_name_key_and_value(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         from_dict(BASE | override)
+
+
+def test_exponent_numbers_that_yaml_reads_as_strings_are_numbers():
+    """PyYAML reads ``lr: 3e-3`` (no dot) as the string '3e-3'; a key that takes a number reads it
+    as the number. The command line's ``--set lr=3e-3`` goes through the same YAML."""
+    cfg = from_dict(BASE | yaml.safe_load("lr: 3e-3\nwarmup_lr: 5E-3\nmax_norm_ratio: 1e1"))
+    assert cfg.lr == 0.003 and cfg.warmup_lr == 0.005 and cfg.max_norm_ratio == 10.0
+    assert isinstance(cfg.lr, float)
 
 
 def test_overrides_are_yaml(tmp_path):

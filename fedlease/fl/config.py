@@ -162,9 +162,12 @@ _POSITIVE_INT = (
 _NON_NEGATIVE_INT = ("warmup_rounds", "rounds", "seed")
 
 
+_UNIONS = (typing.Union, getattr(__import__("types"), "UnionType", None))  # X | Y and Optional[X]
+
+
 def _type_ok(value, hint) -> bool:
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in _UNIONS:
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
@@ -180,6 +183,23 @@ def _type_ok(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+# YAML 1.1 (PyYAML) reads 3e-3 as a string: it wants a dot (3.0e-3). Such a string, given for a
+# key that takes a number, is read as the number the user wrote.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _takes_float(hint) -> bool:
+    if hint is float:
+        return True
+    return typing.get_origin(hint) in _UNIONS and float in typing.get_args(hint)
+
+
+def _number_if_exponent(value, hint):
+    if isinstance(value, str) and _takes_float(hint) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _type_name(hint) -> str:
     if hint is float:
         return "a finite number"
@@ -191,6 +211,7 @@ def from_dict(raw: dict) -> FLConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw).__name__}")
     hints = typing.get_type_hints(FLConfig)
+    raw = {k: _number_if_exponent(v, hints[k]) if k in hints else v for k, v in raw.items()}
     for key, value in raw.items():
         if key == "clients" and isinstance(value, dict):
             continue  # the compact form, expanded below
