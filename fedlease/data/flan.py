@@ -4,11 +4,10 @@ already applied to ``instruction``; ``input`` may be empty or absent)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .glue import DataError
+from .glue import DataError, read_json_lines
 
 FLAN_DIR_ENV = "FEDLEASE_FLAN_DIR"
 SPLITS = ("train", "test")
@@ -54,20 +53,4 @@ def load_flan_split(task: str, split: str, data_dir: str | os.PathLike | None = 
     if not (root / task).is_dir():
         raise DataError(f"unknown FLAN task {task!r} in {str(root)!r}; available: "
                         f"{', '.join(flan_tasks(root)) or 'none'}")  # fmt: skip
-    path = root / task / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataError(f"missing data file {str(path)!r}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: malformed JSON ({exc.msg})") from exc
-            rows.append(_check_row(row, where))
-    if not rows:
-        raise DataError(f"{path}: no examples")
-    return rows
+    return read_json_lines(root / task / f"{split}.jsonl", _check_row)

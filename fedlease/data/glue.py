@@ -71,8 +71,9 @@ def _check_example(row: object, spec: TaskSpec, where: str) -> dict:
     return {**{f: row[f] for f in spec.text_fields}, "label": label}
 
 
-def read_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
-    """Examples of one split file, each checked; errors name the file and line."""
+def read_json_lines(path: Path, check) -> list[dict]:
+    """``check(row, where)`` of every line of a JSON Lines file (blank lines skipped); errors name
+    the file and line (``where`` is ``"<file>:<line>"``)."""
     if not path.is_file():
         raise DataError(f"missing data file {str(path)!r}")
     rows = []
@@ -85,10 +86,15 @@ def read_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: malformed JSON ({exc.msg})") from exc
-            rows.append(_check_example(row, spec, where))
+            rows.append(check(row, where))
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows
+
+
+def read_jsonl(path: Path, spec: TaskSpec) -> list[dict]:
+    """Examples of one GLUE split file, each checked; errors name the file and line."""
+    return read_json_lines(path, lambda row, where: _check_example(row, spec, where))
 
 
 def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
