@@ -63,9 +63,10 @@ def table(results: list[dict], seeds: list[int]) -> str:
         ]
         return sum(vals) / len(vals)
 
+    rules = rules_in(results)
     complete = [s for s in seeds if all(
         any(r["rule"] == rule and r["attack"] == a and r["seed"] == s for r in results)
-        for rule in rules_in(results) for a in ATTACKS)]  # fmt: skip
+        for rule in rules for a in ATTACKS)]  # fmt: skip
     out = []
     groups = [([s], f"seed {s}") for s in complete]
     if len(complete) > 1:
@@ -76,7 +77,7 @@ def table(results: list[dict], seeds: list[int]) -> str:
                  "difference to the clean run under `mean`", "",
                  "| aggregation | " + " | ".join(ATTACKS) + " |",
                  "|---" * (len(ATTACKS) + 1) + "|"]  # fmt: skip
-        for rule in rules_in(results):
+        for rule in rules:
             cells = [f"{100 * (v := value(rule, a, seed_list)):.1f} ({100 * (v - clean):+.1f})"
                      for a in ATTACKS]  # fmt: skip
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .glue import DataError, read_json_lines
+from .glue import DataError, read_json_lines, resolve_data_dir
 
 FLAN_DIR_ENV = "FEDLEASE_FLAN_DIR"
 SPLITS = ("train", "test")
@@ -15,13 +15,10 @@ SPLITS = ("train", "test")
 
 def resolve_flan_dir(data_dir: str | os.PathLike | None) -> Path:
     """The FLAN directory: the argument, else ``$FEDLEASE_FLAN_DIR``; there is no hub fallback."""
-    chosen = data_dir if data_dir not in (None, "") else os.environ.get(FLAN_DIR_ENV) or None
-    if chosen is None:
+    path = resolve_data_dir(data_dir, FLAN_DIR_ENV, "FLAN data directory")
+    if path is None:
         raise DataError(f"no FLAN data directory: give one or set ${FLAN_DIR_ENV} "
                         "(<dir>/<task>/{train,test}.jsonl)")  # fmt: skip
-    path = Path(chosen).expanduser()
-    if not path.is_dir():
-        raise DataError(f"FLAN data directory {str(path)!r} does not exist")
     return path
 
 

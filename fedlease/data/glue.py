@@ -43,14 +43,17 @@ def task_spec(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """The local data directory: the argument, else ``$FEDLEASE_DATA_DIR``, else None (hub)."""
-    chosen = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
+def resolve_data_dir(
+    data_dir: str | os.PathLike | None, env: str = DATA_DIR_ENV, what: str = "data directory"
+) -> Path | None:
+    """The local data directory: the argument, else ``$<env>``, else None (GLUE: the hub);
+    ``what`` names it in the error when it does not exist."""
+    chosen = data_dir if data_dir not in (None, "") else os.environ.get(env) or None
     if chosen is None:
         return None
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise DataError(f"data directory {str(path)!r} does not exist")
+        raise DataError(f"{what} {str(path)!r} does not exist")
     return path
 
 

@@ -28,6 +28,11 @@ def _method_list(methods: list[str]) -> list[str]:
     return methods
 
 
+def run_name(method: str, seed: int) -> str:
+    """The directory of one (method, seed) run under the comparison's output."""
+    return f"{method}-seed{seed}"
+
+
 def run_one(cfg: FLConfig, run_dir: Path, progress: bool) -> dict:
     """``cfg``'s summary in ``run_dir``: read if complete, resumed if checkpointed, else run."""
     want = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -56,7 +61,7 @@ def compare(
         raise ConfigError("--seeds must name at least one seed")
     # Finished runs are only read (e.g. GPU runs tabulated on a laptop); a run still to do needs
     # the config's device, checked before any of them starts.
-    if any(not (out / f"{m}-seed{s}" / "summary.json").exists() for m in methods for s in seeds):
+    if any(not (out / run_name(m, s) / "summary.json").exists() for m in methods for s in seeds):
         runtime(cfg)
     table: dict[str, dict] = {}
     for method in methods:
@@ -64,8 +69,8 @@ def compare(
         for seed in seeds:
             run_cfg = dataclasses.replace(cfg, method=method, seed=seed)
             validate(run_cfg)
-            summaries.append(run_one(run_cfg, out / f"{method}-seed{seed}", progress))
-        table[method] = _method_row(summaries, [f"{method}-seed{s}" for s in seeds])
+            summaries.append(run_one(run_cfg, out / run_name(method, seed), progress))
+        table[method] = _method_row(summaries, [run_name(method, s) for s in seeds])
     result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),
               "config": cfg.to_dict()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)

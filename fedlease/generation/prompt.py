@@ -21,12 +21,11 @@ def encode_example(tokenizer, row: dict, max_len: int) -> dict[str, list[int]]:
     tokens and the prompt keeps its end (where "### Response:" stands)."""
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
-    prompt = tokenizer(prompt_text(row["instruction"], row.get("input", "")))["input_ids"]
-    full = tokenizer(prompt_text(row["instruction"], row.get("input", "")) + row["output"],
-                     add_special_tokens=False)["input_ids"]  # fmt: skip
+    text = prompt_text(row["instruction"], row.get("input", ""))
+    prompt = tokenizer(text)["input_ids"]
     # the response's tokens as the tokenizer cuts them in context (the prompt ends in a newline)
-    prefix = len(tokenizer(prompt_text(row["instruction"], row.get("input", "")),
-                           add_special_tokens=False)["input_ids"])  # fmt: skip
+    full = tokenizer(text + row["output"], add_special_tokens=False)["input_ids"]
+    prefix = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     response = full[prefix:]
     if tokenizer.eos_token_id is not None:
         response = [*response, tokenizer.eos_token_id]
