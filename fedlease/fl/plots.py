@@ -13,6 +13,7 @@ from scipy.cluster.hierarchy import dendrogram, linkage
 from scipy.spatial.distance import squareform
 
 from .allocation import Allocation
+from .config import LABEL
 
 
 def _labels(tasks: list[str]) -> list[str]:
@@ -91,16 +92,17 @@ def plot_accuracy(path: Path, rows: list[dict], initial_mean: float | None = Non
     rows = [r for r in rows if r.get("evaluated", True)]  # eval_every > 1 skips rounds
     rounds = [r["round"] + 1 for r in rows]
     tasks = sorted({c["task"] for c in rows[0]["clients"]}) if rows else []
+    metric = rows[0].get("metric", "accuracy") if rows else "accuracy"
     for t in tasks:
-        acc = [np.mean([c["accuracy"] for c in r["clients"] if c["task"] == t]) for r in rows]
+        acc = [np.mean([c[metric] for c in r["clients"] if c["task"] == t]) for r in rows]
         ax.plot(rounds, acc, marker=".", label=t)
-    ax.plot(rounds, [r["mean_accuracy"] for r in rows], "k-", lw=2, label="mean")
+    ax.plot(rounds, [r[f"mean_{metric}"] for r in rows], "k-", lw=2, label="mean")
     if initial_mean is not None:
         ax.axhline(initial_mean, color="gray", ls=":", label="untrained (mean)")
     if warm:
         ax.axvspan(0.5, warm + 0.5, color="gray", alpha=0.15, label="warm-up")
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (held-out)")
+    ax.set_ylabel(f"{LABEL[metric]} (held-out)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ import torch
 from .. import models
 from ..adapter_io import adapter_state_dict
 from ..data import TASKS
+from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
 from .client import ClientRunner, State, clone_state, seed_for
@@ -23,16 +24,20 @@ from .strategies.ifca import PICK_EXAMPLES
 
 
 def load_base(cfg: FLConfig):
-    """The frozen model and tokenizer, its task head drawn from ``cfg.seed`` (every process that
-    loads it for the same run, simulator or Flower node, gets the same head); sets ``threads``.
+    """The frozen model and tokenizer (a causal LM for ``generation``), a classifier's task head
+    drawn from ``cfg.seed`` (every process that loads it for the same run, simulator or Flower
+    node, gets the same head); sets ``threads``.
     On CPU and in float32; ``ModelPool`` moves each client model to the run's device and
     precision."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, precision = runtime(cfg)
     torch.manual_seed(cfg.seed)
+    attn = attention_for(device, precision)
+    if cfg.task_type == "generation":
+        return models.load_causal(cfg.model, attn=attn)
     num_labels = max(TASKS[t].num_labels for t in cfg.clients)
-    return models.load(cfg.model, num_labels=num_labels, attn=attention_for(device, precision))
+    return models.load(cfg.model, num_labels=num_labels, attn=attn)
 
 
 class ModelPool:
@@ -56,7 +61,7 @@ class ModelPool:
                 routing=layout.routing,
                 top_k=layout.top_k,
                 target_modules=list(cfg.target_modules),
-                trainable_modules=list(HEAD),
+                trainable_modules=list(HEAD) if cfg.task_type == "classification" else [],
             )
             torch.manual_seed(cfg.seed)  # same seed, same initial adapters in every method
             model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
@@ -73,6 +78,9 @@ class ModelPool:
                 cfg.local_epochs,
                 self.progress,
                 self.precision,
+                Decoding(self.tokenizer, cfg.max_new_tokens)
+                if cfg.task_type == "generation"
+                else None,
             )
             self.templates[layout] = clone_state(adapter_state_dict(model))
         return self.runners[layout]

@@ -13,12 +13,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..adapter_io import load_adapter_state_dict, save_adapter
-from ..data import build_client_data, resolve_data_dir
+from ..data import build_client_data, source_for
 from ..inject import set_own_expert
 from . import checkpoint
 from .allocation import Allocation
 from .client import State, clone_state, payload_bytes
-from .config import FLConfig, runtime
+from .config import FLConfig, metric_of, runtime
 from .faults import FaultPlan
 from .participation import evaluated, participants
 from .pool import ClientSide, ModelPool, load_base
@@ -38,7 +38,7 @@ class Summary:
     wall_s: float
     rounds: int = 0
     clients: list[str] = field(default_factory=list)
-    initial_mean: float = float("nan")  # mean accuracy of the untrained model (random head)
+    initial_mean: float = float("nan")  # mean score of the untrained model (random head)
     samples: dict = field(default_factory=dict)  # train/test examples per client
     resumed_from_round: int | None = None  # rounds already complete when this process resumed
     device: str = ""  # where the clients trained, e.g. "cpu" or "cuda:0"
@@ -67,20 +67,23 @@ class Recorder:
                 f.write(json.dumps(row) + "\n")
 
 
-def round_row(phase, r, clients, evals, losses, statuses, up, down, t0, participants=None) -> dict:
+def round_row(phase, r, clients, evals, losses, statuses, up, down, t0, participants=None,
+              metric="accuracy") -> dict:  # fmt: skip
     """One line of metrics.jsonl. ``evals``: one dict per client, or None when the round was not
-    evaluated (``eval_every``; its mean accuracy is then NaN); ``participants``: the clients that
-    trained (None: all); the others have status ``idle``."""
+    evaluated (``eval_every``; its mean score is then NaN); ``participants``: the clients that
+    trained (None: all); the others have status ``idle``. ``metric``: the per-client score whose
+    mean the row reports as ``mean_<metric>`` (accuracy, or rouge1 for generation)."""
     per_client = []
     for i, (c, loss, st) in enumerate(zip(clients, losses, statuses)):
         e = evals[i] if evals is not None else {}
         per_client.append({"client": c.client_id, "task": c.task, "train_loss": loss, **st, **e})
-    mean = float(np.nanmean([e["accuracy"] for e in evals])) if evals is not None else float("nan")
+    mean = float(np.nanmean([e[metric] for e in evals])) if evals is not None else float("nan")
     all_ids = [c.client_id for c in clients]
     return {
         "round": r,
         "phase": phase,
-        "mean_accuracy": mean,
+        "metric": metric,
+        f"mean_{metric}": mean,
         "evaluated": evals is not None,
         "participants": list(participants) if participants is not None else all_ids,
         "clients": per_client,
@@ -137,11 +140,12 @@ class FederatedRun:
         ckpt = checkpoint.load(out) if resume and out else None
         self.resumed = ckpt is not None
         self.t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
-        data_dir = resolve_data_dir(cfg.data_dir)
+        data_dir = source_for(cfg.task_type).resolve(cfg.data_dir)
         base, tokenizer = load_base(cfg)
         self.clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples,
                                          cfg.test_samples, cfg.max_seq_len, cfg.seed,
-                                         cfg.label_alpha, data_dir)  # fmt: skip
+                                         cfg.label_alpha, data_dir,
+                                         task_type=cfg.task_type)  # fmt: skip
         if out:  # only now: bad data stops the run before anything is written
             if not resume:
                 clear_previous_run(out)
@@ -163,7 +167,7 @@ class FederatedRun:
             self.kept = [clone_state(first) for _ in self.clients]
             runner = self.pool.runner(self.strategy.layout(0))
             untrained = [runner.evaluate(c, first) for c in self.clients]
-            self.initial_mean = float(np.mean([e["accuracy"] for e in untrained]))
+            self.initial_mean = float(np.mean([e[metric_of(cfg)] for e in untrained]))
 
     def _restore(self, ckpt) -> None:
         saved = checkpoint.unpack(ckpt.tensors)
@@ -181,6 +185,7 @@ class FederatedRun:
         if self.out and self.strategy.allocation is not None:  # resumed after the allocation
             write_clusters(self.out, self.strategy.allocation)
         total = self.strategy.total_rounds
+        metric = metric_of(self.cfg)
         bar = tqdm(total=total, initial=self.done, desc="rounds", disable=not self.progress,
                    unit="round")  # fmt: skip
         for r in range(self.done, total):
@@ -191,12 +196,12 @@ class FederatedRun:
             evals = self.evaluate_round(r) if evaluated(self.cfg, r, total) else None
             self.comm["up"] += up + round_up
             self.comm["down"] += down
-            self.rec.add(round_row(self.strategy.phase(r), r, self.clients, evals, losses,
-                                   statuses, up + round_up, down, self.t0, ids))  # fmt: skip
+            self.rec.add(round_row(self.strategy.phase(r), r, self.clients, evals, losses, statuses,
+                                   up + round_up, down, self.t0, ids, metric))  # fmt: skip
             self.save_checkpoint(r + 1)
             bar.update()
             if evals is not None:
-                bar.set_postfix(acc=f"{self.rec.rows[-1]['mean_accuracy']:.3f}")
+                bar.set_postfix({metric: f"{self.rec.rows[-1][f'mean_{metric}']:.3f}"})
         bar.close()
         return self.finish()
 
@@ -307,9 +312,18 @@ def write_adapters(
         own = strategy.own_expert(c.client_id, last)
         load_adapter_state_dict(runner.model, kept[c.client_id], f"client {c.client_id}")
         set_own_expert(runner.model, 0 if own is None else own)
-        extra = {"model": cfg.model, "num_labels": runner.model.config.num_labels,
-                 "task": c.task, "max_seq_len": cfg.max_seq_len, "method": cfg.method,
-                 "client": c.client_id}  # fmt: skip
+        extra = {
+            "model": cfg.model,
+            "task_type": cfg.task_type,
+            "task": c.task,
+            "max_seq_len": cfg.max_seq_len,
+            "method": cfg.method,
+            "client": c.client_id,
+        }
+        if cfg.task_type == "generation":
+            extra["max_new_tokens"] = cfg.max_new_tokens
+        else:
+            extra["num_labels"] = runner.model.config.num_labels
         save_adapter(runner.model, directory / f"client{c.client_id}", extra)
 
 
@@ -325,13 +339,15 @@ def summarise(
 ) -> Summary:
     """The run's ``Summary`` from its metrics rows; ``samples``: train/test examples per client."""
     last = rows[-1]["clients"] if rows else []
+    metric = metric_of(cfg)
     per_task: dict[str, list[float]] = {}
     for c in last:
-        per_task.setdefault(c["task"], []).append(c["accuracy"])
+        per_task.setdefault(c["task"], []).append(c[metric])
     final = {  # NaN: a client whose evaluation never arrived (Flower); the means skip it
+        "metric": metric,
         "per_client": last,
         "per_task": {t: float(np.nanmean(v)) for t, v in per_task.items()},
-        "mean": float(np.nanmean([c["accuracy"] for c in last])) if last else float("nan"),
+        "mean": float(np.nanmean([c[metric] for c in last])) if last else float("nan"),
     }
     return Summary(
         cfg.method,

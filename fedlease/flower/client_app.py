@@ -24,7 +24,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..data import build_client_data, resolve_data_dir
+from ..data import build_client_data, source_for
 from ..data.tokenize import ClientData
 from ..fl import checkpoint
 from ..fl.client import clone_state
@@ -67,7 +67,8 @@ def node_for(context: Context) -> Node:
         base, tokenizer = load_base(cfg)
         clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                     cfg.max_seq_len, cfg.seed, cfg.label_alpha,
-                                    resolve_data_dir(data_dir), only=pid)  # fmt: skip
+                                    source_for(cfg.task_type).resolve(data_dir), only=pid,
+                                    task_type=cfg.task_type)  # fmt: skip
         pool = ModelPool(cfg, base, tokenizer, progress=False)
         strategy = make_strategy(cfg, [1.0] * len(cfg.clients))  # weights: server-side only
         strategy.setup(pool.template)

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..fl import checkpoint
 from ..fl.client import payload_bytes
-from ..fl.config import FLConfig
+from ..fl.config import FLConfig, metric_of
 from ..fl.participation import evaluated, participants
 from ..fl.plots import write_plots
 from ..fl.pool import ModelPool, load_base, reject_non_finite
@@ -56,7 +56,7 @@ log = logging.getLogger("fedlease.flower")
 def main(grid: Grid, context: Context) -> None:
     cfg, opts = parse_run_config(dict(context.run_config))
     summary = run_server(grid, cfg, opts)
-    print(f"fedlease on Flower: mean accuracy {summary.final['mean']:.4f}, "
+    print(f"fedlease on Flower: mean {summary.final['metric']} {summary.final['mean']:.4f}, "
           f"{summary.num_experts} experts, assignment {summary.assignment}; "
           f"artefacts in {opts.output_dir}")  # fmt: skip
 
@@ -112,7 +112,7 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 
 def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     t0 = time.time()
-    n = len(cfg.clients)
+    n, metric = len(cfg.clients), metric_of(cfg)
     node_ids = wait_for_nodes(grid, n, opts.node_timeout)
     hello = {i: RecordDict({"config": make_round_config(-1, {}, action="hello")})
              for i in range(len(node_ids))}  # fmt: skip
@@ -128,7 +128,7 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
         clients[pid] = SimpleNamespace(
             client_id=pid, task=str(info["task"]), train=int(info["train"]), test=int(info["test"])
         )
-        untrained[pid] = float(reply.content["metrics"]["accuracy"])
+        untrained[pid] = float(reply.content["metrics"][metric])
     missing = sorted(set(range(n)) - set(nodes))
     if missing:
         raise RuntimeError(f"no node answered for partition-id {missing} (of {n} clients)")
@@ -238,13 +238,14 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
                     evals.append({k: float(v) for k, v in got[i].content["metrics"].items()})
                 else:
                     log.warning("round %d: client %d did not report its evaluation", r, i)
-                    evals.append({"accuracy": float("nan"), "eval_loss": float("nan")})
+                    evals.append({metric: float("nan"), "eval_loss": float("nan")})
         comm["up"] += up
         comm["down"] += down
-        rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0, ids))
+        rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0, ids,
+                          metric))  # fmt: skip
         save_checkpoint(r + 1)
-        log.info("round %d/%d: mean accuracy %.4f", r + 1, strategy.total_rounds,
-                 rec.rows[-1]["mean_accuracy"])  # fmt: skip
+        log.info("round %d/%d: mean %s %.4f", r + 1, strategy.total_rounds, metric,
+                 rec.rows[-1][f"mean_{metric}"])  # fmt: skip
 
     samples = {"train": [c.train for c in order], "test": [c.test for c in order]}
     summary = summarise(cfg, samples, strategy, rec.rows, comm, time.time() - t0)

@@ -2,7 +2,7 @@
 ROUGE. The pieces the generation setting (FLAN tasks) is built from."""
 
 from .decode import greedy_generate, greedy_generate_ids
-from .prompt import IGNORE_INDEX, encode_example, prompt_text
+from .prompt import IGNORE_INDEX, encode_example, prompt_text, prompt_tokens
 from .rouge import rouge_scores
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "greedy_generate",
     "greedy_generate_ids",
     "prompt_text",
+    "prompt_tokens",
     "rouge_scores",
 ]

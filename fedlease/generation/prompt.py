@@ -3,7 +3,8 @@ only the response: the prompt's positions are ``IGNORE_INDEX``, which the loss s
 
 from __future__ import annotations
 
-IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
+from ..data.tokenize import IGNORE_INDEX
+
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -13,6 +14,12 @@ def prompt_text(instruction: str, input_text: str = "") -> str:
     if input_text:
         return TEMPLATE_INPUT.format(instruction=instruction, input=input_text)
     return TEMPLATE.format(instruction=instruction)
+
+
+def prompt_tokens(tokenizer, row: dict, max_len: int) -> list[int]:
+    """The prompt's tokens as decoding starts from them: its last ``max_len`` tokens (where
+    "### Response:" stands)."""
+    return tokenizer(prompt_text(row["instruction"], row.get("input", "")))["input_ids"][-max_len:]
 
 
 def encode_example(tokenizer, row: dict, max_len: int) -> dict[str, list[int]]:
