@@ -336,11 +336,12 @@ def print_summary(summary, out: Path) -> None:
     metric = final.get("metric", "accuracy")
     second = "f1" if metric == "accuracy" else "rougeL"  # F1 of MRPC/QQP; ROUGE-L of answers
     print(f"\n{summary.method}: {summary.num_experts} experts, assignment {summary.assignment}")
-    print(f"{'client':>6}  {'task':<6} {'expert':>6} {metric:>9} {second:>7}")
+    w = max([6, *(len(c["task"]) for c in final["per_client"])])  # FLAN task names are long
+    print(f"{'client':>6}  {'task':<{w}} {'expert':>6} {metric:>9} {second:>7}")
     for c in final["per_client"]:
         extra = f"{c[second]:.4f}" if second in c else "-"
         expert = summary.assignment[c["client"]]
-        print(f"{c['client']:>6}  {c['task']:<6} {expert:>6} {c[metric]:>9.4f} {extra:>7}")
+        print(f"{c['client']:>6}  {c['task']:<{w}} {expert:>6} {c[metric]:>9.4f} {extra:>7}")
     tasks = "  ".join(f"{t} {a:.4f}" for t, a in final["per_task"].items())
     print(f"per task: {tasks}")
     comm = summary.comm_bytes

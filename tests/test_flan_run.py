@@ -204,3 +204,15 @@ def test_a_flan_line_without_its_key_exits_2_naming_file_and_line(tiny_lm, tmp_p
     err = capsys.readouterr().err
     assert f"{root / 'sst2' / 'train.jsonl'}:7" in err and f"missing key {drop!r}" in err
     assert not out.exists()
+
+
+def test_an_empty_flan_split_exits_2_naming_the_file(tiny_lm, tmp_path, capsys):
+    root = _line("sst2", {"instruction": "x", "output": "y"}, tmp_path)
+    (root / "fix_punct" / "test.jsonl").write_text("")
+    out = tmp_path / "run"
+    code = main(["run", "--config", str(write(tmp_path, config(tiny_lm, data_dir=str(root)))),
+                 "--output", str(out), "--no-progress"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(root / "fix_punct" / "test.jsonl") in err and "no examples" in err
+    assert not out.exists()
