@@ -43,3 +43,27 @@ def make_inputs(
 
 def leaves(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def kill_after_rounds(cmd: list[str], run_dir, rounds: int, poll_s: float = 0.05) -> None:
+    """Start ``cmd`` (a ``fedlease run`` writing to ``run_dir``) and SIGKILL it as soon as its
+    checkpoint holds ``rounds`` complete rounds; fails if it ends before."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "checkpoint" / "state.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if state.exists() and json.loads(state.read_text())["rounds_done"] >= rounds:
+                break
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(poll_s)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -5,16 +5,15 @@ input stops the run with exit 2 before anything is written."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import kill_after_rounds
 
 from fedlease.cli import main
 
@@ -101,8 +100,11 @@ def test_distances_separate_the_tasks_of_generation_clients(tiny_lm, tmp_path):
     assert d[0, 2] < min(d[0, 1], d[0, 3]) and d[1, 3] < min(d[1, 0], d[1, 2]), d
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedsa_lora", "feddpa", "local", "ifca",
-                                    "ffa_lora", "fedlease_topk"])  # fmt: skip
+METHODS = ["fedit", "fedsa_lora", "feddpa", "local", "ifca", "ffa_lora", "fedlease_topk",
+           "fedlease_fixed_k", "fedlease_random"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_generation_clients(tiny_lm, tmp_path, method):
     from fedlease.fl import from_dict, run
 
@@ -118,21 +120,8 @@ def test_generation_run_killed_then_resumed_matches_uninterrupted(tiny_lm, tmp_p
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     cmd = [sys.executable, "-m", "fedlease", "run", "--no-progress", "--config", str(cfg)]
     subprocess.run([*cmd, "--output", str(whole)], check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen([*cmd, "--output", str(broken)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    state = broken / "checkpoint" / "state.json"
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:  # warm-up and first adaptive round done: kill in the last
-            if state.exists() and json.loads(state.read_text())["rounds_done"] >= 2:
-                break
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # warm-up and first adaptive round done: killed inside the last
+    kill_after_rounds([*cmd, "--output", str(broken)], broken, 2, poll_s=0.02)
     assert not (broken / "summary.json").exists(), "killed after the run had finished"
     assert main(["run", "--resume", str(broken), "--no-progress"]) == 0
 
@@ -216,3 +205,18 @@ def test_an_empty_flan_split_exits_2_naming_the_file(tiny_lm, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(root / "fix_punct" / "test.jsonl") in err and "no examples" in err
     assert not out.exists()
+
+
+def test_compare_tabulates_rouge_for_generation_runs(tiny_lm, tmp_path):
+    from fedlease.fl import from_dict
+    from fedlease.fl.compare import compare
+
+    cfg = from_dict(config(tiny_lm, warmup_rounds=1, rounds=1, train_samples=8, test_samples=2))
+    result = compare(cfg, ["fedlease", "local"], [0], tmp_path / "cmp", progress=False)
+    assert result["metric"] == "rouge1"
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table.startswith("ROUGE-1 (%) on each client's held-out data")
+    for method in ("fedlease", "local"):
+        summary = json.loads((tmp_path / "cmp" / f"{method}-seed0" / "summary.json").read_text())
+        assert result["methods"][method]["mean"] == pytest.approx(summary["final"]["mean"])
+        assert f"| {method} |" in table

@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
+from helpers import kill_after_rounds
 
 from fedlease.cli import main
 
@@ -58,21 +57,9 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
     subprocess.run(_cmd("--config", str(cfg), "--output", str(whole)), check=True,
                    capture_output=True, timeout=600)  # fmt: skip
 
-    proc = subprocess.Popen(_cmd("--config", str(cfg), "--output", str(broken)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # first adaptive round complete -> killed inside the next
+    kill_after_rounds(_cmd("--config", str(cfg), "--output", str(broken)), broken, 3)
     state = broken / "checkpoint" / "state.json"
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline:  # first adaptive round complete -> kill inside the next
-            if state.exists() and json.loads(state.read_text())["rounds_done"] >= 3:
-                break
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert not (broken / "summary.json").exists(), "killed after the run had finished"
     assert json.loads(state.read_text())["rounds_done"] == 3
     done_rows = (broken / "metrics.jsonl").read_text().splitlines()
