@@ -51,7 +51,7 @@ def gguf_cached(name: str) -> Path:
     import importlib.util
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package_name, file = BUNDLED_GGUF[name]
     # find the package's folder without importing it (its __init__ needs an unrelated CLI)
@@ -67,9 +67,8 @@ def gguf_cached(name: str) -> Path:
     with _quiet_transformers():
         gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
-        config = AutoConfig.from_pretrained(src, gguf_file=file)
         # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its state dict
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(gguf.config, dtype=torch.float32)
         plain.load_state_dict(gguf.state_dict())
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         plain.save_pretrained(tmp)

@@ -330,7 +330,7 @@ def write_adapters(
 def write_clusters(out: Path, alloc: Allocation) -> None:
     """``clusters.json``: the allocation as checkpoints record it, distances to 6 decimals."""
     record = allocation_to_json(alloc)
-    record["distance_matrix"] = np.asarray(alloc.distance_matrix).round(6).tolist()
+    record["distance_matrix"] = np.asarray(alloc.distance_matrix).round(6).tolist()  # readable
     (out / "clusters.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

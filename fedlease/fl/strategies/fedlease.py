@@ -158,18 +158,15 @@ class FedLEASE(Strategy):
         # the N x N distances as a tensor: as JSON they cost seconds per checkpoint at 1,000 clients
         groups["allocation"] = {"distances": torch.from_numpy(
             np.asarray(self.alloc.distance_matrix, dtype=np.float64))}  # fmt: skip
-        record = allocation_to_json(self.alloc)
-        del record["distance_matrix"]
-        return groups, {"allocation": record}
+        return groups, {"allocation": allocation_to_json(self.alloc)}
 
     def restore(self, groups, meta):
         if meta.get("allocation") is None:
             self.warm_global = restored(self.warm_global, groups, "warm_global")
             return
-        record = dict(meta["allocation"])
-        if "allocation" in groups:  # older checkpoints kept the distances in the JSON
-            record["distance_matrix"] = groups["allocation"]["distances"].numpy()
-        self.alloc = allocation_from_json(record)
+        # older checkpoints kept the distances in the JSON
+        distances = groups["allocation"]["distances"].numpy() if "allocation" in groups else None
+        self.alloc = allocation_from_json(meta["allocation"], distances)
         template = self.template(self.layout(self.cfg.warmup_rounds))
         self.experts = restored(select(template, is_expert), groups, "experts")
         router = select(template, is_router)
@@ -218,20 +215,21 @@ def aggregate_clusters(
 
 
 def allocation_to_json(alloc: Allocation) -> dict:
+    """The allocation without its N x N distances (a checkpoint stores them as a tensor)."""
     return {
         "num_experts": alloc.num_experts,
         "assignment": alloc.assignment,
         "silhouette": {str(k): v for k, v in alloc.silhouette.items()},
-        "distance_matrix": np.asarray(alloc.distance_matrix).tolist(),
     }
 
 
-def allocation_from_json(d: dict) -> Allocation:
+def allocation_from_json(d: dict, distances: np.ndarray | None = None) -> Allocation:
+    """Inverse of ``allocation_to_json``; ``distances`` default to a ``distance_matrix`` entry."""
     return Allocation(
         d["num_experts"],
         d["assignment"],
         {int(k): v for k, v in d["silhouette"].items()},
-        np.asarray(d["distance_matrix"]),
+        np.asarray(d["distance_matrix"] if distances is None else distances),
     )
 
 
