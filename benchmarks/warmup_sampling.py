@@ -21,6 +21,7 @@ experts against their tasks.
 
     python benchmarks/warmup_sampling.py --data-dir ../shared/data/glue --seed 1 \\
         --fractions 0.25,0.5 --json runs/warmup_sampling_seed1.json
+    python benchmarks/warmup_sampling.py --table runs/warmup_sampling_seed*.json
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class Warmups:
         if key not in self.memo:
             start = self.state(cid, rounds[:-1])
             t0 = time.time()
-            new, _ = self.runner.train(self.clients[cid], start, seed_for(self.seed, rounds[-1], cid),
-                                       training=self.spec)  # fmt: skip
+            seed = seed_for(self.seed, rounds[-1], cid)
+            new, _ = self.runner.train(self.clients[cid], start, seed, training=self.spec)
             self.seconds.append(time.time() - t0)
             self.memo[key] = new
         return self.memo[key]
@@ -151,6 +152,29 @@ def behaviour_nearest(warm, cfg) -> dict:
                   "allocated_before_round": cfg.warmup_rounds}  # fmt: skip
 
 
+def table(paths: list[str]) -> str:
+    """One markdown row per (participation, behaviour, seed) of the given JSON files."""
+    rows = []
+    for p in paths:
+        with open(p) as fh:
+            rows += json.load(fh)["rows"]
+    order = {"all": 0, "wait": 1, "nearest": 2}
+    rows.sort(key=lambda r: (r["fraction"], order[r["behaviour"]], r["seed"]))
+    out = [
+        "| per round | behaviour | seed | warm-up trainings | allocation before round | K | "
+        "silhouette at K | placed late | never placed | ARI (placed) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['fraction']:g} | {r['behaviour']} | {r['seed']} | {r['trainings']} | "
+            f"{r['allocated_before_round']} | {r['k']} | {r['silhouette'][str(r['k'])]:.2f} | "
+            f"{len(r.get('late', []))} | "
+            f"{r['unplaced']} | {r['ari']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="local GLUE copy (else $FEDLEASE_DATA_DIR)")
@@ -160,11 +184,17 @@ def main(argv=None) -> int:
     p.add_argument("--train-samples", type=int, default=600, help="training examples per client")
     p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
     p.add_argument("--warmup-rounds", type=int, default=2, help="warm-up rounds (all, nearest)")
-    p.add_argument("--rounds", type=int, default=4, help="adaptive rounds (nearest: late placement)")
+    p.add_argument(
+        "--rounds", type=int, default=4, help="adaptive rounds (nearest: late placement)"
+    )
     p.add_argument("--max-experts", type=int, default=4, help="largest K the silhouette considers")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--table", nargs="+", default=None, help="print the table of these JSON files")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     args.clients = args.clients.split(",")
     fractions = [float(f) for f in args.fractions.split(",")]
     t0 = time.time()
@@ -184,7 +214,8 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     seconds = float(np.mean(warm.seconds))
     meta = {"argv": sys.argv, "wall_s": round(time.time() - t0, 1),
-            "seconds_per_training": round(seconds, 2), "trainings_run": len(warm.seconds)}  # fmt: skip
+            "seconds_per_training": round(seconds, 2),
+            "trainings_run": len(warm.seconds)}  # fmt: skip
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as fh:

@@ -43,15 +43,20 @@ def evaluate_adapter(
     num_labels = int(meta.get("num_labels", spec.num_labels))
     torch.manual_seed(0)  # the head is loaded from the adapter: the seed only fixes the rest
     model, tokenizer = models.load(meta.get("model", "minilm"), num_labels=num_labels)
-    inject_moe_lora(model, config, backend=backend)
-    load_adapter(model, adapter_dir)
-    model.eval()
+    adapted(model, config, adapter_dir, backend)
     rows = load_split(task, "validation", resolve_data_dir(data_dir))
     rows = rows[:samples] if samples else rows
     data = encode(rows, spec.text_fields, tokenizer, int(meta.get("max_seq_len", 128)))
     with torch.no_grad():
         result = evaluate_encoded(model, data, task, tokenizer.pad_token_id, batch_size)
     return {"task": task, "examples": len(rows), **result}
+
+
+def adapted(model, config, adapter_dir, backend: str) -> None:
+    """``model`` with the saved adapter's MoE-LoRA layers injected and loaded, in eval mode."""
+    inject_moe_lora(model, config, backend=backend)
+    load_adapter(model, adapter_dir)
+    model.eval()
 
 
 def _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir, batch_size, backend,
@@ -65,9 +70,7 @@ def _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir, bat
     rows = load_flan_split(task, "test", resolve_flan_dir(data_dir))
     rows = rows[:samples] if samples else rows
     model, tokenizer = models.load_causal(meta.get("model", "smollm2"))
-    inject_moe_lora(model, config, backend=backend)
-    load_adapter(model, adapter_dir)
-    model.eval()
+    adapted(model, config, adapter_dir, backend)
     data = encode_instructions(rows, task, tokenizer, int(meta.get("max_seq_len", 256)))
     result = evaluate_generation(model, data, Decoding(tokenizer, budget), batch_size)
     return {"task": task, "examples": len(rows), **result}

@@ -58,7 +58,10 @@ class FedLEASE(Strategy):
 
     def samples(self, r):
         """The warm-up rounds train every client: the allocation clusters every client's warm-up
-        B, so each must have trained one; sampling starts with the adaptive rounds."""
+        B, so each must have trained one; sampling starts with the adaptive rounds. Measured
+        against sampled warm-ups that wait for every client, or place late clients by their
+        nearest cluster: same clusters, but only this places every client at a fixed round
+        (docs/results/participation.md)."""
         return r >= self.cfg.warmup_rounds
 
     def training(self, r):
