@@ -52,6 +52,13 @@ def test_the_app_config_is_a_valid_run_config_and_covers_every_key():
     # Flower refuses --run-config keys missing from the app config: every key must be there
     keys = {k.replace("-", "_") for k in app_config()}
     assert set(FLConfig.__dataclass_fields__) <= keys
+    # model and target modules follow the task type unless set
+    assert (cfg.model, cfg.target_modules) == ("minilm", ["query", "value"])
+    flan = {"task-type": "generation", "clients": "[common_gen, cola, gigaword]"}
+    gen, _ = parse_run_config({**app_config(), **flan})
+    assert (gen.model, gen.target_modules) == ("smollm2", ["q_proj", "v_proj"])
+    own, _ = parse_run_config({**app_config(), "model": "prajjwal1/bert-tiny"})
+    assert own.model == "prajjwal1/bert-tiny"
 
 
 def test_run_config_values_are_checked_like_a_config_file():

@@ -93,7 +93,8 @@ KEY_HELP = {
     "qnli], or a count per task, e.g. {sst2: 250, qnli: 250} (required)",
     "task_type": "classification (GLUE, accuracy) or generation (FLAN instruction tasks on a "
     "causal LM, ROUGE; model then defaults to smollm2 and target_modules to [q_proj, v_proj])",
-    "model": "'minilm' / 'smollm2' (bundled) or a Hugging Face name or local path",
+    "model": "'minilm' / 'smollm2' (bundled) or a Hugging Face name or local path; null: the "
+    "task type's default (minilm, smollm2 for generation)",
     "method": f"fedlease or an ablation / baseline: {', '.join(METHODS[1:])}",
     "train_samples": "training examples per client",
     "test_samples": "held-out examples per client (GLUE: validation split; FLAN: test split)",
@@ -118,7 +119,8 @@ KEY_HELP = {
     "rank": "LoRA rank r of every expert",
     "alpha": "LoRA alpha (the update is scaled by alpha / rank)",
     "dropout": "dropout on the experts' input",
-    "target_modules": "linear layers that get MoE-LoRA, matched by name suffix",
+    "target_modules": "linear layers that get MoE-LoRA, matched by name suffix; null: the task "
+    "type's default ([query, value], [q_proj, v_proj] for generation)",
     "max_experts": "largest K the silhouette search tries (num_experts: auto)",
     "num_experts": "'auto' (silhouette over K = 2..max_experts) or a fixed number of experts",
     "top_k": "experts per token in the fedlease_topk ablation (capped at K)",
@@ -219,6 +221,8 @@ def from_dict(raw: dict) -> FLConfig:
         raise ConfigError(f"a config must be a mapping of keys to values, got {type(raw).__name__}")
     hints = typing.get_type_hints(FLConfig)
     raw = {k: _number_if_exponent(v, hints[k]) if k in hints else v for k, v in raw.items()}
+    # null model / target_modules: the task type's default (a Flower app config must list them)
+    raw = {k: v for k, v in raw.items() if not (k in GENERATION_DEFAULTS and v is None)}
     for key, value in raw.items():
         if key == "clients" and isinstance(value, dict):
             continue  # the compact form, expanded below
