@@ -111,13 +111,18 @@ def behaviour_all(warm, cfg) -> dict:
     return out | {"trainings": w * len(cfg.clients), "allocated_before_round": w}
 
 
-def behaviour_wait(warm, cfg) -> dict:
+def add_draws(cfg, r: int, rounds_of: dict[int, tuple]) -> None:
+    """Append round ``r`` to the warm-up rounds of each client ``participants`` draws in it."""
     from fedlease.fl.participation import participants
 
+    for cid in participants(cfg, r):
+        rounds_of[cid] = rounds_of.get(cid, ()) + (r,)
+
+
+def behaviour_wait(warm, cfg) -> dict:
     n, rounds_of, r = len(cfg.clients), {}, 0
     while len(rounds_of) < n or r < cfg.warmup_rounds:
-        for cid in participants(cfg, r):
-            rounds_of[cid] = rounds_of.get(cid, ()) + (r,)
+        add_draws(cfg, r, rounds_of)
         r += 1
     out = cluster_all(warm, rounds_of, cfg)
     return out | {"trainings": sum(len(v) for v in rounds_of.values()), "allocated_before_round": r}
@@ -129,8 +134,7 @@ def behaviour_nearest(warm, cfg) -> dict:
 
     rounds_of: dict[int, tuple] = {}
     for r in range(cfg.warmup_rounds):
-        for cid in participants(cfg, r):
-            rounds_of[cid] = rounds_of.get(cid, ()) + (r,)
+        add_draws(cfg, r, rounds_of)
     if len(rounds_of) < 3:
         return {"error": f"only {len(rounds_of)} clients seen in the warm-up"}
     out = cluster_all(warm, rounds_of, cfg)
