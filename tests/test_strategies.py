@@ -239,3 +239,64 @@ def test_class_weights_make_every_present_class_weigh_the_same():
     w = class_weights([1, 1, 1, 0, 1, 1, 1, 1], 3)  # 1 of class 0, 7 of class 1, none of 2
     torch.testing.assert_close(w, torch.tensor([4.0, 8 / 14, 1.0]))
     assert w[0] * 1 == pytest.approx(w[1] * 7)  # total weight per present class is equal
+
+
+def _tiny_classifier_run(average_b: bool, steps_seen: list | None = None):
+    """One SGD round of a 1-layer BERT with a LoRA on query/value over 24 random examples."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlease.data.tokenize import ClientData, Encoded
+    from fedlease.adapter_io import adapter_state_dict
+    from fedlease.fl.client import ClientRunner, TrainSpec, clone_state
+    from fedlease.inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, num_labels=2)  # fmt: skip
+    model = BertForSequenceClassification(cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_moe_lora(model, MoELoRAConfig(rank=2, trainable_modules=["classifier"]), "torch")
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in range(4, 28)]
+    labels = [i % 2 for i in range(len(ids))]
+    enc = Encoded({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}, labels)
+    data = ClientData(0, "sst2", enc, enc)
+    runner = ClientRunner(model, 0, 1e-3, 0.0, batch_size=8, eval_batch_size=8, local_epochs=1,
+                          progress=False)  # fmt: skip
+    handle = None
+    if steps_seen is not None:  # record B after every optimizer step
+        layers = list(moe_lora_layers(model).values())
+
+        def record(*_):
+            steps_seen.append([layer.lora_B.detach().clone() for layer in layers])
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        handle = register_optimizer_step_post_hook(record)
+    spec = TrainSpec("sgd", 500.0, class_balanced=True, dropout=False, average_b=average_b)
+    try:
+        state, _ = runner.train(data, clone_state(adapter_state_dict(model)), 3, training=spec)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return state
+
+
+def test_warm_up_b_average_is_the_mean_of_b_over_the_steps():
+    """``warmup_average_b``: the state a round returns holds each lora_B's mean over the round's
+    three steps (recorded after each step), everything else as without averaging."""
+    seen: list = []
+    last = _tiny_classifier_run(False, seen)
+    assert len(seen) == 3  # 24 examples, batches of 8
+    averaged = _tiny_classifier_run(True)
+    b_keys = sorted(k for k in averaged if k.endswith("lora_B"))
+    assert len(b_keys) == 2 and b_keys == sorted(k for k in last if k.endswith("lora_B"))
+    for i, k in enumerate(b_keys):
+        mean = torch.stack([step[i] for step in seen]).mean(0)
+        assert mean.abs().max() > 1e-5  # it trained
+        torch.testing.assert_close(averaged[k], mean, rtol=1e-5, atol=1e-7)
+        assert (averaged[k] - last[k]).abs().max() > 1e-3 * last[k].abs().max()
+    for k in last:
+        if not k.endswith("lora_B"):
+            torch.testing.assert_close(averaged[k], last[k])

@@ -44,13 +44,15 @@ class TrainSpec:
     ``sgd`` (momentum 0.9, no weight decay: the update stays proportional to the accumulated
     gradient); whether the loss weighs each class by the inverse of its frequency in the
     client's training data (so that the client's label mix does not steer the update); whether
-    dropout (the model's and the adapters') is on."""
+    dropout (the model's and the adapters') is on; whether the round leaves each ``lora_B`` at its
+    mean over the round's steps (iterate averaging) instead of its last value."""
 
     optimizer: str
     lr: float
     weight_decay: float = 0.0
     class_balanced: bool = False
     dropout: bool = True
+    average_b: bool = False
 
     def make(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -131,6 +133,7 @@ class ClientRunner:
         if training.class_balanced and self.decoding is None:  # classes exist in classification
             weight = class_weights(data.train.labels, model.config.num_labels).to(self.device)
         frozen = _other_expert_rows(model, own_expert)
+        b_mean = _BMean(model) if training.average_b else None
         n = len(data.train)
         steps = self.local_epochs * ((n + self.batch_size - 1) // self.batch_size)
         losses = []
@@ -154,9 +157,13 @@ class ClientRunner:
                 loss.backward()
                 opt.step()
                 _restore(frozen)
+                if b_mean is not None:
+                    b_mean.add()
                 losses.append(loss.item())
                 bar.update()
         bar.close()
+        if b_mean is not None:
+            b_mean.store()
         return clone_state(adapter_state_dict(model)), float(np.mean(losses))
 
     def _batch(self, data: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -202,6 +209,28 @@ def _other_expert_rows(
         for p in (layer.lora_A, layer.lora_B):
             saved.append((p, keep, p.detach()[keep].clone()))
     return saved
+
+
+class _BMean:
+    """Running mean of every adapter ``lora_B`` over the steps it has seen; ``store()`` writes it
+    into the parameters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [layer.lora_B for layer in moe_lora_layers(model).values()]
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def add(self) -> None:
+        for s, p in zip(self.sums, self.params, strict=True):
+            s.add_(p.float())
+        self.steps += 1
+
+    @torch.no_grad()
+    def store(self) -> None:
+        if self.steps:
+            for s, p in zip(self.sums, self.params, strict=True):
+                p.copy_(s / self.steps)
 
 
 def _restore(saved) -> None:

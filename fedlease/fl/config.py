@@ -55,6 +55,7 @@ class FLConfig:
     warmup_lr: float = 0.005  # learning rate of the warm-up rounds
     warmup_class_balanced: bool = True  # warm-up loss weighs classes by inverse frequency
     warmup_dropout: bool = False  # dropout during the warm-up rounds
+    warmup_average_b: bool = False  # warm-up B = its mean over the round's steps (Polyak)
     rounds: int = 20  # adaptive rounds after the warm-up
     clients_per_round: int | float | None = None  # clients drawn per round (a count or a fraction)
     eval_every: int = 1  # evaluate every client every this many rounds (and after the last)
@@ -105,6 +106,8 @@ KEY_HELP = {
     "warmup_lr": "learning rate of the warm-up rounds",
     "warmup_class_balanced": "warm-up loss weighs each class by its inverse frequency",
     "warmup_dropout": "dropout during the warm-up rounds",
+    "warmup_average_b": "a warm-up round leaves B as its mean over the round's steps (what the "
+    "allocation clusters and the experts start from), not its last value",
     "rounds": "adaptive rounds after the warm-up (or rounds of a baseline)",
     "clients_per_round": "clients that train in a round, drawn from the run seed: a count, a "
     "fraction of all clients, or null for all (FedLEASE's warm-up rounds train every client)",

@@ -74,7 +74,8 @@ class FedLEASE(Strategy):
         if r < self.cfg.warmup_rounds:
             cfg = self.cfg
             return TrainSpec(cfg.warmup_optimizer, cfg.warmup_lr, cfg.weight_decay,
-                             cfg.warmup_class_balanced, cfg.warmup_dropout)  # fmt: skip
+                             cfg.warmup_class_balanced, cfg.warmup_dropout,
+                             cfg.warmup_average_b)  # fmt: skip
         return None
 
     def setup(self, template):
