@@ -5,10 +5,12 @@
 #   alloc6-*, alloc8-*, alloc8paper-*  FedLEASE warm-up only (rounds=0) on a 6-client, 3-task
 #       and an 8-client, 4-task mix, seeds 1-5, adapters kept for the allocation
 #       (benchmarks/allocation_table.py); alloc8paper: the paper's AdamW warm-up; alloc8lr02:
-#       warm-up lr 0.02; alloc8w2: two warm-up rounds
+#       warm-up lr 0.02; alloc8w2: two warm-up rounds; alloc6avg, alloc8avg: B averaged over
+#       the warm-up's steps (warmup_average_b)
 #   budget-*   a local LoRA per task (one client per task), evaluated after every epoch, at
 #       250 / 500 / 1000 examples (lr 3e-3) and 1000 at lr 1e-3 and 1e-2; budget-central: one
-#       client per task with the federation's data for that task (4 x 1000, RTE 1244)
+#       client per task with the federation's data for that task (4 x 1000, RTE 1244), 4 epochs
+#       at lr 3e-3 and 6 at lr 1e-3
 #   compare/<method>-seed<s>  the ten methods, seeds 1 and 2: the runs `fedlease compare
 #       --config configs/glue4.yaml --seeds 1,2 $EXTRA` reuses to write compare.json
 #
@@ -49,10 +51,15 @@ for n in 500 250; do
 done
 add "budget-local-n1000-lr1e-3 $one --set train_samples=1000 --set rounds=8 --set lr=1e-3"
 add "budget-local-n1000-lr1e-2 $one --set train_samples=1000 --set rounds=8 --set lr=1e-2"
+add "budget-central-lr1e-3 $one --set train_samples=4000 --set rounds=6 --set lr=1e-3"
 for s in 1 2 3 4 5; do
   add "alloc8paper-seed$s --set clients=$m8 $warm --set seed=$s $paper"
   add "alloc8lr02-seed$s --set clients=$m8 $warm --set seed=$s --set warmup_lr=0.02"
   add "alloc8w2-seed$s --set clients=$m8 $warm --set seed=$s --set warmup_rounds=2"
+done
+for s in 1 2 3 4 5; do
+  add "alloc8avg-seed$s --set clients=$m8 $warm --set seed=$s --set warmup_average_b=true"
+  add "alloc6avg-seed$s --set clients=$m6 $warm --set seed=$s --set warmup_average_b=true"
 done
 if [ -n "${ONLY:-}" ]; then
   grep -E "^(${ONLY})( |$)" "$jobs" >"$jobs.only" || true

@@ -35,7 +35,8 @@ def one_run(args, rule: str, attack: dict | None, seed: int) -> dict:
         "clients": [args.task] * 4, "method": args.method, "train_samples": args.train_samples,
         "test_samples": args.test_samples, "warmup_rounds": 1, "rounds": args.rounds,
         "local_epochs": 1, "max_seq_len": args.max_seq_len, "threads": args.threads,
-        "seed": seed, "data_dir": args.data_dir,
+        "seed": seed, "data_dir": args.data_dir, "device": args.device,
+        "precision": args.precision,
         "aggregation": rule if rule != "trimmed_mean" else {"rule": rule, "trim": 0.25},
     }  # fmt: skip
     if attack is not None:
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="rounds after the first")
     p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="auto", help="device of the runs: auto, cpu, cuda")
+    p.add_argument("--precision", default="auto", help="precision of the runs: auto, fp32, bf16")
     p.add_argument("--rules", default=",".join(RULES), help="aggregation rules to run")
     p.add_argument("--json", help="write every run's numbers here (finished runs are reused)")
     args = p.parse_args(argv)
