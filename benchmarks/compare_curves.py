@@ -2,6 +2,11 @@
 ``fedlease compare`` output directory (``<dir>/<method>-seed<s>/metrics.jsonl``)::
 
     python benchmarks/compare_curves.py runs/compare-glue4 --out docs/results/compare_rounds.png
+
+``--at-round R`` prints instead a table of every method after round R (per task, mean ± std over
+seeds); with ``--unfinished`` it also reads runs stopped before their last round that got to R::
+
+    python benchmarks/compare_curves.py runs/compare-lr1e-3 --at-round 3 --unfinished
 """
 
 from __future__ import annotations
@@ -26,11 +31,56 @@ def curves(directory: Path) -> dict[str, list[float]]:
     return {m: np.mean(np.array(v), axis=0).tolist() for m, v in per_method.items()}
 
 
+def at_round(directory: Path, r: int, unfinished: bool) -> dict[str, dict[str, list[float]]]:
+    """method -> {task or "mean": one accuracy per seed} after round ``r``."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for run in sorted(directory.glob("*-seed*")):
+        if not (unfinished or (run / "summary.json").exists()):
+            continue
+        path = run / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        row = next((x for x in rows if x["round"] == r and x.get("evaluated", True)), None)
+        if row is None:
+            continue
+        cells = out.setdefault(run.name.rsplit("-seed", 1)[0], {})
+        by_task: dict[str, list[float]] = {}
+        for c in row["clients"]:
+            by_task.setdefault(c["task"], []).append(c["accuracy"])
+        for task, accs in by_task.items():
+            cells.setdefault(task, []).append(float(np.mean(accs)))
+        cells.setdefault("mean", []).append(row["mean_accuracy"])
+    return out
+
+
+def round_table(data: dict[str, dict[str, list[float]]], r: int) -> str:
+    tasks = list(dict.fromkeys(t for cells in data.values() for t in cells if t != "mean"))
+    lines = [f"| method (after round {r}) | " + " | ".join(tasks) + " | mean | seeds |",
+             "|---" + "|---:" * (len(tasks) + 2) + "|"]  # fmt: skip
+    for method, cells in sorted(data.items(), key=lambda kv: -np.mean(kv[1]["mean"])):
+        def fmt(v):
+            return f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
+
+        lines.append(f"| {method} | " + " | ".join(fmt(cells[t]) for t in tasks)
+                     + f" | {fmt(cells['mean'])} | {len(cells['mean'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("directory", type=Path, help="a fedlease compare output directory")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--out", type=Path, help="PNG to write (the curves)")
+    p.add_argument("--at-round", type=int, help="print a table after this round instead")
+    p.add_argument("--unfinished", action="store_true",
+                   help="with --at-round: also runs stopped before their last round")  # fmt: skip
     args = p.parse_args(argv)
+    if args.at_round is not None:
+        table = at_round(args.directory, args.at_round, args.unfinished)
+        if not table:
+            raise SystemExit(f"no run in {args.directory} reached round {args.at_round}")
+        print(round_table(table, args.at_round))
+        return 0
+    if args.out is None:
+        raise SystemExit("--out PNG is needed to plot the curves (or ask --at-round R)")
     data = curves(args.directory)
     if not data:
         raise SystemExit(f"no finished runs in {args.directory}")

@@ -12,7 +12,8 @@
 #       client per task with the federation's data for that task (4 x 1000, RTE 1244), 4 epochs
 #       at lr 3e-3 and 6 at lr 1e-3
 #   compare/<method>-seed<s>  the ten methods, seeds 1 and 2: the runs `fedlease compare
-#       --config configs/glue4.yaml --seeds 1,2 $EXTRA` reuses to write compare.json
+#       --config configs/glue4.yaml --seeds 1,2 $EXTRA` reuses to write compare.json (at the
+#       config's lr 1e-3; compare.md's finished table ran them with EXTRA="... --set lr=3e-3")
 #
 #   benchmarks/glue_study.sh OUT_DIR [PARALLEL]
 #
@@ -40,14 +41,14 @@ for s in 1 2 3 4 5; do
   add "alloc6-seed$s --set clients=$m6 $warm --set seed=$s"
   add "alloc8-seed$s --set clients=$m8 $warm --set seed=$s"
 done
-add "budget-central $one --set train_samples=4000 --set rounds=4"
-add "budget-local-n1000 $one --set train_samples=1000 --set rounds=8"
+add "budget-central $one --set train_samples=4000 --set rounds=4 --set lr=3e-3"
+add "budget-local-n1000 $one --set train_samples=1000 --set rounds=8 --set lr=3e-3"
 for m in fedlease local fedit fedsa_lora feddpa ffa_lora ifca fedlease_topk fedlease_fixed_k \
   fedlease_random; do
   for s in 1 2; do add "compare/$m-seed$s --set method=$m --set seed=$s"; done
 done
 for n in 500 250; do
-  add "budget-local-n$n $one --set train_samples=$n --set rounds=8"
+  add "budget-local-n$n $one --set train_samples=$n --set rounds=8 --set lr=3e-3"
 done
 add "budget-local-n1000-lr1e-3 $one --set train_samples=1000 --set rounds=8 --set lr=1e-3"
 add "budget-local-n1000-lr1e-2 $one --set train_samples=1000 --set rounds=8 --set lr=1e-2"

@@ -108,3 +108,29 @@ def test_finished_runs_from_another_device_are_tabulated_without_it(config, tmp_
     capsys.readouterr()
     assert main([*args, "--set", "device=cuda"]) == 2
     assert "'device'" in capsys.readouterr().err
+
+
+def test_config_differences_count_a_key_a_run_predates_as_its_default():
+    """A finished run's config.yaml from before a key existed matches a config that leaves the
+    key at its default, and only then; any other difference is named."""
+    from fedlease.fl.compare import config_differences
+    from fedlease.fl.config import from_dict
+
+    want = from_dict(dict(TINY)).to_dict()
+    old = {k: v for k, v in want.items() if k != "warmup_average_b"}
+    assert config_differences(old, want) == []
+    assert config_differences(old, {**want, "warmup_average_b": True}) == [
+        "warmup_average_b: False -> True"
+    ]
+    assert config_differences({**want, "lr": 0.001}, want) == ["lr: 0.001 -> 0.003"]
+    assert config_differences({**want, "retired_key": 1}, want) == ["retired_key: 1 -> None"]
+
+
+def test_a_run_with_another_config_is_refused_naming_the_difference(config, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--methods", "fedit", "--seeds", "1",
+            "--output", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--set", "lr=0.001"]) == 2
+    assert "lr: 0.003 -> 0.001" in capsys.readouterr().err

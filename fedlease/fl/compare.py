@@ -33,13 +33,28 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
+def config_differences(stored: dict, want: dict) -> list[str]:
+    """``key: stored -> wanted`` for every setting where a finished run's ``config.yaml`` differs
+    from the config asked for. A key the stored file lacks (a run written before the key existed)
+    counts as that key's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)
+                if f.default is not dataclasses.MISSING}  # fmt: skip
+    out = []
+    for key in sorted(set(stored) | set(want)):
+        had = stored.get(key, defaults.get(key))
+        if key not in want or had != want[key]:
+            out.append(f"{key}: {had!r} -> {want.get(key)!r}")
+    return out
+
+
 def run_one(cfg: FLConfig, run_dir: Path, progress: bool) -> dict:
     """``cfg``'s summary in ``run_dir``: read if complete, resumed if checkpointed, else run."""
-    want = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     config_path = run_dir / "config.yaml"
-    if config_path.exists() and config_path.read_text() != want:
-        raise ConfigError(f"{run_dir} holds a run with a different config; "
-                          "choose another --output or delete it")  # fmt: skip
+    if config_path.exists():
+        differ = config_differences(yaml.safe_load(config_path.read_text()), cfg.to_dict())
+        if differ:
+            raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(differ)}"
+                              "); choose another --output or delete it")  # fmt: skip
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
