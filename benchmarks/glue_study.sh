@@ -6,7 +6,8 @@
 #       and an 8-client, 4-task mix, seeds 1-5, adapters kept for the allocation
 #       (benchmarks/allocation_table.py); alloc8paper: the paper's AdamW warm-up; alloc8lr02:
 #       warm-up lr 0.02; alloc8w2: two warm-up rounds; alloc6avg, alloc8avg: B averaged over
-#       the warm-up's steps (warmup_average_b)
+#       the warm-up's steps (warmup_average_b); alloc8qqp: the 8-client mix with QQP's sample
+#       (150 examples per client) in RTE's place, seeds 1-10
 #   budget-*   a local LoRA per task (one client per task), evaluated after every epoch, at
 #       250 / 500 / 1000 examples (lr 3e-3) and 1000 at lr 1e-3 and 1e-2; budget-central: one
 #       client per task with the federation's data for that task (4 x 1000, RTE 1244), 4 epochs
@@ -33,6 +34,7 @@ add() { echo "$*" >>"$jobs"; }
 
 m6="[sst2,sst2,mrpc,mrpc,qnli,qnli]"
 m8="[sst2,sst2,qnli,qnli,mrpc,mrpc,rte,rte]"
+mq="[sst2,sst2,qnli,qnli,mrpc,mrpc,qqp,qqp]"
 warm="--set rounds=0 --set test_samples=50"
 paper="--set warmup_optimizer=adamw --set warmup_lr=3e-3 --set warmup_class_balanced=false --set warmup_dropout=true"
 one="--set method=local --set clients=[sst2,qnli,mrpc,rte] --set test_samples=1000 --set warmup_rounds=0 --set seed=1"
@@ -61,6 +63,9 @@ done
 for s in 1 2 3 4 5; do
   add "alloc8avg-seed$s --set clients=$m8 $warm --set seed=$s --set warmup_average_b=true"
   add "alloc6avg-seed$s --set clients=$m6 $warm --set seed=$s --set warmup_average_b=true"
+done
+for s in 1 2 3 4 5 6 7 8 9 10; do
+  add "alloc8qqp-seed$s --set clients=$mq $warm --set seed=$s"
 done
 if [ -n "${ONLY:-}" ]; then
   grep -E "^(${ONLY})( |$)" "$jobs" >"$jobs.only" || true
