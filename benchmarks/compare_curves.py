@@ -57,6 +57,7 @@ def round_table(data: dict[str, dict[str, list[float]]], r: int) -> str:
     lines = [f"| method (after round {r}) | " + " | ".join(tasks) + " | mean | seeds |",
              "|---" + "|---:" * (len(tasks) + 2) + "|"]  # fmt: skip
     for method, cells in sorted(data.items(), key=lambda kv: -np.mean(kv[1]["mean"])):
+
         def fmt(v):
             return f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
 

@@ -245,8 +245,8 @@ def _tiny_classifier_run(average_b: bool, steps_seen: list | None = None):
     """One SGD round of a 1-layer BERT with a LoRA on query/value over 24 random examples."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from fedlease.data.tokenize import ClientData, Encoded
     from fedlease.adapter_io import adapter_state_dict
+    from fedlease.data.tokenize import ClientData, Encoded
     from fedlease.fl.client import ClientRunner, TrainSpec, clone_state
     from fedlease.inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers
 
