@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     layers = {int(x) for x in args.layers.split(",")} if args.layers else None
     modules = set(args.modules.split(",")) if args.modules else None
-    rows = [row(r, layers, modules, args.max_experts) for r in sorted(args.runs)]
+    runs = sorted(
+        args.runs, key=lambda r: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", r.name)]
+    )  # seed2 < seed10
+    rows = [row(r, layers, modules, args.max_experts) for r in runs]
     print("| run | K (silhouette per K) | assignment | ARI | same-task mean / max | "
           "cross-task mean / min |")  # fmt: skip
     print("|---|---|---|---|---|---|")
