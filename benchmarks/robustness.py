@@ -54,7 +54,8 @@ def rules_in(results: list[dict]) -> list[str]:
 
 
 def table(results: list[dict], seeds: list[int]) -> str:
-    """One table per seed whose grid is complete, then their mean when there are several."""
+    """One table per seed whose grid is complete, then their mean when there are several. The
+    columns are the attacks that have runs; the clean run under ``mean`` is the reference."""
 
     def value(rule, attack, seed_list):
         vals = [
@@ -65,9 +66,12 @@ def table(results: list[dict], seeds: list[int]) -> str:
         return sum(vals) / len(vals)
 
     rules = rules_in(results)
+    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in results)]
+    cells = [(rule, a) for rule in rules for a in attacks if any(
+        r["rule"] == rule and r["attack"] == a for r in results)]  # fmt: skip
     complete = [s for s in seeds if all(
         any(r["rule"] == rule and r["attack"] == a and r["seed"] == s for r in results)
-        for rule in rules for a in ATTACKS)]  # fmt: skip
+        for rule, a in cells)]  # fmt: skip
     out = []
     groups = [([s], f"seed {s}") for s in complete]
     if len(complete) > 1:
@@ -76,12 +80,12 @@ def table(results: list[dict], seeds: list[int]) -> str:
         clean = value("mean", "none", seed_list)
         lines = [f"{name}: mean accuracy (%) of the three honest clients; in brackets the "
                  "difference to the clean run under `mean`", "",
-                 "| aggregation | " + " | ".join(ATTACKS) + " |",
-                 "|---" * (len(ATTACKS) + 1) + "|"]  # fmt: skip
+                 "| aggregation | " + " | ".join(attacks) + " |",
+                 "|---" * (len(attacks) + 1) + "|"]  # fmt: skip
         for rule in rules:
-            cells = [f"{100 * (v := value(rule, a, seed_list)):.1f} ({100 * (v - clean):+.1f})"
-                     for a in ATTACKS]  # fmt: skip
-            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+            row = [f"{100 * (v := value(rule, a, seed_list)):.1f} ({100 * (v - clean):+.1f})"
+                   if (rule, a) in cells else "-" for a in attacks]  # fmt: skip
+            lines.append(f"| {rule} | " + " | ".join(row) + " |")
         out.append("\n".join(lines) + "\n")
     return "\n".join(out)
 
@@ -100,16 +104,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="device of the runs: auto, cpu, cuda")
     p.add_argument("--precision", default="auto", help="precision of the runs: auto, fp32, bf16")
     p.add_argument("--rules", default=",".join(RULES), help="aggregation rules to run")
+    p.add_argument(
+        "--attacks",
+        default=",".join(ATTACKS),
+        help=f"attacks to run, comma-separated, of: {', '.join(ATTACKS)}",
+    )
+    p.add_argument(
+        "--clean-mean",
+        action="store_true",
+        help="also run the clean run under mean (the reference) whatever --rules says",
+    )
     p.add_argument("--json", help="write every run's numbers here (finished runs are reused)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     rules = [r for r in args.rules.split(",") if r]
+    attacks = [a for a in args.attacks.split(",") if a]
+    unknown = [a for a in attacks if a not in ATTACKS] + [r for r in rules if r not in RULES]
+    if unknown:
+        p.error(f"unknown attack or rule {unknown} (attacks: {', '.join(ATTACKS)}; "
+                f"rules: {', '.join(RULES)})")  # fmt: skip
+    grid = list(itertools.product(seeds, attacks, rules))
+    if args.clean_mean:
+        grid = [(s, "none", "mean") for s in seeds] + grid
     path = Path(args.json) if args.json else None
     results = json.loads(path.read_text()) if path and path.exists() else []
     done = {(r["rule"], r["attack"], r["seed"]) for r in results}
-    for seed, attack, rule in itertools.product(seeds, ATTACKS, rules):
+    for seed, attack, rule in grid:
         if (rule, attack, seed) in done:
             continue
+        done.add((rule, attack, seed))
         res = one_run(args, rule, ATTACKS[attack], seed)
         results.append({"rule": rule, "attack": attack, "seed": seed, **res})
         print(f"seed {seed} {attack:<13} {rule:<13} honest mean {res['honest_mean']:.4f} "
