@@ -14,19 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 
+def runs(directory: Path, unfinished: bool = False) -> Iterator[tuple[str, list[dict]]]:
+    """(method, the rows of its ``metrics.jsonl``) for each ``<method>-seed<s>`` run that
+    finished (and, with ``unfinished``, each run stopped before its last round)."""
+    for run in sorted(directory.glob("*-seed*")):
+        path = run / "metrics.jsonl"
+        if not (unfinished or (run / "summary.json").exists()) or not path.exists():
+            continue
+        yield run.name.rsplit("-seed", 1)[0], [json.loads(x) for x in path.read_text().splitlines()]
+
+
 def curves(directory: Path) -> dict[str, list[float]]:
     """method -> mean accuracy per round, averaged over the seeds whose runs finished."""
     per_method: dict[str, list[list[float]]] = {}
-    for run in sorted(directory.glob("*-seed*")):
-        if not (run / "summary.json").exists():
-            continue
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        method = run.name.rsplit("-seed", 1)[0]
+    for method, rows in runs(directory):
         per_method.setdefault(method, []).append([r["mean_accuracy"] for r in rows])
     return {m: np.mean(np.array(v), axis=0).tolist() for m, v in per_method.items()}
 
@@ -34,15 +41,11 @@ def curves(directory: Path) -> dict[str, list[float]]:
 def at_round(directory: Path, r: int, unfinished: bool) -> dict[str, dict[str, list[float]]]:
     """method -> {task or "mean": one accuracy per seed} after round ``r``."""
     out: dict[str, dict[str, list[float]]] = {}
-    for run in sorted(directory.glob("*-seed*")):
-        if not (unfinished or (run / "summary.json").exists()):
-            continue
-        path = run / "metrics.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    for method, rows in runs(directory, unfinished):
         row = next((x for x in rows if x["round"] == r and x.get("evaluated", True)), None)
         if row is None:
             continue
-        cells = out.setdefault(run.name.rsplit("-seed", 1)[0], {})
+        cells = out.setdefault(method, {})
         by_task: dict[str, list[float]] = {}
         for c in row["clients"]:
             by_task.setdefault(c["task"], []).append(c["accuracy"])
