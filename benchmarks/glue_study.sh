@@ -15,6 +15,8 @@
 #   compare/<method>-seed<s>  the ten methods, seeds 1 and 2: the runs `fedlease compare
 #       --config configs/glue4.yaml --seeds 1,2 $EXTRA` reuses to write compare.json (at the
 #       config's lr 1e-3; compare.md's finished table ran them with EXTRA="... --set lr=3e-3")
+#   compare3/<method>-seed<s>  the same on the 12 clients of the three tasks that a lone client
+#       learns (SST-2, QNLI, MRPC, four clients each; `fedlease compare ... --set clients=$m12`)
 #
 #   benchmarks/glue_study.sh OUT_DIR [PARALLEL]
 #
@@ -35,6 +37,7 @@ add() { echo "$*" >>"$jobs"; }
 m6="[sst2,sst2,mrpc,mrpc,qnli,qnli]"
 m8="[sst2,sst2,qnli,qnli,mrpc,mrpc,rte,rte]"
 mq="[sst2,sst2,qnli,qnli,mrpc,mrpc,qqp,qqp]"
+m12="[sst2,sst2,sst2,sst2,qnli,qnli,qnli,qnli,mrpc,mrpc,mrpc,mrpc]"
 warm="--set rounds=0 --set test_samples=50"
 paper="--set warmup_optimizer=adamw --set warmup_lr=3e-3 --set warmup_class_balanced=false --set warmup_dropout=true"
 one="--set method=local --set clients=[sst2,qnli,mrpc,rte] --set test_samples=1000 --set warmup_rounds=0 --set seed=1"
@@ -48,6 +51,10 @@ add "budget-local-n1000 $one --set train_samples=1000 --set rounds=8 --set lr=3e
 for m in fedlease local fedit fedsa_lora feddpa ffa_lora ifca fedlease_topk fedlease_fixed_k \
   fedlease_random; do
   for s in 1 2; do add "compare/$m-seed$s --set method=$m --set seed=$s"; done
+done
+for m in fedlease local ifca feddpa fedsa_lora fedit fedlease_random ffa_lora fedlease_topk \
+  fedlease_fixed_k; do
+  for s in 1 2; do add "compare3/$m-seed$s --set method=$m --set seed=$s --set clients=$m12"; done
 done
 for n in 500 250; do
   add "budget-local-n$n $one --set train_samples=$n --set rounds=8 --set lr=3e-3"
