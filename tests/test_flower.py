@@ -205,3 +205,18 @@ def test_simulation_engine_matches_the_simulator(tmp_path):
     assert flower["comm_bytes"] == sim["comm_bytes"]
     for a, b in zip(flower["final"]["per_client"], sim["final"]["per_client"]):
         assert abs(a["accuracy"] - b["accuracy"]) <= 1e-6, (a, b)
+
+
+def test_the_app_bundle_holds_the_package_code_only(tmp_path):
+    """`flwr run` ships the checkout as a FAB (at most 10 MB): results, configs or a data copy
+    beside the code must stay out of it."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    code = [n for n in names if n not in ("pyproject.toml", ".info/CONTENT")]
+    assert "fedlease/flower/client_app.py" in code and "kernels/__init__.py" in code
+    outside = [n for n in code if not n.startswith(("fedlease/", "kernels/"))]
+    assert not outside, outside[:5]
