@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import torch
+from robustness import add_setting_arguments, setting
 
 ATTACKS = {"none": None, "scale x100": ("scale", 100.0), "sign flip x1": ("sign_flip", 1.0),
            "sign flip x100": ("sign_flip", 100.0)}  # fmt: skip
@@ -97,14 +98,7 @@ def record_clean_run(args, seed: int) -> list[dict]:
     from fedlease.fl import from_dict
     from fedlease.fl.simulator import FederatedRun
 
-    raw = {
-        "clients": [args.task] * 4, "method": "fedit", "train_samples": args.train_samples,
-        "test_samples": args.test_samples, "warmup_rounds": 1, "rounds": args.rounds,
-        "local_epochs": 1, "max_seq_len": args.max_seq_len, "threads": args.threads,
-        "seed": seed, "data_dir": args.data_dir, "device": args.device,
-        "precision": args.precision,
-    }  # fmt: skip
-    run = FederatedRun(from_dict(raw), progress=False)
+    run = FederatedRun(from_dict(setting(args, seed, "fedit")), progress=False)
     strategy, rounds = run.strategy, []
     inner = strategy.aggregate
 
@@ -123,16 +117,7 @@ def record_clean_run(args, seed: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
-    p.add_argument("--task", default="sst2", help="the four clients' task")
-    p.add_argument("--seeds", default="1,2", help="run seeds, comma-separated")
-    p.add_argument("--train-samples", type=int, default=128, help="training examples per client")
-    p.add_argument("--test-samples", type=int, default=200, help="held-out examples per client")
-    p.add_argument("--rounds", type=int, default=4, help="rounds after the first")
-    p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--device", default="auto", help="device of the runs: auto, cpu, cuda")
-    p.add_argument("--precision", default="auto", help="precision of the runs: auto, fp32, bf16")
+    add_setting_arguments(p)
     p.add_argument("--json", help="write every round's numbers here")
     args = p.parse_args(argv)
     rows = []

@@ -27,18 +27,37 @@ ATTACKS = {
 }
 
 
-def one_run(args, rule: str, attack: dict | None, seed: int) -> dict:
-    from fedlease.fl import from_dict
-    from fedlease.fl.simulator import FederatedRun
+def add_setting_arguments(p: argparse.ArgumentParser) -> None:
+    """The four-client setting's flags (shared with ``robust_bias.py``)."""
+    p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
+    p.add_argument("--task", default="sst2", help="the four clients' task")
+    p.add_argument("--seeds", default="1,2", help="run seeds, comma-separated")
+    p.add_argument("--train-samples", type=int, default=128, help="training examples per client")
+    p.add_argument("--test-samples", type=int, default=200, help="held-out examples per client")
+    p.add_argument("--rounds", type=int, default=4, help="rounds after the first")
+    p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="auto", help="device of the runs: auto, cpu, cuda")
+    p.add_argument("--precision", default="auto", help="precision of the runs: auto, fp32, bf16")
 
-    raw = {
-        "clients": [args.task] * 4, "method": args.method, "train_samples": args.train_samples,
+
+def setting(args, seed: int, method: str) -> dict:
+    """The run config of the four-client setting (one warm-up round, 1 local epoch a round)."""
+    return {
+        "clients": [args.task] * 4, "method": method, "train_samples": args.train_samples,
         "test_samples": args.test_samples, "warmup_rounds": 1, "rounds": args.rounds,
         "local_epochs": 1, "max_seq_len": args.max_seq_len, "threads": args.threads,
         "seed": seed, "data_dir": args.data_dir, "device": args.device,
         "precision": args.precision,
-        "aggregation": rule if rule != "trimmed_mean" else {"rule": rule, "trim": 0.25},
     }  # fmt: skip
+
+
+def one_run(args, rule: str, attack: dict | None, seed: int) -> dict:
+    from fedlease.fl import from_dict
+    from fedlease.fl.simulator import FederatedRun
+
+    raw = setting(args, seed, args.method)
+    raw["aggregation"] = rule if rule != "trimmed_mean" else {"rule": rule, "trim": 0.25}
     if attack is not None:
         raw["attacks"] = {"clients": [3], **attack}
     t0 = time.time()
@@ -92,17 +111,8 @@ def table(results: list[dict], seeds: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
-    p.add_argument("--task", default="sst2", help="the four clients' task")
+    add_setting_arguments(p)
     p.add_argument("--method", default="fedit", help="method (fedit: one shared aggregate)")
-    p.add_argument("--seeds", default="1,2", help="run seeds, comma-separated")
-    p.add_argument("--train-samples", type=int, default=128, help="training examples per client")
-    p.add_argument("--test-samples", type=int, default=200, help="held-out examples per client")
-    p.add_argument("--rounds", type=int, default=4, help="rounds after the first")
-    p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--device", default="auto", help="device of the runs: auto, cpu, cuda")
-    p.add_argument("--precision", default="auto", help="precision of the runs: auto, fp32, bf16")
     p.add_argument("--rules", default=",".join(RULES), help="aggregation rules to run")
     p.add_argument(
         "--attacks",

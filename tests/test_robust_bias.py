@@ -1,6 +1,7 @@
 """``benchmarks/robust_bias.py``: the step each rule keeps and its distance to the honest mean."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "robust_bias.py"
 
 @pytest.fixture(scope="module")
 def bias():
-    spec = importlib.util.spec_from_file_location("robust_bias", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports robustness.py beside it
+    try:
+        spec = importlib.util.spec_from_file_location("robust_bias", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
 
 
