@@ -42,6 +42,8 @@ RULES = {
     "median": "median",
     "trimmed_mean": {"rule": "trimmed_mean", "trim": 0.25},
     "norm_clip": "norm_clip",
+    "norm_clip, clip 0.5": {"rule": "norm_clip", "clip": 0.5},
+    "norm_clip, clip 0.25": {"rule": "norm_clip", "clip": 0.25},
     "krum": "krum",
 }
 
