@@ -33,10 +33,8 @@ import sys
 from pathlib import Path
 
 import torch
-from robustness import add_setting_arguments, setting
+from robustness import ATTACKS, add_setting_arguments, setting
 
-ATTACKS = {"none": None, "scale x100": ("scale", 100.0), "sign flip x1": ("sign_flip", 1.0),
-           "sign flip x100": ("sign_flip", 100.0)}  # fmt: skip
 RULES = {
     "mean": "mean",
     "median": "median",
@@ -54,10 +52,13 @@ def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> Flat:
     return torch.cat([state[k].double().reshape(-1) for k in keys])
 
 
-def tampered(update: Flat, kind: str, factor: float) -> Flat:
-    """The update a tampering client sends instead of ``update`` (what ``attacks:`` uploads,
-    minus the start)."""
-    return factor * update if kind == "scale" else -factor * update
+def tampered(update: Flat, attack: dict, client: int) -> Flat:
+    """The update ``client`` sends instead of ``update`` under ``attack`` (``attacks:``'s own
+    tampering, applied from a zero start)."""
+    from fedlease.fl.faults import AttackPlan
+
+    plan = AttackPlan(clients=(client,), **attack)
+    return plan.tamper({"u": torch.zeros_like(update)}, {"u": update}, 0, client)["u"]
 
 
 def step_error_pull(aggregate: Flat, honest: Flat, attacker: Flat) -> tuple[float, float, float]:
@@ -73,11 +74,11 @@ def measure_round(updates: list[Flat], weights: list[float], rules: dict, attack
     """Per attack and rule, ``step``, ``error`` and ``pull`` of the rule applied to ``updates``
     with the attacker's replaced; plus the honest uploads' spread around their mean (relative to
     it)."""
+    from fedlease.fl.allocation import average
     from fedlease.fl.robust import Aggregation
 
     def mean_of(ids):
-        w = torch.tensor([weights[i] for i in ids], dtype=torch.float64)
-        return sum(wi * updates[i] for wi, i in zip((w / w.sum()).tolist(), ids))
+        return average([updates[i] for i in ids], [weights[i] for i in ids])
 
     honest_ids = [i for i in range(len(updates)) if i != attacker]
     h = mean_of(honest_ids)
@@ -88,7 +89,7 @@ def measure_round(updates: list[Flat], weights: list[float], rules: dict, attack
         if how is None:
             ref = mean_of(range(len(updates)))
         else:
-            ups[attacker] = tampered(updates[attacker], *how)
+            ups[attacker] = tampered(updates[attacker], how, attacker)
         for name, cfg in rules.items():
             agg = Aggregation.from_config(cfg)([{"u": u} for u in ups], weights)["u"]
             out["cells"][f"{attack}|{name}"] = step_error_pull(agg, ref, updates[attacker])
