@@ -49,7 +49,9 @@ if os.environ.get("FEDLEASE_NO_EXT") != "1":
                 print(f"fedlease: building {ext.name} failed, installing without it: {exc}",
                       file=sys.stderr)  # fmt: skip
 
-    sources = ["csrc/module.cpp", "csrc/moe_lora.cpp", "csrc/moe_lora_linear.cpp"]
+    sources = [
+        "csrc/module.cpp", "csrc/moe_lora.cpp", "csrc/moe_lora_linear.cpp", "csrc/dropout.cpp"
+    ]  # fmt: skip
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if with_cuda():
         print("fedlease: building fedlease._C with the CUDA routing kernels", file=sys.stderr)

@@ -1,8 +1,13 @@
 """Training speed of a whole model, side by side in one run: PEFT LoRA, fedlease with one expert
-(plain LoRA through the MoE-LoRA layer) and fedlease with M adaptive experts, in each precision.
+(plain LoRA through the MoE-LoRA layer) and fedlease with M adaptive experts, in each precision;
+and fedlease with M experts keeping aten's dropout everywhere (``..._aten_dropout``: the step as
+it was before the counter-based CPU dropout, ``fedlease.use_fast_dropout(model, False)``).
 
 Every row trains the same model on the same batch (random token ids, all positions real) with
-AdamW over its trainable tensors: LoRA (or MoE-LoRA) on the target modules plus the task head.
+AdamW over its trainable tensors: LoRA (or MoE-LoRA) on the target modules plus the task head,
+dropout on (the model's own and 0.05 on the adapters' input). PEFT runs as users run it: stock
+``nn.Dropout`` and the attention of ``--attn``; the fedlease rows use the counter-based dropout
+(on the CPU it also swaps the attention for ``fedlease_eager``, the eager one with that dropout).
 ``bf16`` is the mixed precision ``fedlease run`` uses: frozen base stored in bfloat16, trainable
 tensors float32, forward and backward under ``torch.autocast``. Steps are timed round-robin (one
 step of each row per repetition); the table gives samples/s from the median step.
@@ -23,13 +28,14 @@ from functools import partial
 import torch
 from timing import device_name, interleaved_medians, versions
 
-from fedlease import MoELoRAConfig, inject_moe_lora
+from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.models import load
 from fedlease.precision import autocast, cast_frozen, resolve_device
 
 
 def build_row(base, kind: str, args, precision: str, device: torch.device, attn: str):
-    """``(model, optimizer)`` for one row: ``peft``, or ``fedlease`` with ``kind`` experts."""
+    """``(model, optimizer)`` for one row: ``peft``, or ``fedlease`` with ``kind`` experts
+    (``"<M>-aten"``: with aten's dropout)."""
     model = copy.deepcopy(base)
     model.set_attn_implementation(attn)
     torch.manual_seed(0)
@@ -42,7 +48,7 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
         )  # fmt: skip
         model = peft.get_peft_model(model, config)
     else:
-        experts = int(kind)
+        experts = int(kind.split("-")[0])
         config = MoELoRAConfig(
             num_experts=experts, rank=args.rank, alpha=16, dropout=0.05,
             routing="dense" if experts == 1 else "adaptive", target_modules=args.targets,
@@ -50,12 +56,21 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
         )  # fmt: skip
         inject_moe_lora(model, config)
     model.to(device)
+    if kind != "peft":
+        use_fast_dropout(model, not kind.endswith("-aten"))
     if precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in params), "trainable tensors stay float32"
     return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def row_name(kind: str) -> str:
+    if kind == "peft":
+        return "peft_lora"
+    experts, _, aten = kind.partition("-")
+    return f"fedlease_m{experts}" + ("_aten_dropout" if aten else "")
 
 
 def train_step(model, opt, batch, device, precision) -> None:
@@ -83,8 +98,8 @@ def bench(args: argparse.Namespace) -> dict:
     rows = {}
     for precision in args.precisions:
         for attn in args.attn:
-            for kind in ("peft", "1", str(args.experts)):
-                name = f"{'peft_lora' if kind == 'peft' else f'fedlease_m{kind}'}/{precision}"
+            for kind in ("peft", "1", str(args.experts), f"{args.experts}-aten"):
+                name = f"{row_name(kind)}/{precision}"
                 name += f"/{attn}" if len(args.attn) > 1 else ""
                 rows[name] = build_row(base, kind, args, precision, device, attn)
     step_ms = interleaved_medians(
@@ -110,14 +125,18 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def ratios(results: dict, args) -> dict:
-    """Per precision: fedlease M / PEFT samples/s; per row: bf16 / fp32 samples/s."""
+    """Speed-ups (samples/s over samples/s) of fedlease M: over PEFT in the same precision and
+    in fp32, and over itself with aten's dropout; per row: bf16 over fp32."""
     out = {}
     for name, r in results.items():
         row, precision, *attn = name.split("/")
         if row == f"fedlease_m{args.experts}":
-            peft = results.get("/".join(["peft_lora", precision, *attn]))
-            if peft:
-                out[f"{name} vs peft"] = r["samples_per_s"] / peft["samples_per_s"]
+            against = {"peft": ("peft_lora", precision), "aten dropout": (row + "_aten_dropout",
+                       precision), "peft fp32": ("peft_lora", "fp32")}  # fmt: skip
+            for label, (other, other_precision) in against.items():
+                base = results.get("/".join([other, other_precision, *attn]))
+                if base and not (label == "peft fp32" and precision == "fp32"):
+                    out[f"{name} vs {label}"] = r["samples_per_s"] / base["samples_per_s"]
         if precision == "bf16":
             fp32 = results.get("/".join([row, "fp32", *attn]))
             if fp32:
@@ -130,9 +149,9 @@ def ratios(results: dict, args) -> dict:
 def print_table(report: dict) -> None:
     print(f"device: {report['device']}  model: {report['model']}  batch {report['batch']} x "
           f"{report['seq']} tokens  r {report['rank']}  threads {report['threads']}")  # fmt: skip
-    print(f"{'row':<32}{'step ms':>10}{'samples/s':>11}")
+    print(f"{'row':<40}{'step ms':>10}{'samples/s':>11}")
     for name, r in report["results"].items():
-        print(f"{name:<32}{r['step_ms']:>10.1f}{r['samples_per_s']:>11.1f}")
+        print(f"{name:<40}{r['step_ms']:>10.1f}{r['samples_per_s']:>11.1f}")
     for name, v in report["ratios"].items():
         print(f"{name}: {v:.2f}x")
 

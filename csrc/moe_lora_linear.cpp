@@ -15,6 +15,11 @@
 //   dH_b  = dy_b B_cat;   dB_part += scaling * dy_b^T h_b
 //   dz_b  = route_backward(q_b, a_b, dH_b)        [dlogits, scaling * g * dH]
 //   dW_cat_part += dz_b^T x_b;   dx_b += dz_b W_cat
+// With dropout (probability p) the experts see drop(x_b) and the router x_b: the keep mask is
+// drawn inside the block from (seed, element index) (dropout.h) into a per-thread scratch that
+// stays in cache, and the backward draws it again: dA_part += dz_a^T drop(x_b) and
+// dx_b += drop(dz_a A_cat). dropout(x) is never stored. (A dropped input made outside the op,
+// x_drop, is taken as it is: aten's dropout, for comparison.)
 // Weight gradients are summed over tokens in per-thread float32 partials (one slab per thread,
 // reduced once at the end): no atomics, and deterministic for a given thread count.
 //
@@ -30,6 +35,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dropout.h"
 #include "inputs.h"
 #include "routing.h"
 
@@ -42,12 +48,39 @@ using at::Tensor;
 // block's rows of x and y take 2 MB each), fewer when that would leave threads idle.
 constexpr int64_t kMaxBlock = 512, kMinBlock = 32;
 
+int64_t block_size(int64_t T) {
+  const int64_t threads = at::get_num_threads();
+  return std::clamp((T + threads - 1) / threads, kMinBlock, kMaxBlock);
+}
+
+// How the experts' input is dropped: not at all; as `x_drop`, computed outside the op (aten's
+// dropout); or with a mask drawn inside the op from (p, seed), block by block.
+struct ExpertInput {
+  const std::optional<Tensor>& x_drop;
+  double p;
+  int64_t seed;
+
+  bool outside() const { return x_drop.has_value(); }
+  bool inside() const { return !outside() && p > 0; }
+  bool dropped() const { return outside() || p > 0; }
+};
+
+// Per-thread scratch of a block of rows (threads x block x in) in `options`.
+Tensor block_scratch(const Tensor& x, at::TensorOptions options) {
+  const int64_t rows = std::min(block_size(x.size(0)), x.size(0));
+  return at::empty({at::get_num_threads(), rows, x.size(1)}, options);
+}
+
+// The rows of the thread's scratch that a block of n rows uses.
+Tensor rows_of(const Tensor& scratch, int64_t thread, int64_t n) {
+  return scratch[thread].narrow(0, 0, n);
+}
+
 // Calls fn(begin, end, thread) for consecutive blocks of tokens, the blocks split over threads;
 // `thread` indexes the caller's per-thread partials.
 template <typename Fn>
 void for_each_block(int64_t T, Fn&& fn) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t block = std::clamp((T + threads - 1) / threads, kMinBlock, kMaxBlock);
+  const int64_t block = block_size(T);
   at::parallel_for(0, T, block, [&](int64_t begin, int64_t end) {
     // Autograd is handled around the op: the GEMMs inside (out= variants among them) run below
     // it. A guard per worker thread, as dispatch state is thread-local.
@@ -57,29 +90,32 @@ void for_each_block(int64_t T, Fn&& fn) {
   });
 }
 
-// Returns (y, q, a, h), as moe_lora_fwd does, with y = x W^T + bias + the LoRA update.
+// Returns (y, q, a, h), as moe_lora_fwd does, with y = x W^T + bias + the LoRA update. The
+// experts see x_drop when given, else dropout(x) with probability p (0: none) drawn from `seed`.
 std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
     const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& weight,
     const std::optional<Tensor>& bias, const Tensor& router, const Tensor& a_cat,
-    const Tensor& b_cat, int64_t M, int64_t own, int64_t keep, double scaling) {
+    const Tensor& b_cat, int64_t M, int64_t own, int64_t keep, double scaling, double p,
+    int64_t seed) {
   check_inputs(x, router, a_cat, M);
   TORCH_CHECK(x.device().is_cpu(), "fedlease::moe_lora_linear needs CPU tensors, got ",
               x.device());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
               "weight must be (out, in) with in = ", x.size(1), ", got ", weight.sizes());
   const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), out = weight.size(0);
+  const ExpertInput drop{x_drop, p, seed};
   const bool low = x.scalar_type() == at::kBFloat16;
-  const bool drop = x_drop.has_value();
+  const Tensor scratch = drop.inside() ? block_scratch(x, x.options()) : Tensor();
   // Router logits in float32 for 16-bit inputs (rounded logits flip near-tied top-M choices).
   const Tensor r_w = low ? router.to(at::kFloat) : router;
-  const Tensor w_cat = (low || drop) ? Tensor() : at::cat({router, a_cat});
+  const Tensor w_cat = (low || drop.dropped()) ? Tensor() : at::cat({router, a_cat});
   const Tensor w_t = weight.t(), a_t = a_cat.t(), b_t = b_cat.t();
 
   Tensor y = at::empty({T, out}, x.options());
   Tensor q = at::empty({T, S}, x.options().dtype(routing_dtype(x)));
   Tensor a = at::empty({T, MR}, x.options());
   Tensor h = at::empty({T, MR}, x.options());
-  for_each_block(T, [&](int64_t b0, int64_t b1, int64_t) {
+  for_each_block(T, [&](int64_t b0, int64_t b1, int64_t thread) {
     const int64_t n = b1 - b0;
     const Tensor x_b = x.narrow(0, b0, n);
     Tensor y_b = y.narrow(0, b0, n), a_b = a.narrow(0, b0, n), h_b = h.narrow(0, b0, n);
@@ -95,7 +131,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
       a_b.copy_(z.narrow(1, S, MR));
     } else {
       logits = at::mm(low ? x_b.to(at::kFloat) : x_b, r_w.t());
-      at::mm_out(a_b, drop ? x_drop->narrow(0, b0, n) : x_b, a_t);
+      Tensor experts_in = x_b;
+      if (drop.outside()) {
+        experts_in = x_drop->narrow(0, b0, n);
+      } else if (drop.inside()) {
+        experts_in = rows_of(scratch, thread, n);
+        dropout_rows(x_b, experts_in, static_cast<uint64_t>(b0 * x.size(1)),
+                     static_cast<uint64_t>(seed), p);
+      }
+      at::mm_out(a_b, experts_in, a_t);
     }
     route_forward_cpu(logits, a_b, q_b, h_b, M, own, keep);
     y_b.addmm_(h_b, b_t, 1.0, scaling);
@@ -103,16 +147,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
   return {y, q, a, h};
 }
 
-// Returns (dx, dx_drop, d_weight, d_bias, d_router, d_a_cat, d_b_cat); dx_drop is empty without
-// dropout, d_weight / d_bias are empty unless asked for (the base is normally frozen).
+// Returns (dx, dx_drop, d_weight, d_bias, d_router, d_a_cat, d_b_cat); dx_drop is empty unless
+// x_drop was given, d_weight / d_bias unless asked for (the base is normally frozen). x_drop,
+// p and seed: the forward's. With a mask drawn inside, the backward draws it again, once per
+// block, and applies it to x (for dA) and to dz_a A_cat (for dx).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_linear_bwd(
     const Tensor& dy, const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& weight,
     const Tensor& router, const Tensor& a_cat, const Tensor& b_cat, const Tensor& q,
-    const Tensor& a, const Tensor& h, int64_t M, int64_t own, double scaling,
-    bool need_weight_grad, bool need_bias_grad) {
+    const Tensor& a, const Tensor& h, int64_t M, int64_t own, double scaling, double p,
+    int64_t seed, bool need_weight_grad, bool need_bias_grad) {
   const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), in = x.size(1);
   const int64_t out = weight.size(0);
-  const bool drop = x_drop.has_value();
+  const ExpertInput drop{x_drop, p, seed};
+  const Tensor scratch = drop.inside() ? block_scratch(x, x.options()) : Tensor();
+  const Tensor keeps = drop.inside() ? block_scratch(x, x.options().dtype(at::kByte)) : Tensor();
   const int64_t threads = at::get_num_threads();
   const auto f32 = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   Tensor db_part = at::zeros({threads, out, MR}, f32);
@@ -121,7 +169,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
   const Tensor dy_t = dy.t();
 
   Tensor dx = at::empty({T, in}, x.options());
-  Tensor dx_drop = drop ? at::empty({T, in}, x.options()) : Tensor();
+  Tensor dx_drop = drop.outside() ? at::empty({T, in}, x.options()) : Tensor();
   for_each_block(T, [&](int64_t b0, int64_t b1, int64_t thread) {
     const int64_t n = b1 - b0;
     const Tensor dy_b = dy.narrow(0, b0, n), x_b = x.narrow(0, b0, n);
@@ -131,17 +179,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
     db_part[thread].add_(at::mm(dy_t.narrow(1, b0, n), h.narrow(0, b0, n)), scaling);
     Tensor dz = at::empty({n, S + MR}, x.options());
     route_backward_cpu(q.narrow(0, b0, n), a.narrow(0, b0, n), d_h, dz, M, own, scaling);
-    if (!drop) {
+    if (!drop.dropped()) {
       dw_part[thread].add_(at::mm(dz.t(), x_b));
       dx_b.addmm_(dz, w_cat);
-    } else {
-      const Tensor dz_r = dz.narrow(1, 0, S), dz_a = dz.narrow(1, S, MR);
-      dw_part[thread].narrow(0, 0, S).add_(at::mm(dz_r.t(), x_b));
+      return;
+    }
+    const Tensor dz_r = dz.narrow(1, 0, S), dz_a = dz.narrow(1, S, MR);
+    dw_part[thread].narrow(0, 0, S).add_(at::mm(dz_r.t(), x_b));
+    dx_b.addmm_(dz_r, router);
+    if (drop.outside()) {
       dw_part[thread].narrow(0, S, MR).add_(at::mm(dz_a.t(), x_drop->narrow(0, b0, n)));
-      dx_b.addmm_(dz_r, router);
       Tensor dx_drop_b = dx_drop.narrow(0, b0, n);
       at::mm_out(dx_drop_b, dz_a, a_cat);
+      return;
     }
+    uint8_t* keep_b = rows_of(keeps, thread, n).data_ptr<uint8_t>();
+    keep_range(keep_b, n * in, static_cast<uint64_t>(b0 * in), static_cast<uint64_t>(seed), p);
+    Tensor buf = rows_of(scratch, thread, n);
+    apply_keep(x_b, keep_b, buf, p);  // the experts' input, as the forward saw it
+    dw_part[thread].narrow(0, S, MR).add_(at::mm(dz_a.t(), buf));
+    at::mm_out(buf, dz_a, a_cat);  // d(experts' input), then through the mask
+    apply_keep(buf, keep_b, buf, p);
+    dx_b.add_(buf);
   });
   const Tensor dw = dw_part.sum(0).to(x.scalar_type());
   const Tensor d_weight = need_weight_grad ? at::mm(dy_t, x) : Tensor();
@@ -156,12 +215,12 @@ TORCH_LIBRARY_FRAGMENT(fedlease, m) {
   m.def(
       "moe_lora_linear_fwd(Tensor x, Tensor? x_drop, Tensor weight, Tensor? bias, "
       "Tensor router, Tensor a_cat, Tensor b_cat, int num_experts, int own_expert, int keep, "
-      "float scaling) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float scaling, float p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "moe_lora_linear_bwd(Tensor dy, Tensor x, Tensor? x_drop, Tensor weight, Tensor router, "
       "Tensor a_cat, Tensor b_cat, Tensor q, Tensor a, Tensor h, int num_experts, "
-      "int own_expert, float scaling, bool need_weight_grad, bool need_bias_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int own_expert, float scaling, float p, int seed, bool need_weight_grad, "
+      "bool need_bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fedlease, CPU, m) {

@@ -1,6 +1,7 @@
 """fedlease: federated fine-tuning with mixtures of LoRA experts (FedLEASE)."""
 
 from .adapter_io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+from .dropout import use_fast_dropout
 from .inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers, set_own_expert
 from .layer import MoELoRALinear
 from .ops import available_backends, moe_lora, moe_lora_linear
@@ -26,4 +27,5 @@ __all__ = [
     "route",
     "save_adapter",
     "set_own_expert",
+    "use_fast_dropout",
 ]

@@ -49,9 +49,13 @@ def moe_lora_layers(model: nn.Module) -> dict[str, MoELoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MoELoRALinear)}
 
 
-def inject_moe_lora(model: nn.Module, config: MoELoRAConfig, backend: str = "auto") -> nn.Module:
+def inject_moe_lora(
+    model: nn.Module, config: MoELoRAConfig, backend: str = "auto", fast_dropout: bool = False
+) -> nn.Module:
     """Replace each targeted ``nn.Linear`` with a ``MoELoRALinear``; freeze all but the adapters
-    and ``config.trainable_modules``. Modifies ``model`` in place and returns it."""
+    and ``config.trainable_modules``. ``fast_dropout``: also give the model's own dropouts the
+    counter-based CPU dropout (:func:`fedlease.dropout.use_fast_dropout`). Modifies ``model`` in
+    place and returns it."""
     config.validate()
     targets = [(n, m) for n, m in model.named_modules() if n and _matches(n, config.target_modules)]
     for t in config.target_modules:
@@ -86,6 +90,10 @@ def inject_moe_lora(model: nn.Module, config: MoELoRAConfig, backend: str = "aut
         if name and _matches(name, config.trainable_modules):
             module.requires_grad_(True)
     model.moe_lora_config = config
+    if fast_dropout:
+        from .dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     return model
 
 

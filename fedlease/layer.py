@@ -18,6 +18,8 @@ class MoELoRALinear(nn.Module):
     ``lora_B (M, out, r)``, ``router (S, in)`` with ``S = 2M - 1`` for ``routing="adaptive"``
     and ``S = M`` for ``"topk"`` and ``"dense"`` (see :mod:`fedlease.routing`). The router sees
     ``x``; the experts see ``dropout(x)``. ``B`` starts at zero, so a fresh layer equals its base.
+    ``fast_dropout``: the ``cpp`` backend draws the dropout mask inside its op from a
+    counter-based generator (``False``: aten's dropout, materialised, as before).
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class MoELoRALinear(nn.Module):
         top_k: int | None = None,
         own_expert: int = 0,
         backend: str = "auto",
+        fast_dropout: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -46,6 +49,8 @@ class MoELoRALinear(nn.Module):
         self.routing, self.top_k = routing, top_k
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.backend = backend
+        # the cpp backend draws the dropout mask inside its op; False: aten's dropout
+        self.fast_dropout = fast_dropout
         w = base.weight
         kw = {"device": w.device, "dtype": w.dtype}
         m = num_experts
@@ -92,6 +97,7 @@ class MoELoRALinear(nn.Module):
             dropout=self.dropout,
             training=self.training,
             backend=self.backend,
+            fast_dropout=self.fast_dropout,
         )
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,3 +67,17 @@ def kill_after_rounds(cmd: list[str], run_dir, rounds: int, poll_s: float = 0.05
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def op_dropout_mask(backend: str, shape, p: float, rng_seed: int) -> torch.Tensor:
+    """The dropout multiplier (0 or 1/(1-p)) a CPU backend's op applies to an input of ``shape``
+    after ``torch.manual_seed(rng_seed)``: aten's mask for ``torch``; for ``cpp`` the
+    counter-based mask of the seed it draws from torch's generator."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(rng_seed)
+    if backend == "torch":
+        return F.dropout(torch.ones(shape), p, training=True)
+    from fedlease.ops.cpp_backend import draw_seed
+
+    return torch.ops.fedlease.philox_dropout(torch.ones(shape), p, draw_seed())[0]

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(
     not os.environ.get("FEDLEASE_DATA_DIR"), reason="FEDLEASE_DATA_DIR not set"
 )
 
-TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "train_samples": 16, "test_samples": 8,
+TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "precision": "fp32", "train_samples": 16,
+        "test_samples": 8,
         "warmup_rounds": 1, "rounds": 1, "local_epochs": 1, "max_seq_len": 32,
         "max_experts": 2}  # fmt: skip
 

@@ -21,7 +21,8 @@ def test_extension_was_built():
     import fedlease._C as ext
 
     assert ext.openmp, "fedlease._C was compiled without OpenMP"
-    for op in ("moe_lora_fwd", "moe_lora_bwd", "moe_lora_linear_fwd", "moe_lora_linear_bwd"):
+    for op in ("moe_lora_fwd", "moe_lora_bwd", "moe_lora_linear_fwd", "moe_lora_linear_bwd",
+               "philox_dropout", "apply_keep_mask"):  # fmt: skip
         assert hasattr(torch.ops.fedlease, op), op
     assert BUILT
 
@@ -89,8 +90,10 @@ def test_linear_op_opcheck_and_torch_compile():
     x, _, a, b, router, spec = make_inputs(150, 16, 12, 3, 4, seed=2)
     w, bias = torch.randn(12, 16), torch.randn(12)
     a_cat, b_cat = a.reshape(12, 16), b.permute(1, 0, 2).reshape(12, 12)
-    args = (x, None, w, bias, router, a_cat, b_cat, 3, 0, 3, 2.0)
-    torch.library.opcheck(torch.ops.fedlease.moe_lora_linear_fwd.default, args)
+    for p, seed in ((0.0, 0), (0.3, 12345)):  # without dropout, and with a mask drawn inside
+        args = (x, None, w, bias, router, a_cat, b_cat, 3, 0, 3, 2.0, p, seed)
+        torch.library.opcheck(torch.ops.fedlease.moe_lora_linear_fwd.default, args)
+    torch.library.opcheck(torch.ops.fedlease.philox_dropout.default, (x, 0.3, 99))
     fn = torch.compile(lambda *v: moe_lora_linear(*v, spec, 2.0, backend="cpp"), fullgraph=True)
     got, want = leaves(x, a, b, router), leaves(x, a, b, router)
     y = fn(got[0], w, bias, *got[1:])

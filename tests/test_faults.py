@@ -45,7 +45,8 @@ def test_plan_is_deterministic_and_poison_is_caught():
 def test_run_survives_crashes_and_rejects_nan_updates(tmp_path):
     seed = pick_seed()
     cfg = {
-        "clients": CLIENTS, "train_samples": 32, "test_samples": 16, "warmup_rounds": 1,
+        "clients": CLIENTS, "precision": "fp32", "train_samples": 32, "test_samples": 16,
+        "warmup_rounds": 1,
         "rounds": ROUNDS - 1, "local_epochs": 1, "max_seq_len": 32, "num_experts": 2,
         "faults": {"client_failure_rate": 0.3, "nan_update_rate": 0.3, "seed": seed},
     }  # fmt: skip

@@ -46,7 +46,7 @@ def tiny_lm(tmp_path_factory) -> str:
 
 def config(model: str, **over) -> dict:
     return {
-        "task_type": "generation", "model": model, "data_dir": FLAN,
+        "task_type": "generation", "model": model, "data_dir": FLAN, "precision": "fp32",
         "clients": ["fix_punct", "sst2", "fix_punct", "sst2"],
         "train_samples": 16, "test_samples": 4, "warmup_rounds": 1, "rounds": 1,
         "local_epochs": 1, "batch_size": 8, "max_seq_len": 96, "max_new_tokens": 4,

@@ -20,7 +20,8 @@ from fedlease.flower.records import from_record, parse_run_config, to_record
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("FEDLEASE_DATA_DIR")
-TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "train_samples": 16, "test_samples": 16,
+TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "precision": "fp32", "train_samples": 16,
+        "test_samples": 16,
         "warmup_rounds": 1, "rounds": 2, "local_epochs": 1, "max_seq_len": 32,
         "max_experts": 2, "threads": 1, "seed": 5}  # fmt: skip
 

@@ -85,13 +85,16 @@ def test_torch_compile_traces_the_model_without_graph_breaks_and_trains(backend)
         assert rel_err(grads_c[name], grads_e[name]) < 1e-5, name
 
 
-def test_hf_trainer_trains_and_its_checkpoints_reload(tmp_path):
-    """Trainer (bf16 where this CPU is fast in it) trains the adapters; SaveAdapterCallback
-    writes adapters that restore the trained model on a fresh one."""
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_hf_trainer_trains_and_its_checkpoints_reload(tmp_path, bf16):
+    """Trainer (in float32 and in bf16 mixed precision, on every CPU) trains the adapters;
+    SaveAdapterCallback writes adapters that restore the trained model on a fresh one. The
+    bf16 Trainer leaves the model's forward wrapped in an autocast (the trained model would go on
+    computing in bf16): unwrapped as docs/using-the-layer.md says, it computes exactly what the
+    restored one does."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from fedlease.integrations import SaveAdapterCallback
-    from fedlease.precision import resolve_precision
 
     model, tok = injected()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -99,7 +102,7 @@ def test_hf_trainer_trains_and_its_checkpoints_reload(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3,
         save_strategy="steps", save_steps=2, logging_strategy="no", report_to=[], use_cpu=True,
-        bf16=resolve_precision("auto", torch.device("cpu")) == "bf16",
+        bf16=bf16,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       data_collator=DataCollatorWithPadding(tok),
@@ -117,6 +120,10 @@ def test_hf_trainer_trains_and_its_checkpoints_reload(tmp_path):
     restored, _ = injected()
     load_adapter(restored, tmp_path / "fedlease_adapter")
     batch = tok(TEXTS, return_tensors="pt", padding=True)
+    wrapped = "_original_forward" in model.__dict__  # accelerate's mixed-precision wrapper
+    assert wrapped == bf16
+    assert trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False) is model
+    assert "_original_forward" not in model.__dict__
     model.eval()
     restored.eval()
     with torch.no_grad():

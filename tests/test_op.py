@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import leaves, make_inputs, rel_err
+from helpers import leaves, make_inputs, op_dropout_mask, rel_err
 
 from fedlease.ops import available_backends, moe_lora
 from fedlease.reference import reference_moe_lora
@@ -65,14 +64,14 @@ def test_reference_gradcheck_float64():
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("torch", "cpp")])
 def test_dropout_hits_experts_not_router(backend):
-    """With the same RNG state the op's dropout mask is F.dropout's: compare to the reference."""
+    """With the same RNG state the op's dropout mask is the backend's (aten's for torch, the
+    counter-based one for cpp): compare to the reference."""
     x, base, a, b, router, spec = make_inputs(31, 20, 12, 3, 4, "adaptive", None, 0)
     p = 0.3
     torch.manual_seed(123)
     fast = leaves(x, base, a, b, router)
     y = moe_lora(*fast, spec, 2.0, dropout=p, training=True, backend=backend)
-    torch.manual_seed(123)
-    mask = F.dropout(torch.ones_like(x), p, training=True)
+    mask = op_dropout_mask(backend, x.shape, p, 123)
     assert (mask == 0).any() and (mask != 0).any()
     ref = leaves(*(v.double() for v in (x, base, a, b, router)))
     y_ref = reference_moe_lora(*ref, spec, 2.0, dropout_mask=mask.double())

@@ -3,8 +3,7 @@ the ``cpp`` backend) against the per-token reference on ``x W^T + b``, forward a
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import leaves, make_inputs, rel_err
+from helpers import leaves, make_inputs, op_dropout_mask, rel_err
 
 from fedlease import MoELoRALinear
 from fedlease.ops import available_backends, moe_lora_linear
@@ -73,14 +72,15 @@ def test_frozen_base_gets_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_hits_experts_only(backend):
-    """Same RNG state, same F.dropout mask: the experts see dropout(x), base and router x."""
+    """The experts see dropout(x), base and router x; the backward applies the forward's mask
+    (the cpp op draws it inside, twice: a mask regenerated wrongly fails the gradients)."""
     x, w, bias, a, b, router, spec = linear_inputs(SHAPES[1], torch.float32)
     p = 0.3
     torch.manual_seed(7)
     fast = leaves(x, w, bias, a, b, router)
     y = moe_lora_linear(*fast, spec, 2.0, dropout=p, training=True, backend=backend)
-    torch.manual_seed(7)
-    mask = F.dropout(torch.ones_like(x), p, training=True).double()
+    mask = op_dropout_mask(backend, x.shape, p, 7).double()
+    assert (mask == 0).any() and (mask != 0).any()
     ref = leaves(*(v.double() for v in (x, w, bias, a, b, router)))
     y_ref = reference_linear(*ref, spec, 2.0, mask=mask)
     assert rel_err(y, y_ref) < 1e-5

@@ -11,7 +11,8 @@ from fedlease.fl import ConfigError, from_dict
 from fedlease.fl.participation import evaluated, participants
 from fedlease.fl.simulator import FederatedRun, run
 
-BASE = {"clients": {"sst2": 3, "mrpc": 3}, "train_samples": 16, "test_samples": 8,
+BASE = {"clients": {"sst2": 3, "mrpc": 3}, "precision": "fp32", "train_samples": 16,
+        "test_samples": 8,
         "warmup_rounds": 1, "rounds": 3, "local_epochs": 1, "max_seq_len": 24, "max_experts": 2,
         "threads": 1, "seed": 2}  # fmt: skip
 

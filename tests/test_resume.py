@@ -18,6 +18,7 @@ pytestmark = [
 
 TINY = {
     "clients": ["sst2", "mrpc", "sst2"],
+    "precision": "fp32",
     "train_samples": 32,
     "test_samples": 16,
     "warmup_rounds": 2,

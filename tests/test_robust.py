@@ -149,7 +149,8 @@ def test_attacks_tamper_with_the_update_not_the_start():
 
 needs_data = pytest.mark.skipif(not os.environ.get("FEDLEASE_DATA_DIR"),
                                 reason="FEDLEASE_DATA_DIR not set")  # fmt: skip
-TINY = {"clients": ["sst2"] * 4, "train_samples": 16, "test_samples": 8, "warmup_rounds": 1,
+TINY = {"clients": ["sst2"] * 4, "precision": "fp32", "train_samples": 16, "test_samples": 8,
+        "warmup_rounds": 1,
         "rounds": 2, "local_epochs": 1, "max_seq_len": 24, "max_experts": 2, "threads": 1,
         "seed": 4}  # fmt: skip
 

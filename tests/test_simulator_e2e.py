@@ -16,6 +16,7 @@ pytestmark = [
 
 TINY = {
     "clients": ["sst2", "mrpc", "sst2", "mrpc"],
+    "precision": "fp32",
     "train_samples": 64,
     "test_samples": 32,
     "warmup_rounds": 2,
@@ -105,7 +106,8 @@ def test_warmup_aggregate_fedavgs_the_lora(tmp_path):
     """warmup_aggregate: true makes every client hold the same (averaged) LoRA after warm-up."""
     from fedlease.fl import checkpoint
 
-    cfg = {"clients": ["sst2", "mrpc", "sst2"], "train_samples": 16, "test_samples": 8,
+    cfg = {"clients": ["sst2", "mrpc", "sst2"], "precision": "fp32", "train_samples": 16,
+           "test_samples": 8,
            "warmup_rounds": 1, "rounds": 0, "local_epochs": 1, "max_seq_len": 32,
            "num_experts": 2, "warmup_aggregate": True}  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))

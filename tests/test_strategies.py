@@ -33,7 +33,9 @@ def trained(state, seed):
 
 
 def strategy(method, **kw):
-    cfg = FLConfig(clients=["sst2"] * 4, method=method, warmup_rounds=1, rounds=2, **kw)
+    cfg = FLConfig(
+        clients=["sst2"] * 4, method=method, warmup_rounds=1, rounds=2, precision="fp32", **kw
+    )
     s = make_strategy(cfg, WEIGHTS)
     s.setup(template)
     return s

@@ -69,6 +69,7 @@ class FLConfig:
     rank: int = 4
     alpha: float = 16.0
     dropout: float = 0.05
+    fast_dropout: bool = True  # counter-based dropout on CPU (fedlease.dropout); false: aten's
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     max_experts: int = 4
     num_experts: int | str = "auto"  # "auto" (silhouette over 2..max_experts) or a fixed K
@@ -122,6 +123,9 @@ KEY_HELP = {
     "rank": "LoRA rank r of every expert",
     "alpha": "LoRA alpha (the update is scaled by alpha / rank)",
     "dropout": "dropout on the experts' input",
+    "fast_dropout": "on the CPU, every dropout of the model and the experts from a counter-based "
+    "generator (vectorised, parallel; the mask a function of a seed from torch's generator); "
+    "false: aten's dropout, as PyTorch models have it",
     "target_modules": "linear layers that get MoE-LoRA, matched by name suffix; null: the task "
     "type's default ([query, value], [q_proj, v_proj] for generation)",
     "max_experts": "largest K the silhouette search tries (num_experts: auto)",

@@ -12,6 +12,7 @@ import torch
 from .. import models
 from ..adapter_io import adapter_state_dict
 from ..data import TASKS
+from ..dropout import use_fast_dropout
 from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
@@ -66,6 +67,7 @@ class ModelPool:
             torch.manual_seed(cfg.seed)  # same seed, same initial adapters in every method
             model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
             model.to(self.device)
+            use_fast_dropout(model, cfg.fast_dropout)
             if self.precision == "bf16":
                 cast_frozen(model, torch.bfloat16)
             self.runners[layout] = ClientRunner(

@@ -118,9 +118,11 @@ def moe_lora_linear(
     dropout: float = 0.0,
     training: bool = False,
     backend: str = "auto",
+    fast_dropout: bool = True,
 ) -> torch.Tensor:
     """``x @ weight^T + bias`` plus the MoE-LoRA update: :func:`moe_lora` with the base linear
-    inside the op (fused into one blocked pass by the ``cpp`` backend)."""
+    inside the op (fused into one blocked pass by the ``cpp`` backend, which also draws the
+    dropout mask inside; ``fast_dropout=False`` gives it aten's dropout instead)."""
     d_in, d_out = _check_shapes(x, lora_A, lora_B, router, spec)
     if weight.shape != (d_out, d_in) or (bias is not None and bias.shape != (d_out,)):
         bias_shape = None if bias is None else tuple(bias.shape)
@@ -132,7 +134,7 @@ def moe_lora_linear(
     if cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             return moe_lora_linear(*_cast((x, weight, bias, lora_A, lora_B, router), cast), spec,
-                                   scaling, dropout, training, backend)  # fmt: skip
+                                   scaling, dropout, training, backend, fast_dropout)  # fmt: skip
     impl = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout) if training else 0.0
     if impl.linear_fn is None:
@@ -140,11 +142,11 @@ def moe_lora_linear(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
         )
     if x.dim() == 2:  # no reshapes: each is an autograd node, host time on every call
-        return impl.linear_fn(x, weight, bias, lora_A, lora_B, router, spec, float(scaling), p)
+        return impl.linear_fn(x, weight, bias, lora_A, lora_B, router, spec, float(scaling), p,
+                              fast_dropout)  # fmt: skip
     lead = x.shape[:-1]
-    y = impl.linear_fn(
-        x.reshape(-1, d_in), weight, bias, lora_A, lora_B, router, spec, float(scaling), p
-    )
+    y = impl.linear_fn(x.reshape(-1, d_in), weight, bias, lora_A, lora_B, router, spec,
+                       float(scaling), p, fast_dropout)  # fmt: skip
     return y.reshape(*lead, d_out)
 
 

@@ -44,25 +44,28 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def _register_python_parts() -> None:
+    _register_moe_lora()
+    _register_moe_lora_linear()
+    _register_dropout()
+
+
+def _routing_outputs(x, router, a_cat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake ``(q, a, h)`` of a forward op: q in the routing dtype (float64 for float64 inputs)."""
+    t, s, mr = x.shape[0], router.shape[0], a_cat.shape[0]
+    routing = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(t, s, dtype=routing), x.new_empty(t, mr), x.new_empty(t, mr)
+
+
+def _register_moe_lora() -> None:
     @torch.library.register_fake("fedlease::moe_lora_fwd")
     def _fwd_fake(x, x_drop, router, a_cat, b_cat, base_out, num_experts, own, keep, scaling):
-        t, s, mr = x.shape[0], router.shape[0], a_cat.shape[0]
-        return (
-            torch.empty_like(base_out),
-            x.new_empty(t, s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32),
-            x.new_empty(t, mr),
-            x.new_empty(t, mr),
-        )
+        return (torch.empty_like(base_out), *_routing_outputs(x, router, a_cat))
 
     @torch.library.register_fake("fedlease::moe_lora_bwd")
     def _bwd_fake(dy, x, x_drop, router, a_cat, b_cat, q, a, h, num_experts, own, scaling):
-        return (
-            torch.empty_like(x),
-            torch.empty_like(x) if x_drop is not None else x.new_empty(0),
-            torch.empty_like(router),
-            torch.empty_like(a_cat),
-            torch.empty_like(b_cat),
-        )
+        dx_drop = torch.empty_like(x) if x_drop is not None else x.new_empty(0)
+        return (torch.empty_like(x), dx_drop, torch.empty_like(router), torch.empty_like(a_cat),
+                torch.empty_like(b_cat))  # fmt: skip
 
     def setup_context(ctx, inputs, output):
         x, x_drop, router, a_cat, b_cat, _, num_experts, own, _, scaling = inputs
@@ -81,57 +84,103 @@ def _register_python_parts() -> None:
 
     torch.library.register_autograd("fedlease::moe_lora_fwd", backward, setup_context=setup_context)
 
+
+def _register_moe_lora_linear() -> None:
     @torch.library.register_fake("fedlease::moe_lora_linear_fwd")
-    def _linear_fwd_fake(x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, keep,
-                         scaling):  # fmt: skip
-        t, s, mr = x.shape[0], router.shape[0], a_cat.shape[0]
-        return (
-            x.new_empty(t, weight.shape[0]),
-            x.new_empty(t, s, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32),
-            x.new_empty(t, mr),
-            x.new_empty(t, mr),
-        )
+    def _fwd_fake(x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, keep, scaling,
+                  p, seed):  # fmt: skip
+        return (x.new_empty(x.shape[0], weight.shape[0]), *_routing_outputs(x, router, a_cat))
 
     @torch.library.register_fake("fedlease::moe_lora_linear_bwd")
-    def _linear_bwd_fake(dy, x, x_drop, weight, router, a_cat, b_cat, q, a, h, num_experts, own,
-                         scaling, need_weight_grad, need_bias_grad):  # fmt: skip
-        return (
-            torch.empty_like(x),
-            torch.empty_like(x) if x_drop is not None else x.new_empty(0),
-            torch.empty_like(weight) if need_weight_grad else x.new_empty(0),
-            weight.new_empty(weight.shape[0]) if need_bias_grad else x.new_empty(0),
-            torch.empty_like(router),
-            torch.empty_like(a_cat),
-            torch.empty_like(b_cat),
-        )
+    def _bwd_fake(dy, x, x_drop, weight, router, a_cat, b_cat, q, a, h, num_experts, own,
+                  scaling, p, seed, need_weight_grad, need_bias_grad):  # fmt: skip
+        dx_drop = torch.empty_like(x) if x_drop is not None else x.new_empty(0)
+        d_w = torch.empty_like(weight) if need_weight_grad else x.new_empty(0)
+        d_bias = weight.new_empty(weight.shape[0]) if need_bias_grad else x.new_empty(0)
+        return (torch.empty_like(x), dx_drop, d_w, d_bias, torch.empty_like(router),
+                torch.empty_like(a_cat), torch.empty_like(b_cat))  # fmt: skip
 
-    def linear_setup_context(ctx, inputs, output):
-        x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, _, scaling = inputs
+    def setup_context(ctx, inputs, output):
+        x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, _, scaling, p, seed = (
+            inputs
+        )
         _, q, a, h = output
         ctx.save_for_backward(x, x_drop, weight, router, a_cat, b_cat, q, a, h)
-        ctx.num_experts, ctx.own, ctx.scaling = num_experts, own, scaling
+        ctx.num_experts, ctx.own, ctx.scaling, ctx.p, ctx.seed = num_experts, own, scaling, p, seed
         ctx.has_bias = bias is not None
 
-    def linear_backward(ctx, dy, _dq, _da, _dh):
+    def backward(ctx, dy, _dq, _da, _dh):
         x, x_drop, weight, router, a_cat, b_cat, q, a, h = ctx.saved_tensors
         need = ctx.needs_input_grad
+        need_bias = ctx.has_bias and need[3]
         dx, dx_drop, d_w, d_bias, d_router, d_a, d_b = torch.ops.fedlease.moe_lora_linear_bwd(
-            dy.contiguous(), x, x_drop, weight, router, a_cat, b_cat, q, a, h,
-            ctx.num_experts, ctx.own, ctx.scaling, need[2], ctx.has_bias and need[3],
+            dy.contiguous(), x, x_drop, weight, router, a_cat, b_cat, q, a, h, ctx.num_experts,
+            ctx.own, ctx.scaling, ctx.p, ctx.seed, need[2], need_bias,
         )  # fmt: skip
         return (dx, dx_drop if x_drop is not None else None, d_w if need[2] else None,
-                d_bias if ctx.has_bias and need[3] else None, d_router, d_a, d_b,
-                None, None, None, None)  # fmt: skip
+                d_bias if need_bias else None, d_router, d_a, d_b,
+                None, None, None, None, None, None)  # fmt: skip
 
     torch.library.register_autograd(
-        "fedlease::moe_lora_linear_fwd", linear_backward, setup_context=linear_setup_context
+        "fedlease::moe_lora_linear_fwd", backward, setup_context=setup_context
     )
+
+
+def _register_dropout() -> None:
+    """``philox_dropout`` returns its keep mask beside its output; its backward scales dy by it
+    (``apply_keep_mask``), which is linear in dy for a fixed mask."""
+
+    @torch.library.register_fake("fedlease::philox_dropout")
+    def _fake(x, p, seed):
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return y, torch.empty_like(y, dtype=torch.uint8)
+
+    @torch.library.register_fake("fedlease::apply_keep_mask")
+    def _apply_fake(dy, keep, p):
+        return torch.empty_like(dy, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        ctx.p = inputs[1]
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, dy, _dkeep):
+        (keep,) = ctx.saved_tensors
+        return torch.ops.fedlease.apply_keep_mask(dy, keep, ctx.p), None, None
+
+    torch.library.register_autograd("fedlease::philox_dropout", backward,
+                                    setup_context=setup_context)  # fmt: skip
+    torch.library.register_autograd("fedlease::apply_keep_mask", _apply_backward,
+                                    setup_context=_apply_setup)  # fmt: skip
+
+
+def _apply_setup(ctx, inputs, output):
+    ctx.p = inputs[2]
+    ctx.save_for_backward(inputs[1])
+
+
+def _apply_backward(ctx, dy):
+    (keep,) = ctx.saved_tensors
+    return torch.ops.fedlease.apply_keep_mask(dy, keep, ctx.p), None, None
+
+
+def draw_seed() -> int:
+    """A 63-bit seed from torch's default CPU generator: ``torch.manual_seed`` fixes the masks,
+    and activation checkpointing, which replays the generator's state, draws the same one."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of a CPU tensor with a counter-based mask (``csrc/dropout.cpp``); the
+    backward scales the gradient by the mask the forward drew (one byte an element)."""
+    return torch.ops.fedlease.philox_dropout(x, float(p), draw_seed())[0]
 
 
 def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p):
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x = x.contiguous()
-    x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    x_drop = None
+    if dropout_p > 0:
+        x_drop = philox_dropout(x, dropout_p) if x.is_cpu else F.dropout(x, dropout_p, True)
     y, _, _, _ = torch.ops.fedlease.moe_lora_fwd(
         x, x_drop, router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
         base_out.contiguous(), spec.num_experts, spec.fold_target, spec.keep, float(scaling),
@@ -139,21 +188,26 @@ def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling
     return y
 
 
-def moe_lora_linear_cpp(
-    x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p
-):
-    """The whole layer (base GEMM included) as one op, blocked over tokens, on CPU; elsewhere
-    (CUDA) the base output from F.linear and the routing op."""
+def moe_lora_linear_cpp(x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling,
+                        dropout_p, fast_dropout: bool = True):  # fmt: skip
+    """The whole layer (base GEMM included) as one op, blocked over tokens, on CPU, drawing the
+    experts' dropout mask inside (``draw_seed``; with ``fast_dropout=False`` aten's dropout,
+    materialised, instead); elsewhere (CUDA) the base output from F.linear and the routing
+    op."""
     if x.device.type != "cpu":
         base_out = F.linear(x, weight, bias)
         return moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p)
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x = x.contiguous()
-    x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    x_drop, seed = None, 0
+    if dropout_p > 0 and fast_dropout:
+        seed = draw_seed()
+    elif dropout_p > 0:
+        x_drop = F.dropout(x, dropout_p, training=True)
     y, _, _, _ = torch.ops.fedlease.moe_lora_linear_fwd(
         x, x_drop, weight.contiguous(), None if bias is None else bias.contiguous(),
         router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
-        spec.num_experts, spec.fold_target, spec.keep, float(scaling),
+        spec.num_experts, spec.fold_target, spec.keep, float(scaling), float(dropout_p), seed,
     )  # fmt: skip
     return y
 

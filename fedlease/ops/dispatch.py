@@ -4,7 +4,8 @@ A backend is a callable ``fn(x, base_out, lora_A, lora_B, router, spec, scaling,
 2-D ``x (T, in)`` and ``base_out (T, out)`` returning ``y (T, out)``, plus a function telling why
 it cannot run on a device (``None`` when it can). A backend may also compute the whole layer,
 frozen base GEMM included, as ``linear_fn(x, weight, bias, lora_A, lora_B, router, spec, scaling,
-dropout_p)``; the others get the base output from ``F.linear``. ``auto`` takes the first
+dropout_p, fast_dropout)`` (``fast_dropout=False``: aten's dropout where the backend would draw
+its own mask); the others get the base output from ``F.linear``. ``auto`` takes the first
 available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
 """
 

@@ -285,7 +285,9 @@ def moe_lora_triton(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_
     )
 
 
-def moe_lora_linear_triton(x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p):
+def moe_lora_linear_triton(x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p,
+                           fast_dropout=True):  # fmt: skip
+    """The layer; its dropout mask is always drawn in-kernel (``fast_dropout`` is ignored)."""
     return MoELoRALinearTritonFunction.apply(
         x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p
     )

@@ -1,0 +1,306 @@
+// Inverted dropout from counter-based random numbers (philox.h): y = keep ? x / (1 - p) : 0 with
+// the keep mask a pure function of (seed, element index).
+//
+// Against aten's CPU dropout (a Bernoulli draw per element from the mt19937 generator, 5-8 ns
+// an element on one thread, then a multiply) this draws the words of 64 elements from 16
+// Philox counters in vector registers and applies them in the same pass, in parallel over
+// threads. The instruction set (AVX-512, AVX2 or portable C++) is picked once at run time; all
+// three give the same words (tested).
+//
+// The op `philox_dropout` returns the keep mask (one byte an element) beside its output, and
+// its backward scales dy by it (`apply_keep_mask`): a pass over a byte per element instead of a
+// second Philox draw. The ops that draw a mask inside (moe_lora_linear.cpp) use dropout_range
+// and keep_range on their own blocks.
+
+#include "dropout.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "philox.h"
+#include "philox_x86.h"
+
+namespace fedlease {
+namespace {
+
+// The unsigned comparison word >= thr is made signed (x86 has no unsigned vector compare
+// before AVX-512): flipping the top bit of both sides keeps their order.
+inline int32_t ordered(uint32_t w) { return static_cast<int32_t>(w ^ 0x80000000u); }
+
+// v times `scale` when kept, times 0 when dropped (as aten's dropout: NaN stays NaN). Floats
+// and halves through float; bfloat16 on its raw bits so that the conversions vectorise: widen
+// by a shift, narrow with round-to-nearest-even (a NaN stays a quiet NaN), as c10::BFloat16
+// does element by element.
+template <typename scalar_t>
+[[gnu::always_inline]] inline scalar_t scaled(scalar_t v, bool keep, double scale) {
+  const float s = static_cast<float>(scale);
+  return static_cast<scalar_t>(static_cast<float>(v) * (keep ? s : 0.0f));
+}
+
+template <>
+[[gnu::always_inline]] inline double scaled<double>(double v, bool keep, double scale) {
+  return v * (keep ? scale : 0.0);
+}
+
+template <>
+[[gnu::always_inline]] inline c10::BFloat16 scaled<c10::BFloat16>(c10::BFloat16 v, bool keep,
+                                                                  double scale) {
+  const float s = static_cast<float>(scale);
+  const float f = __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16) * (keep ? s : 0.0f);
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(f != f ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
+}
+
+// drop_blocks: aligned blocks of 64 elements from block `first` on; each block's keep decisions
+// from its Philox words (WORDS), written to `keep` when given, applied in -> out when `in` is
+// given. apply_keep: out = in scaled by a stored keep mask. Both compiled once per instruction
+// set and dtype, with everything inlined into each.
+#define FEDLEASE_DROP(SUFFIX, ATTR, WORDS, T)                                                  \
+  ATTR void drop_blocks_##SUFFIX(const T* in, T* out, uint8_t* keep, int64_t blocks,         \
+                                 uint64_t first, uint64_t seed, uint32_t thr, double scale) {  \
+    alignas(64) uint32_t w[philox::kBlock];                                                  \
+    const int32_t t = ordered(thr);                                                          \
+    for (int64_t b = 0; b < blocks; ++b) {                                                   \
+      WORDS(seed, first + b, w);                                                             \
+      if (in) {                                                                              \
+        const T* src = in + b * philox::kBlock;                                              \
+        T* dst = out + b * philox::kBlock;                                                   \
+        _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) dst[j] =                \
+            scaled(src[j], ordered(w[j]) >= t, scale);                                       \
+      }                                                                                      \
+      if (keep) {                                                                            \
+        uint8_t* kb = keep + b * philox::kBlock;                                             \
+        _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) kb[j] =                 \
+            ordered(w[j]) >= t;                                                              \
+      }                                                                                      \
+    }                                                                                        \
+  }                                                                                          \
+  ATTR void apply_keep_##SUFFIX(const T* in, const uint8_t* keep, T* out, int64_t n,         \
+                                double scale) {                                              \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) out[i] = scaled(in[i], keep[i], scale); \
+  }
+#define FEDLEASE_DROP_ALL(SUFFIX, ATTR, WORDS)      \
+  FEDLEASE_DROP(SUFFIX, ATTR, WORDS, float)         \
+  FEDLEASE_DROP(SUFFIX, ATTR, WORDS, double)        \
+  FEDLEASE_DROP(SUFFIX, ATTR, WORDS, c10::BFloat16) \
+  FEDLEASE_DROP(SUFFIX, ATTR, WORDS, c10::Half)
+
+FEDLEASE_DROP_ALL(generic, , philox::block_words)
+#ifdef FEDLEASE_PHILOX_X86
+FEDLEASE_DROP_ALL(avx2, [[gnu::target("avx2")]], philox::block_words_avx2)
+FEDLEASE_DROP_ALL(avx512, [[gnu::target("avx512f")]], philox::block_words_avx512)
+[[gnu::target("avx2")]] void words_avx2(uint64_t seed, uint64_t block, uint32_t* out) {
+  philox::block_words_avx2(seed, block, out);
+}
+[[gnu::target("avx512f")]] void words_avx512(uint64_t seed, uint64_t block, uint32_t* out) {
+  philox::block_words_avx512(seed, block, out);
+}
+#endif
+#undef FEDLEASE_DROP_ALL
+#undef FEDLEASE_DROP
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+bool cpu_has(Isa isa) {
+#ifdef FEDLEASE_PHILOX_X86
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2");
+#endif
+  return isa == Isa::kGeneric;
+}
+
+Isa best_isa() {
+  static const Isa isa = cpu_has(Isa::kAvx512) ? Isa::kAvx512
+                         : cpu_has(Isa::kAvx2) ? Isa::kAvx2
+                                               : Isa::kGeneric;
+  return isa;
+}
+
+template <typename scalar_t>
+void drop_blocks_best(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t blocks,
+                      uint64_t first, uint64_t seed, uint32_t thr, double scale) {
+#ifdef FEDLEASE_PHILOX_X86
+  switch (best_isa()) {
+    case Isa::kAvx512:
+      return drop_blocks_avx512(in, out, keep, blocks, first, seed, thr, scale);
+    case Isa::kAvx2:
+      return drop_blocks_avx2(in, out, keep, blocks, first, seed, thr, scale);
+    case Isa::kGeneric:
+      break;
+  }
+#endif
+  drop_blocks_generic(in, out, keep, blocks, first, seed, thr, scale);
+}
+
+template <typename scalar_t>
+void apply_keep_best(const scalar_t* in, const uint8_t* keep, scalar_t* out, int64_t n,
+                     double scale) {
+#ifdef FEDLEASE_PHILOX_X86
+  switch (best_isa()) {
+    case Isa::kAvx512:
+      return apply_keep_avx512(in, keep, out, n, scale);
+    case Isa::kAvx2:
+      return apply_keep_avx2(in, keep, out, n, scale);
+    case Isa::kGeneric:
+      break;
+  }
+#endif
+  apply_keep_generic(in, keep, out, n, scale);
+}
+
+double keep_scale(double p) { return 1.0 / (1.0 - p); }
+
+// Elements [offset, offset + n): keep mask into `keep` (if given) and in -> out (if given).
+template <typename scalar_t>
+void draw_range(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t n, uint64_t offset,
+                uint64_t seed, double p) {
+  const uint32_t thr = philox::threshold(p);
+  const double scale = keep_scale(p);
+  auto one = [&](int64_t j, uint32_t word) {
+    const bool k = word >= thr;
+    if (keep) keep[j] = k;
+    if (in) out[j] = scaled(in[j], k, scale);
+  };
+  int64_t i = 0;
+  // head: up to the first element whose index is a multiple of the block
+  for (; i < n && (offset + i) % philox::kBlock != 0; ++i)
+    one(i, philox::word_of(seed, offset + i));
+  const int64_t blocks = (n - i) / philox::kBlock;
+  drop_blocks_best(in ? in + i : nullptr, in ? out + i : nullptr, keep ? keep + i : nullptr,
+                   blocks, (offset + i) / philox::kBlock, seed, thr, scale);
+  i += blocks * philox::kBlock;
+  if (i < n) {  // tail: a partial block
+    uint32_t w[philox::kBlock];
+    philox::block_words(seed, (offset + i) / philox::kBlock, w);
+    for (int j = 0; i + j < n; ++j) one(i + j, w[j]);
+  }
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.numel() == b.numel(),
+              "dropout: contiguous tensors of equal size expected");
+}
+
+}  // namespace
+
+void dropout_rows(const at::Tensor& in, at::Tensor& out, uint64_t offset, uint64_t seed,
+                  double p) {
+  check_same(in, out);
+  TORCH_CHECK(in.scalar_type() == out.scalar_type(), "dropout_rows: dtypes differ");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "dropout_rows", [&] {
+    draw_range<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr,
+                         in.numel(), offset, seed, p);
+  });
+}
+
+void keep_range(uint8_t* keep, int64_t n, uint64_t offset, uint64_t seed, double p) {
+  draw_range<float>(nullptr, nullptr, keep, n, offset, seed, p);
+}
+
+void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p) {
+  check_same(in, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "apply_keep", [&] {
+    apply_keep_best<scalar_t>(in.const_data_ptr<scalar_t>(), keep, out.data_ptr<scalar_t>(),
+                              in.numel(), keep_scale(p));
+  });
+}
+
+std::vector<uint32_t> philox_block(uint64_t seed, uint64_t block, const std::string& isa) {
+  std::vector<uint32_t> out(philox::kBlock);
+  if (isa == "generic") {
+    philox::block_words(seed, block, out.data());
+    return out;
+  }
+#ifdef FEDLEASE_PHILOX_X86
+  if (isa == "avx2" && cpu_has(Isa::kAvx2)) {
+    words_avx2(seed, block, out.data());
+    return out;
+  }
+  if (isa == "avx512" && cpu_has(Isa::kAvx512)) {
+    words_avx512(seed, block, out.data());
+    return out;
+  }
+#endif
+  TORCH_CHECK(false, "this CPU or build has no ", isa, " Philox path");
+}
+
+std::string philox_isa() {
+  switch (best_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "generic";
+  }
+}
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk
+
+void check_dropout_input(const at::Tensor& x, double p, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), "fedlease::", op, " needs a CPU tensor, got ", x.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "fedlease::", op, ": p must be in [0, 1), got ", p);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fedlease::", op,
+              " needs a floating tensor, got ", x.scalar_type());
+}
+
+// Returns (y, keep): the dropped tensor and its keep mask (uint8, one per element of x).
+std::tuple<at::Tensor, at::Tensor> philox_dropout(const at::Tensor& x, double p, int64_t seed) {
+  check_dropout_input(x, p, "philox_dropout");
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  at::Tensor keep = at::empty(in.sizes(), in.options().dtype(at::kByte));
+  uint8_t* kp = keep.data_ptr<uint8_t>();
+  const uint64_t s = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "philox_dropout",
+                                  [&] {
+    const scalar_t* ip = in.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, in.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      draw_range<scalar_t>(ip + begin, op + begin, kp + begin, end - begin, begin, s, p);
+    });
+  });
+  return {out, keep};
+}
+
+// dy scaled by the keep mask of the forward: the backward of philox_dropout.
+at::Tensor apply_keep_mask(const at::Tensor& dy, const at::Tensor& keep, double p) {
+  check_dropout_input(dy, p, "apply_keep_mask");
+  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.numel() == dy.numel(),
+              "fedlease::apply_keep_mask: a uint8 mask of dy's size expected");
+  const at::Tensor in = dy.contiguous(), k = keep.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const uint8_t* kp = k.const_data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "apply_keep_mask",
+                                  [&] {
+    const scalar_t* ip = in.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, in.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      apply_keep_best<scalar_t>(ip + begin, kp + begin, op + begin, end - begin, keep_scale(p));
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fedlease, m) {
+  m.def("philox_dropout(Tensor x, float p, int seed) -> (Tensor, Tensor)");
+  m.def("apply_keep_mask(Tensor dy, Tensor keep, float p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fedlease, CPU, m) {
+  m.impl("philox_dropout", &philox_dropout);
+  m.impl("apply_keep_mask", &apply_keep_mask);
+}
+
+}  // namespace fedlease
