@@ -43,7 +43,8 @@ def one_size(args) -> dict:
     import torch
 
     from fedlease.fl import from_dict
-    from fedlease.fl.simulator import FederatedRun
+    from fedlease.fl.simulator import simulation
+    from fedlease.fl.types import payload_bytes
 
     n = args.size
     cfg = from_dict({
@@ -56,7 +57,7 @@ def one_size(args) -> dict:
     })  # fmt: skip
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        fed = FederatedRun(cfg, Path(tmp) / "run", progress=False)
+        fed = simulation(cfg, Path(tmp) / "run", progress=False)
         setup_s = time.time() - t0
         rss_setup = rss_mb()
         ckpt_s = []
@@ -68,12 +69,12 @@ def one_size(args) -> dict:
             ckpt_s.append(time.perf_counter() - t)
 
         fed.save_checkpoint = timed_save
-        summary = fed.execute()
+        summary = fed.run()
         rows = fed.rec.rows
     walls = [rows[0]["wall_s"] - setup_s] + [
         b["wall_s"] - a["wall_s"] for a, b in itertools.pairwise(rows)
     ]
-    state_bytes = [sum(t.numel() * t.element_size() for t in st.values()) for st in fed.kept]
+    state_bytes = [payload_bytes(st) for st in fed.transport.kept]
     return {
         "clients": len(cfg.clients),
         "per_round": len(rows[-1]["participants"]),

@@ -99,9 +99,9 @@ def measure_round(updates: list[Flat], weights: list[float], rules: dict, attack
 def record_clean_run(args, seed: int) -> list[dict]:
     """The clean run; per round the start state and the four uploads as flat vectors."""
     from fedlease.fl import from_dict
-    from fedlease.fl.simulator import FederatedRun
+    from fedlease.fl.simulator import simulation
 
-    run = FederatedRun(from_dict(setting(args, seed, "fedit")), progress=False)
+    run = simulation(from_dict(setting(args, seed, "fedit")), progress=False)
     strategy, rounds = run.strategy, []
     inner = strategy.aggregate
 
@@ -114,7 +114,7 @@ def record_clean_run(args, seed: int) -> list[dict]:
         inner(r, ups)
 
     strategy.aggregate = recording_aggregate
-    run.execute()
+    run.run()
     return rounds
 
 

@@ -54,14 +54,14 @@ def setting(args, seed: int, method: str) -> dict:
 
 def one_run(args, rule: str, attack: dict | None, seed: int) -> dict:
     from fedlease.fl import from_dict
-    from fedlease.fl.simulator import FederatedRun
+    from fedlease.fl.simulator import simulation
 
     raw = setting(args, seed, args.method)
     raw["aggregation"] = rule if rule != "trimmed_mean" else {"rule": rule, "trim": 0.25}
     if attack is not None:
         raw["attacks"] = {"clients": [3], **attack}
     t0 = time.time()
-    summary = FederatedRun(from_dict(raw), progress=False).execute()
+    summary = simulation(from_dict(raw), progress=False).run()
     honest = [c["accuracy"] for c in summary.final["per_client"] if c["client"] != 3]
     return {"mean": summary.final["mean"], "honest_mean": sum(honest) / len(honest),
             "wall_s": time.time() - t0}  # fmt: skip

@@ -17,7 +17,7 @@ from bench_clients import MIX
 
 from fedlease.fl import from_dict
 from fedlease.fl.participation import participants
-from fedlease.fl.simulator import FederatedRun
+from fedlease.fl.simulator import simulation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_every": 1000, "seed": 0, "threads": args.threads, "data_dir": args.data_dir,
     })  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        fed = FederatedRun(cfg, Path(tmp) / "run", progress=False)
+        fed = simulation(cfg, Path(tmp) / "run", progress=False)
         for r in range(args.rounds):
             t0 = time.perf_counter()
             fed.train_round(r, participants(cfg, r, True))

@@ -162,7 +162,7 @@ def test_cli_bad_data_file_exits_2_and_writes_nothing(tmp_path, capsys, line, pa
 def test_a_fresh_run_clears_an_earlier_runs_artefacts_and_checkpoint(tmp_path):
     """Stale summary/plots/adapters must not pass for the new run's, nor an old checkpoint be
     resumed by it; files that are not a run's artefacts stay."""
-    from fedlease.fl.simulator import ARTEFACTS, clear_previous_run
+    from fedlease.fl.driver import ARTEFACTS, clear_previous_run
 
     for name in ARTEFACTS:
         (tmp_path / name).write_text("old")

@@ -90,13 +90,13 @@ def test_distances_separate_the_tasks_of_generation_clients(tiny_lm, tmp_path):
     its task twin's than to either client of the other task (seeded; a real signal, not noise:
     the two tasks' prompts and answers differ completely)."""
     from fedlease.fl import b_distance_matrix, from_dict
-    from fedlease.fl.simulator import FederatedRun
+    from fedlease.fl.simulator import simulation
     from fedlease.fl.strategies.base import is_expert, select
 
     cfg = from_dict(config(tiny_lm, rounds=0, warmup_rounds=1, train_samples=32))
-    fed = FederatedRun(cfg, None, progress=False)
-    fed.execute()
-    d = b_distance_matrix([select(k, is_expert) for k in fed.kept])
+    fed = simulation(cfg, None, progress=False)
+    fed.run()
+    d = b_distance_matrix([select(k, is_expert) for k in fed.transport.kept])
     assert d[0, 2] < min(d[0, 1], d[0, 3]) and d[1, 3] < min(d[1, 0], d[1, 2]), d
 
 

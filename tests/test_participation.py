@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fedlease.fl import ConfigError, from_dict
+from fedlease.fl.driver import RoundDriver
 from fedlease.fl.participation import evaluated, participants
-from fedlease.fl.simulator import FederatedRun, run
+from fedlease.fl.simulator import run, simulation
 
 BASE = {"clients": {"sst2": 3, "mrpc": 3}, "precision": "fp32", "train_samples": 16,
         "test_samples": 8,
@@ -65,7 +66,7 @@ def test_only_participants_train_and_enter_the_aggregate(method, monkeypatch):
     kept_before = {}
 
     def spy_train_round(self, r, ids):
-        kept_before[r] = [{k: v.clone() for k, v in st.items()} for st in self.kept]
+        kept_before[r] = [{k: v.clone() for k, v in st.items()} for st in self.transport.kept]
         aggregate = self.strategy.aggregate
 
         def record(r_, ups):
@@ -78,10 +79,10 @@ def test_only_participants_train_and_enter_the_aggregate(method, monkeypatch):
         finally:
             self.strategy.aggregate = aggregate
 
-    original = FederatedRun.train_round
-    monkeypatch.setattr(FederatedRun, "train_round", spy_train_round)
-    fed = FederatedRun(cfg, progress=False)
-    summary = fed.execute()
+    original = RoundDriver.train_round
+    monkeypatch.setattr(RoundDriver, "train_round", spy_train_round)
+    fed = simulation(cfg, progress=False)
+    summary = fed.run()
     rows = fed.rec.rows
     assert len(rows) == 4
     for r, row in enumerate(rows):
@@ -109,17 +110,17 @@ def test_only_participants_train_and_enter_the_aggregate(method, monkeypatch):
 def test_draws_survive_an_interruption_and_resume(tmp_path, monkeypatch):
     cfg = from_dict(BASE | {"method": "fedit", "clients_per_round": 0.5})
     whole = run(cfg, tmp_path / "whole", progress=False)
-    original = FederatedRun.save_checkpoint
+    original = RoundDriver.save_checkpoint
 
     def stop_after_two(self, rounds_done):
         original(self, rounds_done)
         if rounds_done == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(FederatedRun, "save_checkpoint", stop_after_two)
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "broken", progress=False)
-    monkeypatch.setattr(FederatedRun, "save_checkpoint", original)
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", original)
     resumed = run(cfg, tmp_path / "broken", progress=False, resume=True)
     assert resumed.resumed_from_round == 2
     import json

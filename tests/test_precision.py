@@ -8,7 +8,8 @@ from torch import nn
 
 from fedlease import precision
 from fedlease.fl import from_dict
-from fedlease.fl.simulator import FederatedRun, run
+from fedlease.fl.driver import RoundDriver
+from fedlease.fl.simulator import run
 
 
 def test_auto_precision_is_bf16_only_where_measured_fast(monkeypatch):
@@ -74,19 +75,19 @@ def test_bf16_run_checkpoints_resumes_and_saves_float32_adapters(tmp_path, monke
 
     cfg = from_dict(TINY | {"precision": "bf16", "device": "cpu"})
     out = tmp_path / "run"
-    original = FederatedRun.save_checkpoint
+    original = RoundDriver.save_checkpoint
     seen = {}
 
     def stop_after_first_round(self, rounds_done):
         original(self, rounds_done)
-        model = self.pool.runner(self.strategy.layout(0)).model
+        model = self.transport.pool.runner(self.strategy.layout(0)).model
         seen["dtypes"] = {n: p.dtype for n, p in model.named_parameters()}
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(FederatedRun, "save_checkpoint", stop_after_first_round)
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", stop_after_first_round)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, out, progress=False)
-    monkeypatch.setattr(FederatedRun, "save_checkpoint", original)
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", original)
     dtypes = seen["dtypes"]
     assert dtypes["bert.embeddings.word_embeddings.weight"] == torch.bfloat16  # frozen
     lora = [n for n in dtypes if n.endswith(("lora_A", "lora_B"))]

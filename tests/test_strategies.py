@@ -6,6 +6,7 @@ import torch
 
 from fedlease.fl import FLConfig
 from fedlease.fl.strategies import STRATEGIES, Layout, make_strategy
+from fedlease.fl.strategies.ifca import PICK_EXAMPLES
 
 IN, OUT, R = 5, 3, 2
 WEIGHTS = [1.0, 2.0, 3.0, 6.0]
@@ -120,7 +121,8 @@ def test_ifca_clients_pick_their_lowest_loss_copy_and_copies_average_over_picker
     picks = {}
 
     def loss_for(cid):
-        def loss_of(state):
+        def loss_of(state, limit):
+            assert limit == PICK_EXAMPLES  # IFCA judges a copy on that many examples
             k = next(i for i, b in enumerate(copies) if torch.equal(state["enc.q.lora_B"], b))
             picks.setdefault(cid, []).append(k)
             return 0.0 if k == cid % 2 else 1.0 + k

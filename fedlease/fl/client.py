@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,50 +15,13 @@ from ..data.tokenize import ClientData, Encoded
 from ..generation.score import Decoding, evaluate_generation
 from ..inject import moe_lora_layers, set_own_expert
 from ..precision import autocast
-from .config import OPTIMIZERS
 from .faults import ClientFailure
-
-State = dict[str, torch.Tensor]
-
-
-def clone_state(state: State) -> State:
-    """A copy of ``state`` on the CPU: clients keep, send and checkpoint CPU tensors, whatever
-    device they train on."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def payload_bytes(payload: State) -> int:
-    """Bytes of the tensors in a message, as they would be serialised."""
-    return sum(t.numel() * t.element_size() for t in payload.values())
+from .types import State, TrainSpec, clone_state
 
 
 def seed_for(seed: int, round_idx: int, client_id: int) -> int:
     """One RNG seed per (run seed, round, client): results do not depend on client order."""
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """How a client trains in a round: the optimizer, ``adamw`` (decoupled weight decay) or
-    ``sgd`` (momentum 0.9, no weight decay: the update stays proportional to the accumulated
-    gradient); whether the loss weighs each class by the inverse of its frequency in the
-    client's training data (so that the client's label mix does not steer the update); whether
-    dropout (the model's and the adapters') is on; whether the round leaves each ``lora_B`` at its
-    mean over the round's steps (iterate averaging) instead of its last value."""
-
-    optimizer: str
-    lr: float
-    weight_decay: float = 0.0
-    class_balanced: bool = False
-    dropout: bool = True
-    average_b: bool = False
-
-    def make(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
-        if self.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        raise ValueError(f"unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
 
 
 def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ..data.glue import TASKS
 from ..precision import PRECISIONS
 from .faults import ATTACK_KEYS, ATTACK_KINDS, FAULT_KEYS
 from .robust import Aggregation, AggregationError
+from .types import OPTIMIZERS
 
 METHODS = (
     "fedlease",
@@ -30,8 +31,6 @@ METHODS = (
     "feddpa",
     "ifca",
 )
-
-OPTIMIZERS = ("adamw", "sgd")  # what a client may train with (fedlease.fl.client.TrainSpec)
 
 
 class ConfigError(ValueError):

@@ -4,7 +4,6 @@ layout, and the code of one client round. Shared by the in-process simulator and
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +15,12 @@ from ..dropout import use_fast_dropout
 from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
-from .client import ClientRunner, State, clone_state, seed_for
+from .client import ClientRunner, seed_for
 from .config import FLConfig, runtime
 from .faults import AttackPlan, ClientFailure, FaultPlan, non_finite, poison
-from .strategies import Layout, Strategy
+from .strategies import Strategy
 from .strategies.base import HEAD
-from .strategies.ifca import PICK_EXAMPLES
+from .types import Layout, Reply, State, clone_state
 
 
 def load_base(cfg: FLConfig):
@@ -92,19 +91,6 @@ class ModelPool:
         return self.templates[layout]
 
 
-def reject_non_finite(
-    update: State, status: dict, round_idx: int, cid: int, bad: list[str] | None = None
-) -> bool:
-    """Mark ``status`` rejected (and warn) when ``update`` holds NaN/Inf, or when ``bad`` (the
-    non-finite tensors a remote client reported) is not empty; True if so."""
-    bad = bad or non_finite(update)
-    if bad:
-        warnings.warn(f"round {round_idx}: rejected client {cid}'s update: "
-                      f"non-finite values in {bad[:3]}", stacklevel=3)  # fmt: skip
-        status.update(status="rejected", non_finite=bad[:3])
-    return bool(bad)
-
-
 @dataclass
 class ClientSide:
     """The client half of a run: its config, the method, the models, the injected faults."""
@@ -119,17 +105,17 @@ class ClientSide:
 
     def update(
         self, c, kept: State, received: State, r: int, desc: str = ""
-    ) -> tuple[State | None, State | None, float | None, dict]:
-        """Client ``c``'s round ``r``: ``(new_state, upload, loss, status)``. State and upload are
-        None when the client crashed (an injected ``ClientFailure``: it sends nothing, the round
-        goes on). A new state holding NaN/Inf comes back with status ``rejected``: the client must
-        not keep it, the server must not average its upload."""
+    ) -> tuple[State | None, Reply]:
+        """Client ``c``'s round ``r``: ``(new_state, reply)``. The state is None when the client
+        crashed (an injected ``ClientFailure``: it sends nothing, the round goes on). A new state
+        holding NaN/Inf comes back with status ``rejected``: the client must not keep it, the
+        server must not average its upload."""
         cfg, strategy = self.cfg, self.strategy
         layout = strategy.layout(r)
         runner = self.pool.runner(layout)
 
-        def loss_of(state: State) -> float:
-            return runner.train_loss(c, state, PICK_EXAMPLES)
+        def loss_of(state: State, limit: int) -> float:
+            return runner.train_loss(c, state, limit)
 
         template = self.pool.template(layout)
         state = strategy.client_state(c.client_id, template, kept, received, loss_of)
@@ -141,13 +127,16 @@ class ClientSide:
                 frozen=lambda key: strategy.frozen(key, r), training=strategy.training(r),
             )  # fmt: skip
         except ClientFailure as exc:
-            warnings.warn(f"round {r}: {exc}", stacklevel=2)
-            return None, None, None, {"status": "failed", "error": str(exc)}
+            return None, Reply.failed(str(exc))
         if self.plan.poisons(r, c.client_id):
             new = poison(new)
         status = {"status": "ok"}
-        reject_non_finite(new, status, r, c.client_id)
+        bad = non_finite(new)
+        if bad:
+            status.update(status="rejected", non_finite=bad[:3])
         if self.attacks.hits(r, c.client_id):  # the upload lies; the client keeps its own state
             tampered = self.attacks.tamper(state, new, r, c.client_id)
-            return new, self.attacks.malform(strategy.up(c.client_id, r, tampered)), loss, status
-        return new, strategy.up(c.client_id, r, new), loss, status
+            upload = self.attacks.malform(strategy.up(c.client_id, r, tampered))
+        else:
+            upload = strategy.up(c.client_id, r, new)
+        return new, Reply(upload, loss, status)

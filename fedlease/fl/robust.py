@@ -38,8 +38,8 @@ import torch
 
 from .allocation import average
 from .faults import non_finite
+from .types import State
 
-State = dict[str, torch.Tensor]
 RULES = ("mean", "median", "trimmed_mean", "norm_clip", "krum")
 AGGREGATION_KEYS = {"rule": str, "trim": float, "clip": float, "byzantine": int}
 

@@ -27,12 +27,12 @@ from flwr.clientapp import ClientApp
 from ..data import build_client_data, source_for
 from ..data.tokenize import ClientData
 from ..fl import checkpoint
-from ..fl.client import clone_state
 from ..fl.config import FLConfig
 from ..fl.faults import FaultPlan
 from ..fl.pool import ClientSide, ModelPool, load_base
 from ..fl.strategies import Strategy, make_strategy
 from ..fl.strategies.base import select
+from ..fl.types import clone_state
 from .records import State, from_record, parse_run_config, to_record
 
 app = ClientApp()
@@ -135,14 +135,15 @@ def train(msg: Message, context: Context) -> Message:
     r = _sync(node, msg)
     received = from_record(msg.content["down"])
     side = ClientSide(node.cfg, node.strategy, node.pool, node.plan)
-    new, upload, loss, status = side.update(node.data, _kept(node, context, msg), received, r)
+    new, reply = side.update(node.data, _kept(node, context, msg), received, r)
+    status = reply.status
     if status["status"] == "ok":  # a crashed client has nothing, a NaN state is not kept
         _keep(node, context, msg, new, r, 0)
     report = {"status": status["status"], "error": status.get("error", ""),
               "non_finite": json.dumps(status.get("non_finite", []))}  # fmt: skip
-    content = RecordDict({"up": to_record(upload or {}), "status": ConfigRecord(report)})
-    if loss is not None:
-        content["metrics"] = MetricRecord({"train_loss": loss})
+    content = RecordDict({"up": to_record(reply.upload or {}), "status": ConfigRecord(report)})
+    if reply.loss is not None:
+        content["metrics"] = MetricRecord({"train_loss": reply.loss})
     return Message(content=content, reply_to=msg)
 
 

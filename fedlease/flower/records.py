@@ -7,13 +7,11 @@ import math
 import typing
 from dataclasses import dataclass
 
-import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord
 
 from ..fl.config import ConfigError, FLConfig, from_dict
-
-State = dict[str, torch.Tensor]
+from ..fl.types import State
 
 
 @dataclass

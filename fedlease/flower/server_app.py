@@ -1,4 +1,4 @@
-"""The Flower ``ServerApp``: the simulator's round loop over Flower messages.
+"""The Flower ``ServerApp``: the round driver (``fedlease.fl.driver``) over Flower messages.
 
 Per round: (``collect`` queries when the strategy asks, e.g. FedLEASE's allocation), one
 ``train`` message per client with its own payload, aggregation of the replies that arrived in
@@ -21,30 +21,16 @@ import json
 import logging
 import time
 import uuid
-from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import yaml
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..fl import checkpoint
-from ..fl.client import payload_bytes
 from ..fl.config import FLConfig, metric_of
-from ..fl.participation import evaluated, participants
-from ..fl.plots import write_plots
-from ..fl.pool import ModelPool, load_base, reject_non_finite
-from ..fl.robust import screen_round
-from ..fl.simulator import (
-    Recorder,
-    Summary,
-    clear_previous_run,
-    round_row,
-    summarise,
-    write_clusters,
-)
-from ..fl.strategies import make_strategy
+from ..fl.driver import RoundDriver, Summary
+from ..fl.pool import ModelPool, load_base
+from ..fl.strategies import Strategy
+from ..fl.types import ClientInfo, Reply, State
 from .records import ServerOptions, from_record, parse_run_config, to_record
 from .records import round_config as make_round_config
 
@@ -110,147 +96,128 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
-    t0 = time.time()
-    n, metric = len(cfg.clients), metric_of(cfg)
-    node_ids = wait_for_nodes(grid, n, opts.node_timeout)
-    hello = {i: RecordDict({"config": make_round_config(-1, {}, action="hello")})
-             for i in range(len(node_ids))}  # fmt: skip
-    probe = Exchange(grid, dict(enumerate(node_ids)), max(opts.round_timeout, opts.node_timeout))
-    replies = probe(MessageType.QUERY, hello)
-    nodes, clients, untrained = {}, {}, {}
-    for reply in replies.values():
-        info = reply.content["info"]
-        pid = int(info["partition-id"])
-        if pid in nodes:
-            raise RuntimeError(f"two nodes claim partition-id {pid}")
-        nodes[pid] = reply.metadata.src_node_id
-        clients[pid] = SimpleNamespace(
-            client_id=pid, task=str(info["task"]), train=int(info["train"]), test=int(info["test"])
-        )
-        untrained[pid] = float(reply.content["metrics"][metric])
-    missing = sorted(set(range(n)) - set(nodes))
-    if missing:
-        raise RuntimeError(f"no node answered for partition-id {missing} (of {n} clients)")
-    order = [clients[i] for i in range(n)]
-    weights = [float(c.train) for c in order]
-    exchange = Exchange(grid, nodes, opts.round_timeout)
-    min_results = opts.min_results or n
+class FlowerTransport:
+    """The clients as Flower SuperNodes, one per ``partition-id``: a ``hello`` query maps
+    partition ids to nodes and brings each client's task, example counts and untrained score;
+    then one message per client and round, with the strategy's public decisions and the run's
+    token. The clients keep their own state, on their nodes; the checkpoint keeps the token under
+    which they saved it, and every message of a resumed run names the round it resumed from."""
 
-    out = Path(opts.output_dir)
-    ckpt = checkpoint.load(out) if opts.resume else None
-    if not opts.resume:
-        clear_previous_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    # The same initial tensors as every client's (drawn on the CPU before any device move); the
-    # server trains nothing, so it needs neither the clients' device nor their precision.
-    local = dataclasses.replace(cfg, device="cpu", precision="fp32")
-    base, tokenizer = load_base(local)
-    strategy = make_strategy(cfg, weights)
-    strategy.setup(ModelPool(local, base, tokenizer, progress=False).template)
-    done, token, resumed_from = 0, uuid.uuid4().hex[:16], None
-    rec, comm = Recorder(out), {"up": 0, "down": 0}
-    if ckpt is not None:
-        done, token = ckpt.meta["rounds_done"], ckpt.meta["run_token"]
-        resumed_from = done
-        strategy.restore_checkpoint(checkpoint.unpack(ckpt.tensors), ckpt.meta["strategy"])
-        rec, comm = Recorder(out, ckpt.meta["metrics"]), dict(ckpt.meta["comm"])
-        t0 = time.time() - ckpt.meta["elapsed_s"]
-        untrained = dict(enumerate(ckpt.meta["untrained"]))
-        if strategy.allocation is not None:
-            write_clusters(out, strategy.allocation)
-        log.info("resuming run %s after round %d", token, done)
+    device = precision = ""  # the nodes know where they train
 
-    def round_config(r: int, public: dict, **extra):
-        return make_round_config(r, public, **extra, **{"run-token": token, "resume-from": done})
+    def __init__(self, grid: Grid, cfg: FLConfig, opts: ServerOptions) -> None:
+        self.grid, self.cfg, self.opts = grid, cfg, opts
+        self.token, self.resume_from = uuid.uuid4().hex[:16], 0
 
-    def save_checkpoint(rounds_done: int) -> None:
-        tensors, meta = strategy.checkpoint_state()
-        checkpoint.save(out, rounds_done, {
-            "comm": comm, "metrics": rec.rows, "elapsed_s": time.time() - t0, "strategy": meta,
-            "run_token": token, "untrained": [untrained[i] for i in range(n)],
-        }, tensors)  # fmt: skip
+    def start(self) -> list[ClientInfo]:
+        n, opts = len(self.cfg.clients), self.opts
+        node_ids = wait_for_nodes(self.grid, n, opts.node_timeout)
+        probe = Exchange(self.grid, dict(enumerate(node_ids)),
+                         max(opts.round_timeout, opts.node_timeout))  # fmt: skip
+        hello = {i: RecordDict({"config": make_round_config(-1, {}, action="hello")})
+                 for i in range(len(node_ids))}  # fmt: skip
+        nodes, infos, self._untrained = {}, {}, {}
+        for reply in probe(MessageType.QUERY, hello).values():
+            info = reply.content["info"]
+            pid = int(info["partition-id"])
+            if pid in nodes:
+                raise RuntimeError(f"two nodes claim partition-id {pid}")
+            nodes[pid] = reply.metadata.src_node_id
+            infos[pid] = ClientInfo(pid, str(info["task"]), int(info["train"]), int(info["test"]))
+            self._untrained[pid] = {k: float(v) for k, v in reply.content["metrics"].items()}
+        missing = sorted(set(range(n)) - set(nodes))
+        if missing:
+            raise RuntimeError(f"no node answered for partition-id {missing} (of {n} clients)")
+        self.exchange = Exchange(self.grid, nodes, opts.round_timeout)
+        # The same initial tensors as every client's (drawn on the CPU before any device move); the
+        # server trains nothing, so it needs neither the clients' device nor their precision.
+        local = dataclasses.replace(self.cfg, device="cpu", precision="fp32")
+        base, tokenizer = load_base(local)
+        self.pool = ModelPool(local, base, tokenizer, progress=False)
+        return [infos[i] for i in range(n)]
 
-    for r in range(done, strategy.total_rounds):
-        up = down = 0
-        if strategy.collect(r) is not None:
-            msgs = {i: RecordDict({"config": round_config(r, strategy.public(),
-                                                          action="collect")})
-                    for i in range(n)}  # fmt: skip
-            got = exchange(MessageType.QUERY, msgs)
-            if len(got) < n:
-                raise RuntimeError(f"round {r}: the allocation needs every client's adapter; "
-                                   f"no reply from {sorted(set(range(n)) - set(got))}")  # fmt: skip
-            uploads = [from_record(got[i].content["up"]) for i in range(n)]
-            up += sum(payload_bytes(u) for u in uploads)
-            strategy.on_collect(r, uploads)
-            write_clusters(out, strategy.allocation)
-        public = strategy.public()
-        ids = participants(cfg, r, strategy.samples(r))  # the simulator's draw, same seed
-        payloads = {i: strategy.down(i, r) for i in ids}
-        down += sum(payload_bytes(p) for p in payloads.values())
-        got = exchange(MessageType.TRAIN, {
-            i: RecordDict({"down": to_record(p), "config": round_config(r, public)})
-            for i, p in payloads.items()
+    def template(self, layout):
+        return self.pool.template(layout)
+
+    def bind(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def untrained(self) -> list[dict]:
+        return [self._untrained[i] for i in range(len(self.cfg.clients))]
+
+    def _config(self, r: int, **extra):
+        ids = {"run-token": self.token, "resume-from": self.resume_from}
+        return make_round_config(r, self.strategy.public(), **extra, **ids)
+
+    def collect(self, r: int, wanted) -> list[State]:
+        n = len(self.cfg.clients)
+        got = self.exchange(MessageType.QUERY, {
+            i: RecordDict({"config": self._config(r, action="collect")}) for i in range(n)
         })  # fmt: skip
-        statuses = [{"status": "idle"} for _ in range(n)]
-        losses, accepted = [None] * n, {}
-        for i in ids:
-            if i not in got:
-                why = exchange.why_missing(i)
-                log.warning("round %d: client %d failed: %s", r, i, why)
-                statuses[i] = {"status": "failed", "error": why}
-                continue
-            content = got[i].content
-            status = dict(content["status"])
-            metrics = content.get("metrics")
-            losses[i] = float(metrics["train_loss"]) if metrics else None
-            st = {"status": status["status"]}
-            if status["error"]:
-                st["error"] = status["error"]
-            if status["status"] != "failed":
-                upload = from_record(content["up"])
-                up += payload_bytes(upload)
-                reported = json.loads(status["non_finite"])  # what the client found in its state
-                if not reject_non_finite(upload, st, r, i, reported):
-                    accepted[i] = upload
-            statuses[i] = st
-        accepted = screen_round(strategy, r, accepted, statuses, cfg.max_norm_ratio)
-        # replies count whether or not their upload was usable (a rejected upload is the
-        # client's fault, not the round's); the round still needs one usable update
-        answered = sum(statuses[i]["status"] in ("ok", "rejected") for i in ids)
-        ok = sum(statuses[i]["status"] == "ok" for i in ids)
-        if answered < min(min_results, len(ids)) or ok == 0:
-            raise RuntimeError(f"round {r}: {answered} clients answered ({ok} usable updates), "
-                               f"min-results = {min_results}: {statuses}")  # fmt: skip
-        strategy.aggregate(r, accepted)
-        evals = None
-        if evaluated(cfg, r, strategy.total_rounds):
-            final = {i: strategy.down(i, r, final=True) for i in range(n)}
-            got = exchange(MessageType.EVALUATE, {
-                i: RecordDict({"down": to_record(p), "config": round_config(r, strategy.public())})
-                for i, p in final.items()
-            })  # fmt: skip
-            evals = []
-            for i in range(n):
-                if i in got:
-                    evals.append({k: float(v) for k, v in got[i].content["metrics"].items()})
-                else:
-                    log.warning("round %d: client %d did not report its evaluation", r, i)
-                    evals.append({metric: float("nan"), "eval_loss": float("nan")})
-        comm["up"] += up
-        comm["down"] += down
-        rec.add(round_row(strategy.phase(r), r, order, evals, losses, statuses, up, down, t0, ids,
-                          metric))  # fmt: skip
-        save_checkpoint(r + 1)
-        log.info("round %d/%d: mean %s %.4f", r + 1, strategy.total_rounds, metric,
-                 rec.rows[-1][f"mean_{metric}"])  # fmt: skip
+        if len(got) < n:
+            raise RuntimeError(f"round {r}: the allocation needs every client's adapter; "
+                               f"no reply from {sorted(set(range(n)) - set(got))}")  # fmt: skip
+        return [from_record(got[i].content["up"]) for i in range(n)]
 
-    samples = {"train": [c.train for c in order], "test": [c.test for c in order]}
-    summary = summarise(cfg, samples, strategy, rec.rows, comm, time.time() - t0)
-    summary.initial_mean = float(np.mean([untrained[i] for i in range(n)]))
-    summary.resumed_from_round = resumed_from
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
-    write_plots(out, strategy.allocation, rec.rows, cfg.clients, summary.initial_mean)
-    return summary
+    def train(self, r: int, payloads: dict[int, State]) -> dict[int, Reply]:
+        config = self._config(r)
+        got = self.exchange(MessageType.TRAIN, {
+            i: RecordDict({"down": to_record(p), "config": config}) for i, p in payloads.items()
+        })  # fmt: skip
+        replies = {}
+        for i in payloads:
+            if i not in got:
+                why = self.exchange.why_missing(i)
+                log.warning("round %d: client %d failed: %s", r, i, why)
+                replies[i] = Reply.failed(why)
+                continue
+            replies[i] = reply_from(got[i].content)
+        return replies
+
+    def evaluate(self, r: int, finals: dict[int, State]) -> list[dict]:
+        config, metric = self._config(r), metric_of(self.cfg)
+        got = self.exchange(MessageType.EVALUATE, {
+            i: RecordDict({"down": to_record(p), "config": config}) for i, p in finals.items()
+        })  # fmt: skip
+        evals = []
+        for i in finals:
+            if i in got:
+                evals.append({k: float(v) for k, v in got[i].content["metrics"].items()})
+            else:
+                log.warning("round %d: client %d did not report its evaluation", r, i)
+                evals.append({metric: float("nan"), "eval_loss": float("nan")})
+        return evals
+
+    def checkpoint(self):
+        return {}, set(), {"run_token": self.token}
+
+    def restore(self, ckpt: checkpoint.Checkpoint, groups) -> None:
+        self.token, self.resume_from = ckpt.meta["run_token"], ckpt.meta["rounds_done"]
+        log.info("resuming run %s after round %d", self.token, self.resume_from)
+
+    def finish(self, out) -> None:
+        """The clients' adapters stay on their nodes."""
+
+
+def reply_from(content: RecordDict) -> Reply:
+    """A training reply as the client made it (``ClientSide.update``'s ``Reply``)."""
+    report = dict(content["status"])
+    status = {"status": report["status"]}
+    if report["error"]:
+        status["error"] = report["error"]
+    non_finite = json.loads(report["non_finite"])
+    if non_finite:
+        status["non_finite"] = non_finite
+    metrics = content.get("metrics")
+    loss = float(metrics["train_loss"]) if metrics else None
+    upload = from_record(content["up"]) if report["status"] != "failed" else None
+    return Reply(upload, loss, status)
+
+
+def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
+    """The round driver over Flower; a round needs ``min-results`` replies (0: every
+    participant's)."""
+    transport = FlowerTransport(grid, cfg, opts)
+    driver = RoundDriver(cfg, transport, opts.output_dir, opts.resume, progress=False,
+                         min_results=opts.min_results or len(cfg.clients))  # fmt: skip
+    return driver.run()

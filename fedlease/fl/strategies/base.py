@@ -23,27 +23,16 @@ it is evaluated on. Heads stay on their client in every method.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from ...adapter_io import check_state_dict
 from ..allocation import average
 from ..checkpoint import CheckpointError, pack
-from ..client import TrainSpec
 from ..robust import Aggregation, validate_upload
+from ..types import Layout, State, TrainSpec
 
-State = dict[str, torch.Tensor]
 HEAD = ("classifier",)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The client model: ``num_experts`` stacked LoRA experts under ``routing``."""
-
-    num_experts: int = 1
-    routing: str = "dense"
-    top_k: int | None = None
 
 
 def is_expert(key: str) -> bool:
@@ -162,7 +151,7 @@ class Strategy:
         template: State,
         kept: State,
         received: State,
-        loss_of: Callable[[State], float] | None = None,
+        loss_of: Callable[[State, int], float] | None = None,
     ) -> State:
         return merge(template, kept, received)
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..allocation import Allocation, allocate, b_distance_matrix, init_experts
-from ..client import TrainSpec
 from ..robust import Aggregation
+from ..types import TrainSpec
 from .base import (
     Layout,
     State,

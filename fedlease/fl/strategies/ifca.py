@@ -71,7 +71,7 @@ class IFCA(Strategy):
             return merge(template, kept, received)
         if loss_of is None:
             raise ValueError("IFCA needs the client's loss to pick a copy")
-        losses = [loss_of(merge(template, kept, copies[k])) for k in sorted(copies)]
+        losses = [loss_of(merge(template, kept, copies[k]), PICK_EXAMPLES) for k in sorted(copies)]
         pick = min(range(len(losses)), key=losses.__getitem__)
         self._picked[cid] = pick
         return merge(template, kept, copies[pick])

@@ -1,0 +1,124 @@
+"""Reaching the clients in this process: every client's data, and the state it keeps between
+rounds, next to one frozen model per client layout (``ModelPool``); clients train one after
+another. The ``Transport`` of ``fedlease run`` (see ``fedlease.fl.driver``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapter_io import load_adapter_state_dict, save_adapter
+from ..data import build_client_data, source_for
+from ..inject import set_own_expert
+from .checkpoint import Checkpoint
+from .config import FLConfig, runtime
+from .faults import FaultPlan
+from .pool import ClientSide, ModelPool, load_base
+from .strategies import Strategy
+from .strategies.base import restored, select
+from .types import ClientInfo, Layout, Reply, State, clone_state
+
+
+class InProcess:
+    """Every client in this process. It keeps each client's state (``kept``) and checkpoints
+    those whose state changed since the last checkpoint."""
+
+    def __init__(self, cfg: FLConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        device, self.precision = runtime(cfg)  # a device this machine lacks stops here
+        self.device = str(device)
+
+    def start(self) -> list[ClientInfo]:
+        cfg = self.cfg
+        data_dir = source_for(cfg.task_type).resolve(cfg.data_dir)
+        base, tokenizer = load_base(cfg)
+        self.data = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
+                                      cfg.max_seq_len, cfg.seed, cfg.label_alpha, data_dir,
+                                      task_type=cfg.task_type)  # fmt: skip
+        self.pool = ModelPool(cfg, base, tokenizer, self.progress)
+        return [ClientInfo(c.client_id, c.task, len(c.train), len(c.test)) for c in self.data]
+
+    def template(self, layout: Layout) -> State:
+        return self.pool.template(layout)
+
+    def bind(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        plan = FaultPlan.from_config(self.cfg.faults)
+        self.side = ClientSide(self.cfg, strategy, self.pool, plan)
+        first = self.pool.template(strategy.layout(0))
+        self.kept = [clone_state(first) for _ in self.data]
+        self.dirty = set(range(len(self.data)))  # changed since the last checkpoint
+
+    def untrained(self) -> list[dict]:
+        layout = self.strategy.layout(0)
+        runner, first = self.pool.runner(layout), self.pool.template(layout)
+        return [runner.evaluate(c, first) for c in self.data]
+
+    def collect(self, r: int, wanted) -> list[State]:
+        return [select(k, wanted) for k in self.kept]
+
+    def train(self, r: int, payloads: dict[int, State]) -> dict[int, Reply]:
+        """The clients train one after another; a client keeps its new state only when it is
+        usable (status ``ok``)."""
+        phase, replies = self.strategy.phase(r), {}
+        for cid, received in payloads.items():
+            desc = f"{phase} {r + 1} client {cid}"
+            new, replies[cid] = self.side.update(self.data[cid], self.kept[cid], received, r, desc)
+            if replies[cid].status["status"] == "ok":
+                self.kept[cid] = new
+                self.dirty.add(cid)
+        return replies
+
+    def evaluate(self, r: int, finals: dict[int, State]) -> list[dict]:
+        strategy, layout = self.strategy, self.strategy.layout(r)
+        runner, template = self.pool.runner(layout), self.pool.template(layout)
+        evals = []
+        for c in self.data:
+            cid = c.client_id
+            self.kept[cid] = strategy.client_state(cid, template, self.kept[cid], finals[cid])
+            self.dirty.add(cid)
+            evals.append(runner.evaluate(c, self.kept[cid], strategy.own_expert(cid, r)))
+        return evals
+
+    def checkpoint(self) -> tuple[dict[str, State], set[str], dict]:
+        """Each client's kept state in its own group; files of unchanged clients are kept."""
+        groups = {f"client{i}": st for i, st in enumerate(self.kept)}
+        unchanged = {f"client{i}" for i in range(len(self.kept)) if i not in self.dirty}
+        self.dirty = set()
+        return groups, unchanged, {}
+
+    def restore(self, ckpt: Checkpoint, groups: dict[str, State]) -> None:
+        done = ckpt.meta["rounds_done"]
+        template = self.pool.template(self.strategy.layout(max(done - 1, 0)))
+        self.kept = [restored(template, groups, f"client{c.client_id}") for c in self.data]
+        self.dirty = set()
+
+    def finish(self, out: Path | None) -> None:
+        if out is not None:
+            write_adapters(out / "adapters", self.cfg, self.pool, self.strategy, self.data,
+                           self.kept)  # fmt: skip
+
+
+def write_adapters(directory: Path, cfg: FLConfig, pool: ModelPool, strategy: Strategy, clients,
+                   kept: list[State]) -> None:  # fmt: skip
+    """Every client's final model as a loadable adapter: ``<directory>/client<i>/``
+    (``adapter_model.safetensors`` + ``adapter_config.json`` naming base model and task);
+    ``fedlease eval --adapter`` evaluates one."""
+    last = strategy.total_rounds - 1
+    runner = pool.runner(strategy.layout(last))
+    for c in clients:
+        own = strategy.own_expert(c.client_id, last)
+        load_adapter_state_dict(runner.model, kept[c.client_id], f"client {c.client_id}")
+        set_own_expert(runner.model, 0 if own is None else own)
+        extra = {
+            "model": cfg.model,
+            "task_type": cfg.task_type,
+            "task": c.task,
+            "max_seq_len": cfg.max_seq_len,
+            "method": cfg.method,
+            "client": c.client_id,
+        }
+        if cfg.task_type == "generation":
+            extra["max_new_tokens"] = cfg.max_new_tokens
+        else:
+            extra["num_labels"] = runner.model.config.num_labels
+        save_adapter(runner.model, directory / f"client{c.client_id}", extra)
