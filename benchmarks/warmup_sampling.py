@@ -54,17 +54,18 @@ class Warmups:
     spec, seed ``seed_for(run seed, round, client)`` per round."""
 
     def __init__(self, cfg):
-        from fedlease.data import build_client_data
-        from fedlease.data.tokenize import source_for
+        from fedlease.data.sources import build_client_data, source_for
+        from fedlease.fl.config import runtime
         from fedlease.fl.pool import ModelPool, load_base
         from fedlease.fl.strategies import Layout, make_strategy
 
-        base, tokenizer = load_base(cfg)
+        rt = runtime(cfg)
+        base, tokenizer = load_base(cfg, rt)
         data_dir = source_for(cfg.task_type).resolve(cfg.data_dir)
         self.clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples,
                                          cfg.test_samples, cfg.max_seq_len, cfg.seed,
                                          cfg.label_alpha, data_dir)  # fmt: skip
-        pool = ModelPool(cfg, base, tokenizer, progress=False)
+        pool = ModelPool(cfg, base, tokenizer, progress=False, rt=rt)
         self.runner = pool.runner(Layout())
         self.template = pool.template(Layout())
         self.spec = make_strategy(cfg, [1.0] * len(cfg.clients)).training(0)

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace, config_path: str, check_device: bool = True):
     """The validated config with the command line's overrides; raises ConfigError/DataError.
     ``check_device``: also fail now when this machine lacks the config's device."""
-    from .data import source_for
+    from .data.sources import source_for
     from .fl import load_config
     from .fl.config import runtime
 

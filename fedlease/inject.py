@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .dropout import use_fast_dropout
 from .layer import MoELoRALinear
 from .routing import RoutingSpec
 
@@ -91,8 +92,6 @@ def inject_moe_lora(
             module.requires_grad_(True)
     model.moe_lora_config = config
     if fast_dropout:
-        from .dropout import use_fast_dropout
-
         use_fast_dropout(model)
     return model
 

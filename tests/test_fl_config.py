@@ -121,6 +121,7 @@ def test_help_explains_every_flag(capsys):
     from fedlease.fl.config import KEY_HELP, FLConfig
 
     assert set(KEY_HELP) == set(FLConfig.__dataclass_fields__)
+    assert all(len(text) > 10 for text in KEY_HELP.values())
     keys = text[text.index("config keys") :]
     for key in KEY_HELP:
         assert f"\n  {key} [" in keys or key == "clients", key

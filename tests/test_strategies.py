@@ -59,10 +59,11 @@ def wmean(tensors, ids):
     return sum(t.double() * wi for t, wi in zip(tensors, w / w.sum())).float()
 
 
-def test_every_configured_method_has_a_strategy():
-    from fedlease.fl.config import METHODS
+def test_the_config_takes_every_registered_method_and_its_help_names_them():
+    from fedlease.fl.config import KEY_HELP, METHODS
 
-    assert tuple(STRATEGIES) == METHODS
+    assert tuple(STRATEGIES) == METHODS and len(METHODS) == 10
+    assert all(m in KEY_HELP["method"] for m in METHODS)
 
 
 def test_local_sends_nothing():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..generation.prompt import encode_example, prompt_tokens
 from .glue import DataError, read_json_lines, resolve_data_dir
 from .tokenize import Encoded, Source
 
@@ -57,8 +58,6 @@ def load_flan_split(task: str, split: str, data_dir: str | os.PathLike | None = 
 def encode_instructions(rows: list[dict], task: str, tokenizer, max_len: int) -> Encoded:
     """Prompt + response token lists with response-only labels for training, and each example's
     prompt tokens and reference answer for decoding and scoring."""
-    from ..generation.prompt import encode_example, prompt_tokens
-
     examples = [encode_example(tokenizer, r, max_len) for r in rows]
     ids = [e["input_ids"] for e in examples]
     return Encoded(

@@ -7,147 +7,159 @@ import math
 import re
 import textwrap
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
 
 from ..data.glue import TASKS
+from ..ops.dispatch import BACKEND_NAMES
 from ..precision import PRECISIONS
 from .faults import ATTACK_KEYS, ATTACK_KINDS, FAULT_KEYS
 from .robust import Aggregation, AggregationError
+from .strategies import STRATEGIES
 from .types import OPTIMIZERS
-
-METHODS = (
-    "fedlease",
-    "fedlease_topk",
-    "fedlease_fixed_k",
-    "fedlease_random",
-    "local",
-    "fedit",
-    "ffa_lora",
-    "fedsa_lora",
-    "feddpa",
-    "ifca",
-)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the value."""
 
 
+# A key's check: its value -> why it is refused, or None. Each key is declared once below: type,
+# default, check and help; validation, `fedlease run --help` and the Flower app config (a test
+# checks it lists every key) come from these declarations.
+Check = Callable[[object], "str | None"]
+
+
+def at_least(low: int) -> Check:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def above(low: float, why: str = "") -> Check:
+    return lambda v: None if v > low else why or f"must be > {low:g}"
+
+
+def one_of(choices: Callable[[], tuple[str, ...]]) -> Check:
+    return lambda v: None if v in choices() else f"must be one of {', '.join(choices())}"
+
+
+def optional(check: Check) -> Check:
+    """``check``, with null allowed."""
+    return lambda v: None if v is None else check(v)
+
+
+def setting(default, help: str, check: Check | None = None):
+    """A config key: its default (a list default is copied per config), check and help."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "check": check})
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+METHODS = tuple(STRATEGIES)  # every method's name, from the strategy registry
+BACKENDS = ("auto", *BACKEND_NAMES)
+TASK_TYPES = ("classification", "generation")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 @dataclass
 class FLConfig:
     """Every setting of a federated run. Defaults follow the FedLEASE paper."""
 
-    clients: list[str]  # one task per client, e.g. [sst2, sst2, qnli, qnli] (or {task: count})
-    task_type: str = "classification"  # GLUE classification, or "generation" (FLAN, causal LM)
-    model: str = "minilm"  # "minilm" / "smollm2" (bundled) or a Hugging Face name / local path
-    method: str = "fedlease"  # or a baseline / ablation: see fedlease.fl.strategies
-    train_samples: int = 1000  # training examples per client
-    test_samples: int = 200  # held-out examples per client
-    label_alpha: float | None = None  # Dirichlet label skew within a task; None = uniform
-    warmup_rounds: int = 5
-    warmup_aggregate: bool = False  # FedAvg the warm-up LoRA (the paper trains it locally)
-    warmup_optimizer: str = "sgd"  # "sgd" (momentum 0.9) or "adamw": FedLEASE's warm-up rounds
-    warmup_lr: float = 0.005  # learning rate of the warm-up rounds
-    warmup_class_balanced: bool = True  # warm-up loss weighs classes by inverse frequency
-    warmup_dropout: bool = False  # dropout during the warm-up rounds
-    warmup_average_b: bool = False  # warm-up B = its mean over the round's steps (Polyak)
-    rounds: int = 20  # adaptive rounds after the warm-up
-    clients_per_round: int | float | None = None  # clients drawn per round (a count or a fraction)
-    eval_every: int = 1  # evaluate every client every this many rounds (and after the last)
-    local_epochs: int = 2
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    max_seq_len: int = 128
-    max_new_tokens: int = 32  # generation: greedy decoding budget per held-out example
-    rank: int = 4
-    alpha: float = 16.0
-    dropout: float = 0.05
-    fast_dropout: bool = True  # counter-based dropout on CPU (fedlease.dropout); false: aten's
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
-    max_experts: int = 4
-    num_experts: int | str = "auto"  # "auto" (silhouette over 2..max_experts) or a fixed K
-    top_k: int = 2  # experts per token in the fedlease_topk ablation (capped at K)
-    seed: int = 0
-    data_dir: str | None = None  # local <dir>/<task>/{train,validation}.jsonl; else the hub
-    backend: str = "auto"
-    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
-    precision: str = "auto"  # auto (bf16 where the hardware is fast in it), fp32, bf16
-    threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    faults: dict | None = None  # fault injection for tests: see fedlease.fl.faults
-    aggregation: str | dict = "mean"  # mean, median, trimmed_mean, norm_clip, krum: fl.robust
-    max_norm_ratio: float | None = None  # reject uploads over this x the median norm of their group
-    attacks: dict | None = None  # tampered uploads for robustness studies: fedlease.fl.faults
+    clients: list[str] = field(metadata={"help": "one task per client (GLUE, or FLAN for "
+        "generation), e.g. [sst2, sst2, qnli, qnli], or a count per task, e.g. {sst2: 250, qnli: "
+        "250} (required)", "check": None})  # fmt: skip
+    task_type: str = setting("classification", "classification (GLUE, accuracy) or generation "
+        "(FLAN instruction tasks on a causal LM, ROUGE; model then defaults to smollm2 and "
+        "target_modules to [q_proj, v_proj])", one_of(lambda: TASK_TYPES))  # fmt: skip
+    model: str = setting("minilm", "'minilm' / 'smollm2' (bundled) or a Hugging Face name or local "
+        "path; null: the task type's default (minilm, smollm2 for generation)")  # fmt: skip
+    method: str = setting("fedlease", "fedlease or an ablation / baseline: "
+        + ", ".join(METHODS[1:]), one_of(lambda: METHODS))  # fmt: skip
+    train_samples: int = setting(1000, "training examples per client", at_least(1))
+    test_samples: int = setting(200, "held-out examples per client (GLUE: validation split; FLAN: "
+        "test split)", at_least(1))  # fmt: skip
+    label_alpha: float | None = setting(None, "Dirichlet label skew within a task; null: each "
+        "client's labels as the task's", optional(above(0, "must be > 0 (or null for no label "
+        "skew)")))  # fmt: skip
+    warmup_rounds: int = setting(5, "rounds in which every client trains one plain LoRA (FedLEASE "
+        "needs >= 1)", at_least(0))  # fmt: skip
+    warmup_aggregate: bool = setting(False, "FedAvg the warm-up LoRA (the paper trains it locally: "
+        "false)")  # fmt: skip
+    warmup_optimizer: str = setting("sgd", "optimizer of the warm-up rounds: sgd (momentum 0.9) or "
+        "adamw", one_of(lambda: OPTIMIZERS))  # fmt: skip
+    warmup_lr: float = setting(0.005, "learning rate of the warm-up rounds", above(0))
+    warmup_class_balanced: bool = setting(True, "warm-up loss weighs each class by its inverse "
+        "frequency")  # fmt: skip
+    warmup_dropout: bool = setting(False, "dropout during the warm-up rounds")
+    warmup_average_b: bool = setting(False, "a warm-up round leaves B as its mean over the "
+        "round's steps (what the allocation clusters and the experts start from), not its last "
+        "value")  # fmt: skip
+    rounds: int = setting(20, "adaptive rounds after the warm-up (or rounds of a baseline)",
+        at_least(0))  # fmt: skip
+    clients_per_round: int | float | None = setting(None, "clients that train in a round, drawn "
+        "from the run seed: a count, a fraction of all clients, or null for all (FedLEASE's "
+        "warm-up rounds train every client)")  # fmt: skip
+    eval_every: int = setting(1, "evaluate every client every this many rounds, and after the last",
+        at_least(1))  # fmt: skip
+    local_epochs: int = setting(2, "passes over its data a client makes per round", at_least(1))
+    batch_size: int = setting(16, "training batch size", at_least(1))
+    eval_batch_size: int = setting(64, "evaluation batch size", at_least(1))
+    lr: float = setting(3e-3, "learning rate (AdamW) of the rounds after the warm-up", above(0))
+    weight_decay: float = setting(0.05, "AdamW weight decay", at_least(0))
+    max_seq_len: int = setting(128, "tokens per example after truncation", at_least(1))
+    max_new_tokens: int = setting(32, "generation: tokens a client may generate per held-out "
+        "prompt (greedy)", at_least(1))  # fmt: skip
+    rank: int = setting(4, "LoRA rank r of every expert", at_least(1))
+    alpha: float = setting(16.0, "LoRA alpha (the update is scaled by alpha / rank)", above(0))
+    dropout: float = setting(0.05, "dropout on the experts' input",
+        lambda v: None if 0 <= v < 1 else "must be in [0, 1)")  # fmt: skip
+    fast_dropout: bool = setting(True, "on the CPU, every dropout of the model and the experts "
+        "from a counter-based generator (vectorised, parallel; the mask a function of a seed from "
+        "torch's generator); false: aten's dropout, as PyTorch models have it")  # fmt: skip
+    target_modules: list[str] = setting(["query", "value"], "linear layers that get MoE-LoRA, "
+        "matched by name suffix; null: the task type's default ([query, value], [q_proj, v_proj] "
+        "for generation)", lambda v: None if v else "must name at least one module")  # fmt: skip
+    max_experts: int = setting(4, "largest K the silhouette search tries (num_experts: auto)",
+        at_least(1))  # fmt: skip
+    num_experts: int | str = setting("auto", "'auto' (silhouette over K = 2..max_experts) or a "
+        "fixed number of experts")  # fmt: skip
+    top_k: int = setting(2, "experts per token in the fedlease_topk ablation (capped at K)",
+        at_least(1))  # fmt: skip
+    seed: int = setting(0, "draws the partitions and every client's randomness", at_least(0))
+    data_dir: str | None = setting(None, "local GLUE copy <dir>/<task>/{train,validation}.jsonl "
+        "(null: $FEDLEASE_DATA_DIR, else the hub); generation: FLAN <dir>/<task>/{train,test}"
+        ".jsonl (null: $FEDLEASE_FLAN_DIR)")  # fmt: skip
+    backend: str = setting("auto", "MoE-LoRA op backend: " + ", ".join(BACKENDS),
+        one_of(lambda: BACKENDS))  # fmt: skip
+    device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N",
+        lambda v: None if DEVICE.fullmatch(v) else "must be auto, cpu, cuda or cuda:N")  # fmt: skip
+    precision: str = setting("auto", "auto (bf16 where the hardware is fast in it), fp32 or "
+        "bf16 (frozen base in bf16, adapters float32, autocast)",
+        one_of(lambda: PRECISIONS))  # fmt: skip
+    threads: int | None = setting(None, "torch intra-op threads; null leaves torch's default",
+        optional(at_least(1)))  # fmt: skip
+    faults: dict | None = setting(None, "fault injection for tests, e.g. {client_failure_rate: "
+        "0.2, nan_update_rate: 0.1, seed: 0}")  # fmt: skip
+    aggregation: str | dict = setting("mean", "how the server combines the uploads of one "
+        "aggregate: mean (sample-weighted), median, trimmed_mean, norm_clip or krum "
+        "(Multi-Krum), or e.g. {rule: trimmed_mean, trim: 0.25} or {rule: krum, byzantine: "
+        "1}")  # fmt: skip
+    max_norm_ratio: float | None = setting(None, "reject an upload whose norm exceeds this many "
+        "times the median norm of the uploads it aggregates with (null: no bound)",
+        optional(above(1, "must be > 1 (or null)")))  # fmt: skip
+    attacks: dict | None = setting(None, "tampered uploads for robustness studies, e.g. "
+        "{clients: [3], kind: scale, factor: 100}; kinds: scale, sign_flip, noise, wrong_shape, "
+        "wrong_dtype")  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# One line per key for `fedlease run --help` (a test checks that every key has one).
-KEY_HELP = {
-    "clients": "one task per client (GLUE, or FLAN for generation), e.g. [sst2, sst2, qnli, "
-    "qnli], or a count per task, e.g. {sst2: 250, qnli: 250} (required)",
-    "task_type": "classification (GLUE, accuracy) or generation (FLAN instruction tasks on a "
-    "causal LM, ROUGE; model then defaults to smollm2 and target_modules to [q_proj, v_proj])",
-    "model": "'minilm' / 'smollm2' (bundled) or a Hugging Face name or local path; null: the "
-    "task type's default (minilm, smollm2 for generation)",
-    "method": f"fedlease or an ablation / baseline: {', '.join(METHODS[1:])}",
-    "train_samples": "training examples per client",
-    "test_samples": "held-out examples per client (GLUE: validation split; FLAN: test split)",
-    "label_alpha": "Dirichlet label skew within a task; null: each client's labels as the task's",
-    "warmup_rounds": "rounds in which every client trains one plain LoRA (FedLEASE needs >= 1)",
-    "warmup_aggregate": "FedAvg the warm-up LoRA (the paper trains it locally: false)",
-    "warmup_optimizer": "optimizer of the warm-up rounds: sgd (momentum 0.9) or adamw",
-    "warmup_lr": "learning rate of the warm-up rounds",
-    "warmup_class_balanced": "warm-up loss weighs each class by its inverse frequency",
-    "warmup_dropout": "dropout during the warm-up rounds",
-    "warmup_average_b": "a warm-up round leaves B as its mean over the round's steps (what the "
-    "allocation clusters and the experts start from), not its last value",
-    "rounds": "adaptive rounds after the warm-up (or rounds of a baseline)",
-    "clients_per_round": "clients that train in a round, drawn from the run seed: a count, a "
-    "fraction of all clients, or null for all (FedLEASE's warm-up rounds train every client)",
-    "eval_every": "evaluate every client every this many rounds, and after the last",
-    "local_epochs": "passes over its data a client makes per round",
-    "batch_size": "training batch size",
-    "eval_batch_size": "evaluation batch size",
-    "lr": "learning rate (AdamW) of the rounds after the warm-up",
-    "weight_decay": "AdamW weight decay",
-    "max_seq_len": "tokens per example after truncation",
-    "max_new_tokens": "generation: tokens a client may generate per held-out prompt (greedy)",
-    "rank": "LoRA rank r of every expert",
-    "alpha": "LoRA alpha (the update is scaled by alpha / rank)",
-    "dropout": "dropout on the experts' input",
-    "fast_dropout": "on the CPU, every dropout of the model and the experts from a counter-based "
-    "generator (vectorised, parallel; the mask a function of a seed from torch's generator); "
-    "false: aten's dropout, as PyTorch models have it",
-    "target_modules": "linear layers that get MoE-LoRA, matched by name suffix; null: the task "
-    "type's default ([query, value], [q_proj, v_proj] for generation)",
-    "max_experts": "largest K the silhouette search tries (num_experts: auto)",
-    "num_experts": "'auto' (silhouette over K = 2..max_experts) or a fixed number of experts",
-    "top_k": "experts per token in the fedlease_topk ablation (capped at K)",
-    "seed": "draws the partitions and every client's randomness",
-    "data_dir": "local GLUE copy <dir>/<task>/{train,validation}.jsonl (null: $FEDLEASE_DATA_DIR, "
-    "else the hub); generation: FLAN <dir>/<task>/{train,test}.jsonl (null: $FEDLEASE_FLAN_DIR)",
-    "backend": "MoE-LoRA op backend: auto, torch, triton, cpp",
-    "device": "auto (a GPU when there is one), cpu, cuda or cuda:N",
-    "precision": "auto (bf16 where the hardware is fast in it), fp32 or bf16 (frozen base in "
-    "bf16, adapters float32, autocast)",
-    "threads": "torch intra-op threads; null leaves torch's default",
-    "faults": "fault injection for tests, e.g. {client_failure_rate: 0.2, nan_update_rate: 0.1, "
-    "seed: 0}",
-    "aggregation": "how the server combines the uploads of one aggregate: mean (sample-weighted), "
-    "median, trimmed_mean, norm_clip or krum (Multi-Krum), or e.g. {rule: trimmed_mean, "
-    "trim: 0.25} or {rule: krum, byzantine: 1}",
-    "max_norm_ratio": "reject an upload whose norm exceeds this many times the median norm of the "
-    "uploads it aggregates with (null: no bound)",
-    "attacks": "tampered uploads for robustness studies, e.g. {clients: [3], kind: scale, factor: "
-    "100}; kinds: scale, sign_flip, noise, wrong_shape, wrong_dtype",
-}
+# One line per key for `fedlease run --help`, from the declarations.
+KEY_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(FLConfig)}
 
 
 def keys_help() -> str:
@@ -160,21 +172,6 @@ def keys_help() -> str:
         lines += textwrap.wrap(f"{key}{default}: {text}", 96, initial_indent="  ",
                                subsequent_indent="      ")  # fmt: skip
     return "\n".join(lines)
-
-
-_POSITIVE_INT = (
-    "train_samples",
-    "test_samples",
-    "local_epochs",
-    "batch_size",
-    "eval_batch_size",
-    "max_seq_len",
-    "max_new_tokens",
-    "rank",
-    "max_experts",
-    "top_k",
-)
-_NON_NEGATIVE_INT = ("warmup_rounds", "rounds", "seed")
 
 
 _UNIONS = (typing.Union, getattr(__import__("types"), "UnionType", None))  # X | Y and Optional[X]
@@ -247,7 +244,6 @@ def from_dict(raw: dict) -> FLConfig:
     return cfg
 
 
-TASK_TYPES = ("classification", "generation")
 GENERATION_DEFAULTS = {"model": "smollm2", "target_modules": ["q_proj", "v_proj"]}
 METRIC = {"classification": "accuracy", "generation": "rouge1"}  # what runs are ranked by
 LABEL = {"accuracy": "accuracy", "rouge1": "ROUGE-1"}  # a metric's name in tables and plots
@@ -281,46 +277,32 @@ def clients_per_round(cfg: FLConfig) -> int:
 
 
 def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
-    """Check ranges and consistency. ``explicit``: keys the user set (defaults are forgiven
-    where they merely exceed what a small run can use, like ``max_experts``)."""
-    explicit = set(cfg.to_dict()) if explicit is None else explicit
+    """Check every key's own range (its declaration's check), then the keys against each other.
+    ``explicit``: keys the user set (defaults are forgiven where they merely exceed what a small
+    run can use, like ``max_experts``)."""
+    for f in dataclasses.fields(FLConfig):
+        check = f.metadata.get("check")
+        why = check(getattr(cfg, f.name)) if check else None
+        if why:
+            raise ConfigError(f"config key {f.name!r} = {getattr(cfg, f.name)!r}: {why}")
+    _validate_clients(cfg, set(cfg.to_dict()) if explicit is None else explicit)
+    _validate_nested(cfg)
+
+
+def _validate_clients(cfg: FLConfig, explicit: set[str]) -> None:
+    """The clients, and what depends on how many there are."""
 
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"config key {key!r} = {getattr(cfg, key)!r}: {why}")
 
-    if len(cfg.clients) < 2:
+    n = len(cfg.clients)
+    if n < 2:
         raise bad("clients", "need at least 2 clients")
-    if cfg.task_type not in TASK_TYPES:
-        raise bad("task_type", f"must be one of {', '.join(TASK_TYPES)}")
     for task in cfg.clients if cfg.task_type == "classification" else ():  # FLAN: checked on load
         if task not in TASKS:
             raise ConfigError(
                 f"config key 'clients': unknown task {task!r} (known: {', '.join(TASKS)})"
             )
-    if cfg.method not in METHODS:
-        raise bad("method", f"must be one of {METHODS}")
-    for key in _POSITIVE_INT:
-        if getattr(cfg, key) < 1:
-            raise bad(key, "must be >= 1")
-    for key in _NON_NEGATIVE_INT:
-        if getattr(cfg, key) < 0:
-            raise bad(key, "must be >= 0")
-    for key in ("lr", "warmup_lr"):
-        if getattr(cfg, key) <= 0:
-            raise bad(key, "must be > 0")
-    if cfg.warmup_optimizer not in OPTIMIZERS:
-        raise bad("warmup_optimizer", f"must be one of {OPTIMIZERS}")
-    if cfg.weight_decay < 0:
-        raise bad("weight_decay", "must be >= 0")
-    if cfg.alpha <= 0:
-        raise bad("alpha", "must be > 0")
-    if not 0 <= cfg.dropout < 1:
-        raise bad("dropout", "must be in [0, 1)")
-    if cfg.label_alpha is not None and cfg.label_alpha <= 0:
-        raise bad("label_alpha", "must be > 0 (or null for no label skew)")
-    if not cfg.target_modules:
-        raise bad("target_modules", "must name at least one module")
-    n = len(cfg.clients)
     if "max_experts" in explicit and cfg.max_experts > n:
         raise bad("max_experts", f"more experts than clients ({n})")
     if isinstance(cfg.num_experts, str):
@@ -337,21 +319,16 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
     if cfg.method.startswith("fedlease") and cfg.rounds > 0 and cfg.warmup_rounds == 0:
         raise bad("warmup_rounds", f"method {cfg.method!r} clusters the clients by their "
                   "warm-up LoRA B matrices: it needs warmup_rounds >= 1")  # fmt: skip
-    if cfg.backend not in ("auto", "torch", "triton", "cpp"):
-        raise bad("backend", "must be one of auto, torch, triton, cpp")
-    if cfg.device != "auto" and re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is None:
-        raise bad("device", "must be auto, cpu, cuda or cuda:N")
-    if cfg.precision not in PRECISIONS:
-        raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     k = cfg.clients_per_round
     if isinstance(k, int) and not 1 <= k <= n:
         raise bad("clients_per_round", f"a count must be in 1..{n} (the number of clients)")
     if isinstance(k, float) and not 0 < k <= 1:
         raise bad("clients_per_round", "a fraction must be in (0, 1]")
-    if cfg.eval_every < 1:
-        raise bad("eval_every", "must be >= 1")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise bad("threads", "must be >= 1")
+    _validate_attacks(cfg.attacks, n)
+
+
+def _validate_nested(cfg: FLConfig) -> None:
+    """The keys that hold a mapping of their own: faults and aggregation."""
     for key, value in (cfg.faults or {}).items():
         if key not in FAULT_KEYS:
             raise ConfigError(f"unknown config key 'faults.{key}' (known: {', '.join(FAULT_KEYS)})")
@@ -364,9 +341,6 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
         Aggregation.from_config(cfg.aggregation)
     except AggregationError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.max_norm_ratio is not None and not cfg.max_norm_ratio > 1:
-        raise bad("max_norm_ratio", "must be > 1 (or null)")
-    _validate_attacks(cfg.attacks, len(cfg.clients))
 
 
 def _validate_attacks(attacks: dict | None, n: int) -> None:
@@ -388,7 +362,14 @@ def _validate_attacks(attacks: dict | None, n: int) -> None:
             )
 
 
-def runtime(cfg: FLConfig) -> tuple[torch.device, str]:
+class Runtime(NamedTuple):
+    """Where and in what precision a run's clients compute: resolved once per process."""
+
+    device: torch.device
+    precision: str  # "fp32" or "bf16"
+
+
+def runtime(cfg: FLConfig) -> Runtime:
     """The device and precision this machine runs ``cfg`` with; ``ConfigError`` naming the key
     when the device is not here (``cuda`` without a GPU)."""
     from ..precision import resolve_device, resolve_precision
@@ -397,7 +378,7 @@ def runtime(cfg: FLConfig) -> tuple[torch.device, str]:
         device = resolve_device(cfg.device)
     except ValueError as exc:
         raise ConfigError(f"config key 'device': {exc}") from None
-    return device, resolve_precision(cfg.precision, device)
+    return Runtime(device, resolve_precision(cfg.precision, device))
 
 
 def parse_override(item: str) -> tuple[str, object]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapter_io import load_adapter_state_dict, save_adapter
-from ..data import build_client_data, source_for
+from ..data.sources import build_client_data, source_for
 from ..inject import set_own_expert
 from .checkpoint import Checkpoint
 from .config import FLConfig, runtime
@@ -24,17 +24,17 @@ class InProcess:
 
     def __init__(self, cfg: FLConfig, progress: bool = True) -> None:
         self.cfg, self.progress = cfg, progress
-        device, self.precision = runtime(cfg)  # a device this machine lacks stops here
-        self.device = str(device)
+        self.rt = runtime(cfg)  # a device this machine lacks stops here
+        self.device, self.precision = str(self.rt.device), self.rt.precision
 
     def start(self) -> list[ClientInfo]:
         cfg = self.cfg
         data_dir = source_for(cfg.task_type).resolve(cfg.data_dir)
-        base, tokenizer = load_base(cfg)
+        base, tokenizer = load_base(cfg, self.rt)
         self.data = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                       cfg.max_seq_len, cfg.seed, cfg.label_alpha, data_dir,
                                       task_type=cfg.task_type)  # fmt: skip
-        self.pool = ModelPool(cfg, base, tokenizer, self.progress)
+        self.pool = ModelPool(cfg, base, tokenizer, self.progress, self.rt)
         return [ClientInfo(c.client_id, c.task, len(c.train), len(c.test)) for c in self.data]
 
     def template(self, layout: Layout) -> State:

@@ -16,24 +16,23 @@ from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
 from .client import ClientRunner, seed_for
-from .config import FLConfig, runtime
+from .config import FLConfig, Runtime
 from .faults import AttackPlan, ClientFailure, FaultPlan, non_finite, poison
 from .strategies import Strategy
 from .strategies.base import HEAD
 from .types import Layout, Reply, State, clone_state
 
 
-def load_base(cfg: FLConfig):
+def load_base(cfg: FLConfig, rt: Runtime):
     """The frozen model and tokenizer (a causal LM for ``generation``), a classifier's task head
     drawn from ``cfg.seed`` (every process that loads it for the same run, simulator or Flower
-    node, gets the same head); sets ``threads``.
-    On CPU and in float32; ``ModelPool`` moves each client model to the run's device and
+    node, gets the same head), with the attention ``rt`` computes best in; sets ``threads``.
+    On CPU and in float32; ``ModelPool`` moves each client model to ``rt``'s device and
     precision."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, precision = runtime(cfg)
     torch.manual_seed(cfg.seed)
-    attn = attention_for(device, precision)
+    attn = attention_for(rt.device, rt.precision)
     if cfg.task_type == "generation":
         return models.load_causal(cfg.model, attn=attn)
     num_labels = max(TASKS[t].num_labels for t in cfg.clients)
@@ -44,9 +43,9 @@ class ModelPool:
     """One client model per layout on a shared frozen base (adapters are swapped per client), on
     the run's device; in bf16 the frozen weights are stored in bf16, the trainable ones float32."""
 
-    def __init__(self, cfg: FLConfig, base, tokenizer, progress: bool) -> None:
+    def __init__(self, cfg: FLConfig, base, tokenizer, progress: bool, rt: Runtime) -> None:
         self.cfg, self.base, self.tokenizer, self.progress = cfg, base, tokenizer, progress
-        self.device, self.precision = runtime(cfg)
+        self.device, self.precision = rt
         self.runners: dict[Layout, ClientRunner] = {}
         self.templates: dict[Layout, State] = {}
 

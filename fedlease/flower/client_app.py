@@ -24,10 +24,10 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..data import build_client_data, source_for
+from ..data.sources import build_client_data, source_for
 from ..data.tokenize import ClientData
 from ..fl import checkpoint
-from ..fl.config import FLConfig
+from ..fl.config import FLConfig, runtime
 from ..fl.faults import FaultPlan
 from ..fl.pool import ClientSide, ModelPool, load_base
 from ..fl.strategies import Strategy, make_strategy
@@ -64,12 +64,13 @@ def node_for(context: Context) -> Node:
     data_dir = context.node_config.get("data-dir") or cfg.data_dir
     key = (json.dumps(cfg.to_dict(), sort_keys=True), pid, data_dir)
     if key not in _NODES:
-        base, tokenizer = load_base(cfg)
+        rt = runtime(cfg)
+        base, tokenizer = load_base(cfg, rt)
         clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                     cfg.max_seq_len, cfg.seed, cfg.label_alpha,
                                     source_for(cfg.task_type).resolve(data_dir), only=pid,
                                     task_type=cfg.task_type)  # fmt: skip
-        pool = ModelPool(cfg, base, tokenizer, progress=False)
+        pool = ModelPool(cfg, base, tokenizer, progress=False, rt=rt)
         strategy = make_strategy(cfg, [1.0] * len(cfg.clients))  # weights: server-side only
         strategy.setup(pool.template)
         state_dir = Path(context.node_config.get("state-dir") or Path(opts.output_dir)

@@ -26,7 +26,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from ..fl import checkpoint
-from ..fl.config import FLConfig, metric_of
+from ..fl.config import FLConfig, metric_of, runtime
 from ..fl.driver import RoundDriver, Summary
 from ..fl.pool import ModelPool, load_base
 from ..fl.strategies import Strategy
@@ -132,8 +132,8 @@ class FlowerTransport:
         # The same initial tensors as every client's (drawn on the CPU before any device move); the
         # server trains nothing, so it needs neither the clients' device nor their precision.
         local = dataclasses.replace(self.cfg, device="cpu", precision="fp32")
-        base, tokenizer = load_base(local)
-        self.pool = ModelPool(local, base, tokenizer, progress=False)
+        rt = runtime(local)
+        self.pool = ModelPool(local, *load_base(local, rt), progress=False, rt=rt)
         return [infos[i] for i in range(n)]
 
     def template(self, layout):
