@@ -57,13 +57,27 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .fl.config import keys_help
-
     parser = argparse.ArgumentParser(
         prog="fedlease",
         description="Federated fine-tuning with mixtures of LoRA experts (FedLEASE).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_run(sub)
+    _add_compare(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    sub.add_parser(
+        "demo",
+        help="inject MoE-LoRA into the bundled MiniLM, take one step, print what it computed",
+        description="Inject MoE-LoRA into the bundled MiniLM, take one training step and print "
+        "the routing and loss it computed.",
+    )
+    return parser
+
+
+def _add_run(sub) -> None:
+    from .fl.config import keys_help
 
     run = sub.add_parser(
         "run",
@@ -99,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(run)
 
+
+def _add_compare(sub) -> None:
     cmp = sub.add_parser(
         "compare",
         help="run several methods (FedLEASE, ablations, baselines) on the same data and seeds",
@@ -131,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(cmp)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="evaluate a saved adapter (e.g. runs/NAME/adapters/client0) on a GLUE or FLAN task",
@@ -175,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "default $FEDLEASE_FLAN_DIR",
     )
 
+
+def _add_export(sub) -> None:
     ex = sub.add_parser(
         "export",
         help="write one expert of a saved adapter as a standard PEFT LoRA adapter",
@@ -200,14 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter_config.json)",
     )
     ex.add_argument("--out", required=True, metavar="DIR", help="directory for the PEFT adapter")
-
-    sub.add_parser(
-        "demo",
-        help="inject MoE-LoRA into the bundled MiniLM, take one step, print what it computed",
-        description="Inject MoE-LoRA into the bundled MiniLM, take one training step and print "
-        "the routing and loss it computed.",
-    )
-    return parser
 
 
 def _load(args: argparse.Namespace, config_path: str, check_device: bool = True):

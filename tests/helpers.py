@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fedlease.routing import RoutingSpec
@@ -81,3 +83,23 @@ def op_dropout_mask(backend: str, shape, p: float, rng_seed: int) -> torch.Tenso
     from fedlease.ops.cpp_backend import draw_seed
 
     return torch.ops.fedlease.philox_dropout(torch.ones(shape), p, draw_seed())[0]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """A script of benchmarks/ or studies/ imported as a module, to test its functions; its
+    folder is on the path while it loads (scripts import their neighbours, e.g. timing.py)."""
+    import importlib.util
+    import sys
+
+    path = ROOT / relpath
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module

@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+from helpers import ROOT, load_script
 
 from fedlease.ops import available_backends
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_layer.py"
+SCRIPT = ROOT / "benchmarks" / "bench_layer.py"
 
 
 def test_bench_layer_json_on_a_tiny_shape():
@@ -34,8 +34,7 @@ def test_bench_layer_json_on_a_tiny_shape():
     assert report["versions"]["torch"] == torch.__version__
 
     # benchmarks/layer_table.py turns it into the markdown row gpu_check.sh writes
-    sys.path.insert(0, str(SCRIPT.parent))
-    import layer_table
+    layer_table = load_script("benchmarks/layer_table.py")
 
     result = layer_table.checks(report)
     auto = report["results"][f"fedlease_{report['auto_backend']}"]["fwd_bwd_ms"]

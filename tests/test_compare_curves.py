@@ -1,20 +1,15 @@
-"""``benchmarks/compare_curves.py --at-round``: the table of methods part-way through their runs."""
+"""``studies/compare_curves.py --at-round``: the table of methods part-way through their runs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_curves.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def curves():
-    spec = importlib.util.spec_from_file_location("compare_curves", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("studies/compare_curves.py")
 
 
 def _run(root: Path, name: str, rounds: list[dict[str, list[float]]], finished: bool) -> None:

@@ -9,12 +9,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 pytest.importorskip("triton")
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = ROOT / "benchmarks"
 
 
 def compile_rows(code: str) -> list[dict]:
@@ -33,7 +33,8 @@ def compile_rows(code: str) -> list[dict]:
 def test_no_kernel_spills_at_the_largest_expert_shape():
     """M = 8, r = 16 (M*r = 128, 15 router slots) in bfloat16: every kernel with the
     meta-parameters the backend launches it with, with dropout (its in-kernel random tiles make
-    those the register-heaviest variants; benchmarks/kernel_resources_sm90.txt has them all)."""
+    those the register-heaviest variants; benchmarks/results/kernel_resources_sm90.txt has them
+    all)."""
     rows = compile_rows("print(json.dumps(kr.check('bf16', experts=[(8, 16)], dropout=(True,))))")
     assert {r["kernel"] for r in rows} == {
         "shrink_route", "expand", "grad_route", "grad_input", "grad_weights"

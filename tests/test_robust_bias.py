@@ -1,25 +1,13 @@
-"""``benchmarks/robust_bias.py``: the step each rule keeps and its distance to the honest mean."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""``studies/robust_bias.py``: the step each rule keeps and its distance to the honest mean."""
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "robust_bias.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def bias():
-    sys.path.insert(0, str(SCRIPT.parent))  # it imports robustness.py beside it
-    try:
-        spec = importlib.util.spec_from_file_location("robust_bias", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return load_script("studies/robust_bias.py")  # it imports robustness.py beside it
 
 
 def test_identical_honest_updates_give_the_known_values(bias):

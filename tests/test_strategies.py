@@ -267,8 +267,9 @@ def _tiny_classifier_run(average_b: bool, steps_seen: list | None = None):
     labels = [i % 2 for i in range(len(ids))]
     enc = Encoded({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}, labels)
     data = ClientData(0, "sst2", enc, enc)
-    runner = ClientRunner(model, 0, 1e-3, 0.0, batch_size=8, eval_batch_size=8, local_epochs=1,
-                          progress=False)  # fmt: skip
+    cfg = FLConfig(clients=["sst2"] * 2, lr=1e-3, weight_decay=0.0, batch_size=8,
+                   eval_batch_size=8, local_epochs=1)  # fmt: skip
+    runner = ClientRunner(model, 0, cfg, progress=False)
     handle = None
     if steps_seen is not None:  # record B after every optimizer step
         layers = list(moe_lora_layers(model).values())

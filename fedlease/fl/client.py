@@ -36,27 +36,18 @@ def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
 class ClientRunner:
     """Trains and evaluates any client on one model whose adapter tensors are swapped per client."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        pad_id: int,
-        lr: float,
-        weight_decay: float,
-        batch_size: int,
-        eval_batch_size: int,
-        local_epochs: int,
-        progress: bool = True,
-        precision: str = "fp32",
-        decoding: Decoding | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, pad_id: int, cfg, precision: str = "fp32",
+                 progress: bool = True, decoding: Decoding | None = None) -> None:  # fmt: skip
+        """``cfg``: the run's config (learning rate, weight decay, batch sizes, local epochs);
+        ``decoding``: set for a causal LM, scored by ROUGE of its greedy answers."""
         self.model = model
-        self.decoding = decoding  # set: a causal LM, scored by ROUGE of its greedy answers
+        self.decoding = decoding
         self.device = next(model.parameters()).device
         self.precision = precision
         self.pad_id = pad_id
-        self.training = TrainSpec("adamw", lr, weight_decay)
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.local_epochs = local_epochs
+        self.training = TrainSpec("adamw", cfg.lr, cfg.weight_decay)
+        self.batch_size, self.eval_batch_size = cfg.batch_size, cfg.eval_batch_size
+        self.local_epochs = cfg.local_epochs
         self.progress = progress
 
     def _load(self, state: State, own_expert: int | None) -> None:

@@ -68,20 +68,11 @@ class ModelPool:
             use_fast_dropout(model, cfg.fast_dropout)
             if self.precision == "bf16":
                 cast_frozen(model, torch.bfloat16)
-            self.runners[layout] = ClientRunner(
-                model,
-                self.tokenizer.pad_token_id,
-                cfg.lr,
-                cfg.weight_decay,
-                cfg.batch_size,
-                cfg.eval_batch_size,
-                cfg.local_epochs,
-                self.progress,
-                self.precision,
-                Decoding(self.tokenizer, cfg.max_new_tokens)
-                if cfg.task_type == "generation"
-                else None,
-            )
+            decoding = (Decoding(self.tokenizer, cfg.max_new_tokens)
+                        if cfg.task_type == "generation" else None)  # fmt: skip
+            pad_id = self.tokenizer.pad_token_id
+            self.runners[layout] = ClientRunner(model, pad_id, cfg, self.precision, self.progress,
+                                                decoding)  # fmt: skip
             self.templates[layout] = clone_state(adapter_state_dict(model))
         return self.runners[layout]
 

@@ -86,9 +86,11 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _interpreting_at_import() or dtype == torch.float32
 
 
-def _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, seed, base, bias, y):
-    """Shrink + route, then ``y = base + scaling * h B_cat^T + bias`` (base, bias optional).
-    Returns the saved routing tensors ``(q, a, h)``."""
+def _forward(ctx, x, a_cat, b_cat, router, y, base=None, bias=None):
+    """Shrink + route, then ``y = base + scaling * h B_cat^T + bias`` (base, bias optional), with
+    the routing, scaling and dropout ``_prepare`` put on ``ctx``. Returns the saved routing
+    tensors ``(q, a, h)``."""
+    spec, scaling, p_drop, seed = ctx.spec, ctx.scaling, ctx.p_drop, ctx.seed
     fwd, _, _, launch = _kernels()
     t, d = x.shape
     n, mr = b_cat.shape
@@ -230,8 +232,7 @@ class MoELoRATritonFunction(torch.autograd.Function):
         x, a_cat, b_cat, router = _prepare(ctx, x, lora_a, lora_b, router, spec, scaling, p_drop)
         base_out = base_out.contiguous()
         y = torch.empty_like(base_out)
-        q, a, h = _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, ctx.seed, base_out,
-                           None, y)  # fmt: skip
+        q, a, h = _forward(ctx, x, a_cat, b_cat, router, y, base=base_out)
         ctx.save_for_backward(x, a_cat, b_cat, router, q, a, h)
         return y
 
@@ -253,12 +254,10 @@ class MoELoRALinearTritonFunction(torch.autograd.Function):
         ctx.base_first = BASE_GEMM_FIRST
         if ctx.base_first:  # cuBLAS first; the expand kernel adds onto y in place
             y = torch.mm(x, weight.t())
-            q, a, h = _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, ctx.seed, y,
-                               bias, y)  # fmt: skip
+            q, a, h = _forward(ctx, x, a_cat, b_cat, router, y, base=y, bias=bias)
         else:  # the expand kernel writes y; the base GEMM accumulates onto it (beta = 1)
             y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-            q, a, h = _forward(x, a_cat, b_cat, router, spec, scaling, p_drop, ctx.seed, None,
-                               bias, y)  # fmt: skip
+            q, a, h = _forward(ctx, x, a_cat, b_cat, router, y, bias=bias)
             y.addmm_(x, weight.t())
         ctx.save_for_backward(x, a_cat, b_cat, router, q, a, h, weight)
         ctx.has_bias = bias is not None

@@ -20,7 +20,7 @@ the mean, which the clean runs of ``robustness.md`` show costs no accuracy.
 A rule whose ``step`` stays near 1 and ``error`` near 0 behaves like training on the honest
 clients alone; a rule that keeps half the step trains at half the learning rate.
 
-    python benchmarks/robust_bias.py --data-dir ../shared/data/glue --seeds 1,2 \\
+    python studies/robust_bias.py --data-dir ../shared/data/glue --seeds 1,2 \\
         --json runs/robust_bias.json
 """
 

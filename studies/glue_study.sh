@@ -4,7 +4,7 @@
 # at a time (one GPU holds many: a MiniLM run is host-bound). The groups:
 #   alloc6-*, alloc8-*, alloc8paper-*  FedLEASE warm-up only (rounds=0) on a 6-client, 3-task
 #       and an 8-client, 4-task mix, seeds 1-5, adapters kept for the allocation
-#       (benchmarks/allocation_table.py); alloc8paper: the paper's AdamW warm-up; alloc8lr02:
+#       (studies/allocation_table.py); alloc8paper: the paper's AdamW warm-up; alloc8lr02:
 #       warm-up lr 0.02; alloc8w2: two warm-up rounds; alloc6avg, alloc8avg: B averaged over
 #       the warm-up's steps (warmup_average_b); alloc8qqp: the 8-client mix with QQP's sample
 #       (150 examples per client) in RTE's place, seeds 1-10
@@ -18,13 +18,13 @@
 #   compare3/<method>-seed<s>  the same on the 12 clients of the three tasks that a lone client
 #       learns (SST-2, QNLI, MRPC, four clients each; `fedlease compare ... --set clients=$m12`)
 #
-#   benchmarks/glue_study.sh OUT_DIR [PARALLEL]
+#   studies/glue_study.sh OUT_DIR [PARALLEL]
 #
 # EXTRA: overrides appended to every run (e.g. "--set device=cuda --set precision=fp32
 # --set threads=1"); DEADLINE_S: seconds after which no run starts and running ones are
 # interrupted (their completed rounds stay in metrics.jsonl); ONLY: a regex of job names.
 set -uo pipefail
-out=${1:?usage: benchmarks/glue_study.sh OUT_DIR [PARALLEL]}
+out=${1:?usage: studies/glue_study.sh OUT_DIR [PARALLEL]}
 par=${2:-2}
 mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)

@@ -1,12 +1,12 @@
 """Mean accuracy after every round, per method (mean over seeds), from the runs of a
 ``fedlease compare`` output directory (``<dir>/<method>-seed<s>/metrics.jsonl``)::
 
-    python benchmarks/compare_curves.py runs/compare-glue4 --out docs/results/compare_rounds.png
+    python studies/compare_curves.py runs/compare-glue4 --out docs/results/compare_rounds.png
 
 ``--at-round R`` prints instead a table of every method after round R (per task, mean ± std over
 seeds); with ``--unfinished`` it also reads runs stopped before their last round that got to R::
 
-    python benchmarks/compare_curves.py runs/compare-lr1e-3 --at-round 3 --unfinished
+    python studies/compare_curves.py runs/compare-lr1e-3 --at-round 3 --unfinished
 """
 
 from __future__ import annotations

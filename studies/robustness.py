@@ -5,7 +5,7 @@ enters the same aggregate); client 3 tampers with its upload every round (``atta
 ``fedlease.fl.faults``). For each attack (and none) and each aggregation rule the run's final mean
 accuracy over the clients is reported, with its distance to the clean run under ``mean``.
 
-    python benchmarks/robustness.py --data-dir ../shared/data/glue --seeds 1,2 \\
+    python studies/robustness.py --data-dir ../shared/data/glue --seeds 1,2 \\
         --json runs/robustness.json
 """
 

@@ -19,9 +19,9 @@ trainings the warm-up cost, the round the allocation happens before, the number 
 placed within ``rounds`` adaptive rounds, K, and the adjusted Rand index of the placed clients'
 experts against their tasks.
 
-    python benchmarks/warmup_sampling.py --data-dir ../shared/data/glue --seed 1 \\
+    python studies/warmup_sampling.py --data-dir ../shared/data/glue --seed 1 \\
         --fractions 0.25,0.5 --json runs/warmup_sampling_seed1.json
-    python benchmarks/warmup_sampling.py --table runs/warmup_sampling_seed*.json
+    python studies/warmup_sampling.py --table runs/warmup_sampling_seed*.json
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 picks, the assignment and its adjusted Rand index against the clients' tasks.
 
 Reads runs written by ``fedlease run`` (``config.yaml`` and ``adapters/client<i>/``, e.g. the
-``alloc*`` runs of ``benchmarks/glue_study.sh``) and clusters their warm-up B matrices with the
+``alloc*`` runs of ``studies/glue_study.sh``) and clusters their warm-up B matrices with the
 library's own code (``fedlease.fl.allocation``). ``--layers`` restricts the distance to some
 layers' B (a study of which layers carry the task; the paper uses all of them)::
 
-    python benchmarks/allocation_table.py runs/study/runs/alloc8-seed* [--layers 3,4,5] [--json F]
+    python studies/allocation_table.py runs/study/runs/alloc8-seed* [--layers 3,4,5] [--json F]
 """
 
 from __future__ import annotations
