@@ -99,25 +99,30 @@ class ClientRunner:
                     raise ClientFailure(f"injected crash of client {data.client_id} at step "
                                         f"{fail_at_step}")  # fmt: skip
                 batch = self._batch(data.train, order[start : start + self.batch_size])
-                with autocast(self.device, self.precision):
-                    if weight is None:
-                        loss = model(**batch).loss
-                    else:
-                        labels = batch.pop("labels")
-                        logits = model(**batch).logits.float()
-                        loss = nn.functional.cross_entropy(logits, labels, weight=weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                _restore(frozen)
-                if b_mean is not None:
-                    b_mean.add()
-                losses.append(loss.item())
+                losses.append(self._step(batch, weight, opt, frozen, b_mean))
                 bar.update()
         bar.close()
         if b_mean is not None:
             b_mean.store()
         return clone_state(adapter_state_dict(model)), float(np.mean(losses))
+
+    def _step(self, batch: dict, weight, opt, frozen, b_mean) -> float:
+        """One optimizer step on ``batch`` (class-weighted loss with ``weight``); the rows in
+        ``frozen`` are put back after it, ``b_mean`` sees the new B. Returns the loss."""
+        with autocast(self.device, self.precision):
+            if weight is None:
+                loss = self.model(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                logits = self.model(**batch).logits.float()
+                loss = nn.functional.cross_entropy(logits, labels, weight=weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _restore(frozen)
+        if b_mean is not None:
+            b_mean.add()
+        return loss.item()
 
     def _batch(self, data: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in data.batch(idx, self.pad_id).items()}
