@@ -6,7 +6,8 @@ training step on a Xeon with AMX. :func:`dropout` draws the mask from a counter-
 instead (Philox4x32-10 in ``csrc/dropout.cpp``: vectorised, parallel over threads, the mask a
 pure function of a seed drawn from torch's generator and the element index), and its backward
 regenerates the mask instead of storing it. Same distribution as ``F.dropout``: each element
-kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``.
+kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``. Inside ``torch.compile`` it is
+``F.dropout``, which the compiler generates its own random numbers for.
 
 :func:`use_fast_dropout` puts it into a model: every ``nn.Dropout`` becomes a
 :class:`PhiloxDropout` and an eager attention becomes ``fedlease_eager`` (the same attention with
@@ -35,9 +36,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout: the counter-based kernel for CPU tensors, ``F.dropout`` elsewhere."""
     if not training or p == 0.0:
         return x
-    if x.is_cpu and x.is_floating_point() and available():
+    if x.is_cpu and x.is_floating_point() and available() and not torch.compiler.is_compiling():
         return cpp_backend.philox_dropout(x, p)
-    return F.dropout(x, p, training=True)
+    return F.dropout(x, p, training=True)  # a compiled graph draws its own (inductor's Philox)
 
 
 _dropout = dropout  # for the attention function, whose `dropout` argument is a probability

@@ -263,3 +263,16 @@ def test_dropout_off_the_cpu_or_in_eval_is_aten_or_nothing():
     meta = torch.empty(4, 4, device="meta")
     assert dropout(meta, 0.5).device.type == "meta"  # not a CPU tensor: F.dropout
     assert F.dropout(meta, 0.5).shape == (4, 4)
+
+
+def test_a_model_with_fast_dropout_compiles_in_train_mode_without_graph_breaks():
+    """A traced graph cannot draw a seed from torch's generator: inside torch.compile every
+    dropout (the model's and the layer's) is F.dropout, whose random numbers the compiler makes."""
+    model, batch = _minilm()
+    use_fast_dropout(model)
+    model.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(**batch, labels=torch.tensor([1, 0])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.classifier.weight.grad is not None

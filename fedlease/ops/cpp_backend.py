@@ -180,7 +180,8 @@ def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling
     x = x.contiguous()
     x_drop = None
     if dropout_p > 0:
-        x_drop = philox_dropout(x, dropout_p) if x.is_cpu else F.dropout(x, dropout_p, True)
+        fast = x.is_cpu and not torch.compiler.is_compiling()
+        x_drop = philox_dropout(x, dropout_p) if fast else F.dropout(x, dropout_p, True)
     y, _, _, _ = torch.ops.fedlease.moe_lora_fwd(
         x, x_drop, router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
         base_out.contiguous(), spec.num_experts, spec.fold_target, spec.keep, float(scaling),
@@ -200,8 +201,8 @@ def moe_lora_linear_cpp(x, weight, bias, lora_a, lora_b, router, spec: RoutingSp
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x = x.contiguous()
     x_drop, seed = None, 0
-    if dropout_p > 0 and fast_dropout:
-        seed = draw_seed()
+    if dropout_p > 0 and fast_dropout and not torch.compiler.is_compiling():
+        seed = draw_seed()  # (a traced graph cannot draw it: it gets F.dropout's mask below)
     elif dropout_p > 0:
         x_drop = F.dropout(x, dropout_p, training=True)
     y, _, _, _ = torch.ops.fedlease.moe_lora_linear_fwd(
