@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "dropout.h"
 #include "inputs.h"
@@ -65,15 +66,15 @@ struct ExpertInput {
   bool dropped() const { return outside() || p > 0; }
 };
 
-// Per-thread scratch of a block of rows (threads x block x in) in `options`.
-Tensor block_scratch(const Tensor& x, at::TensorOptions options) {
-  const int64_t rows = std::min(block_size(x.size(0)), x.size(0));
-  return at::empty({at::get_num_threads(), rows, x.size(1)}, options);
-}
-
-// The rows of the thread's scratch that a block of n rows uses.
-Tensor rows_of(const Tensor& scratch, int64_t thread, int64_t n) {
-  return scratch[thread].narrow(0, 0, n);
+// A block's scratch rows (n x in, `options`'s dtype) in memory the calling thread keeps across
+// calls: a fresh tensor per call would be a fresh mapping, page-faulted in on every step.
+// `slot` tells two scratches of one thread apart.
+Tensor thread_scratch(int64_t n, int64_t in, at::TensorOptions options, int slot) {
+  static thread_local std::vector<char> buffers[2];
+  std::vector<char>& buf = buffers[slot];
+  const size_t bytes = static_cast<size_t>(n * in) * options.dtype().itemsize();
+  if (buf.size() < bytes) buf.resize(bytes);
+  return at::from_blob(buf.data(), {n, in}, options.device(at::kCPU));
 }
 
 // Calls fn(begin, end, thread) for consecutive blocks of tokens, the blocks split over threads;
@@ -105,7 +106,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
   const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), out = weight.size(0);
   const ExpertInput drop{x_drop, p, seed};
   const bool low = x.scalar_type() == at::kBFloat16;
-  const Tensor scratch = drop.inside() ? block_scratch(x, x.options()) : Tensor();
   // Router logits in float32 for 16-bit inputs (rounded logits flip near-tied top-M choices).
   const Tensor r_w = low ? router.to(at::kFloat) : router;
   const Tensor w_cat = (low || drop.dropped()) ? Tensor() : at::cat({router, a_cat});
@@ -135,7 +135,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
       if (drop.outside()) {
         experts_in = x_drop->narrow(0, b0, n);
       } else if (drop.inside()) {
-        experts_in = rows_of(scratch, thread, n);
+        experts_in = thread_scratch(n, x.size(1), x.options(), 0);
         dropout_rows(x_b, experts_in, static_cast<uint64_t>(b0 * x.size(1)),
                      static_cast<uint64_t>(seed), p);
       }
@@ -159,8 +159,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
   const int64_t T = x.size(0), S = router.size(0), MR = a_cat.size(0), in = x.size(1);
   const int64_t out = weight.size(0);
   const ExpertInput drop{x_drop, p, seed};
-  const Tensor scratch = drop.inside() ? block_scratch(x, x.options()) : Tensor();
-  const Tensor keeps = drop.inside() ? block_scratch(x, x.options().dtype(at::kByte)) : Tensor();
   const int64_t threads = at::get_num_threads();
   const auto f32 = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   Tensor db_part = at::zeros({threads, out, MR}, f32);
@@ -193,9 +191,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
       at::mm_out(dx_drop_b, dz_a, a_cat);
       return;
     }
-    uint8_t* keep_b = rows_of(keeps, thread, n).data_ptr<uint8_t>();
+    uint8_t* keep_b = thread_scratch(n, in, x.options().dtype(at::kByte), 1).data_ptr<uint8_t>();
     keep_range(keep_b, n * in, static_cast<uint64_t>(b0 * in), static_cast<uint64_t>(seed), p);
-    Tensor buf = rows_of(scratch, thread, n);
+    Tensor buf = thread_scratch(n, in, x.options(), 0);
     apply_keep(x_b, keep_b, buf, p);  // the experts' input, as the forward saw it
     dw_part[thread].narrow(0, S, MR).add_(at::mm(dz_a.t(), buf));
     at::mm_out(buf, dz_a, a_cat);  // d(experts' input), then through the mask
