@@ -10,6 +10,8 @@ CPU extension).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -28,13 +30,22 @@ from .dispatch import (
 from .torch_backend import moe_lora_torch
 
 
-def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
+def _torch_clients(x, base_out, lora_a, lora_b, router, specs, scaling, dropout_p):
+    """Client-stacked: x (N, T, in), base_out (N, T, out), adapters and routers with a leading N,
+    one RoutingSpec per client."""
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, spec, scaling)
+    fold = torch.stack([s.fold_matrix(x.device) for s in specs])
+    return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, fold, specs[0], scaling)
 
 
-register(Backend("torch", _torch_backend, lambda device: None))
+def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
+    """One client: the client-stacked op with N = 1."""
+    return _torch_clients(x[None], base_out[None], lora_a[None], lora_b[None], router[None],
+                          (spec,), scaling, dropout_p)[0]  # fmt: skip
+
+
+register(Backend("torch", _torch_backend, lambda device: None, clients_fn=_torch_clients))
 _F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 register(
     Backend(
@@ -69,7 +80,7 @@ def moe_lora(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     router: torch.Tensor,
-    spec: RoutingSpec,
+    spec: RoutingSpec | Sequence[RoutingSpec],
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
@@ -79,8 +90,14 @@ def moe_lora(
 
     ``lora_A (M, r, in)``, ``lora_B (M, out, r)``, ``router (S, in)``. Dropout (probability
     ``dropout``, only when ``training``) applies to the experts' input, not the router's.
+
+    Several clients at once: ``lora_A (N, M, r, in)``, ``lora_B (N, M, out, r)``, ``router (N, S,
+    in)``, ``x (N, ..., in)`` and ``base_out (N, ..., out)``, whose index ``i`` holds client i's
+    tokens; ``spec`` one RoutingSpec or one per client (clients differ in their own expert). Each
+    token is routed over its own client's experts only.
     """
-    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, spec)
+    specs = _client_specs(spec, lora_A) if lora_A.dim() == 4 else None
+    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, specs[0] if specs else spec)
     if base_out.shape[-1] != d_out or base_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, base_out {tuple(base_out.shape)}, "
@@ -92,18 +109,24 @@ def moe_lora(
             return moe_lora(*_cast((x, base_out, lora_A, lora_B, router), cast), spec, scaling,
                             dropout, training, backend)  # fmt: skip
     impl = resolve_backend(backend, x.device, x.dtype)
-    lead = x.shape[:-1]
-    y = impl.fn(
-        x.reshape(-1, d_in),
-        base_out.reshape(-1, d_out),
-        lora_A,
-        lora_B,
-        router,
-        spec,
-        float(scaling),
-        float(dropout) if training else 0.0,
-    )
+    p, lead = (float(dropout) if training else 0.0), x.shape[:-1]
+    if specs is not None:
+        n = lora_A.shape[0]
+        y = _per_client(impl, x.reshape(n, -1, d_in), base_out.reshape(n, -1, d_out), lora_A,
+                        lora_B, router, specs, float(scaling), p)  # fmt: skip
+        return y.reshape(*lead, d_out)
+    y = impl.fn(x.reshape(-1, d_in), base_out.reshape(-1, d_out), lora_A, lora_B, router, spec,
+                float(scaling), p)  # fmt: skip
     return y.reshape(*lead, d_out)
+
+
+def _per_client(impl: Backend, x, base_out, lora_a, lora_b, router, specs, scaling, p):
+    """The op on client-stacked tensors: the backend's own batched form where it has one, else
+    its single-client op once per client."""
+    if impl.clients_fn is not None:
+        return impl.clients_fn(x, base_out, lora_a, lora_b, router, specs, scaling, p)
+    return torch.stack([impl.fn(x[i], base_out[i], lora_a[i], lora_b[i], router[i], specs[i],
+                                scaling, p) for i in range(len(specs))])  # fmt: skip
 
 
 def moe_lora_linear(
@@ -113,7 +136,7 @@ def moe_lora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     router: torch.Tensor,
-    spec: RoutingSpec,
+    spec: RoutingSpec | Sequence[RoutingSpec],
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
@@ -122,8 +145,10 @@ def moe_lora_linear(
 ) -> torch.Tensor:
     """``x @ weight^T + bias`` plus the MoE-LoRA update: :func:`moe_lora` with the base linear
     inside the op (fused into one blocked pass by the ``cpp`` backend, which also draws the
-    dropout mask inside; ``fast_dropout=False`` gives it aten's dropout instead)."""
-    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, spec)
+    dropout mask inside; ``fast_dropout=False`` gives it aten's dropout instead). Takes a client
+    dimension as :func:`moe_lora` does; the frozen base is shared by every client."""
+    specs = _client_specs(spec, lora_A) if lora_A.dim() == 4 else None
+    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, specs[0] if specs else spec)
     if weight.shape != (d_out, d_in) or (bias is not None and bias.shape != (d_out,)):
         bias_shape = None if bias is None else tuple(bias.shape)
         raise ValueError(
@@ -141,6 +166,13 @@ def moe_lora_linear(
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
         )
+    if specs is not None:
+        n, lead = lora_A.shape[0], x.shape[:-1]
+        xs = x.reshape(n, -1, d_in)
+        y = torch.stack([impl.linear_fn(xs[i], weight, bias, lora_A[i], lora_B[i], router[i],
+                                        specs[i], float(scaling), p, fast_dropout)
+                         for i in range(n)])  # fmt: skip
+        return y.reshape(*lead, d_out)
     if x.dim() == 2:  # no reshapes: each is an autograd node, host time on every call
         return impl.linear_fn(x, weight, bias, lora_A, lora_B, router, spec, float(scaling), p,
                               fast_dropout)  # fmt: skip
@@ -165,8 +197,30 @@ def _cast(tensors, dtype: torch.dtype) -> list:
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 
+def _client_specs(spec, lora_A: torch.Tensor) -> tuple[RoutingSpec, ...]:
+    """One RoutingSpec per client of client-stacked adapters (given once: the same for all);
+    they may differ in the own expert only."""
+    n = lora_A.shape[0]
+    specs = tuple(spec) if isinstance(spec, (list, tuple)) else (spec,) * n
+    if len(specs) != n:
+        raise ValueError(f"{len(specs)} routing specs for {n} clients")
+    first = specs[0]
+    for s in specs:
+        if (s.num_experts, s.num_slots, s.keep) != (first.num_experts, first.num_slots, first.keep):
+            raise ValueError(f"the clients' routing specs differ beyond the own expert: {specs}")
+    return specs
+
+
 def _check_shapes(x, lora_A, lora_B, router, spec) -> tuple[int, int]:
-    """``(in, out)`` after checking x, the stacked adapters and the router against each other."""
+    """``(in, out)`` after checking x, the stacked adapters and the router against each other
+    (per client when they have a leading client dimension, which x then shares)."""
+    if lora_A.dim() == 4:
+        n = lora_A.shape[0]
+        if lora_B.dim() != 4 or lora_B.shape[0] != n or router.shape[0] != n or x.shape[0] != n:
+            raise ValueError(f"client dimension mismatch: x {tuple(x.shape)}, lora_A "
+                             f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, router "
+                             f"{tuple(router.shape)}")  # fmt: skip
+        return _check_shapes(x[0], lora_A[0], lora_B[0], router[0], spec)
     m, r, d_in = lora_A.shape
     d_out = lora_B.shape[1]
     if x.shape[-1] != d_in:

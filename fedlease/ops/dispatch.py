@@ -27,6 +27,8 @@ class Backend:
     fn: Callable[..., torch.Tensor]
     unavailable_reason: Callable[[torch.device], str | None]
     linear_fn: Callable[..., torch.Tensor] | None = None
+    # the op on client-stacked tensors in one go (else ``fn`` once per client)
+    clients_fn: Callable[..., torch.Tensor] | None = None
     # dtypes it computes in, per device type; a device type not listed: any dtype
     dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
@@ -91,7 +93,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
 def concat_adapters(
     lora_a: torch.Tensor, lora_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked ``A (M, r, in)``, ``B (M, out, r)`` -> ``A_cat (M*r, in)``, ``B_cat (out, M*r)``:
-    rank column ``e*r + j`` belongs to expert ``e``."""
-    m, r, d_in = lora_a.shape
-    return lora_a.reshape(m * r, d_in), lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], m * r)
+    """Stacked ``A (..., M, r, in)``, ``B (..., M, out, r)`` -> ``A_cat (..., M*r, in)``, ``B_cat
+    (..., out, M*r)`` (leading dimensions: clients): rank column ``e*r + j`` belongs to expert
+    ``e``."""
+    return lora_a.flatten(-3, -2), lora_b.movedim(-3, -2).flatten(-2)

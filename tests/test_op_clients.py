@@ -1,0 +1,129 @@
+"""The op with a client dimension: N clients' stacked adapters and routers, each token routed over
+its own client's experts only, against the float64 reference per client, forward and backward,
+in every routing mode, with and without dropout, for every CPU backend."""
+
+import pytest
+import torch
+from helpers import leaves, op_dropout_mask, rel_err
+
+from fedlease.ops import available_backends, moe_lora, moe_lora_linear
+from fedlease.reference import reference_moe_lora
+from fedlease.routing import RoutingSpec
+
+BACKENDS = [b for b in available_backends("cpu") if b in ("torch", "cpp", "triton")]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+CASES = [  # clients, tokens per client, in, out, experts, rank, routing, top_k
+    (3, 37, 24, 16, 3, 4, "adaptive", None),  # odd token count
+    (2, 70, 16, 24, 4, 2, "topk", 2),
+    (4, 9, 20, 12, 2, 4, "dense", None),
+    (1, 33, 16, 16, 3, 2, "adaptive", None),  # N = 1
+]
+
+
+def client_inputs(case, dtype, seed):
+    n, t, d_in, d_out, m, r, routing, k = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    specs = tuple(RoutingSpec.make(routing, m, k, own_expert=i % m) for i in range(n))
+    x, base = rnd(n, t, d_in), rnd(n, t, d_out)
+    a, b = rnd(n, m, r, d_in, scale=d_in**-0.5), rnd(n, m, d_out, r, scale=r**-0.5)
+    router = rnd(n, specs[0].num_slots, d_in, scale=3 * d_in**-0.5)
+    weight, bias = rnd(d_out, d_in, scale=d_in**-0.5), rnd(d_out)
+    return x, base, a, b, router, weight, bias, specs
+
+
+def reference(x, base, a, b, router, specs, scaling, masks=None):
+    """Each client alone through the per-token reference."""
+    return torch.stack([
+        reference_moe_lora(x[i], base[i], a[i], b[i], router[i], specs[i], scaling,
+                           None if masks is None else masks[i])
+        for i in range(len(specs))
+    ])  # fmt: skip
+
+
+def _name(case):
+    return f"N{case[0]}x{case[1]}-{case[6]}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=_name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_each_client_matches_its_reference(backend, case, dtype):
+    if backend == "triton" and (dtype == torch.bfloat16 or case[0] > 2):
+        pytest.skip("the interpreter is slow: fp32 and two clients are enough for its loop")
+    x, base, a, b, router, w, bias, specs = client_inputs(case, dtype, seed=case[1])
+    fast = leaves(x, base, a, b, router)
+    ref = leaves(*(v.double() for v in (x, base, a, b, router)))
+    y = moe_lora(*fast, specs, 2.0, backend=backend)
+    y_ref = reference(*ref, specs, 2.0)
+    assert y.shape == x.shape[:-1] + (base.shape[-1],) and rel_err(y, y_ref) < TOL[dtype]
+    dy = torch.randn_like(y_ref)
+    y.backward(dy.to(dtype))
+    y_ref.backward(dy)
+    for name, f, r in zip(["x", "base", "A", "B", "router"], fast, ref):
+        if name == "router" and case[4] == 1:
+            continue
+        assert rel_err(f.grad, r.grad) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("case", CASES[:2], ids=_name)
+def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
+    """moe_lora_linear: one frozen base for every client; with dropout, each client's experts
+    see its own mask (the backend's: aten's for torch, drawn per client inside the op for cpp)."""
+    x, _, a, b, router, w, bias, specs = client_inputs(case, torch.float32, seed=5)
+    n, t, d_in = x.shape
+    p = 0.3
+    torch.manual_seed(21)
+    fast = leaves(x, w, bias, a, b, router)
+    y = moe_lora_linear(*fast, specs, 2.0, dropout=p, training=True, backend=backend)
+    if backend == "torch":  # one draw over every client's tokens
+        masks = op_dropout_mask("torch", x.shape, p, 21)
+    else:  # one seed per client, drawn in client order
+        torch.manual_seed(21)
+        from fedlease.ops.cpp_backend import draw_seed
+
+        seeds = [draw_seed() for _ in range(n)]
+        ones = torch.ones(t, d_in)
+        masks = torch.stack([torch.ops.fedlease.philox_dropout(ones, p, s)[0] for s in seeds])
+    ref = leaves(*(v.double() for v in (x, w, bias, a, b, router)))
+    base = ref[0] @ ref[1].t() + ref[2]
+    y_ref = reference(ref[0], base, *ref[3:], specs, 2.0, masks.double())
+    assert rel_err(y, y_ref) < 1e-5
+    dy = torch.randn_like(y_ref)
+    y.backward(dy.float())
+    y_ref.backward(dy)
+    for name, f, r in zip(["x", "weight", "bias", "A", "B", "router"], fast, ref):
+        assert rel_err(f.grad, r.grad) < 1e-5, name
+
+
+def test_one_client_is_the_single_client_op():
+    """N = 1 through the client form gives the single-client op's numbers exactly (the torch
+    backend computes both with the same batched code)."""
+    x, base, a, b, router, _, _, specs = client_inputs(CASES[3], torch.float32, seed=2)
+    single = moe_lora(x[0], base[0], a[0], b[0], router[0], specs[0], 2.0, backend="torch")
+    clients = moe_lora(x, base, a, b, router, specs, 2.0, backend="torch")
+    assert torch.equal(single, clients[0])
+
+
+def test_gradcheck_float64_torch_clients():
+    x, base, a, b, router, _, _, specs = client_inputs((2, 5, 4, 3, 3, 2, "adaptive", None),
+                                                       torch.float64, seed=1)  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda *v: moe_lora(*v, specs, 1.5, backend="torch"), leaves(x, base, a, b, router),
+        eps=1e-6, atol=1e-7,
+    )  # fmt: skip
+
+
+def test_client_shape_errors_name_the_tensors():
+    x, base, a, b, router, _, _, specs = client_inputs(CASES[0], torch.float32, seed=0)
+    with pytest.raises(ValueError, match="client dimension mismatch"):
+        moe_lora(x[:2], base[:2], a, b, router, specs, 1.0)
+    with pytest.raises(ValueError, match="2 routing specs for 3 clients"):
+        moe_lora(x, base, a, b, router, specs[:2], 1.0)
+    mixed = (specs[0], RoutingSpec.make("dense", 3), specs[2])
+    with pytest.raises(ValueError, match="differ beyond the own expert"):
+        moe_lora(x, base, a, b, router, mixed, 1.0)
