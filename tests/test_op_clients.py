@@ -54,7 +54,7 @@ def _name(case):
 def test_each_client_matches_its_reference(backend, case, dtype):
     if backend == "triton" and (dtype == torch.bfloat16 or case[0] > 2):
         pytest.skip("the interpreter is slow: fp32 and two clients are enough for its loop")
-    x, base, a, b, router, w, bias, specs = client_inputs(case, dtype, seed=case[1])
+    x, base, a, b, router, _, _, specs = client_inputs(case, dtype, seed=case[1])
     fast = leaves(x, base, a, b, router)
     ref = leaves(*(v.double() for v in (x, base, a, b, router)))
     y = moe_lora(*fast, specs, 2.0, backend=backend)
