@@ -85,6 +85,8 @@ class MoELoRALinear(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clients is not None:
+            return self._forward_clients(x)
         return moe_lora_linear(
             x,
             self.base.weight,
@@ -99,6 +101,54 @@ class MoELoRALinear(nn.Module):
             backend=self.backend,
             fast_dropout=self.fast_dropout,
         )
+
+    # -- several clients in one layer -------------------------------------------------------------
+    clients: int | None = None  # client slots (None: one client, unstacked parameters)
+
+    def stack_clients(self, n: int) -> None:
+        """Hold ``n`` clients: ``lora_A``, ``lora_B`` and ``router`` get a leading client dimension
+        (each slot a copy of the current tensors) and every slot its own expert. ``forward`` then
+        takes the tokens of the ``active`` slots, slot after slot in equal shares (x's leading
+        dimension is ``len(active)`` times each client's). The frozen base stays one."""
+        if self.clients is not None:
+            raise ValueError(f"the layer already holds {self.clients} clients")
+        for name in ("lora_A", "lora_B", "router"):
+            p = getattr(self, name)
+            setattr(self, name, nn.Parameter(p.detach()[None].repeat(n, *([1] * p.dim()))))
+        self.clients = n
+        self.own_experts = [self._own_expert] * n
+        self.active = list(range(n))
+
+    @property
+    def own_experts(self) -> list[int]:
+        """Each client slot's own expert."""
+        return list(self._owns)
+
+    @own_experts.setter
+    def own_experts(self, owns: list[int]) -> None:
+        self._owns = list(owns)
+        self._specs = [RoutingSpec.make(self.routing, self.num_experts, self.top_k, own)
+                       for own in owns]  # fmt: skip
+
+    def _forward_clients(self, x: torch.Tensor) -> torch.Tensor:
+        active = self.active
+        params = (self.lora_A, self.lora_B, self.router)
+        if active != list(range(self.clients)):
+            index = torch.tensor(active, device=x.device)
+            params = tuple(p.index_select(0, index) for p in params)
+        y = moe_lora_linear(
+            x.reshape(len(active), -1, x.shape[-1]),
+            self.base.weight,
+            self.base.bias,
+            *params,
+            [self._specs[i] for i in active],
+            self.scaling,
+            dropout=self.dropout,
+            training=self.training,
+            backend=self.backend,
+            fast_dropout=self.fast_dropout,
+        )
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """The dense ``(..., M)`` gate matrix after routing (float32), for inspection."""

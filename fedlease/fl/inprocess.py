@@ -57,16 +57,45 @@ class InProcess:
         return [select(k, wanted) for k in self.kept]
 
     def train(self, r: int, payloads: dict[int, State]) -> dict[int, Reply]:
-        """The clients train one after another; a client keeps its new state only when it is
-        usable (status ``ok``)."""
-        phase, replies = self.strategy.phase(r), {}
-        for cid, received in payloads.items():
-            desc = f"{phase} {r + 1} client {cid}"
-            new, replies[cid] = self.side.update(self.data[cid], self.kept[cid], received, r, desc)
+        """The clients train one after another, or ``client_batch`` at a time in lockstep; a
+        client keeps its new state only when it is usable (status ``ok``)."""
+        ids, size = list(payloads), self.client_batch(len(payloads))
+        phase, outcomes = self.strategy.phase(r), {}
+        for start in range(0, len(ids), size):
+            group = ids[start : start + size]
+            desc = f"{phase} {r + 1} client " + (f"{group[0]}" if size == 1 else
+                                                 f"{group[0]}-{group[-1]}")  # fmt: skip
+            if size == 1:
+                cid = group[0]
+                outcomes[cid] = self.side.update(self.data[cid], self.kept[cid], payloads[cid],
+                                                 r, desc)  # fmt: skip
+            else:
+                outcomes |= self._train_together(r, group, payloads, desc)
+        replies = {}
+        for cid, (new, replies[cid]) in outcomes.items():
             if replies[cid].status["status"] == "ok":
                 self.kept[cid] = new
                 self.dirty.add(cid)
         return replies
+
+    def client_batch(self, participants: int) -> int:
+        """How many clients train at once (``client_batch``; ``auto``: every participant)."""
+        value = self.cfg.client_batch
+        return max(1, min(participants, participants if value == "auto" else value))
+
+    def _train_together(self, r: int, group: list[int], payloads, desc: str) -> dict:
+        """``(new_state, reply)`` per client of ``group``, trained in lockstep."""
+        side = self.side
+        tasks = [side.start(self.data[c], self.kept[c], payloads[c], r) for c in group]
+        trainer = self.pool.lockstep(tasks[0].layout, self.client_batch(len(payloads)))
+        results = trainer.train([self.data[c] for c in group], tasks, desc)
+        out = {}
+        for cid, task, (new, loss, failed) in zip(group, tasks, results):
+            if failed is not None:
+                out[cid] = (None, Reply.failed(failed))
+            else:
+                out[cid] = side.finish(self.data[cid], task, new, loss, r)
+        return out
 
     def evaluate(self, r: int, finals: dict[int, State]) -> list[dict]:
         strategy, layout = self.strategy, self.strategy.layout(r)

@@ -4,23 +4,26 @@ layout, and the code of one client round. Shared by the in-process simulator and
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .. import models
 from ..adapter_io import adapter_state_dict
+from ..clients import stack_clients
 from ..data import TASKS
 from ..dropout import use_fast_dropout
 from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
+from .batched import LockstepTrainer
 from .client import ClientRunner, seed_for
 from .config import FLConfig, Runtime
 from .faults import AttackPlan, ClientFailure, FaultPlan, non_finite, poison
 from .strategies import Strategy
 from .strategies.base import HEAD
-from .types import Layout, Reply, State, clone_state
+from .types import Layout, Reply, State, TrainSpec, clone_state
 
 
 def load_base(cfg: FLConfig, rt: Runtime):
@@ -47,6 +50,7 @@ class ModelPool:
         self.cfg, self.base, self.tokenizer, self.progress = cfg, base, tokenizer, progress
         self.device, self.precision = rt
         self.runners: dict[Layout, ClientRunner] = {}
+        self.lockstep_trainers: dict[tuple[Layout, int], LockstepTrainer] = {}
         self.templates: dict[Layout, State] = {}
 
     def runner(self, layout: Layout) -> ClientRunner:
@@ -76,9 +80,40 @@ class ModelPool:
             self.templates[layout] = clone_state(adapter_state_dict(model))
         return self.runners[layout]
 
+    def lockstep(self, layout: Layout, slots: int) -> LockstepTrainer:
+        """A trainer of up to ``slots`` clients at once for ``layout``: a copy of the layout's
+        client model with a slot per client, sharing its frozen tensors (one frozen base)."""
+        key = (layout, slots)
+        if key not in self.lockstep_trainers:
+            single = self.runner(layout).model
+            shared = {id(t): t for t in (*single.parameters(), *single.buffers())
+                      if not t.requires_grad}  # fmt: skip
+            model = stack_clients(copy.deepcopy(single, memo=shared), slots)
+            generation = self.cfg.task_type == "generation"
+            self.lockstep_trainers[key] = LockstepTrainer(
+                model, self.tokenizer.pad_token_id, self.cfg, self.precision, self.progress,
+                generation,
+            )  # fmt: skip
+        return self.lockstep_trainers[key]
+
     def template(self, layout: Layout) -> State:
         self.runner(layout)
         return self.templates[layout]
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """A client's training in one round: the model layout, the state it starts from, the seed
+    of its data order (and dropout), its own expert, the step an injected crash stops it at, the
+    tensors that never train and the optimizer settings (None: the run's AdamW)."""
+
+    layout: Layout
+    state: State
+    seed: int
+    own_expert: int | None
+    fail_at_step: int | None
+    frozen: Callable[[str], bool]
+    training: TrainSpec | None
 
 
 @dataclass
@@ -100,33 +135,45 @@ class ClientSide:
         crashed (an injected ``ClientFailure``: it sends nothing, the round goes on). A new state
         holding NaN/Inf comes back with status ``rejected``: the client must not keep it, the
         server must not average its upload."""
-        cfg, strategy = self.cfg, self.strategy
+        task = self.start(c, kept, received, r)
+        try:
+            new, loss = self.pool.runner(task.layout).train(
+                c, task.state, task.seed, task.own_expert, desc=desc,
+                fail_at_step=task.fail_at_step, frozen=task.frozen, training=task.training,
+            )  # fmt: skip
+        except ClientFailure as exc:
+            return None, Reply.failed(str(exc))
+        return self.finish(c, task, new, loss, r)
+
+    def start(self, c, kept: State, received: State, r: int) -> LocalTask:
+        """What client ``c`` trains in round ``r``: its starting state (what it kept merged with
+        what it received, as the strategy says) and how."""
+        cfg, strategy, cid = self.cfg, self.strategy, c.client_id
         layout = strategy.layout(r)
         runner = self.pool.runner(layout)
 
         def loss_of(state: State, limit: int) -> float:
             return runner.train_loss(c, state, limit)
 
-        template = self.pool.template(layout)
-        state = strategy.client_state(c.client_id, template, kept, received, loss_of)
+        state = strategy.client_state(cid, self.pool.template(layout), kept, received, loss_of)
         steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
-        try:
-            new, loss = runner.train(
-                c, state, seed_for(cfg.seed, r, c.client_id), strategy.own_expert(c.client_id, r),
-                desc=desc, fail_at_step=self.plan.fail_at_step(r, c.client_id, steps),
-                frozen=lambda key: strategy.frozen(key, r), training=strategy.training(r),
-            )  # fmt: skip
-        except ClientFailure as exc:
-            return None, Reply.failed(str(exc))
-        if self.plan.poisons(r, c.client_id):
+        return LocalTask(layout, state, seed_for(cfg.seed, r, cid), strategy.own_expert(cid, r),
+                         self.plan.fail_at_step(r, cid, steps), lambda key: strategy.frozen(key, r),
+                         strategy.training(r))  # fmt: skip
+
+    def finish(self, c, task: LocalTask, new: State, loss: float, r: int) -> tuple[State, Reply]:
+        """The client's reply once it trained: injected poison, its own check for NaN/Inf (a
+        ``rejected`` status), and its upload (tampered when an attack hits it)."""
+        cid, strategy = c.client_id, self.strategy
+        if self.plan.poisons(r, cid):
             new = poison(new)
         status = {"status": "ok"}
         bad = non_finite(new)
         if bad:
             status.update(status="rejected", non_finite=bad[:3])
-        if self.attacks.hits(r, c.client_id):  # the upload lies; the client keeps its own state
-            tampered = self.attacks.tamper(state, new, r, c.client_id)
-            upload = self.attacks.malform(strategy.up(c.client_id, r, tampered))
+        if self.attacks.hits(r, cid):  # the upload lies; the client keeps its own state
+            tampered = self.attacks.tamper(task.state, new, r, cid)
+            upload = self.attacks.malform(strategy.up(cid, r, tampered))
         else:
-            upload = strategy.up(c.client_id, r, new)
+            upload = strategy.up(cid, r, new)
         return new, Reply(upload, loss, status)

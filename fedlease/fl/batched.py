@@ -1,0 +1,273 @@
+"""Several clients of a round trained in lockstep: one forward and one backward per step over
+the union of their batches, through one model whose MoE-LoRA layers and task head hold a slot per
+client (``fedlease.clients``) around one frozen base.
+
+Every client keeps what it has when it trains alone (``ClientRunner.train``): its own data order
+(seeded by run seed, round and client), its own loss (its batch's mean, class-weighted when the
+round says so), its own optimizer state (``SlotOptimizer``: AdamW or the warm-up's SGD, state per
+slot), its other experts' rows held fixed, the tensors that never train, iterate averaging of B.
+Its gradient is that of its own mean loss: the step's loss is the sum of the clients' and no
+client's examples meet another's adapters. A client with fewer steps (a smaller data set) drops
+out of later steps with its tensors and optimizer state untouched, as does one that an injected
+crash stops. Within a step each client's batch is padded to the largest (repeating its last
+example, which its loss leaves out) and every sequence to the longest.
+
+What differs from training the clients one by one: rounding (other GEMM shapes), and the dropout
+masks, which one draw covers for all the clients of a step (seeded by the first client's seed):
+the same distribution, other masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..clients import load_slot, set_active, set_own_experts, slot_state
+from ..data.tokenize import IGNORE_INDEX, ClientData, collate
+from ..inject import moe_lora_layers
+from ..precision import autocast
+from .client import class_weights
+from .types import State, TrainSpec
+
+
+class SlotOptimizer:
+    """``torch.optim.AdamW`` or ``SGD`` (as ``TrainSpec.make`` builds them) over client-stacked
+    parameters, with one state per slot: ``step(slots)`` updates those slots only, with the
+    formulas of torch's single-tensor implementations. Slots that train together have taken
+    the same number of steps (lockstep), so one step count serves them all."""
+
+    def __init__(self, params: list[nn.Parameter], spec: TrainSpec) -> None:
+        self.params, self.spec, self.steps = params, spec, 0
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, slots: list[int]) -> None:
+        self.steps += 1
+        index = None if slots == list(range(self.params[0].shape[0])) else torch.tensor(slots)
+        for p, state in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            for name in ("exp_avg", "exp_avg_sq") if self.spec.optimizer == "adamw" else ("buf",):
+                state.setdefault(name, torch.zeros_like(p.data))
+            value = _rows(p.data, index)
+            moments = {k: _rows(v, index) for k, v in state.items()}
+            self._update(value, _rows(p.grad, index), moments)
+            if index is not None:
+                p.data.index_copy_(0, index, value)
+                for k, v in moments.items():
+                    state[k].index_copy_(0, index, v)
+
+    def _update(self, param, grad, m) -> None:
+        spec = self.spec
+        if spec.optimizer == "sgd":  # momentum 0.9, no dampening, no weight decay
+            if self.steps == 1:
+                m["buf"].copy_(grad)
+            else:
+                m["buf"].mul_(0.9).add_(grad)
+            param.add_(m["buf"], alpha=-spec.lr)
+            return
+        beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch's AdamW defaults
+        param.mul_(1 - spec.lr * spec.weight_decay)
+        m["exp_avg"].lerp_(grad, 1 - beta1)
+        m["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = spec.lr / (1 - beta1**self.steps)
+        denom = (m["exp_avg_sq"].sqrt() / (1 - beta2**self.steps) ** 0.5).add_(eps)
+        param.addcdiv_(m["exp_avg"], denom, value=-step_size)
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """The slots ``index`` of ``t`` (a copy), or ``t`` itself for all of them."""
+    return t if index is None else t.index_select(0, index)
+
+
+@dataclass
+class Lane:
+    """One client in the lockstep: its data, its slot, its steps' example indices."""
+
+    data: ClientData
+    slot: int
+    batches: list[list[int]]
+    fail_at_step: int | None
+    weight: torch.Tensor | None  # class weights (class-balanced loss)
+    losses: list[float] = field(default_factory=list)
+    failed: str | None = None
+
+    def active(self, step: int) -> bool:
+        return self.failed is None and step < len(self.batches)
+
+
+class LockstepTrainer:
+    """Trains up to ``slots`` clients at once on ``model`` (``stack_clients``'d, for one
+    layout); ``cfg``: the run's config (batch size, local epochs, lr, weight decay)."""
+
+    def __init__(self, model: nn.Module, pad_id: int, cfg, precision: str, progress: bool,
+                 generation: bool) -> None:  # fmt: skip
+        self.model, self.pad_id, self.cfg = model, pad_id, cfg
+        self.precision, self.progress, self.generation = precision, progress, generation
+        self.device = next(model.parameters()).device
+        self.default = TrainSpec("adamw", cfg.lr, cfg.weight_decay)
+
+    def train(self, clients: list[ClientData], tasks: list, desc: str = "") -> list[tuple]:
+        """``(new_state, mean_loss, None)`` per client, or ``(None, None, why)`` for one that an
+        injected crash stopped; ``tasks``: each client's ``LocalTask`` (one layout and one
+        ``TrainSpec`` for all)."""
+        model, training = self.model, tasks[0].training or self.default
+        lanes = [self._lane(c, t, i, training) for i, (c, t) in enumerate(zip(clients, tasks))]
+        names = list(tasks[0].state)
+        for lane, task in zip(lanes, tasks):
+            load_slot(model, lane.slot, task.state)
+        set_own_experts(model, [t.own_expert or 0 for t in tasks])
+        model.train(training.dropout)
+        torch.manual_seed(tasks[0].seed)
+        params = [p for name, p in model.named_parameters()
+                  if p.requires_grad and not tasks[0].frozen(name)]  # fmt: skip
+        opt = SlotOptimizer(params, training)
+        fixed = _OtherExperts(model, [t.own_expert for t in tasks])
+        b_mean = _SlotBMean(model) if training.average_b else None
+        total = sum(len(lane.batches) for lane in lanes)
+        bar = tqdm(total=total, desc=desc, leave=False, disable=not self.progress, unit="step")
+        for step in range(max(len(lane.batches) for lane in lanes)):
+            active = [lane for lane in lanes if lane.active(step)]
+            for lane in active:
+                if lane.fail_at_step == step:
+                    lane.failed = (f"injected crash of client {lane.data.client_id} at step "
+                                   f"{step}")  # fmt: skip
+            active = [lane for lane in active if lane.failed is None]
+            if not active:
+                continue
+            self._step(active, step, opt, fixed, b_mean)
+            bar.update(len(active))
+        bar.close()
+        if b_mean is not None:
+            b_mean.store()
+        set_active(model, list(range(len(lanes))))
+        return [(None, None, lane.failed) if lane.failed else
+                (slot_state(model, lane.slot, names), float(np.mean(lane.losses)), None)
+                for lane in lanes]  # fmt: skip
+
+    def _lane(self, data: ClientData, task, slot: int, training: TrainSpec) -> Lane:
+        """The client's batches in the order it would draw them alone (``ClientRunner.train``)."""
+        rng, n, size = np.random.default_rng(task.seed), len(data.train), self.cfg.batch_size
+        batches = []
+        for _ in range(self.cfg.local_epochs):
+            order = rng.permutation(n).tolist()
+            batches += [order[s : s + size] for s in range(0, n, size)]
+        weight = None
+        if training.class_balanced and not self.generation:
+            weight = class_weights(data.train.labels, self.model.config.num_labels)
+        return Lane(data, slot, batches, task.fail_at_step, weight)
+
+    def _step(self, lanes: list[Lane], step: int, opt: SlotOptimizer, fixed, b_mean) -> None:
+        slots = [lane.slot for lane in lanes]
+        batch, valid = self._batch(lanes, step)
+        set_active(self.model, slots)
+        labels = batch.pop("labels")
+        with autocast(self.device, self.precision):
+            logits = self.model(**batch).logits
+        losses = self._losses(logits, labels, valid, lanes)
+        opt.zero_grad()
+        losses.sum().backward()
+        opt.step(slots)
+        fixed.restore()
+        if b_mean is not None:
+            b_mean.add(slots)
+        for lane, loss in zip(lanes, losses.tolist()):
+            lane.losses.append(loss)
+
+    def _batch(self, lanes: list[Lane], step: int) -> tuple[dict, torch.Tensor]:
+        """Every lane's batch of this step, each padded to the largest with copies of its last
+        example (``valid`` False), in lane order."""
+        width = max(len(lane.batches[step]) for lane in lanes)
+        features, labels, valid = None, [], []
+        for lane in lanes:
+            idx = lane.batches[step]
+            rows = idx + [idx[-1]] * (width - len(idx))
+            train = lane.data.train
+            features = features or {k: [] for k in train.features}
+            for k, v in train.features.items():
+                features[k] += [v[i] for i in rows]
+            for j, i in enumerate(rows):
+                y = train.labels[i]
+                keep = j < len(idx)
+                labels.append(y if keep or not self.generation else [IGNORE_INDEX] * len(y))
+                valid.append(keep)
+        batch = collate(features, labels, self.pad_id)
+        shape = (len(lanes), width)
+        return ({k: v.to(self.device) for k, v in batch.items()},
+                torch.tensor(valid, device=self.device).view(shape))  # fmt: skip
+
+    def _losses(self, logits, labels, valid, lanes: list[Lane]) -> torch.Tensor:
+        """Each lane's loss: the mean over its valid examples (class-weighted when it has
+        weights), for generation the mean over its answer tokens, as its model alone would
+        compute it."""
+        n, width = valid.shape
+        if self.generation:  # next-token loss over the labelled positions (HF's causal LM loss)
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            per_token = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
+                                        reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
+            per_token = per_token.view(n, -1)
+            counted = (shifted != IGNORE_INDEX).view(n, -1)
+            return per_token.sum(1) / counted.sum(1).clamp_min(1)
+        per_example = F.cross_entropy(logits.float(), labels, reduction="none").view(n, width)
+        weight = valid.float()
+        if lanes[0].weight is not None:
+            table = torch.stack([lane.weight for lane in lanes]).to(logits.device)
+            weight = weight * table.gather(1, labels.view(n, width))
+        return (per_example * weight).sum(1) / weight.sum(1)
+
+
+class _OtherExperts:
+    """Each slot's other experts' rows as they were when training began, put back after every
+    step (AdamW's weight decay would move them), as ``ClientRunner.train`` does per client."""
+
+    def __init__(self, model: nn.Module, owns: list[int | None]) -> None:
+        self.saved = []
+        if any(own is None for own in owns):
+            return
+        for layer in moe_lora_layers(model).values():
+            if layer.num_experts == 1:
+                continue
+            mask = torch.ones(layer.clients, layer.num_experts, dtype=torch.bool)
+            mask[torch.arange(len(owns)), torch.tensor(owns)] = False
+            mask[len(owns) :] = False
+            for p in (layer.lora_A, layer.lora_B):
+                self.saved.append((p, mask, p.detach()[mask].clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, mask, values in self.saved:
+            p[mask] = values
+
+
+class _SlotBMean:
+    """Per slot, the running mean of every ``lora_B`` over the steps that slot took."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [layer.lora_B for layer in moe_lora_layers(model).values()]
+        self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.counts = torch.zeros(self.params[0].shape[0])
+
+    @torch.no_grad()
+    def add(self, slots: list[int]) -> None:
+        for s, p in zip(self.sums, self.params, strict=True):
+            s[slots] += p[slots].float()
+        self.counts[slots] += 1
+
+    @torch.no_grad()
+    def store(self) -> None:
+        seen = (self.counts > 0).nonzero().flatten().tolist()
+        for s, p in zip(self.sums, self.params, strict=True):
+            for i in seen:
+                p[i].copy_(s[i] / self.counts[i])
+
+
+__all__ = ["LockstepTrainer", "SlotOptimizer", "State"]
