@@ -1,0 +1,198 @@
+"""Clients trained in lockstep (``client_batch``) against the same clients trained one by one:
+the slot optimizer against torch's, a stacked model against single-client models, and whole runs
+of every method (dropout off) to 1e-5."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
+from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
+from fedlease.fl import from_dict, inprocess
+from fedlease.fl.batched import SlotOptimizer
+from fedlease.fl.driver import RoundDriver
+from fedlease.fl.simulator import run, simulation
+from fedlease.fl.strategies import STRATEGIES
+from fedlease.fl.types import TrainSpec
+from fedlease.inject import set_own_expert
+from fedlease.models import load
+
+DATA = os.environ.get("FEDLEASE_DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
+TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc", "qnli"], "precision": "fp32",
+        "train_samples": 24, "test_samples": 8, "warmup_rounds": 1, "rounds": 2,
+        "local_epochs": 1, "batch_size": 8, "max_seq_len": 24, "max_experts": 2, "threads": 1,
+        "seed": 2, "dropout": 0.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_slot_optimizer_is_torchs_per_slot(optimizer):
+    """Three slots, steps over changing subsets (a slot leaves and stays out): each slot ends
+    where torch's optimizer, run on that slot alone for the steps it took, leaves it."""
+    spec = TrainSpec(optimizer, 0.01, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    stacked = nn.Parameter(torch.randn(3, 4, 5, generator=g))
+    alone = [nn.Parameter(stacked.detach()[i].clone()) for i in range(3)]
+    opts = [spec.make([p]) for p in alone]
+    slot_opt = SlotOptimizer([stacked], spec)
+    for slots in ([0, 1, 2], [0, 1, 2], [0, 2], [0, 2]):  # slot 1 drops out after two steps
+        grads = torch.randn(3, 4, 5, generator=g)
+        stacked.grad = grads.clone()
+        slot_opt.step(slots)
+        for i in slots:
+            alone[i].grad = grads[i].clone()
+            opts[i].step()
+    for i in range(3):
+        assert torch.allclose(stacked.detach()[i], alone[i].detach(), rtol=1e-6, atol=1e-7), i
+
+
+def _minilm():
+    torch.manual_seed(0)
+    model, tok = load("minilm", num_labels=2)
+    inject_moe_lora(model, MoELoRAConfig(num_experts=3, rank=4, trainable_modules=["classifier"]))
+    return model.eval(), tok
+
+
+def test_a_stacked_model_computes_each_clients_model():
+    """Three clients' adapters, routers, heads and own experts in the slots of one model: each
+    client's examples get the logits of its own single-client model, whichever slots are active
+    and in whatever order."""
+    model, tok = _minilm()
+    g = torch.Generator().manual_seed(1)
+    states = [{k: torch.randn(v.shape, generator=g) * 0.05 for k, v in
+               adapter_state_dict(model).items()} for _ in range(3)]  # fmt: skip
+    texts = [["a fine film", "dull"], ["so so and long indeed", "great"], ["bad", "meh meh meh"]]
+    want = []
+    for i in range(3):
+        load_adapter_state_dict(model, states[i])
+        set_own_expert(model, i)
+        want.append(model(**tok(texts[i], return_tensors="pt", padding=True)).logits)
+    import copy
+
+    stacked = stack_clients(copy.deepcopy(model), 3)
+    for i in range(3):
+        load_slot(stacked, i, states[i])
+    set_own_experts(stacked, [0, 1, 2])
+    for order in ([0, 1, 2], [2, 0]):
+        set_active(stacked, order)
+        batch = tok([t for i in order for t in texts[i]], return_tensors="pt", padding=True)
+        got = stacked(**batch).logits.view(len(order), 2, 2)
+        for k, i in enumerate(order):
+            assert torch.allclose(got[k], want[i], rtol=1e-5, atol=1e-6), (order, i)
+
+
+def _no_dropout(monkeypatch):
+    """Every dropout off (the model's too): the lockstep run and the one-by-one run then see the
+    same network, and must agree to rounding."""
+    original = inprocess.load_base
+
+    def load_base(cfg, rt):
+        base, tok = original(cfg, rt)
+        for m in base.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        base.config.attention_probs_dropout_prob = 0.0
+        return base, tok
+
+    monkeypatch.setattr(inprocess, "load_base", load_base)
+
+
+def _rel(a, b) -> float:
+    return abs(a - b) / max(abs(a), 1e-12)
+
+
+def assert_same_run(a: RoundDriver, b: RoundDriver, tol: float = 1e-5,
+                    state_tol: float = 1e-2) -> None:  # fmt: skip
+    """Per-round train losses and scores to ``tol``, the allocation, every client's final state
+    to ``state_tol``. Final states are held to what fp32 training repeats of itself: AdamW turns
+    rounding-level gradient differences into sign-level updates where a gradient is near zero,
+    and B starts at zero, so relative errors of B grow. The one-by-one run with 2 threads instead
+    of 1 ends 1.3e-4 (FedLEASE), 2.9e-4 (FedIT), 4.4e-4 (FedSA-LoRA) and 3.3e-3 (local) away
+    from itself (measured, this configuration); lockstep against one by one: 1.5e-4, 1.3e-4,
+    3.7e-4, 1.2e-3. A wrong data order, optimizer state or own expert moves states by O(1)."""
+    assert a.strategy.assignment() == b.strategy.assignment()
+    for row_a, row_b in zip(a.rec.rows, b.rec.rows, strict=True):
+        assert row_a["participants"] == row_b["participants"]
+        assert row_a["failed"] == row_b["failed"] and row_a["rejected"] == row_b["rejected"]
+        for ca, cb in zip(row_a["clients"], row_b["clients"], strict=True):
+            for key in ("train_loss", "accuracy", "eval_loss"):
+                if ca.get(key) is not None and not math.isnan(ca[key]):
+                    assert _rel(ca[key], cb[key]) < tol, (row_a["round"], ca["client"], key)
+    for ka, kb in zip(a.transport.kept, b.transport.kept, strict=True):
+        for name, t in ka.items():
+            err = ((kb[name].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30))
+            assert err < state_tol, name
+
+
+@pytest.mark.slow
+@needs_data
+@pytest.mark.parametrize("method", list(STRATEGIES))
+def test_every_method_trains_the_same_in_lockstep(method, monkeypatch):
+    _no_dropout(monkeypatch)
+    cfg = from_dict(TINY | {"method": method, "data_dir": DATA})
+    one = simulation(cfg, progress=False)
+    one.run()
+    together = simulation(from_dict(cfg.to_dict() | {"client_batch": 3}), progress=False)
+    together.run()
+    assert_same_run(one, together)
+
+
+@pytest.mark.slow
+@needs_data
+def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monkeypatch):
+    """Partial participation, injected crashes and NaN updates, B averaged over the warm-up, and
+    a lockstep run interrupted after round 2 and resumed: the one-by-one run's results."""
+    _no_dropout(monkeypatch)
+    raw = TINY | {"data_dir": DATA, "rounds": 3, "clients_per_round": 3, "warmup_average_b": True,
+                  "faults": {"client_failure_rate": 0.3, "nan_update_rate": 0.3, "seed": 2}}  # fmt: skip
+    one = simulation(from_dict(raw), progress=False)
+    one.run()
+    assert any(row["failed"] for row in one.rec.rows) and any(r["rejected"] for r in one.rec.rows)
+    cfg = from_dict(raw | {"client_batch": "auto"})
+    original = RoundDriver.save_checkpoint
+
+    def stop_after_two(self, rounds_done):
+        original(self, rounds_done)
+        if rounds_done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", original)
+    resumed = simulation(cfg, tmp_path / "run", progress=False, resume=True)
+    resumed.run()
+    assert resumed.resumed_from == 2
+    assert_same_run(one, resumed)
+
+
+def test_dropout_in_lockstep_is_dropout_with_other_masks():
+    """With dropout on, one draw covers the whole step: other masks than one by one, the same
+    distribution. The mean loss of a stacked model in train mode over many seeds equals the
+    single-client model's within 4 standard errors."""
+    model, tok = _minilm()
+    import copy
+
+    stacked = stack_clients(copy.deepcopy(model), 2)
+    for m in (model, stacked):
+        m.train()
+    texts = ["a fine film", "dull and long"]
+    labels = torch.tensor([1, 0])
+
+    def losses(m, batch, y):
+        out = []
+        for seed in range(40):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                logits = m(**batch).logits
+            out.append(nn.functional.cross_entropy(logits, y).item())
+        return np.array(out)
+
+    single = losses(model, tok(texts, return_tensors="pt", padding=True), labels)
+    together = losses(stacked, tok(texts * 2, return_tensors="pt", padding=True), labels.repeat(2))
+    se = math.sqrt(single.var(ddof=1) / len(single) + together.var(ddof=1) / len(together))
+    assert single.std() > 0 and abs(single.mean() - together.mean()) < 4 * se
