@@ -147,8 +147,9 @@ def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monke
     """Partial participation, injected crashes and NaN updates, B averaged over the warm-up, and
     a lockstep run interrupted after round 2 and resumed: the one-by-one run's results."""
     _no_dropout(monkeypatch)
+    faults = {"client_failure_rate": 0.3, "nan_update_rate": 0.3, "seed": 2}
     raw = TINY | {"data_dir": DATA, "rounds": 3, "clients_per_round": 3, "warmup_average_b": True,
-                  "faults": {"client_failure_rate": 0.3, "nan_update_rate": 0.3, "seed": 2}}  # fmt: skip
+                  "faults": faults}  # fmt: skip
     one = simulation(from_dict(raw), progress=False)
     one.run()
     assert any(row["failed"] for row in one.rec.rows) and any(r["rejected"] for r in one.rec.rows)
