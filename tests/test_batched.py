@@ -124,7 +124,7 @@ def assert_same_run(a: RoundDriver, b: RoundDriver, tol: float = 1e-5,
                     assert _rel(ca[key], cb[key]) < tol, (row_a["round"], ca["client"], key)
     for ka, kb in zip(a.transport.kept, b.transport.kept, strict=True):
         for name, t in ka.items():
-            err = ((kb[name].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30))
+            err = (kb[name].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30)
             assert err < state_tol, name
 
 
