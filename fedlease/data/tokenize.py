@@ -43,6 +43,12 @@ class ClientData:
     train: Encoded
     test: Encoded
 
+    @property
+    def typical_length(self) -> int:
+        """The median token count of the client's training examples."""
+        lengths = sorted(len(s) for s in self.train.features["input_ids"])
+        return lengths[len(lengths) // 2] if lengths else 0
+
 
 def collate(features: dict[str, list[list[int]]], labels: list[int], pad_id: int):
     """Pad every feature to the longest example of the batch (``input_ids`` with ``pad_id``,

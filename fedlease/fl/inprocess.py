@@ -17,6 +17,11 @@ from .strategies import Strategy
 from .strategies.base import restored, select
 from .types import ClientInfo, Layout, Reply, State, clone_state
 
+# Clients train together only when their median sequence lengths are within this factor: padding
+# SST-2's ~25-token sentences to QNLI's ~60-token pairs cost more than the larger step gained
+# (benchmarks/RESULTS.md, bench_round.py).
+LENGTH_SPREAD = 1.5
+
 
 class InProcess:
     """Every client in this process. It keeps each client's state (``kept``) and checkpoints
@@ -59,12 +64,11 @@ class InProcess:
     def train(self, r: int, payloads: dict[int, State]) -> dict[int, Reply]:
         """The clients train one after another, or ``client_batch`` at a time in lockstep; a
         client keeps its new state only when it is usable (status ``ok``)."""
-        ids, size = list(payloads), self.client_batch(len(payloads))
+        size = self.client_batch(len(payloads))
         phase, outcomes = self.strategy.phase(r), {}
-        for start in range(0, len(ids), size):
-            group = ids[start : start + size]
-            desc = f"{phase} {r + 1} client " + (f"{group[0]}" if size == 1 else
-                                                 f"{group[0]}-{group[-1]}")  # fmt: skip
+        for group in self.groups(list(payloads), size):
+            who = f"client {group[0]}" if size == 1 else f"{len(group)} clients"
+            desc = f"{phase} {r + 1} {who}"
             if size == 1:
                 cid = group[0]
                 outcomes[cid] = self.side.update(self.data[cid], self.kept[cid], payloads[cid],
@@ -72,11 +76,31 @@ class InProcess:
             else:
                 outcomes |= self._train_together(r, group, payloads, desc)
         replies = {}
-        for cid, (new, replies[cid]) in outcomes.items():
+        for cid in payloads:  # the participants' order
+            new, replies[cid] = outcomes[cid]
             if replies[cid].status["status"] == "ok":
                 self.kept[cid] = new
                 self.dirty.add(cid)
         return replies
+
+    def groups(self, ids: list[int], size: int) -> list[list[int]]:
+        """The clients that train together: up to ``size``, of similar sequence lengths (a step
+        pads every sequence to its longest: a group's median lengths within ``LENGTH_SPREAD``)."""
+        if size == 1:
+            return [[cid] for cid in ids]
+        ids = sorted(ids, key=lambda cid: (self.data[cid].typical_length, cid))
+        groups: list[list[int]] = []
+        for cid in ids:
+            length = max(self.data[cid].typical_length, 1)
+            if (
+                groups
+                and len(groups[-1]) < size
+                and length <= LENGTH_SPREAD * max(self.data[groups[-1][0]].typical_length, 1)
+            ):
+                groups[-1].append(cid)
+            else:
+                groups.append([cid])
+        return groups
 
     def client_batch(self, participants: int) -> int:
         """How many clients train at once (``client_batch``; ``auto``: every participant)."""

@@ -1,0 +1,130 @@
+"""One FedLEASE round with its clients trained one after another against the same clients trained
+in lockstep (``client_batch``), side by side in one command.
+
+For each number of clients and each ``client_batch``, one run in its own process (so resident
+memory starts from the same place): FedLEASE on GLUE clients (SST-2, QNLI, MRPC, RTE in turn),
+one warm-up round and one adaptive round, configs/glue4.yaml's shape by default (128 tokens,
+batch 16). Timed: the clients' training in the adaptive round (the transport's ``train``) and
+the evaluation after it (its ``evaluate``); the warm-up round is not timed. Also the peak memory
+(CUDA: allocated by torch; CPU: the process's peak resident set). Ratios are sequential time
+over lockstep time, from runs of one invocation.
+
+    python benchmarks/bench_round.py --data-dir ../shared/data/glue --clients 4,8,16
+    python benchmarks/bench_round.py --data-dir DIR --clients 16,64 --device cuda --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from timing import device_name, sync, versions
+
+TASKS = ("sst2", "qnli", "mrpc", "rte")
+
+
+def one_run(args) -> dict:
+    """One (clients, client_batch) run in this process: its timings and memory."""
+    import torch
+
+    from fedlease.fl import from_dict
+    from fedlease.fl.config import runtime
+    from fedlease.fl.simulator import simulation
+
+    n = args.n
+    cfg = from_dict({
+        "clients": [TASKS[i % len(TASKS)] for i in range(n)], "method": "fedlease",
+        "train_samples": args.train_samples, "test_samples": args.test_samples,
+        "warmup_rounds": 1, "rounds": 1, "local_epochs": 1, "batch_size": args.batch,
+        "eval_batch_size": args.batch * 4, "max_seq_len": args.seq, "max_experts": 4,
+        "seed": args.seed, "device": args.device, "precision": args.precision,
+        "threads": args.threads, "data_dir": args.data_dir, "client_batch": args.client_batch,
+    })  # fmt: skip
+    driver = simulation(cfg, progress=False)
+    transport, times = driver.transport, {}
+    device = runtime(cfg).device
+
+    def timed(name, fn):
+        def wrapper(r, *rest):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn(r, *rest)
+            sync(device)
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+
+        return wrapper
+
+    transport.train = timed("train", transport.train)
+    transport.evaluate = timed("evaluate", transport.evaluate)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    summary = driver.run()
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    return {"clients": n, "client_batch": args.client_batch, "train_s": times["train"][-1],
+            "evaluate_s": times["evaluate"][-1], "peak_mb": peak, "experts": summary.num_experts,
+            "device": device_name(device), "precision": summary.precision}  # fmt: skip
+
+
+def child(args, n: int, client_batch: str) -> dict:
+    argv = [sys.executable, __file__, *sys.argv[1:], "--n", str(n), "--client-batch", client_batch]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"run of {n} clients, client_batch {client_batch} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
+    p.add_argument("--clients", default="4,8,16", help="client counts, comma-separated")
+    p.add_argument("--batched", default="auto",
+                   help="client_batch of the lockstep runs (auto: all at once)")  # fmt: skip
+    p.add_argument("--train-samples", type=int, default=64, help="training examples per client")
+    p.add_argument("--test-samples", type=int, default=64, help="held-out examples per client")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example (default: 128)")
+    p.add_argument("--batch", type=int, default=16, help="training batch size (default: 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one run, in a child process
+    p.add_argument("--client-batch", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.n:
+        args.client_batch = "auto" if args.client_batch == "auto" else int(args.client_batch)
+        print(json.dumps(one_run(args)))
+        return 0
+    rows = []
+    for n in (int(c) for c in args.clients.split(",")):
+        seq, lock = child(args, n, "1"), child(args, n, args.batched)
+        rows.append({"clients": n, "sequential": seq, "lockstep": lock,
+                     "train_speedup": seq["train_s"] / lock["train_s"],
+                     "evaluate_speedup": seq["evaluate_s"] / lock["evaluate_s"]})  # fmt: skip
+        print(f"{n} clients done", file=sys.stderr)
+    report = {"device": rows[0]["sequential"]["device"], "versions": versions(),
+              "precision": rows[0]["sequential"]["precision"], "seq": args.seq,
+              "batch": args.batch, "train_samples": args.train_samples, "rows": rows}  # fmt: skip
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"device: {report['device']}  precision {report['precision']}  {args.seq} tokens, "
+          f"batch {args.batch}, {args.train_samples} examples per client")  # fmt: skip
+    print(f"{'clients':>8} {'train seq s':>12} {'lockstep s':>11} {'speed-up':>9} "
+          f"{'eval seq s':>11} {'lockstep s':>11} {'peak MB seq/lock':>17}")  # fmt: skip
+    for r in rows:
+        s, k = r["sequential"], r["lockstep"]
+        print(f"{r['clients']:>8} {s['train_s']:>12.2f} {k['train_s']:>11.2f} "
+              f"{r['train_speedup']:>8.2f}x {s['evaluate_s']:>11.2f} {k['evaluate_s']:>11.2f} "
+              f"{s['peak_mb']:>8.0f}/{k['peak_mb']:<8.0f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
