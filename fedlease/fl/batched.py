@@ -28,10 +28,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..clients import load_slot, set_active, set_own_experts, slot_state
-from ..data.tokenize import IGNORE_INDEX, ClientData, collate
+from ..data.tokenize import IGNORE_INDEX, ClientData, Encoded, collate
 from ..inject import moe_lora_layers
 from ..precision import autocast
-from .client import class_weights
+from .client import class_weights, classification_scores
 from .types import State, TrainSpec
 
 
@@ -149,7 +149,7 @@ class LockstepTrainer:
         bar.close()
         if b_mean is not None:
             b_mean.store()
-        set_active(model, list(range(len(lanes))))
+        set_active(model, list(range(model.client_slots)))
         return [(None, None, lane.failed) if lane.failed else
                 (slot_state(model, lane.slot, names), float(np.mean(lane.losses)), None)
                 for lane in lanes]  # fmt: skip
@@ -184,26 +184,59 @@ class LockstepTrainer:
             lane.losses.append(loss)
 
     def _batch(self, lanes: list[Lane], step: int) -> tuple[dict, torch.Tensor]:
-        """Every lane's batch of this step, each padded to the largest with copies of its last
-        example (``valid`` False), in lane order."""
-        width = max(len(lane.batches[step]) for lane in lanes)
-        features, labels, valid = None, [], []
-        for lane in lanes:
-            idx = lane.batches[step]
+        return self._rows([(lane.data.train, lane.batches[step]) for lane in lanes])
+
+    def _rows(self, parts: list[tuple[Encoded, list[int]]]) -> tuple[dict, torch.Tensor]:
+        """One batch of every part's examples, part after part, each padded to the largest part
+        with copies of its last example (``valid`` False; for generation their labels ignored)."""
+        width = max(len(idx) for _, idx in parts)
+        features, labels, valid = {k: [] for k in parts[0][0].features}, [], []
+        for data, idx in parts:
             rows = idx + [idx[-1]] * (width - len(idx))
-            train = lane.data.train
-            features = features or {k: [] for k in train.features}
-            for k, v in train.features.items():
+            for k, v in data.features.items():
                 features[k] += [v[i] for i in rows]
             for j, i in enumerate(rows):
-                y = train.labels[i]
+                y = data.labels[i]
                 keep = j < len(idx)
                 labels.append(y if keep or not self.generation else [IGNORE_INDEX] * len(y))
                 valid.append(keep)
         batch = collate(features, labels, self.pad_id)
-        shape = (len(lanes), width)
         return ({k: v.to(self.device) for k, v in batch.items()},
-                torch.tensor(valid, device=self.device).view(shape))  # fmt: skip
+                torch.tensor(valid, device=self.device).view(len(parts), width))  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self, clients: list[ClientData], states: list[State],
+                 owns: list[int | None]) -> list[dict]:  # fmt: skip
+        """Classification clients' held-out scores, as ``evaluate_encoded`` gives them one by
+        one: each client's test set in batches of ``eval_batch_size`` by length, the clients'
+        batches of a step in one forward."""
+        model, size = self.model, self.cfg.eval_batch_size
+        for slot, state in enumerate(states):
+            load_slot(model, slot, state)
+        set_own_experts(model, [own or 0 for own in owns])
+        model.eval()
+        batches = []
+        for c in clients:
+            order = sorted(range(len(c.test)), key=lambda i: len(c.test.features["input_ids"][i]))
+            batches.append([order[s : s + size] for s in range(0, len(order), size)])
+        preds, labels, loss_sums = ([[] for _ in clients], [[] for _ in clients],
+                                    [0.0] * len(clients))  # fmt: skip
+        for step in range(max(len(b) for b in batches)):
+            slots = [i for i, b in enumerate(batches) if step < len(b)]
+            batch, valid = self._rows([(clients[i].test, batches[i][step]) for i in slots])
+            y = batch.pop("labels")
+            set_active(model, slots)
+            with autocast(self.device, self.precision):
+                logits = model(**batch).logits.float()
+            loss = F.cross_entropy(logits, y, reduction="none").view(valid.shape)
+            for k, i in enumerate(slots):
+                keep = valid[k]
+                loss_sums[i] += loss[k][keep].sum().item()
+                preds[i].append(logits.view(*valid.shape, -1)[k][keep].argmax(-1).cpu())
+                labels[i].append(y.view(valid.shape)[k][keep].cpu())
+        set_active(model, list(range(model.client_slots)))
+        return [classification_scores(torch.cat(p), torch.cat(t), loss, c.task)
+                for p, t, loss, c in zip(preds, labels, loss_sums, clients)]  # fmt: skip
 
     def _losses(self, logits, labels, valid, lanes: list[Lane]) -> torch.Tensor:
         """Each lane's loss: the mean over its valid examples (class-weighted when it has

@@ -211,7 +211,12 @@ def evaluate_encoded(
         loss_sum += out.loss.item() * len(batch["labels"])
         preds.append(out.logits.argmax(-1).cpu())
         labels.append(batch["labels"].cpu())
-    p, y = torch.cat(preds), torch.cat(labels)
+    return classification_scores(torch.cat(preds), torch.cat(labels), loss_sum, task)
+
+
+def classification_scores(p: torch.Tensor, y: torch.Tensor, loss_sum: float, task: str) -> dict:
+    """Accuracy of predictions ``p`` against labels ``y``, the mean loss, and for MRPC/QQP the
+    binary F1 of class 1."""
     result = {"accuracy": (p == y).double().mean().item(), "eval_loss": loss_sum / len(y)}
     if task_spec(task).f1:
         tp = ((p == 1) & (y == 1)).sum().item()

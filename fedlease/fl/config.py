@@ -102,10 +102,12 @@ class FLConfig:
     clients_per_round: int | float | None = setting(None, "clients that train in a round, drawn "
         "from the run seed: a count, a fraction of all clients, or null for all (FedLEASE's "
         "warm-up rounds train every client)")  # fmt: skip
-    client_batch: int | str = setting(1, "clients trained at once in this process, in lockstep "
-        "through one frozen model (one forward and backward per step over their batches); 1: one "
-        "after another; 'auto': as many as train in the round", lambda v: None if v == "auto" or (
-        isinstance(v, int) and v >= 1) else "must be 'auto' or an integer >= 1")  # fmt: skip
+    client_batch: int | str = setting(1, "clients trained (and evaluated) at once in this "
+        "process, in lockstep through one frozen model: one forward and backward per step over "
+        "their batches, each client still on its own data, adapters, head and optimizer; 1: one "
+        "after another; 'auto': every participant on a GPU, up to 4 on the CPU",
+        lambda v: None if v == "auto" or (isinstance(v, int) and v >= 1)
+        else "must be 'auto' or an integer >= 1")  # fmt: skip
     eval_every: int = setting(1, "evaluate every client every this many rounds, and after the last",
         at_least(1))  # fmt: skip
     local_epochs: int = setting(2, "passes over its data a client makes per round", at_least(1))

@@ -45,6 +45,7 @@ class Transport(Protocol):
 
     device: str  # where the clients train ("" when the driver cannot know)
     precision: str
+    used_client_batch: int  # the most clients trained at once (1: one after another)
 
     def start(self) -> list[ClientInfo]:
         """Reach every client; their infos in client-id order."""
@@ -95,6 +96,7 @@ class Summary:
     resumed_from_round: int | None = None  # rounds already complete when this process resumed
     device: str = ""  # where the clients trained, e.g. "cpu" or "cuda:0"
     precision: str = ""  # "fp32" or "bf16"
+    client_batch: int = 1  # the most clients trained (and evaluated) at once
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -336,6 +338,7 @@ class RoundDriver:
         summary.initial_mean = self.initial_mean
         summary.resumed_from_round = self.resumed_from
         summary.device, summary.precision = self.transport.device, self.transport.precision
+        summary.client_batch = self.transport.used_client_batch
         if out:
             if self.strategy.total_rounds:
                 self.transport.finish(out)

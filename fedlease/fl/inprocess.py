@@ -21,6 +21,10 @@ from .types import ClientInfo, Layout, Reply, State, clone_state
 # SST-2's ~25-token sentences to QNLI's ~60-token pairs cost more than the larger step gained
 # (benchmarks/RESULTS.md, bench_round.py).
 LENGTH_SPREAD = 1.5
+# `client_batch: auto` on the CPU: 4 clients at once gained 1.1-1.2x on `make demo` (64 tokens)
+# and lost nothing on 16 GLUE clients at 128 tokens, where 16 at once lost (0.86x: a larger step
+# gains little on a CPU, the longer padding costs); benchmarks/RESULTS.md.
+CPU_AUTO_CLIENTS = 4
 
 
 class InProcess:
@@ -31,6 +35,7 @@ class InProcess:
         self.cfg, self.progress = cfg, progress
         self.rt = runtime(cfg)  # a device this machine lacks stops here
         self.device, self.precision = str(self.rt.device), self.rt.precision
+        self.used_client_batch = 1
 
     def start(self) -> list[ClientInfo]:
         cfg = self.cfg
@@ -103,9 +108,15 @@ class InProcess:
         return groups
 
     def client_batch(self, participants: int) -> int:
-        """How many clients train at once (``client_batch``; ``auto``: every participant)."""
+        """How many clients train at once: ``client_batch``, or for ``auto`` every participant on
+        a GPU and at most ``CPU_AUTO_CLIENTS`` on the CPU (measured, bench_round.py); records the
+        largest chosen (``used_client_batch``, in the summary)."""
         value = self.cfg.client_batch
-        return max(1, min(participants, participants if value == "auto" else value))
+        if value == "auto":
+            value = participants if self.rt.device.type == "cuda" else CPU_AUTO_CLIENTS
+        size = max(1, min(participants, value))
+        self.used_client_batch = max(self.used_client_batch, size)
+        return size
 
     def _train_together(self, r: int, group: list[int], payloads, desc: str) -> dict:
         """``(new_state, reply)`` per client of ``group``, trained in lockstep."""
@@ -122,15 +133,25 @@ class InProcess:
         return out
 
     def evaluate(self, r: int, finals: dict[int, State]) -> list[dict]:
+        """Every client merges its final payload into what it kept and is evaluated: one by one,
+        or (classification) ``client_batch`` at a time in one forward per step."""
         strategy, layout = self.strategy, self.strategy.layout(r)
         runner, template = self.pool.runner(layout), self.pool.template(layout)
-        evals = []
         for c in self.data:
             cid = c.client_id
             self.kept[cid] = strategy.client_state(cid, template, self.kept[cid], finals[cid])
             self.dirty.add(cid)
-            evals.append(runner.evaluate(c, self.kept[cid], strategy.own_expert(cid, r)))
-        return evals
+        size = self.client_batch(len(self.data))
+        if size == 1 or self.cfg.task_type == "generation":  # batched decoding: not written
+            return [runner.evaluate(c, self.kept[c.client_id], strategy.own_expert(c.client_id, r))
+                    for c in self.data]  # fmt: skip
+        evals = {}
+        trainer = self.pool.lockstep(layout, size)
+        for group in self.groups([c.client_id for c in self.data], size):
+            scores = trainer.evaluate([self.data[c] for c in group], [self.kept[c] for c in group],
+                                      [strategy.own_expert(c, r) for c in group])  # fmt: skip
+            evals |= dict(zip(group, scores))
+        return [evals[c.client_id] for c in self.data]
 
     def checkpoint(self) -> tuple[dict[str, State], set[str], dict]:
         """Each client's kept state in its own group; files of unchanged clients are kept."""

@@ -104,6 +104,7 @@ class FlowerTransport:
     which they saved it, and every message of a resumed run names the round it resumed from."""
 
     device = precision = ""  # the nodes know where they train
+    used_client_batch = 1  # a node trains its one client
 
     def __init__(self, grid: Grid, cfg: FLConfig, opts: ServerOptions) -> None:
         self.grid, self.cfg, self.opts = grid, cfg, opts
