@@ -208,9 +208,11 @@ class LockstepTrainer:
     def evaluate(self, clients: list[ClientData], states: list[State],
                  owns: list[int | None]) -> list[dict]:  # fmt: skip
         """Classification clients' held-out scores, as ``evaluate_encoded`` gives them one by
-        one: each client's test set in batches of ``eval_batch_size`` by length, the clients'
-        batches of a step in one forward."""
-        model, size = self.model, self.cfg.eval_batch_size
+        one: each client's test set in batches by length, the clients' batches of a step in one
+        forward of ``eval_batch_size`` examples in all (no larger than one client's alone: on a
+        CPU a forward of every client's full batch measured slower than one by one)."""
+        model = self.model
+        size = max(1, self.cfg.eval_batch_size // len(clients))
         for slot, state in enumerate(states):
             load_slot(model, slot, state)
         set_own_experts(model, [own or 0 for own in owns])
