@@ -2,9 +2,11 @@
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
 # current Python, runs the CUDA-relevant tests with a per-test timeout, checks the kernels'
 # registers, benchmarks the layer at the four reference shapes in bf16 and a whole model's
-# training (fp32 and bf16), and times one short federated run on the GPU; outputs go to OUT_DIR:
+# training (fp32 and bf16), one FedLEASE round of 16 and 64 clients trained one by one and in
+# lockstep, and times one short federated run on the GPU; outputs go to OUT_DIR:
 #   env.txt, install.log, layer_<shape>.json, layer.md, profile.txt, tests.txt, train.json,
-#   train.txt, fl_run/ (a short `fedlease run`), fl_run.log, kernel_resources.txt, gpu_check.log
+#   train.txt, round.txt, fl_run/ (a short `fedlease run`), fl_run.log, kernel_resources.txt,
+#   gpu_check.log
 # in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s);
 # GPU_CHECK_SKIP lists steps to leave out (e.g. "fl_run kernel_resources"); GPU_CHECK_TESTS the
 # pytest selection (default: every test file that runs the ops).
@@ -91,7 +93,8 @@ fi
 
 test_budget=${GPU_CHECK_TEST_BUDGET_S:-300}
 default_tests="tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py
-  tests/test_op_linear.py tests/test_layer.py tests/test_autocast.py tests/test_precision.py"
+  tests/test_op_linear.py tests/test_op_clients.py tests/test_layer.py tests/test_autocast.py
+  tests/test_precision.py"
 read -r -a test_sel <<<"$(echo ${GPU_CHECK_TESTS:-$default_tests})"
 if ! skip tests; then
 log "tests (per-test timeout 120 s, ${test_budget} s in all)"
@@ -111,6 +114,21 @@ fi
 $py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
   && $py -c "import json, sys; r = json.load(open(sys.argv[1])); [print(f'{k:<28} {v[\"samples_per_s\"]:9.1f} samples/s') for k, v in r['results'].items()]; [print(f'{k}: {v:.2f}x') for k, v in r['ratios'].items()]" "$out/train.json" | tee "$out/train.txt" \
   || log "training benchmark failed"
+fi
+
+if ! skip round; then
+log "one round, clients one by one against in lockstep (bench_round.py)"
+for d in "${FEDLEASE_DATA_DIR:-}" ../shared/data/glue shared/data/glue; do
+  if [ -n "$d" ] && [ -d "$d" ]; then export FEDLEASE_DATA_DIR=$(cd "$d" && pwd); break; fi
+done
+if [ "$gpu" = 1 ]; then
+  round_args=(--device cuda --clients 16,64)
+else
+  round_args=(--device cpu --clients 4 --train-samples 16 --test-samples 16 --seq 32)
+fi
+HF_HUB_OFFLINE=1 timeout 420 $py benchmarks/bench_round.py --data-dir "${FEDLEASE_DATA_DIR:-.}" \
+  "${round_args[@]}" >"$out/round.txt" 2>>"$out/gpu_check.log" \
+  && cat "$out/round.txt" | tee -a "$out/gpu_check.log" || log "round benchmark failed"
 fi
 
 if ! skip fl_run; then
