@@ -25,8 +25,8 @@ from fedlease.models import load
 DATA = os.environ.get("FEDLEASE_DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
 TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc", "qnli"], "precision": "fp32",
-        "train_samples": 24, "test_samples": 8, "warmup_rounds": 1, "rounds": 2,
-        "local_epochs": 1, "batch_size": 8, "max_seq_len": 24, "max_experts": 2, "threads": 1,
+        "train_samples": 16, "test_samples": 8, "warmup_rounds": 1, "rounds": 2,
+        "local_epochs": 1, "batch_size": 8, "max_seq_len": 20, "max_experts": 2, "threads": 1,
         "seed": 2, "dropout": 0.0}  # fmt: skip
 
 
