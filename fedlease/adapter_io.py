@@ -113,11 +113,15 @@ def read_adapter_config(directory: str | Path) -> MoELoRAConfig:
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> None:
-    """Load weights written by :func:`save_adapter` into ``model`` (strict)."""
+    """Load weights written by :func:`save_adapter` into ``model`` (strict: names, shapes,
+    dtypes; tensors holding NaN or Inf are refused, by name)."""
     path = Path(directory) / WEIGHTS_NAME
     try:
         state = load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"cannot read adapter weights {path}: {exc}") from exc
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"adapter weights {path} hold NaN or Inf in {sorted(bad)[:3]}")
     device = next(iter(adapter_state_dict(model).values())).device
     load_adapter_state_dict(model, {k: v.to(device) for k, v in state.items()}, str(path))

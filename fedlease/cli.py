@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -242,6 +243,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
     from .fl import ConfigError, run
     from .fl.checkpoint import CheckpointError
+    from .models import ModelError
 
     if args.resume is None and args.config is None:
         print("fedlease run: error: give --config YAML (or --resume DIR)", file=sys.stderr)
@@ -258,17 +260,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.output)
     else:
         out = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    why = _output_problem(out, args)
+    if why:
+        print(f"fedlease run: error: {why}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         summary = run(cfg, out, progress=not args.no_progress, resume=args.resume is not None)
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed rounds are saved; continue with "
               f"`fedlease run --resume {out}`", file=sys.stderr)  # fmt: skip
         return 130
-    except (DataError, CheckpointError, ImportError) as exc:  # ImportError: a missing extra
-        print(f"fedlease run: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, ModelError, ImportError) as exc:
+        print(f"fedlease run: error: {exc}", file=sys.stderr)  # ImportError: a missing extra
         return EXIT_BAD_INPUT
     print_summary(summary, out)
     return 0
+
+
+def _output_problem(out: Path, args: argparse.Namespace) -> str | None:
+    """Why ``out`` cannot take the run (None: it can): not a directory, not writable, or a
+    ``--output`` beside ``--resume`` that names another directory."""
+    if args.resume is not None and args.output and Path(args.output).resolve() != out.resolve():
+        return (f"--output {args.output!r} with --resume {args.resume!r}: a resumed run writes to "
+                "its own directory; leave --output out")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        return f"output {str(out)!r} is a file, not a directory"
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return (
+            f"output {str(out)!r} cannot be written ({str(existing)!r} is not a writable directory)"
+        )
+    return None
 
 
 def _int_list(text: str, flag: str) -> list[int]:

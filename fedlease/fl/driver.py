@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .allocation import Allocation
-from .config import FLConfig, metric_of
+from .config import FLConfig, config_differences, metric_of
 from .participation import evaluated, participants
 from .robust import screen_round
 from .strategies import Strategy, make_strategy
@@ -33,6 +33,10 @@ from .strategies.fedlease import allocation_to_json
 from .types import ClientInfo, Layout, Reply, State, payload_bytes
 
 log = logging.getLogger("fedlease")
+
+# Keys a resumed run may change: they cannot change its results (threads: where the run computes;
+# data_dir: where the same data lie). Every other key must be as the checkpoint recorded it.
+RESUME_FREE = ("threads", "data_dir")
 
 ARTEFACTS = ("config.yaml", "metrics.jsonl", "clusters.json", "summary.json", "dendrogram.png",
              "distance_heatmap.png", "silhouette.png", "accuracy.png")  # fmt: skip
@@ -194,6 +198,8 @@ class RoundDriver:
         self.min_results = min_results
         self.metric = metric_of(cfg)
         ckpt = checkpoint.load(self.out) if resume and self.out else None
+        if ckpt is not None:  # before anything is loaded or written
+            self._check_resumable(ckpt.meta.get("config"))
         self.t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
         self.clients = transport.start()
         if self.out:  # only now: bad data or clients stop the run before anything is written
@@ -224,6 +230,22 @@ class RoundDriver:
         self.rec = Recorder(self.out, meta["metrics"])
         # older in-process checkpoints kept only the mean
         self.untrained = meta.get("untrained") or [meta["initial_mean"]] * len(self.clients)
+
+    def _check_resumable(self, recorded: dict | None) -> None:
+        """A resumed run continues the run the checkpoint holds: a key that changes results
+        (all but ``RESUME_FREE``) differing from the recorded config refuses the resume."""
+        if recorded is None:  # a checkpoint from before configs were recorded in it
+            return
+
+        def bound(config: dict) -> dict:
+            return {k: v for k, v in config.items() if k not in RESUME_FREE}
+
+        differ = config_differences(bound(recorded), bound(self.cfg.to_dict()))
+        if differ:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {str(self.out)!r} with another config ({'; '.join(differ)}): the "
+                "checkpoint's run would continue mixed with another; start a new run instead"
+            )
 
     @property
     def initial_mean(self) -> float:
@@ -325,7 +347,7 @@ class RoundDriver:
         groups, unchanged, transport_meta = self.transport.checkpoint()
         meta = {"comm": self.comm, "metrics": self.rec.rows, "untrained": self.untrained,
                 "elapsed_s": time.time() - self.t0, "strategy": strategy_meta,
-                **transport_meta}  # fmt: skip
+                "config": self.cfg.to_dict(), **transport_meta}  # fmt: skip
         checkpoint.save(self.out, rounds_done, meta, tensors, groups, unchanged)
 
     def finish(self) -> Summary:

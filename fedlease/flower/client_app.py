@@ -29,7 +29,7 @@ from ..data.tokenize import ClientData
 from ..fl import checkpoint
 from ..fl.config import FLConfig, runtime
 from ..fl.faults import FaultPlan
-from ..fl.pool import ClientSide, ModelPool, load_base
+from ..fl.pool import ClientSide, ModelPool, check_positions, load_base
 from ..fl.strategies import Strategy, make_strategy
 from ..fl.strategies.base import select
 from ..fl.types import clone_state
@@ -66,6 +66,7 @@ def node_for(context: Context) -> Node:
     if key not in _NODES:
         rt = runtime(cfg)
         base, tokenizer = load_base(cfg, rt)
+        check_positions(cfg, base)
         clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                     cfg.max_seq_len, cfg.seed, cfg.label_alpha,
                                     source_for(cfg.task_type).resolve(data_dir), only=pid,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord
 
-from ..fl.config import ConfigError, FLConfig, from_dict
+from ..fl.config import ConfigError, FLConfig, from_dict, load_yaml
 from ..fl.types import State
 
 
@@ -36,7 +36,7 @@ def parse_run_config(run_config: dict) -> tuple[FLConfig, ServerOptions]:
             setattr(opts, name, hints[name](value))
         elif isinstance(value, str):
             try:
-                raw[name] = yaml.safe_load(value) if value != "" else None
+                raw[name] = load_yaml(value) if value != "" else None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"run config {key!r} = {value!r} is not valid YAML") from exc
         else:

@@ -1,0 +1,216 @@
+"""Bad input, from a careless or hostile user: every case ends with exit code 2 and one line that
+names the culprit, never a traceback, and leaves the run directory and a user's file beside it
+exactly as they were (listing and bytes)."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from fedlease.cli import main
+
+DATA = os.environ.get("FEDLEASE_DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
+TINY = {"clients": ["sst2", "mrpc", "sst2"], "precision": "fp32", "train_samples": 8,
+        "test_samples": 8, "warmup_rounds": 1, "rounds": 1, "local_epochs": 1, "batch_size": 8,
+        "max_seq_len": 24, "max_experts": 2, "threads": 1, "seed": 3}  # fmt: skip
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` by relative path, with the SHA-256 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished tiny run (checkpoint, adapters) to resume, evaluate and export."""
+    root = tmp_path_factory.mktemp("finished")
+    if not DATA:
+        pytest.skip("FEDLEASE_DATA_DIR not set")
+    (root / "c.yaml").write_text(yaml.safe_dump(TINY))
+    assert main(["run", "--config", str(root / "c.yaml"), "--output", str(root / "run"),
+                 "--data-dir", DATA, "--no-progress"]) == 0  # fmt: skip
+    return root / "run"
+
+
+def write(path: Path, text: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def config(tmp: Path, **over) -> str:
+    return write(tmp / "c.yaml", yaml.safe_dump(TINY | over))
+
+
+def nan_adapter(finished: Path, tmp: Path) -> str:
+    """A copy of client 0's adapter with one tensor poisoned."""
+    copy = tmp / "nan_adapter"
+    shutil.copytree(finished / "adapters" / "client0", copy)
+    state = load_file(copy / "adapter_model.safetensors")
+    name = next(k for k in state if k.endswith("lora_B"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(copy / "adapter_model.safetensors"))
+    return str(copy)
+
+
+def bomb() -> str:
+    lines = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for i in range(12):
+        prev = "a" if i == 0 else f"k{i - 1}"
+        lines.append(f"k{i}: &k{i} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\nclients: *k11\n"
+
+
+def run_with(t: Path, o: str, *extra: str, **over) -> list[str]:
+    """``fedlease run`` of the tiny config (with ``over``) into ``o``, plus ``extra`` flags."""
+    return ["run", "--config", config(t, **over), "--output", o, *extra]
+
+
+def run_file(t: Path, o: str, text: str | bytes) -> list[str]:
+    """``fedlease run`` of a config file holding ``text``."""
+    return ["run", "--config", write(t / "c.yaml", text), "--output", o]
+
+
+def export(f: Path, out: str) -> list[str]:
+    return ["export", "--adapter", str(f / "adapters" / "client0"), "--expert", "0", "--out", out]
+
+
+COMPARE_SEED = ["--methods", "fedit", "--seeds", str(2**70)]
+INTO = "write over what it reads"
+# (name, argv from (tmp dir, run directory under test, finished run), what the message names)
+CASES = [
+    ("seed beyond 64 bits", lambda t, o, f: run_with(t, o, "--set", f"seed={2**70}"), "'seed'"),
+    ("negative seed", lambda t, o, f: run_with(t, o, "--set", "seed=-1"), "'seed'"),
+    ("config not UTF-8", lambda t, o, f: run_file(t, o, b"clients: \xff"), "not UTF-8"),
+    (
+        "duplicate key",
+        lambda t, o, f: run_file(t, o, "clients: [sst2]\nrank: 4\nrank: 8\n"),
+        "duplicate key 'rank' (line 3",
+    ),
+    ("alias bomb", lambda t, o, f: run_file(t, o, bomb()), "more than 64 aliases"),
+    ("huge config", lambda t, o, f: run_file(t, o, "x: 1\n" * 300_000), "larger than"),
+    (
+        "config missing",
+        lambda t, o, f: ["run", "--config", str(t / "no.yaml"), "--output", o],
+        "cannot read config file",
+    ),
+    ("bad YAML in --set", lambda t, o, f: run_with(t, o, "--set", "lr=["), "not valid YAML"),
+    (
+        "huge unknown key",
+        lambda t, o, f: run_with(t, o, "--set", "x" * 5000 + "=1"),
+        "unknown config key 'xxx",
+    ),
+    ("client_batch 0", lambda t, o, f: run_with(t, o, "--set", "client_batch=0"), "'client_batch'"),
+    ("output is a file", lambda t, o, f: run_with(t, write(t / "afile", "x")), "is a file"),
+    (
+        "resume to another output",
+        lambda t, o, f: ["run", "--resume", str(f), "--output", o],
+        "leave --output out",
+    ),
+    (
+        "model path missing",
+        lambda t, o, f: run_with(t, o, model="/no/such/model"),
+        "no such directory",
+    ),
+    (
+        "max_seq_len beyond the model",
+        lambda t, o, f: run_with(t, o, max_seq_len=600),
+        "'max_seq_len' = 600: model 'minilm' has 512 positions",
+    ),
+    (
+        "data not UTF-8",
+        lambda t, o, f: run_with(t, o, "--data-dir", _bad_data(t)),
+        "train.jsonl:2: not UTF-8",
+    ),
+    (
+        "compare seed beyond 64 bits",
+        lambda t, o, f: ["compare", "--config", config(t), "--output", o, *COMPARE_SEED],
+        "'seed'",
+    ),
+    ("eval NaN adapter", lambda t, o, f: ["eval", "--adapter", nan_adapter(f, t)], "NaN or Inf"),
+    (
+        "export NaN adapter",
+        lambda t, o, f: ["export", "--adapter", nan_adapter(f, t), "--expert", "0", "--out", o],
+        "NaN or Inf",
+    ),
+    ("export onto its input", lambda t, o, f: export(f, str(f / "adapters" / "client0")), INTO),
+    (
+        "export into its input",
+        lambda t, o, f: export(f, str(f / "adapters" / "client0" / "x")),
+        INTO,
+    ),
+]
+
+
+def _bad_data(tmp: Path) -> str:
+    """A GLUE copy whose SST-2 training file has a byte that is not UTF-8 on line 2."""
+    root = tmp / "glue"
+    shutil.copytree(DATA, root)
+    path = root / "sst2" / "train.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(
+        lines[0] + b'{"sentence": "caf\xe9", "label": 1, "idx": 9}\n' + b"".join(lines[2:])
+    )
+    return str(root)
+
+
+@needs_data
+@pytest.mark.parametrize("name, argv, pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_naming_it_and_touches_nothing(name, argv, pattern, finished, tmp_path,
+                                                         capsys):  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "my_notes.txt", "a user's own file")  # must survive every case
+    neighbour = tmp_path / "neighbour.txt"
+    write(neighbour, "beside the run")
+    args = argv(tmp_path, str(out), finished)
+    before = (snapshot(out), snapshot(finished), neighbour.read_bytes())
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (name, err[-2000:])
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err[-2000:]
+    assert pattern in err, err
+    assert (snapshot(out), snapshot(finished), neighbour.read_bytes()) == before
+
+
+@needs_data
+@pytest.mark.parametrize("change", [["--set", "seed=4"], ["--set", "lr=0.01"], "edit"])
+def test_a_resume_with_another_config_is_refused_naming_the_keys(change, finished, tmp_path,
+                                                                 capsys):  # fmt: skip
+    """--set on the command line, or an edited config.yaml in the run directory: the checkpoint's
+    recorded config decides, and nothing is written."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    args = ["run", "--resume", str(run), "--no-progress"]
+    key = "lr"
+    if change == "edit":
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["rank"] = 8
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        key = "rank"
+    else:
+        args += change
+        key = change[1].split("=")[0]
+    before = snapshot(run)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {str(run)!r} with another config ({key}:" in err, err
+    assert snapshot(run) == before
+
+
+@needs_data
+def test_a_resume_may_change_threads_and_the_data_directory(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["config"]["seed"] == TINY["seed"]  # the checkpoint records the run's config
+    assert main(["run", "--resume", str(run), "--no-progress", "--set", "threads=2",
+                 "--data-dir", str(Path(DATA).resolve())]) == 0  # fmt: skip
