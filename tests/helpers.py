@@ -132,3 +132,34 @@ def assert_same_run(a, b, tol: float = 1e-5,
         for name, t in ka.items():
             err = (kb[name].double() - t.double()).norm() / t.double().norm().clamp_min(1e-30)
             assert err < state_tol, name
+
+
+def assert_fwd_bwd_close(y, y_ref, fast, ref, names, tol: float = 1e-5) -> None:
+    """``y`` against the float64 reference ``y_ref`` to ``tol``, then one random backward
+    through both and every input's gradient (``fast`` and ``ref`` in the order of ``names``)."""
+    assert rel_err(y, y_ref) < tol
+    dy = torch.randn_like(y_ref)
+    y.backward(dy.to(y.dtype))
+    y_ref.backward(dy)
+    for name, f, r in zip(names, fast, ref):
+        assert rel_err(f.grad, r.grad) < tol, name
+
+
+def interrupted(run_fn, after_rounds: int, monkeypatch) -> None:
+    """``run_fn()`` (a run with an output directory) stopped as by Ctrl-C once ``after_rounds``
+    rounds are checkpointed; the checkpointing is as it was afterwards."""
+    import pytest
+
+    from fedlease.fl.driver import RoundDriver
+
+    original = RoundDriver.save_checkpoint
+
+    def stop(self, rounds_done):
+        original(self, rounds_done)
+        if rounds_done == after_rounds:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_fn()
+    monkeypatch.setattr(RoundDriver, "save_checkpoint", original)

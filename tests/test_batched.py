@@ -8,14 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_run
+from helpers import assert_same_run, interrupted
 from torch import nn
 
 from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
 from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
 from fedlease.fl import from_dict, inprocess
 from fedlease.fl.batched import SlotOptimizer
-from fedlease.fl.driver import RoundDriver
 from fedlease.fl.simulator import run, simulation
 from fedlease.fl.strategies import STRATEGIES
 from fedlease.fl.types import TrainSpec
@@ -128,17 +127,7 @@ def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monke
     one.run()
     assert any(row["failed"] for row in one.rec.rows) and any(r["rejected"] for r in one.rec.rows)
     cfg = from_dict(raw | {"client_batch": "auto"})
-    original = RoundDriver.save_checkpoint
-
-    def stop_after_two(self, rounds_done):
-        original(self, rounds_done)
-        if rounds_done == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RoundDriver, "save_checkpoint", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(RoundDriver, "save_checkpoint", original)
+    interrupted(lambda: run(cfg, tmp_path / "run", progress=False), 2, monkeypatch)
     resumed = simulation(cfg, tmp_path / "run", progress=False, resume=True)
     summary = resumed.run()
     assert resumed.resumed_from == 2 and summary.client_batch == 4  # auto on the CPU: up to 4

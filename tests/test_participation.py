@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import interrupted
 
 from fedlease.fl import ConfigError, from_dict
 from fedlease.fl.driver import RoundDriver
@@ -110,17 +111,7 @@ def test_only_participants_train_and_enter_the_aggregate(method, monkeypatch):
 def test_draws_survive_an_interruption_and_resume(tmp_path, monkeypatch):
     cfg = from_dict(BASE | {"method": "fedit", "clients_per_round": 0.5})
     whole = run(cfg, tmp_path / "whole", progress=False)
-    original = RoundDriver.save_checkpoint
-
-    def stop_after_two(self, rounds_done):
-        original(self, rounds_done)
-        if rounds_done == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RoundDriver, "save_checkpoint", stop_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "broken", progress=False)
-    monkeypatch.setattr(RoundDriver, "save_checkpoint", original)
+    interrupted(lambda: run(cfg, tmp_path / "broken", progress=False), 2, monkeypatch)
     resumed = run(cfg, tmp_path / "broken", progress=False, resume=True)
     assert resumed.resumed_from_round == 2
     import json
