@@ -1,6 +1,7 @@
 """Reaching the clients in this process: every client's data, and the state it keeps between
 rounds, next to one frozen model per client layout (``ModelPool``); clients train one after
-another. The ``Transport`` of ``fedlease run`` (see ``fedlease.fl.driver``)."""
+another or ``client_batch`` at a time in lockstep (``fedlease.fl.batched``). The ``Transport`` of
+``fedlease run`` (see ``fedlease.fl.driver``)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from .strategies.base import restored, select
 from .types import ClientInfo, Layout, Reply, State, clone_state
 
 # Clients train together only when their median sequence lengths are within this factor: padding
-# SST-2's ~25-token sentences to QNLI's ~60-token pairs cost more than the larger step gained
+# SST-2's sentences (median 13 tokens) to QNLI's pairs (48) cost more than the larger step gained
 # (benchmarks/RESULTS.md, bench_round.py).
 LENGTH_SPREAD = 1.5
 # `client_batch: auto` on the CPU: 4 clients at once gained 1.1-1.2x on `make demo` (64 tokens)
-# and lost nothing on 16 GLUE clients at 128 tokens, where 16 at once lost (0.86x: a larger step
-# gains little on a CPU, the longer padding costs); benchmarks/RESULTS.md.
+# and about nothing on 16 GLUE clients at 128 tokens (0.99x training, 1.03x evaluation), where 16
+# at once lost (0.53-0.86x: a larger step gains little on a CPU, the longer padding costs);
+# benchmarks/RESULTS.md.
 CPU_AUTO_CLIENTS = 4
 
 
