@@ -89,3 +89,34 @@ def test_the_walk_sees_imports_of_every_kind():
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_the_kernels_folder_does_not_shadow_the_pypi_package_kernels():
+    """Started in the checkout's root, a process sees ``kernels/`` under the name ``kernels`` first;
+    that name must still mean the installed PyPI package (transformers imports it) and our kernels
+    stay reachable as ``fedlease.kernels``."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    probe = (
+        "import kernels, fedlease.kernels.moe_lora_fwd as f;"
+        "print(kernels.__file__); print(f.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[1] == str(ROOT / "kernels" / "moe_lora_fwd.py")
+    try:
+        importlib.metadata.distribution("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    if installed:
+        assert not _is_ours(out[0]), out[0]
+    else:  # no PyPI package: the name stays this folder's empty module, as before
+        assert out[0] == str(ROOT / "kernels" / "__init__.py")
+
+
+def _is_ours(origin) -> bool:
+    return origin is not None and Path(origin).resolve().parent == ROOT / "kernels"
