@@ -26,11 +26,11 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedlease run --config configs/demo.yaml --output runs/demo \
+	$(VENV)/bin/fedlease run --config configs/demo.yaml --output runs/demo --overwrite \
 		$(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 flan-demo: $(STAMP)
-	$(VENV)/bin/fedlease run --config configs/flan-demo.yaml --output runs/flan-demo \
+	$(VENV)/bin/fedlease run --config configs/flan-demo.yaml --output runs/flan-demo --overwrite \
 		$(if $(FLAN_DIR),--data-dir $(FLAN_DIR))
 
 lint: $(STAMP)

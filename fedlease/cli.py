@@ -110,7 +110,15 @@ def _add_run(sub) -> None:
         "--output",
         metavar="DIR",
         default=None,
-        help="directory for the artefacts (default: runs/<config name>-<time>)",
+        help="directory for the artefacts (default: runs/<config name>-<time>); it must be new "
+        "or empty unless --overwrite is given",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --output that is not empty: the files an earlier fedlease run wrote "
+        "there (listed in its fedlease-run.json) are replaced, every other file is kept, and a "
+        "file the run would write that no run wrote stops it",
     )
     _add_common(run)
 
@@ -243,6 +251,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
     from .fl import ConfigError, run
     from .fl.checkpoint import CheckpointError
+    from .fl.rundir import OutputError
     from .models import ModelError
 
     if args.resume is None and args.config is None:
@@ -265,12 +274,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"fedlease run: error: {why}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        summary = run(cfg, out, progress=not args.no_progress, resume=args.resume is not None)
+        summary = run(cfg, out, progress=not args.no_progress, resume=args.resume is not None,
+                      overwrite=args.overwrite)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed rounds are saved; continue with "
               f"`fedlease run --resume {out}`", file=sys.stderr)  # fmt: skip
         return 130
-    except (ConfigError, DataError, CheckpointError, ModelError, ImportError) as exc:
+    except (ConfigError, DataError, CheckpointError, ModelError, OutputError, ImportError) as exc:
         print(f"fedlease run: error: {exc}", file=sys.stderr)  # ImportError: a missing extra
         return EXIT_BAD_INPUT
     print_summary(summary, out)
@@ -278,13 +288,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _output_problem(out: Path, args: argparse.Namespace) -> str | None:
-    """Why ``out`` cannot take the run (None: it can): not a directory, not writable, or a
-    ``--output`` beside ``--resume`` that names another directory."""
+    """Why ``out`` cannot take the run (None: it can): not a directory, not writable, a
+    ``--output`` beside ``--resume`` that names another directory, or (a fresh run) not empty
+    without ``--overwrite`` or holding a file in the run's way (``fedlease.fl.rundir``)."""
+    from .fl import rundir
+
     if args.resume is not None and args.output and Path(args.output).resolve() != out.resolve():
         return (f"--output {args.output!r} with --resume {args.resume!r}: a resumed run writes to "
                 "its own directory; leave --output out")  # fmt: skip
+    if args.resume is not None and args.overwrite:
+        return "--overwrite with --resume: a resumed run continues its directory; leave one out"
     if out.exists() and not out.is_dir():
         return f"output {str(out)!r} is a file, not a directory"
+    if args.resume is None and (why := rundir.problem(out, args.overwrite)):
+        return why
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -309,6 +326,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .fl import ConfigError
     from .fl.checkpoint import CheckpointError
     from .fl.compare import compare
+    from .fl.rundir import OutputError
+    from .models import ModelError
 
     out = None
     try:
@@ -322,7 +341,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished and checkpointed rounds are saved; run the same command "
               f"with --output {out} to continue", file=sys.stderr)  # fmt: skip
         return 130
-    except (ConfigError, DataError, CheckpointError, ImportError) as exc:
+    except (ConfigError, DataError, CheckpointError, ModelError, OutputError, ImportError) as exc:
         print(f"fedlease compare: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print()

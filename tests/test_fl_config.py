@@ -158,18 +158,3 @@ def test_cli_bad_data_file_exits_2_and_writes_nothing(tmp_path, capsys, line, pa
     err = capsys.readouterr().err
     assert re.search(pattern, err) and err.count("\n") == 1
     assert not out.exists()
-
-
-def test_a_fresh_run_clears_an_earlier_runs_artefacts_and_checkpoint(tmp_path):
-    """Stale summary/plots/adapters must not pass for the new run's, nor an old checkpoint be
-    resumed by it; files that are not a run's artefacts stay."""
-    from fedlease.fl.driver import ARTEFACTS, clear_previous_run
-
-    for name in ARTEFACTS:
-        (tmp_path / name).write_text("old")
-    for sub in ("checkpoint", "adapters/client0"):
-        (tmp_path / sub).mkdir(parents=True)
-        (tmp_path / sub / "x").write_text("old")
-    (tmp_path / "notes.txt").write_text("mine")
-    clear_previous_run(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

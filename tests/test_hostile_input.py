@@ -70,8 +70,15 @@ def bomb() -> str:
 
 
 def run_with(t: Path, o: str, *extra: str, **over) -> list[str]:
-    """``fedlease run`` of the tiny config (with ``over``) into ``o``, plus ``extra`` flags."""
-    return ["run", "--config", config(t, **over), "--output", o, *extra]
+    """``fedlease run`` of the tiny config (with ``over``) into ``o`` (which holds a user's file:
+    ``--overwrite``), plus ``extra`` flags."""
+    return ["run", "--config", config(t, **over), "--output", o, "--overwrite", *extra]
+
+
+def holding(o: str, rel: str) -> str:
+    """``o`` with a user's file at ``rel``, where a run would write."""
+    write(Path(o) / rel, "a user's file where the run writes")
+    return o
 
 
 def run_file(t: Path, o: str, text: str | bytes) -> list[str]:
@@ -110,6 +117,26 @@ CASES = [
     ),
     ("client_batch 0", lambda t, o, f: run_with(t, o, "--set", "client_batch=0"), "'client_batch'"),
     ("output is a file", lambda t, o, f: run_with(t, write(t / "afile", "x")), "is a file"),
+    (
+        "output not empty",
+        lambda t, o, f: ["run", "--config", config(t), "--output", o],
+        "is not empty (it holds files of its own): pass --overwrite",
+    ),
+    (
+        "output holds a user's config.yaml",
+        lambda t, o, f: run_with(t, holding(o, "config.yaml")),
+        "holds 'config.yaml', which no fedlease run wrote",
+    ),
+    (
+        "output holds a user's adapter",
+        lambda t, o, f: run_with(t, holding(o, "adapters/mine/adapter_model.safetensors")),
+        "holds 'adapters/mine/adapter_model.safetensors', which no fedlease run wrote",
+    ),
+    (
+        "overwrite with resume",
+        lambda t, o, f: ["run", "--resume", str(f), "--overwrite"],
+        "--overwrite with --resume",
+    ),
     (
         "resume to another output",
         lambda t, o, f: ["run", "--resume", str(f), "--output", o],
@@ -214,3 +241,28 @@ def test_a_resume_may_change_threads_and_the_data_directory(finished, tmp_path):
     assert state["config"]["seed"] == TINY["seed"]  # the checkpoint records the run's config
     assert main(["run", "--resume", str(run), "--no-progress", "--set", "threads=2",
                  "--data-dir", str(Path(DATA).resolve())]) == 0  # fmt: skip
+
+
+@needs_data
+def test_overwrite_replaces_the_earlier_run_and_keeps_the_users_files(finished, tmp_path):
+    """The earlier run's files go (a stale one must not pass for the new run's), the user's stay
+    byte for byte, and the new manifest lists exactly the files now in the run's places."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    write(run / "notes.txt", "mine")
+    write(run / "adapters" / "client0" / "stale.txt", "x")  # an earlier run's file, listed below
+    listed = json.loads((run / "fedlease-run.json").read_text())["files"]
+    (run / "fedlease-run.json").write_text(
+        json.dumps({"files": [*listed, "adapters/client0/stale.txt"]})
+    )
+    assert main(run_with(tmp_path, str(run), "--no-progress", seed=5)) == 0
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not (run / "adapters" / "client0" / "stale.txt").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 5
+    files = set(json.loads((run / "fedlease-run.json").read_text())["files"])
+    assert files == set(snapshot(run)) - {"notes.txt", "fedlease-run.json"}
+    assert {
+        "summary.json",
+        "checkpoint/state.json",
+        "adapters/client0/adapter_config.json",
+    } <= files

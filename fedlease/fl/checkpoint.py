@@ -5,9 +5,9 @@ one ``<group>-<round>.safetensors`` per separately stored group (each client's k
 ``state.json`` (round count, allocation, communication, metrics so far, and the names of the tensor
 files). A group that did not change since the previous checkpoint keeps its file, so a round in
 which 50 of 1,000 clients train writes 50 client files, not 1,000. Each file is written to a
-temporary name, fsynced and renamed, the tensors first and ``state.json`` last, and files no longer
-named are removed only after it: a crash at any point leaves the previous complete checkpoint
-readable. No pickle.
+temporary name, fsynced and renamed, the tensors first and ``state.json`` last, and the files the
+previous ``state.json`` named that the new one does not are removed only after it (no other file
+is): a crash at any point leaves the previous complete checkpoint readable. No pickle.
 """
 
 from __future__ import annotations
@@ -64,10 +64,7 @@ def save(
     those in ``unchanged`` whose file from the previous checkpoint is still there."""
     ckpt = run_dir / DIR
     ckpt.mkdir(parents=True, exist_ok=True)
-    try:
-        previous = json.loads((ckpt / META).read_text()).get("files", {})
-    except (OSError, json.JSONDecodeError):
-        previous = {}
+    previous, previous_named = _named(ckpt)
     files = {}
     for group, state in (groups or {}).items():
         if group in unchanged and group in previous and (ckpt / previous[group]).exists():
@@ -82,9 +79,19 @@ def save(
     full = {**meta, "rounds_done": rounds_done, "tensors": name, "files": files}
     _atomic_write(ckpt / META, lambda p: p.write_text(json.dumps(full) + "\n"))
     named = {name, *files.values()}
-    for old in ckpt.glob("*.safetensors"):
-        if old.name not in named:
-            old.unlink()
+    for old in previous_named - named:  # only files a checkpoint wrote, never another's
+        (ckpt / old).unlink(missing_ok=True)
+
+
+def _named(ckpt: Path) -> tuple[dict[str, str], set[str]]:
+    """The previous checkpoint's group files and every tensor file it names (bare file names)."""
+    try:
+        meta = json.loads((ckpt / META).read_text())
+        files = {str(g): Path(str(f)).name for g, f in dict(meta.get("files", {})).items()}
+        named = {*files.values(), Path(str(meta.get("tensors", ""))).name} - {""}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}, set()
+    return files, {n for n in named if n.endswith(".safetensors")}
 
 
 def load(run_dir: Path) -> Checkpoint:

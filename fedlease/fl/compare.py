@@ -54,7 +54,8 @@ def run_one(cfg: FLConfig, run_dir: Path, progress: bool) -> dict:
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     resume = (run_dir / checkpoint.DIR / checkpoint.META).exists()
-    return run(cfg, run_dir, progress=progress, resume=resume).to_dict()
+    # the comparison's own run directory: what an unfinished run wrote is replaced, nothing else
+    return run(cfg, run_dir, progress=progress, resume=resume, overwrite=True).to_dict()
 
 
 def compare(

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .allocation import Allocation
 from .config import FLConfig, config_differences, metric_of
 from .participation import evaluated, participants
@@ -37,9 +37,6 @@ log = logging.getLogger("fedlease")
 # Keys a resumed run may change: they cannot change its results (threads: where the run computes;
 # data_dir: where the same data lie). Every other key must be as the checkpoint recorded it.
 RESUME_FREE = ("threads", "data_dir")
-
-ARTEFACTS = ("config.yaml", "metrics.jsonl", "clusters.json", "summary.json", "dendrogram.png",
-             "distance_heatmap.png", "silhouette.png", "accuracy.png")  # fmt: skip
 
 
 class Transport(Protocol):
@@ -171,28 +168,17 @@ class Recorder:
                 f.write(json.dumps(row) + "\n")
 
 
-def clear_previous_run(out: Path) -> None:
-    """A fresh run into a directory that holds an earlier one: remove that run's artefacts, its
-    adapters and above all its checkpoint (a later --resume must not continue the old run).
-    Nothing else in the directory is touched."""
-    import shutil
-
-    for name in ARTEFACTS:
-        (out / name).unlink(missing_ok=True)
-    for sub in (checkpoint.DIR, "adapters"):
-        if (out / sub).is_dir():
-            shutil.rmtree(out / sub)
-
-
 class RoundDriver:
     """One federated run of ``cfg`` over ``transport``. With an output directory, ``resume=True``
     continues from the last complete round checkpointed there and ends as an uninterrupted run
     would. ``min_results``: the fewest participants that must answer a training round (a reply
-    whose upload is rejected counts); every round also needs one usable update."""
+    whose upload is rejected counts); every round also needs one usable update. A fresh run
+    writes into a directory that is new or empty, or with ``overwrite`` one whose files in the
+    run's places an earlier run wrote (``fedlease.fl.rundir``); it removes those and no other."""
 
     def __init__(self, cfg: FLConfig, transport: Transport, output_dir: str | Path | None = None,
-                 resume: bool = False, progress: bool = True,
-                 min_results: int = 1) -> None:  # fmt: skip
+                 resume: bool = False, progress: bool = True, min_results: int = 1,
+                 overwrite: bool = False) -> None:  # fmt: skip
         self.cfg, self.transport, self.progress = cfg, transport, progress
         self.out = Path(output_dir) if output_dir is not None else None
         self.min_results = min_results
@@ -200,13 +186,16 @@ class RoundDriver:
         ckpt = checkpoint.load(self.out) if resume and self.out else None
         if ckpt is not None:  # before anything is loaded or written
             self._check_resumable(ckpt.meta.get("config"))
+        elif self.out and (why := rundir.problem(self.out, overwrite)):
+            raise rundir.OutputError(why)
         self.t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
         self.clients = transport.start()
         if self.out:  # only now: bad data or clients stop the run before anything is written
             if ckpt is None:
-                clear_previous_run(self.out)
+                rundir.clear(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            rundir.record(self.out)
         self.strategy = make_strategy(cfg, [float(c.train) for c in self.clients])
         self.strategy.setup(transport.template)
         transport.bind(self.strategy)
@@ -349,6 +338,7 @@ class RoundDriver:
                 "elapsed_s": time.time() - self.t0, "strategy": strategy_meta,
                 "config": self.cfg.to_dict(), **transport_meta}  # fmt: skip
         checkpoint.save(self.out, rounds_done, meta, tensors, groups, unchanged)
+        rundir.record(self.out)
 
     def finish(self) -> Summary:
         """The summary; with an output directory also the transport's artefacts (adapters),
@@ -369,6 +359,7 @@ class RoundDriver:
 
             write_plots(out, self.strategy.allocation, self.rec.rows, cfg.clients,
                         self.initial_mean)  # fmt: skip
+            rundir.record(out)
         return summary
 
 

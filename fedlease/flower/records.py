@@ -23,6 +23,7 @@ class ServerOptions:
     min_results: int = 0  # fewest train replies (rejected uploads count) to go on; 0: all
     node_timeout: float = 120.0  # seconds to wait for all clients' nodes to connect
     resume: bool = False  # continue from the checkpoint in output_dir (clients from their nodes')
+    overwrite: bool = False  # a fresh run into a non-empty output_dir: replace an earlier run's
 
 
 def parse_run_config(run_config: dict) -> tuple[FLConfig, ServerOptions]:

@@ -11,7 +11,8 @@ After every round the server writes the simulator's checkpoint (``fedlease.fl.ch
 strategy's state, metrics, communication) to ``output-dir``; the clients keep theirs on their
 nodes. ``resume = true`` continues a run whose ServerApp died from the last complete round; every
 message then tells the clients that round (``resume-from``) and the run's token (``run-token``)
-under which they saved their state.
+under which they saved their state. A fresh run needs ``output-dir`` new or empty, or
+``overwrite = true`` to replace an earlier run there (``fedlease.fl.rundir``).
 """
 
 from __future__ import annotations
@@ -220,5 +221,6 @@ def run_server(grid: Grid, cfg: FLConfig, opts: ServerOptions) -> Summary:
     participant's)."""
     transport = FlowerTransport(grid, cfg, opts)
     driver = RoundDriver(cfg, transport, opts.output_dir, opts.resume, progress=False,
-                         min_results=opts.min_results or len(cfg.clients))  # fmt: skip
+                         min_results=opts.min_results or len(cfg.clients),
+                         overwrite=opts.overwrite)  # fmt: skip
     return driver.run()
