@@ -266,3 +266,58 @@ def test_overwrite_replaces_the_earlier_run_and_keeps_the_users_files(finished, 
         "checkpoint/state.json",
         "adapters/client0/adapter_config.json",
     } <= files
+
+
+def _edit(state: dict, change: str) -> None:
+    """One corruption of a finished run's ``state.json`` (2 rounds, 3 clients, FedLEASE)."""
+    if change == "rounds beyond the config":
+        state["rounds_done"] = 5
+    elif change == "a metrics row missing":
+        state["metrics"].pop()
+    elif change == "a client's entry missing":
+        state["metrics"][1]["clients"].pop()
+    elif change == "a score that is text":
+        state["metrics"][1]["clients"][0]["accuracy"] = "high"
+    elif change == "negative bytes":
+        state["comm"]["up"] = -1
+    elif change == "untrained of 2 clients":
+        state["untrained"] = state["untrained"][:2]
+    elif change == "tensor file outside":
+        state["tensors"] = "../../secret.safetensors"
+    elif change == "config a list":
+        state["config"] = [1, 2]
+    elif change == "expert out of range":
+        state["strategy"]["allocation"]["assignment"][0] = 7
+    elif change == "not an object":
+        state.clear()
+        state["x"] = None
+
+
+STATE_CASES = {
+    "rounds beyond the config": "rounds_done = 5 is not a round count in 0..2",
+    "a metrics row missing": "metrics holds 1 rows for 2 rounds done",
+    "a client's entry missing": "metrics row 1 does not hold 3 clients' entries",
+    "a score that is text": "metrics row 1 client 0's accuracy is not a number",
+    "negative bytes": "comm = {'up': -1",
+    "untrained of 2 clients": "untrained is not a list of 3 scores",
+    "tensor file outside": "tensor file '../../secret.safetensors' of the server",
+    "config a list": "its config is not an object",
+    "expert out of range": "allocation assignment = [7, ",
+    "not an object": "names no tensor files",
+}
+
+
+@needs_data
+@pytest.mark.parametrize("change", list(STATE_CASES))
+def test_a_checkpoint_state_no_run_can_write_is_refused(change, finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    path = run / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    _edit(state, change)
+    path.write_text(json.dumps(state))
+    before = snapshot(run)
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert STATE_CASES[change] in err and len(err.splitlines()) == 1, err[-2000:]
+    assert snapshot(run) == before

@@ -106,18 +106,19 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
     meta = {"comm": {"up": 0, "down": 0}, "metrics": [], "initial_mean": 0.5, "elapsed_s": 1.0,
             "strategy": {"allocation": None}}  # fmt: skip
+    # a state.json a run could write (it is checked first), tensors that do not fit
     tensors = {f"client{i}/classifier.weight": torch.zeros(2, 3) for i in range(3)}
-    checkpoint.save(tmp_path, 1, meta, tensors)
+    checkpoint.save(tmp_path, 0, meta, tensors)
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "holds no tensors for 'warm_global'" in capsys.readouterr().err  # server state absent
     lora = "bert.encoder.layer.0.attention.self.query.lora_A"
     tensors |= {f"s.warm_global/{lora}": torch.zeros(1, 4, 384)}
-    checkpoint.save(tmp_path, 1, meta, tensors)
+    checkpoint.save(tmp_path, 0, meta, tensors)
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint warm_global" in err and "missing keys" in err
     warm = {f"s.warm_global/{k}": v for k, v in _warm_lora_template().items()}
-    checkpoint.save(tmp_path, 1, meta, {**tensors, **warm})
+    checkpoint.save(tmp_path, 0, meta, {**tensors, **warm})
     assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint client0" in err and "classifier.weight: shape (2, 3)" in err

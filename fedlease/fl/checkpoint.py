@@ -100,10 +100,10 @@ def load(run_dir: Path) -> Checkpoint:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"no checkpoint to resume in {str(run_dir)!r} ({meta_path})") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read checkpoint {meta_path}: {exc}") from exc
     tensors = {}
-    for group, name in [(None, meta["tensors"]), *meta.get("files", {}).items()]:
+    for group, name in _tensor_files(meta, meta_path):
         path = run_dir / DIR / name
         try:
             part = load_file(str(path))
@@ -111,6 +111,25 @@ def load(run_dir: Path) -> Checkpoint:
             raise CheckpointError(f"cannot read checkpoint tensors {path}: {exc}") from exc
         tensors |= part if group is None else {f"{group}/{k}": v for k, v in part.items()}
     return Checkpoint(meta, tensors)
+
+
+def _tensor_files(meta, meta_path: Path) -> list[tuple[str | None, str]]:
+    """(group, file name) of every tensor file ``meta`` names (None: the server's), each a bare
+    ``.safetensors`` name in the checkpoint's folder, else ``CheckpointError``."""
+    files = meta.get("files", {}) if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not isinstance(meta.get("tensors"), str):
+        raise CheckpointError(f"{meta_path}: names no tensor files; the checkpoint cannot be read")
+    named = [(None, meta["tensors"]), *files.items()]
+    for group, name in named:
+        if (
+            not isinstance(name, str)
+            or Path(name).name != name
+            or not name.endswith(".safetensors")
+        ):
+            owner = group or "the server"
+            raise CheckpointError(f"{meta_path}: tensor file {name!r} of {owner} is not a "
+                                  ".safetensors file in the checkpoint's folder")  # fmt: skip
+    return named
 
 
 def pack(groups: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

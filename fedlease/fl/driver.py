@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, rundir
 from .allocation import Allocation
+from .checkpoint_meta import check_meta
 from .config import FLConfig, config_differences, metric_of
 from .participation import evaluated, participants
 from .robust import screen_round
@@ -186,6 +187,8 @@ class RoundDriver:
         ckpt = checkpoint.load(self.out) if resume and self.out else None
         if ckpt is not None:  # before anything is loaded or written
             self._check_resumable(ckpt.meta.get("config"))
+            check_meta(ckpt.meta, str(self.out / checkpoint.DIR / checkpoint.META),
+                       len(cfg.clients), cfg.warmup_rounds + cfg.rounds)  # fmt: skip
         elif self.out and (why := rundir.problem(self.out, overwrite)):
             raise rundir.OutputError(why)
         self.t0 = time.time() - (ckpt.meta["elapsed_s"] if ckpt else 0.0)
@@ -207,11 +210,8 @@ class RoundDriver:
             self.untrained = [e[self.metric] for e in transport.untrained()]
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        """The run as the checkpoint left it (its ``state.json`` checked by ``check_meta``)."""
         meta = ckpt.meta
-        if "strategy" not in meta:
-            raise checkpoint.CheckpointError(
-                f"checkpoint in {str(self.out)!r} has no strategy state"
-            )
         groups = checkpoint.unpack(ckpt.tensors)
         self.strategy.restore_checkpoint(groups, meta["strategy"])
         self.transport.restore(ckpt, groups)
@@ -225,6 +225,10 @@ class RoundDriver:
         (all but ``RESUME_FREE``) differing from the recorded config refuses the resume."""
         if recorded is None:  # a checkpoint from before configs were recorded in it
             return
+        if not isinstance(recorded, dict):
+            where = str(self.out)
+            raise checkpoint.CheckpointError(f"checkpoint in {where!r}: its config is not an "
+                                             "object; the run cannot be resumed")  # fmt: skip
 
         def bound(config: dict) -> dict:
             return {k: v for k, v in config.items() if k not in RESUME_FREE}

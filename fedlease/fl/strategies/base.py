@@ -91,6 +91,17 @@ def restored(expected: State, groups: dict[str, State], name: str) -> State:
     return groups[name]
 
 
+def checked_choices(values, n: int, k: int, entry: str, every: bool = False) -> list[int]:
+    """A checkpoint's per-client choice among ``k`` (an expert, a copy): ``n`` integers in
+    ``0..k-1`` (with ``every``, each of them used), else ``CheckpointError`` naming ``entry``."""
+    ok = isinstance(values, list) and len(values) == n
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < k for v in values)
+    if not ok or (every and set(values) != set(range(k))):
+        what = f"{n} integers in 0..{k - 1}" + (", each used" if every else "")
+        raise CheckpointError(f"checkpoint {entry} = {str(values)[:200]} is not {what}")
+    return list(values)
+
+
 class Strategy:
     """The defaults: one plain LoRA per client, nothing sent, nothing aggregated (``local``)."""
 

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from ..allocation import Allocation, allocate, b_distance_matrix, init_experts
+from ..checkpoint import CheckpointError
 from ..robust import Aggregation
 from ..types import TrainSpec
 from .base import (
     Layout,
     State,
     Strategy,
+    checked_choices,
     is_expert,
     is_router,
     restored,
@@ -168,13 +170,33 @@ class FedLEASE(Strategy):
         if meta.get("allocation") is None:
             self.warm_global = restored(self.warm_global, groups, "warm_global")
             return
-        # older checkpoints kept the distances in the JSON
-        distances = groups["allocation"]["distances"].numpy() if "allocation" in groups else None
-        self.alloc = allocation_from_json(meta["allocation"], distances)
+        self.alloc = self._restored_allocation(groups, meta["allocation"])
         template = self.template(self.layout(self.cfg.warmup_rounds))
         self.experts = restored(select(template, is_expert), groups, "experts")
         router = select(template, is_router)
         self.routers = [restored(router, groups, f"router{k}") for k in range(self.num_experts)]
+
+    def _restored_allocation(self, groups, saved) -> Allocation:
+        """The checkpoint's allocation, refused unless it can be this run's: K experts in 1..N,
+        every client assigned one of them, each used, N x N finite distances."""
+        # older checkpoints kept the distances in the JSON
+        distances = groups["allocation"]["distances"].numpy() if "allocation" in groups else None
+        try:
+            alloc = allocation_from_json(saved, distances)
+            k = alloc.num_experts
+            ok = isinstance(k, int) and 1 <= k <= self.n
+            matrix = np.asarray(alloc.distance_matrix, dtype=np.float64)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint allocation is malformed ({exc!r})") from exc
+        if not ok:
+            raise CheckpointError(
+                f"checkpoint allocation: num_experts = {k!r} is not in 1..{self.n}"
+            )
+        checked_choices(alloc.assignment, self.n, k, "allocation assignment", every=True)
+        if matrix.shape != (self.n, self.n) or not np.isfinite(matrix).all():
+            raise CheckpointError(f"checkpoint allocation: distances of shape {matrix.shape} are "
+                                  f"not {self.n} x {self.n} finite numbers")  # fmt: skip
+        return alloc
 
 
 class FedLEASETopK(FedLEASE):

@@ -17,7 +17,16 @@ from __future__ import annotations
 import torch
 
 from ..robust import validate_upload
-from .base import Layout, State, Strategy, is_expert, merge, restored, select
+from .base import (
+    Layout,
+    State,
+    Strategy,
+    checked_choices,
+    is_expert,
+    merge,
+    restored,
+    select,
+)
 
 PICK_EXAMPLES = 256
 B_INIT_STD = 1e-2
@@ -118,4 +127,4 @@ class IFCA(Strategy):
 
     def restore(self, groups, meta):
         self.copies = [restored(c, groups, f"copy{k}") for k, c in enumerate(self.copies)]
-        self.choice = list(meta["choice"])
+        self.choice = checked_choices(meta.get("choice"), self.n, self.k, "choice")
