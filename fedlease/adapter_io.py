@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -125,3 +125,41 @@ def load_adapter(model: nn.Module, directory: str | Path) -> None:
         raise ValueError(f"adapter weights {path} hold NaN or Inf in {sorted(bad)[:3]}")
     device = next(iter(adapter_state_dict(model).values())).device
     load_adapter_state_dict(model, {k: v.to(device) for k, v in state.items()}, str(path))
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a safetensors file's header (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cannot read adapter weights {path}: {exc}") from exc
+
+
+def saved_head_labels(directory: str | Path, config: MoELoRAConfig, meta: dict) -> int | None:
+    """Check the saved tensors' headers against the adapter's config before a model is built
+    for it (a config claiming rank 10**9 must not allocate first): every ``lora_A`` is
+    ``(num_experts, rank, in)``, every ``lora_B`` ``(num_experts, out, rank)``, there is at least
+    one, and the classifier head's rows equal the config's ``num_labels``. Returns that label
+    count (None: no classifier head). ``ValueError`` naming the file and tensor."""
+    path = Path(directory) / WEIGHTS_NAME
+    shapes = _tensor_shapes(path)
+    m, r = config.num_experts, config.rank
+    lora = {k: v for k, v in shapes.items() if k.endswith((".lora_A", ".lora_B"))}
+    if not lora:
+        raise ValueError(f"adapter weights {path} hold no lora_A/lora_B tensors")
+    for name, shape in sorted(lora.items()):
+        a = name.endswith(".lora_A")
+        if len(shape) != 3 or shape[0] != m or shape[1 if a else 2] != r:
+            want = f"({m}, {r}, in)" if a else f"({m}, out, {r})"
+            raise ValueError(f"adapter weights {path}: {name} has shape {shape}, its config says "
+                             f"{want} (num_experts {m}, rank {r})")  # fmt: skip
+    heads = [k for k in shapes if k.endswith(("classifier.out_proj.weight", "classifier.weight"))]
+    if not heads:
+        return None
+    rows = shapes[sorted(heads, key=len)[-1]][0]
+    said = meta.get("num_labels", rows)
+    if isinstance(said, bool) or not isinstance(said, int) or said != rows:
+        raise ValueError(f"adapter config {Path(directory) / CONFIG_NAME}: num_labels = {said!r}, "
+                         f"but its head has {rows} rows")  # fmt: skip
+    return rows

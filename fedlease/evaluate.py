@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import models
-from .adapter_io import load_adapter, read_adapter_config, read_adapter_meta
+from .adapter_io import load_adapter, read_adapter_config, read_adapter_meta, saved_head_labels
 from .data import load_split, resolve_data_dir, task_spec
 from .data.tokenize import encode
 from .fl.client import evaluate_encoded
@@ -36,11 +36,15 @@ def evaluate_adapter(
     task = task or meta.get("task")
     if task is None:
         raise ValueError(f"{adapter_dir}: the adapter names no task; pass --task")
+    head = saved_head_labels(adapter_dir, config, meta)  # before any model is built
     if meta.get("task_type") == "generation":
         return _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir,
                                     batch_size, backend, max_new_tokens)  # fmt: skip
     spec = task_spec(task)
-    num_labels = int(meta.get("num_labels", spec.num_labels))
+    num_labels = head or spec.num_labels
+    if spec.num_labels > num_labels:
+        raise ValueError(f"task {task!r} has {spec.num_labels} labels, the adapter's head in "
+                         f"{adapter_dir} {num_labels}: it cannot be evaluated on it")  # fmt: skip
     torch.manual_seed(0)  # the head is loaded from the adapter: the seed only fixes the rest
     model, tokenizer = models.load(meta.get("model", "minilm"), num_labels=num_labels)
     adapted(model, config, adapter_dir, backend)

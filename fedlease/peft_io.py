@@ -189,7 +189,12 @@ def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -
     ``adapters/client<i>``): the base model, head size and MoE-LoRA config come from its
     ``adapter_config.json``. ``ValueError`` naming the problem; nothing is written then."""
     from . import models
-    from .adapter_io import load_adapter, read_adapter_config, read_adapter_meta
+    from .adapter_io import (
+        load_adapter,
+        read_adapter_config,
+        read_adapter_meta,
+        saved_head_labels,
+    )
 
     source, target = Path(adapter_dir).resolve(), Path(out).resolve()
     if target == source or source in target.parents:
@@ -201,7 +206,7 @@ def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -
         raise ValueError(f"--expert {expert} is out of range: {adapter_dir} has experts "
                          f"0..{config.num_experts - 1}")  # fmt: skip
     name = meta.get("model", "minilm")
-    model, _ = models.load(name, num_labels=int(meta.get("num_labels", 2)))
+    model, _ = models.load(name, num_labels=saved_head_labels(adapter_dir, config, meta) or 2)
     inject_moe_lora(model, config)
     load_adapter(model, adapter_dir)
     return export_expert(model, expert, out, base_model=models.model_path(name))

@@ -61,6 +61,18 @@ def nan_adapter(finished: Path, tmp: Path) -> str:
     return str(copy)
 
 
+def edited_adapter(finished: Path, tmp: Path, **change) -> str:
+    """A copy of client 0's adapter whose adapter_config.json says otherwise: ``num_labels``, or
+    a ``moe_lora`` key (``rank``, ``num_experts``)."""
+    copy = tmp / "edited_adapter"
+    shutil.copytree(finished / "adapters" / "client0", copy)
+    meta = json.loads((copy / "adapter_config.json").read_text())
+    for key, value in change.items():
+        (meta if key == "num_labels" else meta["moe_lora"])[key] = value
+    (copy / "adapter_config.json").write_text(json.dumps(meta))
+    return str(copy)
+
+
 def bomb() -> str:
     lines = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     for i in range(12):
@@ -167,6 +179,25 @@ CASES = [
         "export NaN adapter",
         lambda t, o, f: ["export", "--adapter", nan_adapter(f, t), "--expert", "0", "--out", o],
         "NaN or Inf",
+    ),
+    (
+        "eval adapter config rank 10**9",
+        lambda t, o, f: ["eval", "--adapter", edited_adapter(f, t, rank=10**9)],
+        "its config says (2, 1000000000, in)",
+    ),
+    (
+        "export adapter config with 10**12 labels",
+        lambda t, o, f: [
+            *export(f, o)[:2],
+            edited_adapter(f, t, num_labels=10**12),
+            *export(f, o)[3:],
+        ],
+        "num_labels = 1000000000000, but its head has 2 rows",
+    ),
+    (
+        "eval on a task with more labels than the head",
+        lambda t, o, f: ["eval", "--adapter", str(f / "adapters" / "client0"), "--task", "mnli"],
+        "task 'mnli' has 3 labels, the adapter's head",
     ),
     ("export onto its input", lambda t, o, f: export(f, str(f / "adapters" / "client0")), INTO),
     (

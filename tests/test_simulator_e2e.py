@@ -176,7 +176,7 @@ def test_bad_adapter_files_are_named(tiny_run, tmp_path, capsys):
     (broken / "adapter_config.json").write_text('{"moe_lora": {"rank": 4,')
     cases = {
         truncated: f"cannot read adapter weights {weights}",
-        reshaped: f"lora_A: shape ({k}, 4, 384), expected ({k}, 8, 384)",
+        reshaped: f"lora_A has shape ({k}, 4, 384), its config says ({k}, 8, in)",  # before a model
         broken: "cannot read adapter config",
         tmp_path / "absent": "cannot read adapter config",
     }
