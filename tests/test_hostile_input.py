@@ -165,6 +165,31 @@ CASES = [
         "'max_seq_len' = 600: model 'minilm' has 512 positions",
     ),
     (
+        "two million clients",
+        lambda t, o, f: run_with(t, o, clients={"sst2": 2_000_000}),
+        "2000000 clients, more than 1,000,000",
+    ),
+    (
+        "adapters beyond any machine's memory",
+        lambda t, o, f: run_with(t, o, clients={"sst2": 500_000}, rank=384),
+        "the clients' adapters need about",
+    ),
+    (
+        "rank beyond the layers",
+        lambda t, o, f: run_with(t, o, rank=1000),
+        "'rank' = 1000: larger than the smallest adapted layer of model 'minilm' (384)",
+    ),
+    (
+        "target module not linear",
+        lambda t, o, f: run_with(t, o, target_modules=["attention"]),
+        "is a BertAttention, not a linear layer",
+    ),
+    (
+        "target module missing",
+        lambda t, o, f: run_with(t, o, target_modules=["query", "nope"]),
+        "'nope' matches no module of model 'minilm'",
+    ),
+    (
         "data not UTF-8",
         lambda t, o, f: run_with(t, o, "--data-dir", _bad_data(t)),
         "train.jsonl:2: not UTF-8",

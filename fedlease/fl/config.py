@@ -262,6 +262,9 @@ def metric_of(cfg: FLConfig) -> str:
     return METRIC[cfg.task_type]
 
 
+MAX_CLIENTS = 1_000_000  # a bound on the list itself; memory is checked with the model loaded
+
+
 def expand_clients(counts: dict) -> list[str]:
     """``{task: count, ...}`` -> one task name per client, the tasks in the order given."""
     for task, count in counts.items():
@@ -270,6 +273,9 @@ def expand_clients(counts: dict) -> list[str]:
                               "and a whole number of clients")  # fmt: skip
         if count < 1:
             raise ConfigError(f"config key 'clients': {task}: {count} must be >= 1")
+    if sum(counts.values()) > MAX_CLIENTS:
+        raise ConfigError(f"config key 'clients': {sum(counts.values())} clients, more than "
+                          f"{MAX_CLIENTS:,}")  # fmt: skip
     return [task for task, count in counts.items() for _ in range(count)]
 
 
@@ -304,8 +310,8 @@ def _validate_clients(cfg: FLConfig, explicit: set[str]) -> None:
         return ConfigError(f"config key {key!r} = {shown(getattr(cfg, key))}: {why}")
 
     n = len(cfg.clients)
-    if n < 2:
-        raise bad("clients", "need at least 2 clients")
+    if not 2 <= n <= MAX_CLIENTS:
+        raise ConfigError(f"config key 'clients': {n} clients, need 2..{MAX_CLIENTS:,}")
     for task in cfg.clients if cfg.task_type == "classification" else ():  # FLAN: checked on load
         if task not in TASKS:
             raise ConfigError(

@@ -13,7 +13,8 @@ from ..inject import set_own_expert
 from .checkpoint import Checkpoint
 from .config import FLConfig, runtime
 from .faults import FaultPlan
-from .pool import ClientSide, ModelPool, check_positions, load_base
+from .limits import check_model_fits
+from .pool import ClientSide, ModelPool, load_base
 from .strategies import Strategy
 from .strategies.base import restored, select
 from .types import ClientInfo, Layout, Reply, State, clone_state
@@ -43,7 +44,7 @@ class InProcess:
         cfg = self.cfg
         data_dir = source_for(cfg.task_type).resolve(cfg.data_dir)
         base, tokenizer = load_base(cfg, self.rt)
-        check_positions(cfg, base)
+        check_model_fits(cfg, base, len(cfg.clients))
         self.data = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                       cfg.max_seq_len, cfg.seed, cfg.label_alpha, data_dir,
                                       task_type=cfg.task_type)  # fmt: skip

@@ -19,7 +19,7 @@ from ..inject import MoELoRAConfig, inject_moe_lora
 from ..precision import attention_for, cast_frozen
 from .batched import LockstepTrainer
 from .client import ClientRunner, seed_for
-from .config import ConfigError, FLConfig, Runtime
+from .config import FLConfig, Runtime
 from .faults import AttackPlan, ClientFailure, FaultPlan, non_finite, poison
 from .strategies import Strategy
 from .strategies.base import HEAD
@@ -40,14 +40,6 @@ def load_base(cfg: FLConfig, rt: Runtime):
         return models.load_causal(cfg.model, attn=attn)
     num_labels = max(TASKS[t].num_labels for t in cfg.clients)
     return models.load(cfg.model, num_labels=num_labels, attn=attn)
-
-
-def check_positions(cfg: FLConfig, base) -> None:
-    """``max_seq_len`` within the model's positions (else the first long example fails mid-run)."""
-    positions = getattr(base.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and cfg.max_seq_len > positions:
-        raise ConfigError(f"config key 'max_seq_len' = {cfg.max_seq_len}: model {cfg.model!r} has "
-                          f"{positions} positions")  # fmt: skip
 
 
 class ModelPool:

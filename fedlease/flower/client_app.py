@@ -29,7 +29,8 @@ from ..data.tokenize import ClientData
 from ..fl import checkpoint
 from ..fl.config import FLConfig, runtime
 from ..fl.faults import FaultPlan
-from ..fl.pool import ClientSide, ModelPool, check_positions, load_base
+from ..fl.limits import check_model_fits
+from ..fl.pool import ClientSide, ModelPool, load_base
 from ..fl.strategies import Strategy, make_strategy
 from ..fl.strategies.base import select
 from ..fl.types import clone_state
@@ -66,7 +67,7 @@ def node_for(context: Context) -> Node:
     if key not in _NODES:
         rt = runtime(cfg)
         base, tokenizer = load_base(cfg, rt)
-        check_positions(cfg, base)
+        check_model_fits(cfg, base, 1)
         clients = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                     cfg.max_seq_len, cfg.seed, cfg.label_alpha,
                                     source_for(cfg.task_type).resolve(data_dir), only=pid,
