@@ -408,21 +408,36 @@ def print_summary(summary, out: Path) -> None:
     print(f"artefacts in {out}")
 
 
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "eval": _cmd_eval, "export": _cmd_export}
+EXIT_INTERNAL = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return _cmd_run(args)
-    if args.command == "compare":
-        return _cmd_compare(args)
-    if args.command == "eval":
-        return _cmd_eval(args)
-    if args.command == "export":
-        return _cmd_export(args)
-    if args.command == "demo":
-        from .demo import print_layer_demo
+    try:
+        if args.command == "demo":
+            from .demo import print_layer_demo
 
-        print_layer_demo()
-    return 0
+            print_layer_demo()
+            return 0
+        return COMMANDS[args.command](args)
+    except Exception as exc:  # bad input never gets here: each command names it, exit code 2
+        return _internal_error(args.command, exc)
+
+
+def _internal_error(command: str, exc: Exception) -> int:
+    """A failure that is not the user's input: one line naming it and the file holding the full
+    traceback (in the temporary directory), exit code 1."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"fedlease-{command}-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    first = (str(exc).splitlines() or [""])[0][:300]
+    print(f"fedlease {command}: internal error: {type(exc).__name__}: {first} (full traceback "
+          f"in {path})", file=sys.stderr)  # fmt: skip
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

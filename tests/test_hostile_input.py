@@ -377,3 +377,26 @@ def test_a_checkpoint_state_no_run_can_write_is_refused(change, finished, tmp_pa
     err = capsys.readouterr().err.strip()
     assert STATE_CASES[change] in err and len(err.splitlines()) == 1, err[-2000:]
     assert snapshot(run) == before
+
+
+def test_an_internal_error_exits_1_with_one_line_naming_the_traceback_file(tmp_path, monkeypatch,
+                                                                          capsys):  # fmt: skip
+    """Not the user's input (here a failure inside the run): exit code 1, one line, and the full
+    traceback in a file that line names."""
+    import tempfile
+
+    import fedlease.fl
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the round failed\nsecond line")
+
+    monkeypatch.setattr(fedlease.fl, "run", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = write(tmp_path / "c.yaml", yaml.safe_dump(TINY | {"data_dir": None}))
+    code = main(["run", "--config", cfg, "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "fedlease run: internal error: RuntimeError: the round failed (full traceback in " in err
+    path = Path(err.rsplit("full traceback in ", 1)[1].rstrip(")"))
+    assert path.parent == tmp_path and "Traceback" in path.read_text()
+    assert "second line" in path.read_text()
