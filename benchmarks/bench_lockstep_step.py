@@ -1,0 +1,100 @@
+"""One training step of N clients in lockstep (one stacked model, batch N x 16) against N steps of
+one client (batch 16), all sequences of the same length: what the lockstep gains or loses per
+step with padding and data order out of the picture. Timed round-robin in one process; with
+``--profile`` also the torch profiler's table of both (where the time goes as the batch grows).
+
+    python benchmarks/bench_lockstep_step.py --clients 2,4,8 --seq 128 --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+from timing import device_name, interleaved_medians, versions
+
+from fedlease import inject_moe_lora, models
+from fedlease.clients import set_active, set_own_experts, stack_clients
+from fedlease.dropout import use_fast_dropout
+from fedlease.inject import MoELoRAConfig
+from fedlease.precision import autocast
+
+CPU = torch.device("cpu")
+
+
+def client_model(precision: str) -> torch.nn.Module:
+    """MiniLM with FedLEASE's adaptive layers (M 2, r 4) on query/value, the counter-based
+    dropout, frozen weights in bf16 when the step runs in bf16 (as ``ModelPool`` stores them)."""
+    base, _ = models.load("minilm", num_labels=2, attn="eager")
+    cfg = MoELoRAConfig(
+        num_experts=2, rank=4, alpha=16, dropout=0.05, routing="adaptive",
+        target_modules=["query", "value"], trainable_modules=["classifier"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = inject_moe_lora(base, cfg)
+    use_fast_dropout(model, True)
+    if precision == "bf16":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.bfloat16()
+    return model.train()
+
+
+def stacked(single: torch.nn.Module, n: int) -> torch.nn.Module:
+    """``n`` client slots around the same frozen tensors (as ``ModelPool.lockstep``)."""
+    shared = {id(t): t for t in (*single.parameters(), *single.buffers()) if not t.requires_grad}
+    model = stack_clients(copy.deepcopy(single, memo=shared), n)
+    set_own_experts(model, [0] * n)
+    set_active(model, list(range(n)))
+    return model.train()
+
+
+def step(model, ids, labels, precision) -> None:
+    with autocast(CPU, precision):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    for p in model.parameters():
+        p.grad = None
+    F.cross_entropy(logits.float(), labels).backward()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", default="2,4,8", help="comma-separated client counts N")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per client and step")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    single = client_model(args.precision)
+    ids = torch.randint(1000, 20000, (args.batch, args.seq))
+    labels = torch.randint(0, 2, (args.batch,))
+    print(f"{device_name(CPU)}, {args.threads} threads, {args.precision}, {versions()}")
+    print(f"{'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} {'ratio':>6}")
+    for n in [int(x) for x in args.clients.split(",")]:
+        many = stacked(single, n)
+        big_ids, big_labels = ids.repeat(n, 1), labels.repeat(n)
+        fns = {
+            "one by one": lambda n=n: [step(single, ids, labels, args.precision) for _ in range(n)],
+            "lockstep": lambda m=many, i=big_ids, y=big_labels: step(m, i, y, args.precision),
+        }
+        ms = interleaved_medians(fns, CPU, warmup=1, reps=args.reps)
+        ratio = ms["one by one"] / ms["lockstep"]
+        print(f"{n:>3} {ms['one by one']:>17.0f} ms {ms['lockstep']:>9.0f} ms {ratio:>5.2f}x")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"\n{name}, N = {n}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
