@@ -225,8 +225,10 @@ def test_compare_tabulates_rouge_for_generation_runs(tiny_lm, tmp_path):
 @pytest.mark.parametrize("method", ["fedlease", "fedit"])
 def test_generation_clients_train_the_same_in_lockstep(tiny_lm, method):
     """Causal-LM clients trained two at a time through one model (each its own next-token loss
-    over its answer tokens) end where one-by-one training leaves them; the tiny Llama has no
-    dropout, the adapters' is off. Evaluation (greedy decoding) stays one by one."""
+    over its answer tokens) end where one-by-one training leaves them, and are evaluated two at a
+    time (one teacher-forced forward and one greedy decoding per step, each sequence on its own
+    client's adapters) to the same ROUGE and loss; the tiny Llama has no dropout, the adapters'
+    is off."""
     from helpers import assert_same_run
 
     from fedlease.fl import from_dict
@@ -238,3 +240,44 @@ def test_generation_clients_train_the_same_in_lockstep(tiny_lm, method):
     two = simulation(from_dict(cfg | {"client_batch": 2}), progress=False)
     assert two.run().client_batch == 2
     assert_same_run(one, two)
+
+
+def test_lockstep_decoding_gives_each_client_its_own_answers(tiny_lm):
+    """Three clients with very different adapters (random B), decoded together (uneven test
+    sets, so one drops out of the last step): each gets the token ids its model alone decodes
+    and the same reference-answer loss; another client's adapters would give other answers (so
+    a row decoded on the wrong adapters would show)."""
+    from fedlease.fl import from_dict
+    from fedlease.fl.simulator import simulation
+    from fedlease.fl.types import Layout
+    from fedlease.generation.decode import greedy_generate_ids
+    from fedlease.generation.score import evaluate_generation
+
+    cfg = from_dict(config(tiny_lm, clients=["fix_punct", "sst2", "fix_punct"], test_samples=3,
+                           eval_batch_size=4, max_new_tokens=6))  # fmt: skip
+    transport = simulation(cfg, progress=False).transport
+    transport.start()
+    pool, layout = transport.pool, Layout()
+    data = transport.data
+    data[2].test.prompts.pop()  # client 2: two test prompts, the others three
+    data[2].test.references.pop()
+    for k in data[2].test.features:
+        data[2].test.features[k].pop()
+    data[2].test.labels.pop()
+    torch.manual_seed(1)
+    states = [{k: (torch.randn_like(v) if k.endswith("lora_B") else v.clone())
+               for k, v in pool.template(layout).items()} for _ in data]  # fmt: skip
+    trainer = pool.lockstep(layout, 3)
+    answers, losses, tokens = trainer.generate_answers(data, states, [0, 0, 0])
+    runner = pool.runner(layout)
+    for c, state, got, loss, n in zip(data, states, answers, losses, tokens):
+        runner._load(state, 0)
+        alone = greedy_generate_ids(runner.model, c.test.prompts, 6, runner.decoding.pad_id,
+                                    runner.decoding.eos_id, batch_size=4)  # fmt: skip
+        assert got == alone
+        eval_loss = evaluate_generation(runner.model, c.test, runner.decoding, 4)["eval_loss"]
+        assert loss / n == pytest.approx(eval_loss, rel=1e-5)
+    runner._load(states[1], 0)  # client 0's prompts on client 1's adapters: other answers
+    other = greedy_generate_ids(runner.model, data[0].test.prompts, 6, runner.decoding.pad_id,
+                                runner.decoding.eos_id, batch_size=4)  # fmt: skip
+    assert other != answers[0]

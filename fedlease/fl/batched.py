@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 
 from ..clients import load_slot, set_active, set_own_experts, slot_state
 from ..data.tokenize import IGNORE_INDEX, ClientData, Encoded, collate
+from ..generation.decode import greedy_generate_ids
+from ..generation.rouge import rouge_scores
+from ..generation.score import Decoding
 from ..inject import moe_lora_layers
 from ..precision import autocast
 from .client import class_weights, classification_scores
@@ -110,9 +113,10 @@ class LockstepTrainer:
     layout); ``cfg``: the run's config (batch size, local epochs, lr, weight decay)."""
 
     def __init__(self, model: nn.Module, pad_id: int, cfg, precision: str, progress: bool,
-                 generation: bool) -> None:  # fmt: skip
+                 decoding: Decoding | None = None) -> None:  # fmt: skip
         self.model, self.pad_id, self.cfg = model, pad_id, cfg
-        self.precision, self.progress, self.generation = precision, progress, generation
+        self.precision, self.progress, self.decoding = precision, progress, decoding
+        self.generation = decoding is not None
         self.device = next(model.parameters()).device
         self.default = TrainSpec("adamw", cfg.lr, cfg.weight_decay)
 
@@ -212,11 +216,7 @@ class LockstepTrainer:
         forward of ``eval_batch_size`` examples in all (no larger than one client's alone: on a
         CPU a forward of every client's full batch measured slower than one by one)."""
         model = self.model
-        size = max(1, self.cfg.eval_batch_size // len(clients))
-        for slot, state in enumerate(states):
-            load_slot(model, slot, state)
-        set_own_experts(model, [own or 0 for own in owns])
-        model.eval()
+        size = self._load_for_evaluation(states, owns)
         batches = []
         for c in clients:
             order = sorted(range(len(c.test)), key=lambda i: len(c.test.features["input_ids"][i]))
@@ -239,6 +239,72 @@ class LockstepTrainer:
         set_active(model, list(range(model.client_slots)))
         return [classification_scores(torch.cat(p), torch.cat(t), loss, c.task)
                 for p, t, loss, c in zip(preds, labels, loss_sums, clients)]  # fmt: skip
+
+    def _load_for_evaluation(self, states: list[State], owns: list[int | None]) -> int:
+        """Each client's state in its slot, the model in eval mode; returns the examples per
+        client in a step (``eval_batch_size`` in all, as one client alone evaluates)."""
+        for slot, state in enumerate(states):
+            load_slot(self.model, slot, state)
+        set_own_experts(self.model, [own or 0 for own in owns])
+        self.model.eval()
+        return max(1, self.cfg.eval_batch_size // len(states))
+
+    @torch.no_grad()
+    def evaluate_generation(self, clients: list[ClientData], states: list[State],
+                            owns: list[int | None]) -> list[dict]:  # fmt: skip
+        """Generation clients' held-out scores, as ``evaluate_generation`` gives them one by one:
+        ROUGE of the greedy answers (``generate_answers``) and the loss of the references."""
+        answers, loss_sums, tokens = self.generate_answers(clients, states, owns)
+        decode = self.decoding.tokenizer.decode
+        return [{**rouge_scores([decode(r, skip_special_tokens=True).strip() for r in rows],
+                                c.test.references), "eval_loss": s / max(n, 1)}
+                for rows, c, s, n in zip(answers, clients, loss_sums, tokens)]  # fmt: skip
+
+    @torch.no_grad()
+    def generate_answers(self, clients: list[ClientData], states: list[State],
+                         owns: list[int | None]) -> tuple[list, list, list]:  # fmt: skip
+        """Per client: its greedy answers' token ids, the summed loss of its reference answers and
+        their token count. Per step every client's next test examples go through one
+        teacher-forced forward and one greedy decoding of all their prompts, each sequence through
+        its own client's adapters (a row stays in its client's segment while decoding)."""
+        size = self._load_for_evaluation(states, owns)
+        chunks = [[list(range(s, min(s + size, len(c.test)))) for s in range(0, len(c.test), size)]
+                  for c in clients]  # fmt: skip
+        loss_sums, tokens = [0.0] * len(clients), [0] * len(clients)
+        answers: list[list[list[int]]] = [[] for _ in clients]
+        for step in range(max(len(ch) for ch in chunks)):
+            slots = [i for i, ch in enumerate(chunks) if step < len(ch)]
+            set_active(self.model, slots)
+            parts = [(clients[i].test, chunks[i][step]) for i in slots]
+            sums, counts = self._answer_losses(parts)
+            width = max(len(idx) for _, idx in parts)
+            prompts = [data.prompts[j] for data, idx in parts
+                       for j in idx + [idx[-1]] * (width - len(idx))]  # fmt: skip
+            with autocast(self.device, self.precision):
+                ids = greedy_generate_ids(self.model, prompts, self.decoding.max_new_tokens,
+                                          self.decoding.pad_id, self.decoding.eos_id,
+                                          batch_size=len(prompts))  # fmt: skip
+            for k, (i, (_, idx)) in enumerate(zip(slots, parts)):
+                loss_sums[i] += sums[k]
+                tokens[i] += counts[k]
+                answers[i] += ids[k * width : k * width + len(idx)]
+        set_active(self.model, list(range(self.model.client_slots)))
+        return answers, loss_sums, tokens
+
+    def _answer_losses(self, parts: list[tuple[Encoded, list[int]]]) -> tuple[list, list]:
+        """Per part: the summed next-token cross-entropy of its reference answers and how many
+        tokens that sums (padding rows count none)."""
+        batch, _ = self._rows(parts)
+        labels = batch.pop("labels")
+        with autocast(self.device, self.precision):
+            logits = self.model(**batch).logits
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
+                                    reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
+        n = len(parts)
+        sums = per_token.view(n, -1).sum(1).tolist()
+        counts = (shifted != IGNORE_INDEX).view(n, -1).sum(1).tolist()
+        return sums, counts
 
     def _losses(self, logits, labels, valid, lanes: list[Lane]) -> torch.Tensor:
         """Each lane's loss: the mean over its valid examples (class-weighted when it has

@@ -138,7 +138,7 @@ class InProcess:
 
     def evaluate(self, r: int, finals: dict[int, State]) -> list[dict]:
         """Every client merges its final payload into what it kept and is evaluated: one by one,
-        or (classification) ``client_batch`` at a time in one forward per step."""
+        or ``client_batch`` at a time in one forward (and one greedy decoding) per step."""
         strategy, layout = self.strategy, self.strategy.layout(r)
         runner, template = self.pool.runner(layout), self.pool.template(layout)
         for c in self.data:
@@ -146,14 +146,15 @@ class InProcess:
             self.kept[cid] = strategy.client_state(cid, template, self.kept[cid], finals[cid])
             self.dirty.add(cid)
         size = self.client_batch(len(self.data))
-        if size == 1 or self.cfg.task_type == "generation":  # batched decoding: not written
+        if size == 1:
             return [runner.evaluate(c, self.kept[c.client_id], strategy.own_expert(c.client_id, r))
                     for c in self.data]  # fmt: skip
         evals = {}
         trainer = self.pool.lockstep(layout, size)
+        score = trainer.evaluate_generation if trainer.generation else trainer.evaluate
         for group in self.groups([c.client_id for c in self.data], size):
-            scores = trainer.evaluate([self.data[c] for c in group], [self.kept[c] for c in group],
-                                      [strategy.own_expert(c, r) for c in group])  # fmt: skip
+            scores = score([self.data[c] for c in group], [self.kept[c] for c in group],
+                           [strategy.own_expert(c, r) for c in group])  # fmt: skip
             evals |= dict(zip(group, scores))
         return [evals[c.client_id] for c in self.data]
 

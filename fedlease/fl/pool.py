@@ -89,10 +89,9 @@ class ModelPool:
             shared = {id(t): t for t in (*single.parameters(), *single.buffers())
                       if not t.requires_grad}  # fmt: skip
             model = stack_clients(copy.deepcopy(single, memo=shared), slots)
-            generation = self.cfg.task_type == "generation"
             self.lockstep_trainers[key] = LockstepTrainer(
                 model, self.tokenizer.pad_token_id, self.cfg, self.precision, self.progress,
-                generation,
+                self.runner(layout).decoding,
             )  # fmt: skip
         return self.lockstep_trainers[key]
 
