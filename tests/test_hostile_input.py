@@ -338,6 +338,11 @@ CASES = [
         "--seeds",
     ),
     (
+        "compare onto a user's compare.md",
+        lambda t, o, f: cmp(t, holding(o, "compare.md"), "--methods", "fedit"),
+        "holds 'compare.md', which no comparison wrote",
+    ),
+    (
         "compare no seeds",
         lambda t, o, f: cmp(t, o, "--methods", "fedit", "--seeds", ","),
         "--seeds",

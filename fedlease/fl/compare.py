@@ -2,7 +2,9 @@
 
 Each (method, seed) run goes to ``<output>/<method>-seed<seed>/`` with the usual artefacts and
 checkpoints. Runs that already finished there (same resolved config) are reused and unfinished
-ones resume, so an interrupted comparison continues where it stopped.
+ones resume, so an interrupted comparison continues where it stopped. The comparison's own files
+(``OUTPUTS``) are listed in ``fedlease-compare.json``; one of those names holding a file no
+comparison wrote stops it before any run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import (
     LABEL,
     METHODS,
@@ -26,6 +28,9 @@ from .config import (
     validate,
 )
 from .simulator import run
+
+OUTPUTS = ("compare.json", "compare.md", "compare.png")
+MANIFEST = "fedlease-compare.json"  # the comparison's own files, as a run's fedlease-run.json
 
 
 def _method_list(methods: list[str]) -> list[str]:
@@ -74,6 +79,10 @@ def compare(
     # the config's device, checked before any of them starts.
     if any(not (out / run_name(m, s) / "summary.json").exists() for m in methods for s in seeds):
         runtime(cfg)
+    if (theirs := rundir.foreign(out, OUTPUTS, MANIFEST)) is not None:
+        raise rundir.OutputError(f"output {str(out)!r} holds {theirs!r}, which no comparison "
+                                 "wrote and this one would write over; choose another "
+                                 "--output")  # fmt: skip
     table: dict[str, dict] = {}
     for method in methods:
         summaries = []
@@ -85,6 +94,7 @@ def compare(
     result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),
               "metric": metric_of(cfg), "config": cfg.to_dict()}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    rundir.record(out, list(OUTPUTS), MANIFEST)  # listed first: a crash below leaves them ours
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown_table(result))
     plot_compare(out / "compare.png", result)

@@ -22,11 +22,11 @@ ARTEFACTS = ("config.yaml", "metrics.jsonl", "clusters.json", "summary.json", "d
 FOLDERS = ("checkpoint", "adapters", "client-states")
 
 
-def listed(out: Path) -> set[str]:
+def listed(out: Path, manifest: str = MANIFEST) -> set[str]:
     """The files (relative to ``out``, ``/``-separated) an earlier run's manifest names; empty
     when there is none or it cannot be read (then nothing counts as a run's)."""
     try:
-        files = json.loads((out / MANIFEST).read_text()).get("files", [])
+        files = json.loads((out / manifest).read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
         return set()
     if not isinstance(files, list):
@@ -96,9 +96,18 @@ def clear(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
 
 
-def record(out: Path) -> None:
-    """List every file now in the run's places as the run's (written atomically)."""
-    files = sorted(p.relative_to(out).as_posix() for p in _places(out))
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
+def record(out: Path, files: list[str] | None = None, manifest: str = MANIFEST) -> None:
+    """List ``files`` (default: every file now in the run's places) as written by fedlease, in
+    ``manifest`` (written atomically)."""
+    if files is None:
+        files = [p.relative_to(out).as_posix() for p in _places(out)]
+    tmp = out / (manifest + ".tmp")
+    tmp.write_text(json.dumps({"files": sorted(files)}, indent=1) + "\n")
+    os.replace(tmp, out / manifest)
+
+
+def foreign(out: Path, names: tuple[str, ...], manifest: str) -> str | None:
+    """The first of ``names`` in ``out`` that ``manifest`` does not list (a file of the user's
+    that writing ``names`` would replace), or None."""
+    ours = listed(out, manifest)
+    return next((n for n in names if (out / n).exists() and n not in ours), None)
