@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .inject import _matches, moe_lora_layers
+from .layer import active_slots
 
 
 class ClientLinear(nn.Module):
@@ -29,11 +30,7 @@ class ClientLinear(nn.Module):
         self.clients, self.active = n, list(range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if self.active != list(range(self.clients)):
-            index = torch.tensor(self.active, device=x.device)
-            weight = weight.index_select(0, index)
-            bias = None if bias is None else bias.index_select(0, index)
+        weight, bias = active_slots((self.weight, self.bias), self.active, self.clients)
         rows = x.reshape(len(self.active), -1, x.shape[-1])
         if bias is None:
             y = torch.bmm(rows, weight.transpose(1, 2))

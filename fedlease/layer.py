@@ -132,10 +132,7 @@ class MoELoRALinear(nn.Module):
 
     def _forward_clients(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active
-        params = (self.lora_A, self.lora_B, self.router)
-        if active != list(range(self.clients)):
-            index = torch.tensor(active, device=x.device)
-            params = tuple(p.index_select(0, index) for p in params)
+        params = active_slots((self.lora_A, self.lora_B, self.router), active, self.clients)
         y = moe_lora_linear(
             x.reshape(len(active), -1, x.shape[-1]),
             self.base.weight,
@@ -162,3 +159,12 @@ class MoELoRALinear(nn.Module):
             f"dropout={self.dropout:g}, "
             f"routing={self.routing!r}, slots={self.spec.num_slots}, own_expert={self.own_expert}"
         )
+
+
+def active_slots(tensors, active: list[int], clients: int) -> tuple:
+    """The ``active`` client slots of each client-stacked tensor (None stays None), in that
+    order; the tensors themselves when every slot is active in order."""
+    if active == list(range(clients)):
+        return tuple(tensors)
+    index = torch.tensor(active, device=next(t for t in tensors if t is not None).device)
+    return tuple(None if t is None else t.index_select(0, index) for t in tensors)

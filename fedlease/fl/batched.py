@@ -298,32 +298,32 @@ class LockstepTrainer:
         labels = batch.pop("labels")
         with autocast(self.device, self.precision):
             logits = self.model(**batch).logits
-        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-        per_token = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
-                                    reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
-        n = len(parts)
-        sums = per_token.view(n, -1).sum(1).tolist()
-        counts = (shifted != IGNORE_INDEX).view(n, -1).sum(1).tolist()
-        return sums, counts
+        sums, counts = _next_token_losses(logits, labels, len(parts))
+        return sums.tolist(), counts.tolist()
 
     def _losses(self, logits, labels, valid, lanes: list[Lane]) -> torch.Tensor:
         """Each lane's loss: the mean over its valid examples (class-weighted when it has
         weights), for generation the mean over its answer tokens, as its model alone would
         compute it."""
         n, width = valid.shape
-        if self.generation:  # next-token loss over the labelled positions (HF's causal LM loss)
-            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-            per_token = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
-                                        reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
-            per_token = per_token.view(n, -1)
-            counted = (shifted != IGNORE_INDEX).view(n, -1)
-            return per_token.sum(1) / counted.sum(1).clamp_min(1)
+        if self.generation:
+            sums, counts = _next_token_losses(logits, labels, n)
+            return sums / counts.clamp_min(1)
         per_example = F.cross_entropy(logits.float(), labels, reduction="none").view(n, width)
         weight = valid.float()
         if lanes[0].weight is not None:
             table = torch.stack([lane.weight for lane in lanes]).to(logits.device)
             weight = weight * table.gather(1, labels.view(n, width))
         return (per_example * weight).sum(1) / weight.sum(1)
+
+
+def _next_token_losses(logits, labels, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per part of the batch's ``n`` equal parts: the summed next-token cross-entropy over its
+    labelled positions (HF's causal LM loss before the mean) and how many positions that sums."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
+                                reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
+    return per_token.view(n, -1).sum(1), (shifted != IGNORE_INDEX).view(n, -1).sum(1)
 
 
 class _OtherExperts:

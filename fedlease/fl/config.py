@@ -273,9 +273,8 @@ def expand_clients(counts: dict) -> list[str]:
                               "and a whole number of clients")  # fmt: skip
         if count < 1:
             raise ConfigError(f"config key 'clients': {task}: {count} must be >= 1")
-    if sum(counts.values()) > MAX_CLIENTS:
-        raise ConfigError(f"config key 'clients': {sum(counts.values())} clients, more than "
-                          f"{MAX_CLIENTS:,}")  # fmt: skip
+    if (total := sum(counts.values())) > MAX_CLIENTS:
+        raise ConfigError(f"config key 'clients': {total} clients, more than {MAX_CLIENTS:,}")
     return [task for task, count in counts.items() for _ in range(count)]
 
 

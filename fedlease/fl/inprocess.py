@@ -83,7 +83,7 @@ class InProcess:
                 outcomes[cid] = self.side.update(self.data[cid], self.kept[cid], payloads[cid],
                                                  r, desc)  # fmt: skip
             else:
-                outcomes |= self._train_together(r, group, payloads, desc)
+                outcomes |= self._train_together(r, group, payloads, size, desc)
         replies = {}
         for cid in payloads:  # the participants' order
             new, replies[cid] = outcomes[cid]
@@ -122,11 +122,12 @@ class InProcess:
         self.used_client_batch = max(self.used_client_batch, size)
         return size
 
-    def _train_together(self, r: int, group: list[int], payloads, desc: str) -> dict:
-        """``(new_state, reply)`` per client of ``group``, trained in lockstep."""
+    def _train_together(self, r: int, group: list[int], payloads, size: int, desc: str) -> dict:
+        """``(new_state, reply)`` per client of ``group``, trained in lockstep on the round's
+        trainer of ``size`` slots."""
         side = self.side
         tasks = [side.start(self.data[c], self.kept[c], payloads[c], r) for c in group]
-        trainer = self.pool.lockstep(tasks[0].layout, self.client_batch(len(payloads)))
+        trainer = self.pool.lockstep(tasks[0].layout, size)
         results = trainer.train([self.data[c] for c in group], tasks, desc)
         out = {}
         for cid, task, (new, loss, failed) in zip(group, tasks, results):

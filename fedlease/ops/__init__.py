@@ -125,10 +125,16 @@ def _per_client(impl: Backend, x, base_out, lora_a, lora_b, router, specs, scali
     its single-client op once per client."""
     if impl.clients_fn is not None:
         return impl.clients_fn(x, base_out, lora_a, lora_b, router, specs, scaling, p)
-    # unbind, not x[i]: one backward node for all clients (N selects would each build a full-size
-    # gradient and add them up: N^2 work)
-    parts = zip(*(t.unbind(0) for t in (x, base_out, lora_a, lora_b, router)), specs)
-    return torch.stack([impl.fn(*tensors, spec, scaling, p) for *tensors, spec in parts])
+    return _each_client(lambda *t: impl.fn(*t, scaling, p), (x, base_out, lora_a, lora_b, router),
+                        specs)  # fmt: skip
+
+
+def _each_client(fn, stacked: tuple, specs) -> torch.Tensor:
+    """``fn(*client_i_tensors, spec_i)`` for every client of the ``stacked`` tensors, stacked.
+    unbind, not t[i]: one backward node for all clients (N selects would each build a full-size
+    gradient and add them up: N^2 work)."""
+    parts = zip(*(t.unbind(0) for t in stacked), specs)
+    return torch.stack([fn(*tensors, spec) for *tensors, spec in parts])
 
 
 def moe_lora_linear(
@@ -168,12 +174,13 @@ def moe_lora_linear(
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
         )
-    if specs is not None:  # the backend's layer op once per client (unbind: see _per_client)
+    if specs is not None:  # the backend's layer op once per client
         n, lead = lora_A.shape[0], x.shape[:-1]
-        parts = zip(*(t.unbind(0) for t in (x.reshape(n, -1, d_in), lora_A, lora_B, router)),
-                    specs)  # fmt: skip
-        y = torch.stack([impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p,
-                                        fast_dropout) for xi, a, b, r, spec in parts])  # fmt: skip
+
+        def one(xi, a, b, r, spec):
+            return impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p, fast_dropout)
+
+        y = _each_client(one, (x.reshape(n, -1, d_in), lora_A, lora_B, router), specs)
         return y.reshape(*lead, d_out)
     if x.dim() == 2:  # no reshapes: each is an autograd node, host time on every call
         return impl.linear_fn(x, weight, bias, lora_A, lora_B, router, spec, float(scaling), p,
