@@ -77,6 +77,17 @@ def test_every_instruction_set_gives_the_same_words():
     assert tried >= 2 and C().philox_isa() in ("generic", "avx2", "avx512")
 
 
+def test_mask_is_the_per_element_definition_across_groups_and_threads():
+    """The op's mask element by element: kept iff the element's word >= round(p * 2^32), over a
+    length that ends inside a group of blocks and spans several parallel chunks (the words of
+    four blocks are drawn together)."""
+    n, p, seed = 2 * 32768 + 4 * 64 + 37, 0.3, 2**35 + 11
+    threshold = round(p * 2**32)
+    keep = keep_mask(n, p, seed).tolist()
+    words = [C().philox_word(seed, i) for i in range(n)]
+    assert keep == [w >= threshold for w in words]
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_keep_rate_within_four_sigma(p):
     n = 10_000_000
