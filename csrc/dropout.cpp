@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 
@@ -141,10 +142,20 @@ bool cpu_has(Isa isa) {
   return isa == Isa::kGeneric;
 }
 
+// The widest implementation this CPU has, or a narrower one named by FEDLEASE_PHILOX_ISA
+// (generic, avx2, avx512; read once) to measure or check the others on a wider CPU.
 Isa best_isa() {
-  static const Isa isa = cpu_has(Isa::kAvx512) ? Isa::kAvx512
-                         : cpu_has(Isa::kAvx2) ? Isa::kAvx2
-                                               : Isa::kGeneric;
+  static const Isa isa = [] {
+    const Isa widest = cpu_has(Isa::kAvx512) ? Isa::kAvx512
+                       : cpu_has(Isa::kAvx2) ? Isa::kAvx2
+                                             : Isa::kGeneric;
+    const char* env = std::getenv("FEDLEASE_PHILOX_ISA");
+    const std::string want = env ? env : "";
+    const Isa asked = want == "generic" ? Isa::kGeneric
+                      : want == "avx2"  ? Isa::kAvx2
+                                        : Isa::kAvx512;
+    return std::min(asked, widest);
+  }();
   return isa;
 }
 

@@ -84,35 +84,43 @@ template <int Q>
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
+// Both halves of a block (lanes 0-7 and 8-15) with their rounds interleaved, as the AVX-512
+// version interleaves blocks (two chains are what sixteen registers hold).
 [[gnu::target("avx2"), gnu::always_inline]] inline void block_words_avx2(
     uint64_t seed, uint64_t block, uint32_t out[kBlock]) {
   const uint64_t first = block * kLanes;
   const __m256i ma = _mm256_set1_epi32(static_cast<int32_t>(kMulA));
   const __m256i mb = _mm256_set1_epi32(static_cast<int32_t>(kMulB));
-  for (int half = 0; half < 2; ++half) {  // lanes 0-7, then 8-15
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first + 8 * half)),
-                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i c1 = _mm256_set1_epi32(static_cast<int32_t>(first >> 32));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < kRounds; ++r) {
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int half = 0; half < 2; ++half) {
+    c0[half] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first + 8 * half)),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    c1[half] = _mm256_set1_epi32(static_cast<int32_t>(first >> 32));
+    c2[half] = _mm256_setzero_si256();
+    c3[half] = _mm256_setzero_si256();
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < kRounds; ++r) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
+    for (int half = 0; half < 2; ++half) {
       __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(c0, ma, hi0, lo0);
-      mulhilo8(c2, mb, hi1, lo1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1),
-                            _mm256_set1_epi32(static_cast<int32_t>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3),
-                            _mm256_set1_epi32(static_cast<int32_t>(k1)));
-      c1 = lo1;
-      c3 = lo0;
-      k0 += kKeyA;
-      k1 += kKeyB;
+      mulhilo8(c0[half], ma, hi0, lo0);
+      mulhilo8(c2[half], mb, hi1, lo1);
+      c0[half] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[half]), key0);
+      c2[half] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[half]), key1);
+      c1[half] = lo1;
+      c3[half] = lo0;
     }
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  for (int half = 0; half < 2; ++half) {
     uint32_t* o = out + 8 * half;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), c0);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kLanes), c1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 2 * kLanes), c2);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 3 * kLanes), c3);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), c0[half]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kLanes), c1[half]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 2 * kLanes), c2[half]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 3 * kLanes), c3[half]);
   }
 }
 

@@ -4,6 +4,11 @@ exactly the forward's mask."""
 
 import copy
 import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -86,6 +91,32 @@ def test_mask_is_the_per_element_definition_across_groups_and_threads():
     keep = keep_mask(n, p, seed).tolist()
     words = [C().philox_word(seed, i) for i in range(n)]
     assert keep == [w >= threshold for w in words]
+
+
+def test_every_instruction_set_gives_the_same_dropout():
+    """FEDLEASE_PHILOX_ISA runs the narrower implementations on this CPU: the whole op (grouped
+    blocks, head and tail, threads, bf16 and float32) gives the same output and mask in each."""
+    script = (
+        "import sys, torch, fedlease._C as C\n"
+        "x = torch.randn(70001, generator=torch.Generator().manual_seed(0))\n"
+        "out = {}\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    y, k = torch.ops.fedlease.philox_dropout(x.to(dt), 0.3, 2**40 + 9)\n"
+        "    out[str(dt)] = (y.float(), k)\n"
+        "torch.save((C.philox_isa(), out), sys.argv[1])\n"
+    )
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        path = f"{tempfile.mkdtemp()}/{isa}.pt"
+        env = dict(os.environ, FEDLEASE_PHILOX_ISA=isa)
+        subprocess.run([sys.executable, "-c", script, path], env=env, check=True)
+        used, out = torch.load(path)
+        results.setdefault(used, out)
+    assert "generic" in results and (len(results) >= 2 or platform.machine() != "x86_64")
+    first = next(iter(results.values()))
+    for out in results.values():
+        for dt, (y, k) in out.items():
+            assert torch.equal(y, first[dt][0]) and torch.equal(k, first[dt][1]), dt
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])

@@ -142,8 +142,12 @@ def _register_dropout() -> None:
     def setup_context(ctx, inputs, output):
         ctx.p = inputs[1]
         ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])  # the mask: no zero gradient made for it
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, _dkeep):
+        if dy is None:
+            return None, None, None
         (keep,) = ctx.saved_tensors
         return torch.ops.fedlease.apply_keep_mask(dy, keep, ctx.p), None, None
 
