@@ -15,6 +15,7 @@ import torch
 from bench_train import build_row, train_step
 from timing import device_name, interleaved_medians, versions
 
+from fedlease.allocator import keep_freed_memory
 from fedlease.inject import moe_lora_layers
 from fedlease.models import load
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `fedlease run` does; FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
     base, _ = load("minilm", num_labels=2)
     g = torch.Generator().manual_seed(0)

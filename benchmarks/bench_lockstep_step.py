@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timing import device_name, interleaved_medians, versions
 
 from fedlease import inject_moe_lora, models
+from fedlease.allocator import keep_freed_memory
 from fedlease.clients import set_active, set_own_experts, stack_clients
 from fedlease.dropout import use_fast_dropout
 from fedlease.inject import MoELoRAConfig
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `fedlease run` does; FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
     single = client_model(args.precision)
     ids = torch.randint(1000, 20000, (args.batch, args.seq))

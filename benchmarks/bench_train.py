@@ -29,6 +29,7 @@ import torch
 from timing import device_name, interleaved_medians, versions
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
+from fedlease.allocator import keep_freed_memory
 from fedlease.models import load
 from fedlease.precision import autocast, cast_frozen, resolve_device
 
@@ -85,6 +86,7 @@ def bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `fedlease run` does (every row); FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
     base, _ = load(args.model, num_labels=2)
     g = torch.Generator().manual_seed(0)

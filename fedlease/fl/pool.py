@@ -11,6 +11,7 @@ import torch
 
 from .. import models
 from ..adapter_io import adapter_state_dict
+from ..allocator import keep_freed_memory
 from ..clients import stack_clients
 from ..data import TASKS
 from ..dropout import use_fast_dropout
@@ -29,11 +30,12 @@ from .types import Layout, Reply, State, TrainSpec, clone_state
 def load_base(cfg: FLConfig, rt: Runtime):
     """The frozen model and tokenizer (a causal LM for ``generation``), a classifier's task head
     drawn from ``cfg.seed`` (every process that loads it for the same run, simulator or Flower
-    node, gets the same head), with the attention ``rt`` computes best in; sets ``threads``.
-    On CPU and in float32; ``ModelPool`` moves each client model to ``rt``'s device and
-    precision."""
+    node, gets the same head), with the attention ``rt`` computes best in; sets ``threads``
+    and keeps freed memory in the process (``fedlease.allocator``). On CPU and in float32;
+    ``ModelPool`` moves each client model to ``rt``'s device and precision."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     attn = attention_for(rt.device, rt.precision)
     if cfg.task_type == "generation":
