@@ -14,7 +14,7 @@ from torch import nn
 from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
 from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
 from fedlease.fl import from_dict, inprocess
-from fedlease.fl.batched import SlotOptimizer
+from fedlease.fl.batched import LockstepTrainer, SlotOptimizer
 from fedlease.fl.simulator import run, simulation
 from fedlease.fl.strategies import STRATEGIES
 from fedlease.fl.types import TrainSpec
@@ -132,6 +132,59 @@ def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monke
     summary = resumed.run()
     assert resumed.resumed_from == 2 and summary.client_batch == 4  # auto on the CPU: up to 4
     assert_same_run(one, resumed)
+
+
+@needs_data
+def test_candidate_losses_together_are_each_clients_loss_alone():
+    """IFCA's picking losses of three clients in one lockstep pass (chunks of 5 of the first 12
+    training examples, a client with fewer examples dropping out of the last step), each on its
+    own random adapters: what each client's model alone gives (``ClientRunner.train_loss``);
+    another client's adapters give another loss (a row on the wrong slot would show)."""
+    from fedlease.fl.types import Layout
+
+    cfg = from_dict(TINY | {"data_dir": DATA, "method": "ifca", "eval_batch_size": 5})
+    transport = simulation(cfg, progress=False).transport
+    transport.start()
+    pool, layout, data = transport.pool, Layout(), transport.data[:3]
+    data[2].train.labels = data[2].train.labels[:9]
+    for k in data[2].train.features:
+        data[2].train.features[k] = data[2].train.features[k][:9]
+    torch.manual_seed(3)
+    states = [{k: (torch.randn_like(v) if k.endswith("lora_B") else v.clone())
+               for k, v in pool.template(layout).items()} for _ in data]  # fmt: skip
+    got = pool.lockstep(layout, 3).train_losses(data, states, [None] * 3, 12)
+    runner = pool.runner(layout)
+    want = [runner.train_loss(c, state, 12) for c, state in zip(data, states)]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert runner.train_loss(data[0], states[1], 12) != pytest.approx(want[0], rel=1e-3)
+
+
+@pytest.mark.slow
+@needs_data
+def test_auto_halves_a_group_that_runs_out_of_memory(monkeypatch):
+    """``client_batch: auto`` on a device that holds only 2 clients at once (a trainer of more
+    slots raises torch's out-of-memory error at its first step, training or evaluating): the
+    run goes on with groups of 2, equals the run with ``client_batch: 2`` and says 2."""
+    _no_dropout(monkeypatch)
+    for name in ("train", "evaluate"):
+        original = getattr(LockstepTrainer, name)
+
+        def limited(self, clients, *args, original=original, **kwargs):
+            if self.model.client_slots > 2:
+                raise torch.OutOfMemoryError("out of memory (simulated)")
+            return original(self, clients, *args, **kwargs)
+
+        monkeypatch.setattr(LockstepTrainer, name, limited)
+    cfg = from_dict(TINY | {"data_dir": DATA, "client_batch": "auto"})
+    auto = simulation(cfg, progress=False)
+    summary = auto.run()
+    two = simulation(from_dict(cfg.to_dict() | {"client_batch": 2}), progress=False)
+    two.run()
+    assert summary.client_batch == 2
+    assert_same_run(two, auto)
+    fixed = simulation(from_dict(cfg.to_dict() | {"client_batch": 4}), progress=False)
+    with pytest.raises(torch.OutOfMemoryError):  # a number the user chose is not changed
+        fixed.run()
 
 
 def test_dropout_in_lockstep_is_dropout_with_other_masks():

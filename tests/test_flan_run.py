@@ -222,7 +222,7 @@ def test_compare_tabulates_rouge_for_generation_runs(tiny_lm, tmp_path):
         assert f"| {method} |" in table
 
 
-@pytest.mark.parametrize("method", ["fedlease", "fedit"])
+@pytest.mark.parametrize("method", ["fedlease", "fedit", "ifca"])
 def test_generation_clients_train_the_same_in_lockstep(tiny_lm, method):
     """Causal-LM clients trained two at a time through one model (each its own next-token loss
     over its answer tokens) end where one-by-one training leaves them, and are evaluated two at a

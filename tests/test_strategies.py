@@ -122,13 +122,16 @@ def test_ifca_clients_pick_their_lowest_loss_copy_and_copies_average_over_picker
     picks = {}
 
     def loss_for(cid):
-        def loss_of(state, limit):
+        def losses_of(states, limit):
             assert limit == PICK_EXAMPLES  # IFCA judges a copy on that many examples
-            k = next(i for i, b in enumerate(copies) if torch.equal(state["enc.q.lora_B"], b))
-            picks.setdefault(cid, []).append(k)
-            return 0.0 if k == cid % 2 else 1.0 + k
+            losses = []
+            for state in states:
+                k = next(i for i, b in enumerate(copies) if torch.equal(state["enc.q.lora_B"], b))
+                picks.setdefault(cid, []).append(k)
+                losses.append(0.0 if k == cid % 2 else 1.0 + k)
+            return losses
 
-        return loss_of
+        return losses_of
 
     new, ups = {}, {}
     for cid in range(4):

@@ -177,7 +177,8 @@ class LockstepTrainer:
         labels = batch.pop("labels")
         with autocast(self.device, self.precision):
             logits = self.model(**batch).logits
-        losses = self._losses(logits, labels, valid, lanes)
+        weights = [lane.weight for lane in lanes] if lanes[0].weight is not None else None
+        losses = self._losses(logits, labels, valid, weights)
         opt.zero_grad()
         losses.sum().backward()
         opt.step(slots)
@@ -207,6 +208,30 @@ class LockstepTrainer:
         batch = collate(features, labels, self.pad_id)
         return ({k: v.to(self.device) for k, v in batch.items()},
                 torch.tensor(valid, device=self.device).view(len(parts), width))  # fmt: skip
+
+    @torch.no_grad()
+    def train_losses(self, clients: list[ClientData], states: list[State],
+                     owns: list[int | None], limit: int) -> list[float]:  # fmt: skip
+        """Each state's mean loss on its client's first ``limit`` training examples in eval
+        mode, as ``ClientRunner.train_loss`` gives it one by one: the same chunks of
+        ``eval_batch_size`` examples, every client's chunk of a step in one forward."""
+        model, size = self.model, self.cfg.eval_batch_size
+        self._load_for_evaluation(states, owns)
+        counts = [min(limit, len(c.train)) for c in clients]
+        chunks = [[list(range(s, min(s + size, n))) for s in range(0, n, size)] for n in counts]
+        totals = [0.0] * len(clients)
+        for step in range(max(len(ch) for ch in chunks)):
+            slots = [i for i, ch in enumerate(chunks) if step < len(ch)]
+            batch, valid = self._rows([(clients[i].train, chunks[i][step]) for i in slots])
+            labels = batch.pop("labels")
+            set_active(model, slots)
+            with autocast(self.device, self.precision):
+                logits = model(**batch).logits
+            losses = self._losses(logits, labels, valid, None).tolist()
+            for k, i in enumerate(slots):
+                totals[i] += losses[k] * len(chunks[i][step])
+        set_active(model, list(range(model.client_slots)))
+        return [total / n for total, n in zip(totals, counts)]
 
     @torch.no_grad()
     def evaluate(self, clients: list[ClientData], states: list[State],
@@ -301,18 +326,18 @@ class LockstepTrainer:
         sums, counts = _next_token_losses(logits, labels, len(parts))
         return sums.tolist(), counts.tolist()
 
-    def _losses(self, logits, labels, valid, lanes: list[Lane]) -> torch.Tensor:
-        """Each lane's loss: the mean over its valid examples (class-weighted when it has
-        weights), for generation the mean over its answer tokens, as its model alone would
-        compute it."""
+    def _losses(self, logits, labels, valid, weights: list[torch.Tensor] | None) -> torch.Tensor:
+        """Each part's loss: the mean over its valid examples (class-weighted by its row of
+        ``weights`` when given), for generation the mean over its answer tokens, as its model
+        alone would compute it."""
         n, width = valid.shape
         if self.generation:
             sums, counts = _next_token_losses(logits, labels, n)
             return sums / counts.clamp_min(1)
         per_example = F.cross_entropy(logits.float(), labels, reduction="none").view(n, width)
         weight = valid.float()
-        if lanes[0].weight is not None:
-            table = torch.stack([lane.weight for lane in lanes]).to(logits.device)
+        if weights is not None:
+            table = torch.stack(weights).to(logits.device)
             weight = weight * table.gather(1, labels.view(n, width))
         return (per_example * weight).sum(1) / weight.sum(1)
 

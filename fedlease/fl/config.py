@@ -105,7 +105,8 @@ class FLConfig:
     client_batch: int | str = setting(1, "clients trained (and evaluated) at once in this "
         "process, in lockstep through one frozen model: one forward and backward per step over "
         "their batches, each client still on its own data, adapters, head and optimizer; 1: one "
-        "after another; 'auto': every participant on a GPU, up to 4 on the CPU",
+        "after another; 'auto': every participant on a GPU (halved while the GPU runs out of "
+        "memory), up to 4 on the CPU",
         lambda v: None if v == "auto" or (isinstance(v, int) and v >= 1)
         else "must be 'auto' or an integer >= 1")  # fmt: skip
     eval_every: int = setting(1, "evaluate every client every this many rounds, and after the last",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..adapter_io import load_adapter_state_dict, save_adapter
 from ..data.sources import build_client_data, source_for
 from ..inject import set_own_expert
@@ -39,6 +41,7 @@ class InProcess:
         self.rt = runtime(cfg)  # a device this machine lacks stops here
         self.device, self.precision = str(self.rt.device), self.rt.precision
         self.used_client_batch = 1
+        self.fits: int | None = None  # with `auto`: most clients at once that fit the device
 
     def start(self) -> list[ClientInfo]:
         cfg = self.cfg
@@ -75,15 +78,18 @@ class InProcess:
         client keeps its new state only when it is usable (status ``ok``)."""
         size = self.client_batch(len(payloads))
         phase, outcomes = self.strategy.phase(r), {}
-        for group in self.groups(list(payloads), size):
+
+        def work(group: list[int], size: int) -> dict:
             who = f"client {group[0]}" if size == 1 else f"{len(group)} clients"
             desc = f"{phase} {r + 1} {who}"
             if size == 1:
                 cid = group[0]
-                outcomes[cid] = self.side.update(self.data[cid], self.kept[cid], payloads[cid],
-                                                 r, desc)  # fmt: skip
-            else:
-                outcomes |= self._train_together(r, group, payloads, size, desc)
+                return {cid: self.side.update(self.data[cid], self.kept[cid], payloads[cid], r,
+                                              desc)}  # fmt: skip
+            return self._train_together(r, group, payloads, size, desc)
+
+        for group in self.groups(list(payloads), size):
+            outcomes |= self._within_memory(work, group, size)
         replies = {}
         for cid in payloads:  # the participants' order
             new, replies[cid] = outcomes[cid]
@@ -113,20 +119,43 @@ class InProcess:
 
     def client_batch(self, participants: int) -> int:
         """How many clients train at once: ``client_batch``, or for ``auto`` every participant on
-        a GPU and at most ``CPU_AUTO_CLIENTS`` on the CPU (measured, bench_round.py); records the
-        largest chosen (``used_client_batch``, in the summary)."""
+        a GPU (fewer once the device ran out of memory, ``_within_memory``) and at most
+        ``CPU_AUTO_CLIENTS`` on the CPU (measured, bench_round.py)."""
         value = self.cfg.client_batch
         if value == "auto":
             value = participants if self.rt.device.type == "cuda" else CPU_AUTO_CLIENTS
-        size = max(1, min(participants, value))
+            value = min(value, self.fits or value)
+        return max(1, min(participants, value))
+
+    def _within_memory(self, work, group: list[int], size: int) -> dict:
+        """``work(group, size)``; with ``client_batch: auto``, a group that runs the device out of
+        memory is dropped and trained (or evaluated) again in halves, and later groups are no
+        larger: every client's result is a function of what it starts from, so a retried client
+        gets what it would have got. Records the largest ``client_batch`` that ran
+        (``used_client_batch``, in the summary)."""
+        try:
+            out = work(group, size)
+        except torch.OutOfMemoryError:
+            if self.cfg.client_batch != "auto" or size == 1:
+                raise
+            self.pool.drop_lockstep(size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.fits = size // 2
+            out = {}
+            for start in range(0, len(group), self.fits):
+                out |= self._within_memory(work, group[start : start + self.fits], self.fits)
+            return out
         self.used_client_batch = max(self.used_client_batch, size)
-        return size
+        return out
 
     def _train_together(self, r: int, group: list[int], payloads, size: int, desc: str) -> dict:
         """``(new_state, reply)`` per client of ``group``, trained in lockstep on the round's
         trainer of ``size`` slots."""
         side = self.side
-        tasks = [side.start(self.data[c], self.kept[c], payloads[c], r) for c in group]
+        picks = self._candidate_losses(r, group, payloads, size)
+        tasks = [side.start(self.data[c], self.kept[c], payloads[c], r, picks.get(c))
+                 for c in group]  # fmt: skip
         trainer = self.pool.lockstep(tasks[0].layout, size)
         results = trainer.train([self.data[c] for c in group], tasks, desc)
         out = {}
@@ -136,6 +165,28 @@ class InProcess:
             else:
                 out[cid] = side.finish(self.data[cid], task, new, loss, r)
         return out
+
+    def _candidate_losses(self, r: int, group: list[int], payloads, size: int) -> dict:
+        """The losses each client of ``group`` picks its starting state by (the strategy's
+        ``candidates``, e.g. IFCA's copies), every client's k-th candidate in one lockstep pass;
+        ``{}`` when the strategy offers no choice."""
+        strategy, layout = self.strategy, self.strategy.layout(r)
+        template = self.pool.template(layout)
+        found = {c: strategy.candidates(c, template, self.kept[c], payloads[c]) for c in group}
+        candidates = {c: states for c, states in found.items() if states}
+        if not candidates:
+            return {}
+        trainer = self.pool.lockstep(layout, size)
+        losses: dict[int, list[float]] = {c: [] for c in candidates}
+        for k in range(max(len(states) for states in candidates.values())):
+            ids = [c for c in candidates if k < len(candidates[c])]
+            got = trainer.train_losses([self.data[c] for c in ids],
+                                       [candidates[c][k] for c in ids],
+                                       [strategy.own_expert(c, r) for c in ids],
+                                       strategy.pick_examples)  # fmt: skip
+            for c, loss in zip(ids, got):
+                losses[c].append(loss)
+        return losses
 
     def evaluate(self, r: int, finals: dict[int, State]) -> list[dict]:
         """Every client merges its final payload into what it kept and is evaluated: one by one,
@@ -147,16 +198,21 @@ class InProcess:
             self.kept[cid] = strategy.client_state(cid, template, self.kept[cid], finals[cid])
             self.dirty.add(cid)
         size = self.client_batch(len(self.data))
-        if size == 1:
-            return [runner.evaluate(c, self.kept[c.client_id], strategy.own_expert(c.client_id, r))
-                    for c in self.data]  # fmt: skip
-        evals = {}
-        trainer = self.pool.lockstep(layout, size)
-        score = trainer.evaluate_generation if trainer.generation else trainer.evaluate
-        for group in self.groups([c.client_id for c in self.data], size):
+
+        def work(group: list[int], size: int) -> dict:
+            if size == 1:
+                cid = group[0]
+                return {cid: runner.evaluate(self.data[cid], self.kept[cid],
+                                             strategy.own_expert(cid, r))}  # fmt: skip
+            trainer = self.pool.lockstep(layout, size)
+            score = trainer.evaluate_generation if trainer.generation else trainer.evaluate
             scores = score([self.data[c] for c in group], [self.kept[c] for c in group],
                            [strategy.own_expert(c, r) for c in group])  # fmt: skip
-            evals |= dict(zip(group, scores))
+            return dict(zip(group, scores))
+
+        evals = {}
+        for group in self.groups([c.client_id for c in self.data], size):
+            evals |= self._within_memory(work, group, size)
         return [evals[c.client_id] for c in self.data]
 
     def checkpoint(self) -> tuple[dict[str, State], set[str], dict]:

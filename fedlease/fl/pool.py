@@ -97,6 +97,11 @@ class ModelPool:
             )  # fmt: skip
         return self.lockstep_trainers[key]
 
+    def drop_lockstep(self, slots: int) -> None:
+        """Forget the trainers of ``slots`` clients (their memory goes with them)."""
+        for key in [k for k in self.lockstep_trainers if k[1] == slots]:
+            del self.lockstep_trainers[key]
+
     def template(self, layout: Layout) -> State:
         self.runner(layout)
         return self.templates[layout]
@@ -146,17 +151,21 @@ class ClientSide:
             return None, Reply.failed(str(exc))
         return self.finish(c, task, new, loss, r)
 
-    def start(self, c, kept: State, received: State, r: int) -> LocalTask:
+    def start(self, c, kept: State, received: State, r: int,
+              losses: list[float] | None = None) -> LocalTask:  # fmt: skip
         """What client ``c`` trains in round ``r``: its starting state (what it kept merged with
-        what it received, as the strategy says) and how."""
+        what it received, as the strategy says) and how. ``losses``: those of the strategy's
+        candidates, when computed already (a lockstep group's together); else one by one."""
         cfg, strategy, cid = self.cfg, self.strategy, c.client_id
         layout = strategy.layout(r)
         runner = self.pool.runner(layout)
 
-        def loss_of(state: State, limit: int) -> float:
-            return runner.train_loss(c, state, limit)
+        def losses_of(states: list[State], limit: int) -> list[float]:
+            if losses is not None:
+                return losses
+            return [runner.train_loss(c, state, limit) for state in states]
 
-        state = strategy.client_state(cid, self.pool.template(layout), kept, received, loss_of)
+        state = strategy.client_state(cid, self.pool.template(layout), kept, received, losses_of)
         steps = cfg.local_epochs * -(-len(c.train) // cfg.batch_size)
         return LocalTask(layout, state, seed_for(cfg.seed, r, cid), strategy.own_expert(cid, r),
                          self.plan.fail_at_step(r, cid, steps), lambda key: strategy.frozen(key, r),

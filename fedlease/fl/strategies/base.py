@@ -6,7 +6,9 @@ loop for all of them; per round and client it asks the strategy
 * ``layout(r)``: which client model to build (number of LoRA experts, routing);
 * ``down(cid, r)``: the tensors the server sends the client (counted as bytes down);
 * ``client_state(...)``: on the client, the tensors training starts from, given the template of
-  a fresh model, what the client kept from earlier rounds and what it received;
+  a fresh model, what the client kept from earlier rounds and what it received; where it has
+  ``candidates(...)`` to choose from (IFCA), by their losses (``losses_of``, which the
+  in-process engine computes for a lockstep group's clients together);
 * ``own_expert(cid, r)`` / ``frozen(key, r)``: which expert row trains, which tensors never do;
 * ``up(cid, r, new)``: the tensors the client sends back (counted as bytes up);
 * ``aggregate(r, ups)``: the server update from the accepted uploads, combined by
@@ -106,6 +108,7 @@ class Strategy:
     """The defaults: one plain LoRA per client, nothing sent, nothing aggregated (``local``)."""
 
     name = "local"
+    pick_examples = 0  # training examples a client's loss over its candidates is measured on
 
     def __init__(self, cfg, weights: list[float]) -> None:
         self.cfg = cfg
@@ -156,13 +159,19 @@ class Strategy:
         return 0
 
     # -- client side ---------------------------------------------------------------------------
+    def candidates(self, cid: int, template: State, kept: State, received: State
+                   ) -> list[State] | None:  # fmt: skip
+        """The states client ``cid`` picks its starting state from by its loss on
+        ``pick_examples`` of its training examples (IFCA's copies), or None: no choice."""
+        return None
+
     def client_state(
         self,
         cid: int,
         template: State,
         kept: State,
         received: State,
-        loss_of: Callable[[State, int], float] | None = None,
+        losses_of: Callable[[list[State], int], list[float]] | None = None,
     ) -> State:
         return merge(template, kept, received)
 

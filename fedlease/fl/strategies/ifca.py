@@ -46,6 +46,7 @@ def _split_copy_key(name: str) -> tuple[int, str] | None:
 
 class IFCA(Strategy):
     name = "ifca"
+    pick_examples = PICK_EXAMPLES
 
     def setup(self, template):
         super().setup(template)
@@ -71,19 +72,25 @@ class IFCA(Strategy):
             return dict(self.copies[self.choice[cid]])
         return {_copy_key(k, key): v for k, c in enumerate(self.copies) for key, v in c.items()}
 
-    def client_state(self, cid, template, kept, received, loss_of=None):
+    def candidates(self, cid, template, kept, received):
         copies: dict[int, dict] = {}
         for name, v in received.items():
             if (split := _split_copy_key(name)) is not None:
                 copies.setdefault(split[0], {})[split[1]] = v
         if not copies:
+            return None
+        return [merge(template, kept, copies[k]) for k in sorted(copies)]
+
+    def client_state(self, cid, template, kept, received, losses_of=None):
+        states = self.candidates(cid, template, kept, received)
+        if states is None:
             return merge(template, kept, received)
-        if loss_of is None:
+        if losses_of is None:
             raise ValueError("IFCA needs the client's loss to pick a copy")
-        losses = [loss_of(merge(template, kept, copies[k]), PICK_EXAMPLES) for k in sorted(copies)]
+        losses = losses_of(states, PICK_EXAMPLES)
         pick = min(range(len(losses)), key=losses.__getitem__)
         self._picked[cid] = pick
-        return merge(template, kept, copies[pick])
+        return states[pick]
 
     def up(self, cid, r, new):
         pick = self._picked.pop(cid)
