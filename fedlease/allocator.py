@@ -14,7 +14,9 @@ which glibc unmaps on free whatever the thresholds: above 32 MiB it always maps)
 heap's trim threshold to 2 GiB, so that the process keeps about its peak step's memory. Large
 steps gain most: one lockstep step of 8 MiniLM clients at 16 x 128 tokens (activations of 50 MB
 a tensor) took 2,139 ms with glibc's defaults, 1,912 ms with freed blocks up to 32 MiB kept and
-1,588 ms with every block kept (``bench_lockstep_step.py``, same Xeon). Process-wide;
+1,588 ms with every block kept (``bench_lockstep_step.py``, same Xeon). The price is resident
+memory: a round of 8 SmolLM2 clients ran 1.15-1.19x faster and peaked 29-39 % higher (6.8 GB
+against 5.2 one by one, 16.2 against 11.6 four at a time; ``benchmarks/RESULTS.md``). Process-wide;
 ``fedlease run`` and the Flower apps call it when they load the model,
 ``FEDLEASE_KEEP_FREED_MEMORY=0`` turns it off. Elsewhere than glibc it does nothing.
 """
