@@ -134,6 +134,15 @@ def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monke
     assert_same_run(one, resumed)
 
 
+def test_auto_on_the_cpu_takes_up_to_four_classification_clients_and_one_generation_client():
+    """As measured on a CPU: 4 GLUE clients at once gained, 4 SmolLM2 clients at once lost."""
+    for task_type, want in (("classification", [4, 3, 1]), ("generation", [1, 1, 1])):
+        cfg = from_dict({"task_type": task_type, "clients": ["sst2"] * 6, "device": "cpu",
+                         "client_batch": "auto"})  # fmt: skip
+        transport = inprocess.InProcess(cfg, progress=False)
+        assert [transport.client_batch(n) for n in (6, 3, 1)] == want, task_type
+
+
 @needs_data
 def test_candidate_losses_together_are_each_clients_loss_alone():
     """IFCA's picking losses of three clients in one lockstep pass (chunks of 5 of the first 12

@@ -25,11 +25,11 @@ from .types import ClientInfo, Layout, Reply, State, clone_state
 # SST-2's sentences (median 13 tokens) to QNLI's pairs (48) cost more than the larger step gained
 # (benchmarks/RESULTS.md, bench_round.py).
 LENGTH_SPREAD = 1.5
-# `client_batch: auto` on the CPU: 4 clients at once gained 1.1-1.2x on `make demo` (64 tokens)
-# and about nothing on 16 GLUE clients at 128 tokens (0.99x training, 1.03x evaluation), where 16
-# at once lost (0.53-0.86x: a larger step gains little on a CPU, the longer padding costs);
-# benchmarks/RESULTS.md.
-CPU_AUTO_CLIENTS = 4
+# `client_batch: auto` on the CPU, by task type: 4 classification clients at once gained 1.1-1.2x
+# on `make demo` (64 tokens) and about nothing on 16 GLUE clients at 128 tokens (0.99-1.02x
+# training, 1.08-1.23x evaluation); 4 SmolLM2 clients at once lost (0.87x training, 0.72-0.79x
+# evaluation: a causal LM's logits over its vocabulary make a large step costly); RESULTS.md.
+CPU_AUTO_CLIENTS = {"classification": 4, "generation": 1}
 
 
 class InProcess:
@@ -119,11 +119,12 @@ class InProcess:
 
     def client_batch(self, participants: int) -> int:
         """How many clients train at once: ``client_batch``, or for ``auto`` every participant on
-        a GPU (fewer once the device ran out of memory, ``_within_memory``) and at most
-        ``CPU_AUTO_CLIENTS`` on the CPU (measured, bench_round.py)."""
+        a GPU (fewer once the device ran out of memory, ``_within_memory``) and on the CPU at
+        most ``CPU_AUTO_CLIENTS`` of the task type (measured, bench_round.py)."""
         value = self.cfg.client_batch
         if value == "auto":
-            value = participants if self.rt.device.type == "cuda" else CPU_AUTO_CLIENTS
+            on_gpu = self.rt.device.type == "cuda"
+            value = participants if on_gpu else CPU_AUTO_CLIENTS[self.cfg.task_type]
             value = min(value, self.fits or value)
         return max(1, min(participants, value))
 
