@@ -215,23 +215,32 @@ class LockstepTrainer:
         """Each state's mean loss on its client's first ``limit`` training examples in eval
         mode, as ``ClientRunner.train_loss`` gives it one by one: the same chunks of
         ``eval_batch_size`` examples, every client's chunk of a step in one forward."""
-        model, size = self.model, self.cfg.eval_batch_size
+        size = self.cfg.eval_batch_size
         self._load_for_evaluation(states, owns)
         counts = [min(limit, len(c.train)) for c in clients]
         chunks = [[list(range(s, min(s + size, n))) for s in range(0, n, size)] for n in counts]
         totals = [0.0] * len(clients)
+        for step, slots, logits, labels, valid in self._forward_steps([c.train for c in clients],
+                                                                      chunks):  # fmt: skip
+            losses = self._losses(logits, labels, valid, None).tolist()
+            for k, i in enumerate(slots):
+                totals[i] += losses[k] * len(chunks[i][step])
+        return [total / n for total, n in zip(totals, counts)]
+
+    def _forward_steps(self, encoded: list[Encoded], chunks: list[list[list[int]]]):
+        """Step by step, the next chunk of every client that has one (client i: rows
+        ``chunks[i][step]`` of ``encoded[i]``) in one forward, each on its own slot; yields
+        ``(step, slots, logits, labels, valid)``, then makes every slot active again."""
+        model = self.model
         for step in range(max(len(ch) for ch in chunks)):
             slots = [i for i, ch in enumerate(chunks) if step < len(ch)]
-            batch, valid = self._rows([(clients[i].train, chunks[i][step]) for i in slots])
+            batch, valid = self._rows([(encoded[i], chunks[i][step]) for i in slots])
             labels = batch.pop("labels")
             set_active(model, slots)
             with autocast(self.device, self.precision):
                 logits = model(**batch).logits
-            losses = self._losses(logits, labels, valid, None).tolist()
-            for k, i in enumerate(slots):
-                totals[i] += losses[k] * len(chunks[i][step])
+            yield step, slots, logits, labels, valid
         set_active(model, list(range(model.client_slots)))
-        return [total / n for total, n in zip(totals, counts)]
 
     @torch.no_grad()
     def evaluate(self, clients: list[ClientData], states: list[State],
@@ -240,7 +249,6 @@ class LockstepTrainer:
         one: each client's test set in batches by length, the clients' batches of a step in one
         forward of ``eval_batch_size`` examples in all (no larger than one client's alone: on a
         CPU a forward of every client's full batch measured slower than one by one)."""
-        model = self.model
         size = self._load_for_evaluation(states, owns)
         batches = []
         for c in clients:
@@ -248,20 +256,14 @@ class LockstepTrainer:
             batches.append([order[s : s + size] for s in range(0, len(order), size)])
         preds, labels, loss_sums = ([[] for _ in clients], [[] for _ in clients],
                                     [0.0] * len(clients))  # fmt: skip
-        for step in range(max(len(b) for b in batches)):
-            slots = [i for i, b in enumerate(batches) if step < len(b)]
-            batch, valid = self._rows([(clients[i].test, batches[i][step]) for i in slots])
-            y = batch.pop("labels")
-            set_active(model, slots)
-            with autocast(self.device, self.precision):
-                logits = model(**batch).logits.float()
+        for _, slots, logits, y, valid in self._forward_steps([c.test for c in clients], batches):
+            logits = logits.float()
             loss = F.cross_entropy(logits, y, reduction="none").view(valid.shape)
             for k, i in enumerate(slots):
                 keep = valid[k]
                 loss_sums[i] += loss[k][keep].sum().item()
                 preds[i].append(logits.view(*valid.shape, -1)[k][keep].argmax(-1).cpu())
                 labels[i].append(y.view(valid.shape)[k][keep].cpu())
-        set_active(model, list(range(model.client_slots)))
         return [classification_scores(torch.cat(p), torch.cat(t), loss, c.task)
                 for p, t, loss, c in zip(preds, labels, loss_sums, clients)]  # fmt: skip
 
