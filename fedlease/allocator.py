@@ -4,10 +4,11 @@ torch's CPU tensors come from glibc's malloc, which unmaps large freed blocks an
 heap's free top. A training step frees its activations at the end of the backward, so the next
 forward faults their pages in again: 2,000-8,000 minor page faults a MiniLM bf16 step (16 x 64
 tokens), mostly in the big feed-forward tensors (``addmm``, ``gelu`` and its backward). With
-the memory kept, on a Xeon with AMX (2 threads), a loop of that step alone took 118-120 ms
-instead of 127-130 ms and ``bench_dropout_cost.py``'s step 119.5-119.8 instead of 123.9-128.5;
-``make demo`` took 72 s against 73 s (no difference there). Intel's extension for PyTorch gets
-the same by preloading jemalloc or tcmalloc.
+freed blocks up to 32 MiB kept (an earlier setting), on a Xeon with AMX (2 threads), a loop of
+that step alone took 118-120 ms instead of 127-130 ms, ``bench_dropout_cost.py``'s step
+119.5-119.8 instead of 123.9-128.5, and ``make demo`` 72 s against 73 s; with the setting below
+the demo took 67 s. Intel's extension for PyTorch gets the same by preloading jemalloc or
+tcmalloc.
 
 :func:`keep_freed_memory` makes every block come from the heap (no ``mmap`` of large blocks,
 which glibc unmaps on free whatever the thresholds: above 32 MiB it always maps) and sets the

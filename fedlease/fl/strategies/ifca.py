@@ -87,7 +87,7 @@ class IFCA(Strategy):
             return merge(template, kept, received)
         if losses_of is None:
             raise ValueError("IFCA needs the client's loss to pick a copy")
-        losses = losses_of(states, PICK_EXAMPLES)
+        losses = losses_of(states, self.pick_examples)
         pick = min(range(len(losses)), key=losses.__getitem__)
         self._picked[cid] = pick
         return states[pick]
