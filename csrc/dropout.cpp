@@ -35,29 +35,50 @@ namespace {
 // before AVX-512): flipping the top bit of both sides keeps their order.
 inline int32_t ordered(uint32_t w) { return static_cast<int32_t>(w ^ 0x80000000u); }
 
-// v times `scale` when kept, times 0 when dropped (as aten's dropout: NaN stays NaN). Floats
-// and halves through float; bfloat16 on its raw bits so that the conversions vectorise: widen
-// by a shift, narrow with round-to-nearest-even (a NaN stays a quiet NaN), as c10::BFloat16
-// does element by element.
+// v times `scale` when kept, times 0 when dropped (as aten's dropout: NaN stays NaN), and
+// acc + that. Floats and halves through float; bfloat16 on its raw bits so that the conversions
+// vectorise: widen by a shift, narrow with round-to-nearest-even (a NaN stays a quiet NaN), as
+// c10::BFloat16 does element by element.
 template <typename scalar_t>
-[[gnu::always_inline]] inline scalar_t scaled(scalar_t v, bool keep, double scale) {
-  const float s = static_cast<float>(scale);
-  return static_cast<scalar_t>(static_cast<float>(v) * (keep ? s : 0.0f));
+[[gnu::always_inline]] inline float widen(scalar_t v) {
+  return static_cast<float>(v);
+}
+template <>
+[[gnu::always_inline]] inline float widen<c10::BFloat16>(c10::BFloat16 v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
 }
 
+template <typename scalar_t>
+[[gnu::always_inline]] inline scalar_t narrow(float f) {
+  return static_cast<scalar_t>(f);
+}
+template <>
+[[gnu::always_inline]] inline c10::BFloat16 narrow<c10::BFloat16>(float f) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, f);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(f != f ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
+}
+
+template <typename scalar_t>
+[[gnu::always_inline]] inline scalar_t scaled(scalar_t v, bool keep, double scale) {
+  const float s = static_cast<float>(scale);  // (cast inside the select: GCC left it scalar)
+  return narrow<scalar_t>(widen(v) * (keep ? s : 0.0f));
+}
 template <>
 [[gnu::always_inline]] inline double scaled<double>(double v, bool keep, double scale) {
   return v * (keep ? scale : 0.0);
 }
 
-template <>
-[[gnu::always_inline]] inline c10::BFloat16 scaled<c10::BFloat16>(c10::BFloat16 v, bool keep,
-                                                                  double scale) {
+template <typename scalar_t>
+[[gnu::always_inline]] inline scalar_t plus_scaled(scalar_t acc, scalar_t v, bool keep,
+                                                   double scale) {
   const float s = static_cast<float>(scale);
-  const float f = __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16) * (keep ? s : 0.0f);
-  const uint32_t u = __builtin_bit_cast(uint32_t, f);
-  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  return c10::BFloat16(f != f ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
+  return narrow<scalar_t>(widen(acc) + widen(v) * (keep ? s : 0.0f));
+}
+template <>
+[[gnu::always_inline]] inline double plus_scaled<double>(double acc, double v, bool keep,
+                                                         double scale) {
+  return acc + v * (keep ? scale : 0.0);
 }
 
 // Blocks whose Philox words are drawn together (their rounds interleaved where the instruction
@@ -67,8 +88,8 @@ constexpr int kGroup = 4;
 // drop_blocks: aligned blocks of 64 elements from block `first` on; each block's keep decisions
 // from its Philox words (GROUP_WORDS fills kGroup blocks at once; past the last block they are
 // drawn and unused), written to `keep` when given, applied in -> out when `in` is given.
-// apply_keep: out = in scaled by a stored keep mask. Both compiled once per instruction set and
-// dtype, with everything inlined into each.
+// apply_keep: out = in scaled by a stored keep mask; add_kept: acc += that. All compiled once
+// per instruction set and dtype, with everything inlined into each.
 #define FEDLEASE_DROP(SUFFIX, ATTR, GROUP_WORDS, T)                                            \
   ATTR void drop_blocks_##SUFFIX(const T* in, T* out, uint8_t* keep, int64_t blocks,         \
                                  uint64_t first, uint64_t seed, uint32_t thr, double scale) {  \
@@ -92,6 +113,11 @@ constexpr int kGroup = 4;
   ATTR void apply_keep_##SUFFIX(const T* in, const uint8_t* keep, T* out, int64_t n,         \
                                 double scale) {                                              \
     _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) out[i] = scaled(in[i], keep[i], scale); \
+  }                                                                                          \
+  ATTR void add_kept_##SUFFIX(const T* in, const uint8_t* keep, T* acc, int64_t n,           \
+                              double scale) {                                                \
+    _Pragma("omp simd") for (int64_t i = 0; i < n; ++i) acc[i] =                             \
+        plus_scaled(acc[i], in[i], keep[i], scale);                                          \
   }
 #define FEDLEASE_DROP_ALL(SUFFIX, ATTR, GROUP_WORDS)      \
   FEDLEASE_DROP(SUFFIX, ATTR, GROUP_WORDS, float)         \
@@ -175,20 +201,24 @@ void drop_blocks_best(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t 
   drop_blocks_generic(in, out, keep, blocks, first, seed, thr, scale);
 }
 
+// in scaled by the mask into out (apply_keep), or added to it (add_kept: `accumulate`).
 template <typename scalar_t>
 void apply_keep_best(const scalar_t* in, const uint8_t* keep, scalar_t* out, int64_t n,
-                     double scale) {
+                     double scale, bool accumulate = false) {
 #ifdef FEDLEASE_PHILOX_X86
   switch (best_isa()) {
     case Isa::kAvx512:
-      return apply_keep_avx512(in, keep, out, n, scale);
+      return accumulate ? add_kept_avx512(in, keep, out, n, scale)
+                        : apply_keep_avx512(in, keep, out, n, scale);
     case Isa::kAvx2:
-      return apply_keep_avx2(in, keep, out, n, scale);
+      return accumulate ? add_kept_avx2(in, keep, out, n, scale)
+                        : apply_keep_avx2(in, keep, out, n, scale);
     case Isa::kGeneric:
       break;
   }
 #endif
-  apply_keep_generic(in, keep, out, n, scale);
+  accumulate ? add_kept_generic(in, keep, out, n, scale)
+             : apply_keep_generic(in, keep, out, n, scale);
 }
 
 double keep_scale(double p) { return 1.0 / (1.0 - p); }
@@ -227,11 +257,11 @@ void check_same(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 void dropout_rows(const at::Tensor& in, at::Tensor& out, uint64_t offset, uint64_t seed,
-                  double p) {
+                  double p, uint8_t* keep) {
   check_same(in, out);
   TORCH_CHECK(in.scalar_type() == out.scalar_type(), "dropout_rows: dtypes differ");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "dropout_rows", [&] {
-    draw_range<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), nullptr,
+    draw_range<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), keep,
                          in.numel(), offset, seed, p);
   });
 }
@@ -240,11 +270,13 @@ void keep_range(uint8_t* keep, int64_t n, uint64_t offset, uint64_t seed, double
   draw_range<float>(nullptr, nullptr, keep, n, offset, seed, p);
 }
 
-void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p) {
+void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p,
+                bool accumulate) {
   check_same(in, out);
+  TORCH_CHECK(in.scalar_type() == out.scalar_type(), "apply_keep: dtypes differ");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "apply_keep", [&] {
     apply_keep_best<scalar_t>(in.const_data_ptr<scalar_t>(), keep, out.data_ptr<scalar_t>(),
-                              in.numel(), keep_scale(p));
+                              in.numel(), keep_scale(p), accumulate);
   });
 }
 

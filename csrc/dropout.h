@@ -12,15 +12,18 @@
 namespace fedlease {
 
 // out = dropout(in) as if `in` sat at element `offset` of a larger tensor (contiguous tensors of
-// equal size and dtype: float32/64, bfloat16, float16; single-threaded; out may be in).
+// equal size and dtype: float32/64, bfloat16, float16; single-threaded; out may be in); the
+// keep mask into `keep` too when given (one byte an element).
 void dropout_rows(const at::Tensor& in, at::Tensor& out, uint64_t offset, uint64_t seed,
-                  double p);
+                  double p, uint8_t* keep = nullptr);
 
 // keep[i] = whether element offset + i is kept (1) or dropped (0), for i < n.
 void keep_range(uint8_t* keep, int64_t n, uint64_t offset, uint64_t seed, double p);
 
-// out = in scaled by a keep mask: in / (1 - p) where kept, 0 where dropped (out may be in).
-void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p);
+// out = in scaled by a keep mask: in / (1 - p) where kept, 0 where dropped (out may be in);
+// with `accumulate`, out += that (one rounding).
+void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p,
+                bool accumulate = false);
 
 // The 64 Philox words of aligned block `block` from one implementation ("generic", "avx2",
 // "avx512"; an error where the CPU lacks it), for tests that they agree; and the one in use.

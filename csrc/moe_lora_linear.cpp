@@ -150,7 +150,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
 // Returns (dx, dx_drop, d_weight, d_bias, d_router, d_a_cat, d_b_cat); dx_drop is empty unless
 // x_drop was given, d_weight / d_bias unless asked for (the base is normally frozen). x_drop,
 // p and seed: the forward's. With a mask drawn inside, the backward draws it again, once per
-// block, and applies it to x (for dA) and to dz_a A_cat (for dx).
+// block (with drop(x_b), for dA) and applies it to dz_a A_cat (added to dx).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_linear_bwd(
     const Tensor& dy, const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& weight,
     const Tensor& router, const Tensor& a_cat, const Tensor& b_cat, const Tensor& q,
@@ -192,13 +192,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
       return;
     }
     uint8_t* keep_b = thread_scratch(n, in, x.options().dtype(at::kByte), 1).data_ptr<uint8_t>();
-    keep_range(keep_b, n * in, static_cast<uint64_t>(b0 * in), static_cast<uint64_t>(seed), p);
     Tensor buf = thread_scratch(n, in, x.options(), 0);
-    apply_keep(x_b, keep_b, buf, p);  // the experts' input, as the forward saw it
+    // the experts' input as the forward saw it, and its mask, in one pass
+    dropout_rows(x_b, buf, static_cast<uint64_t>(b0 * in), static_cast<uint64_t>(seed), p,
+                 keep_b);
     dw_part[thread].narrow(0, S, MR).add_(at::mm(dz_a.t(), buf));
-    at::mm_out(buf, dz_a, a_cat);  // d(experts' input), then through the mask
-    apply_keep(buf, keep_b, buf, p);
-    dx_b.add_(buf);
+    at::mm_out(buf, dz_a, a_cat);  // d(experts' input), through the mask onto dx
+    apply_keep(buf, keep_b, dx_b, p, /*accumulate=*/true);
   });
   const Tensor dw = dw_part.sum(0).to(x.scalar_type());
   const Tensor d_weight = need_weight_grad ? at::mm(dy_t, x) : Tensor();

@@ -37,10 +37,13 @@ FEDLEASE_HD void route_forward_token(const acc_t* logits, const scalar_t* a, acc
   for (int64_t s = 1; s < S; ++s) mx = logits[s] > mx ? logits[s] : mx;
   acc_t kept = 0;
   for (int64_t s = 0; s < S; ++s) {
-    int64_t above = 0;  // slots ranked before s: larger logit, or equal logit and lower index
-    for (int64_t u = 0; u < S; ++u)
-      above += (logits[u] > logits[s]) || (logits[u] == logits[s] && u < s);
-    q[s] = above < keep ? exp_(logits[s] - mx) : acc_t(0);
+    // slots ranked before s: larger logit, or equal logit and lower index (counted without
+    // branches: which slot wins is data, and a mispredicted branch per pair was the CPU's cost)
+    int64_t above = 0;
+    for (int64_t u = 0; u < s; ++u) above += logits[u] >= logits[s];
+    for (int64_t u = s + 1; u < S; ++u) above += logits[u] > logits[s];
+    const acc_t e = exp_(logits[s] - mx);
+    q[s] = above < keep ? e : acc_t(0);
     kept += q[s];
   }
   for (int64_t e = 0; e < M; ++e) gate[e] = 0;
@@ -48,8 +51,11 @@ FEDLEASE_HD void route_forward_token(const acc_t* logits, const scalar_t* a, acc
     q[s] /= kept;
     gate[fold_slot(s, M, own)] += q[s];
   }
-  for (int64_t j = 0; j < M * R; ++j)
-    h[j] = static_cast<scalar_t>(static_cast<acc_t>(a[j]) * gate[j / R]);
+  // expert by expert, not column j's expert j / R: an integer division per column cost more
+  // than the rest of the token's routing on the CPU
+  for (int64_t e = 0; e < M; ++e)
+    for (int64_t j = e * R; j < (e + 1) * R; ++j)
+      h[j] = static_cast<scalar_t>(static_cast<acc_t>(a[j]) * gate[e]);
 }
 
 // dz[S + j] := scaling * dH[j] * gate[j / R];  dz[s] := q[s] * (d_gate[fold(s)] - <q, d_gate>),
@@ -58,12 +64,16 @@ template <typename scalar_t, typename acc_t>
 FEDLEASE_HD void route_backward_token(const acc_t* q, const scalar_t* a, const scalar_t* d_h,
                                       scalar_t* dz, acc_t* gate, acc_t* d_gate, int64_t S,
                                       int64_t M, int64_t R, int64_t own, acc_t scaling) {
-  for (int64_t e = 0; e < M; ++e) gate[e] = d_gate[e] = 0;
+  for (int64_t e = 0; e < M; ++e) gate[e] = 0;
   for (int64_t s = 0; s < S; ++s) gate[fold_slot(s, M, own)] += q[s];
-  for (int64_t j = 0; j < M * R; ++j) {
-    const acc_t dh = scaling * static_cast<acc_t>(d_h[j]);
-    d_gate[j / R] += dh * static_cast<acc_t>(a[j]);
-    dz[S + j] = static_cast<scalar_t>(dh * gate[j / R]);
+  for (int64_t e = 0; e < M; ++e) {
+    acc_t dg = 0;
+    for (int64_t j = e * R; j < (e + 1) * R; ++j) {
+      const acc_t dh = scaling * static_cast<acc_t>(d_h[j]);
+      dg += dh * static_cast<acc_t>(a[j]);
+      dz[S + j] = static_cast<scalar_t>(dh * gate[e]);
+    }
+    d_gate[e] = dg;
   }
   acc_t dot = 0;
   for (int64_t s = 0; s < S; ++s) dot += q[s] * d_gate[fold_slot(s, M, own)];
