@@ -50,7 +50,8 @@ if os.environ.get("FEDLEASE_NO_EXT") != "1":
                       file=sys.stderr)  # fmt: skip
 
     sources = [
-        "csrc/module.cpp", "csrc/moe_lora.cpp", "csrc/moe_lora_linear.cpp", "csrc/dropout.cpp"
+        "csrc/module.cpp", "csrc/moe_lora.cpp", "csrc/moe_lora_linear.cpp",
+        "csrc/autograd.cpp", "csrc/dropout.cpp",
     ]  # fmt: skip
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if with_cuda():

@@ -93,7 +93,12 @@ def test_linear_op_opcheck_and_torch_compile():
     for p, seed in ((0.0, 0), (0.3, 12345)):  # without dropout, and with a mask drawn inside
         args = (x, None, w, bias, router, a_cat, b_cat, 3, 0, 3, 2.0, p, seed)
         torch.library.opcheck(torch.ops.fedlease.moe_lora_linear_fwd.default, args)
-    torch.library.opcheck(torch.ops.fedlease.philox_dropout.default, (x, 0.3, 99))
+        # the differentiable layer op (autograd in C++), in x's dtype and cast to bfloat16
+        for dtype in (None, torch.bfloat16):
+            layer_args = (*leaves(x), None, w, bias, *leaves(router, a, b), 3, 0, 3, 2.0, p, seed,
+                          dtype)  # fmt: skip
+            torch.library.opcheck(torch.ops.fedlease.moe_lora_linear.default, layer_args)
+    torch.library.opcheck(torch.ops.fedlease.philox_dropout.default, (leaves(x)[0], 0.3, 99))
     fn = torch.compile(lambda *v: moe_lora_linear(*v, spec, 2.0, backend="cpp"), fullgraph=True)
     got, want = leaves(x, a, b, router), leaves(x, a, b, router)
     y = fn(got[0], w, bias, *got[1:])

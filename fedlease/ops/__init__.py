@@ -53,6 +53,7 @@ register(
         cpp_backend.moe_lora_cpp,
         cpp_backend.unavailable_reason,
         linear_fn=cpp_backend.moe_lora_linear_cpp,
+        linear_casts=("cpu",),
         dtypes={"cpu": (_F32, _BF16, _F64), "cuda": (_F32, _F16, _BF16, _F64)},
     )
 )
@@ -164,31 +165,31 @@ def moe_lora_linear(
             f"in={d_in}, out={d_out}"
         )
     cast = _autocast_dtype(x)
-    if cast is not None:
+    impl = resolve_backend(backend, x.device, cast or x.dtype)
+    casts_inside = impl.linear_fn is not None and x.device.type in impl.linear_casts
+    if cast is not None and not casts_inside:
         with torch.autocast(x.device.type, enabled=False):
             return moe_lora_linear(*_cast((x, weight, bias, lora_A, lora_B, router), cast), spec,
-                                   scaling, dropout, training, backend, fast_dropout)  # fmt: skip
-    impl = resolve_backend(backend, x.device, x.dtype)
+                                   scaling, dropout, training, impl.name, fast_dropout)  # fmt: skip
     p = float(dropout) if training else 0.0
     if impl.linear_fn is None:
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
         )
+    extra = {"dtype": cast} if casts_inside else {}
+
+    def layer(xi, a, b, r, spec):
+        return impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p, fast_dropout,
+                              **extra)  # fmt: skip
+
     if specs is not None:  # the backend's layer op once per client
         n, lead = lora_A.shape[0], x.shape[:-1]
-
-        def one(xi, a, b, r, spec):
-            return impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p, fast_dropout)
-
-        y = _each_client(one, (x.reshape(n, -1, d_in), lora_A, lora_B, router), specs)
+        y = _each_client(layer, (x.reshape(n, -1, d_in), lora_A, lora_B, router), specs)
         return y.reshape(*lead, d_out)
     if x.dim() == 2:  # no reshapes: each is an autograd node, host time on every call
-        return impl.linear_fn(x, weight, bias, lora_A, lora_B, router, spec, float(scaling), p,
-                              fast_dropout)  # fmt: skip
+        return layer(x, lora_A, lora_B, router, spec)
     lead = x.shape[:-1]
-    y = impl.linear_fn(x.reshape(-1, d_in), weight, bias, lora_A, lora_B, router, spec,
-                       float(scaling), p, fast_dropout)  # fmt: skip
-    return y.reshape(*lead, d_out)
+    return layer(x.reshape(-1, d_in), lora_A, lora_B, router, spec).reshape(*lead, d_out)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

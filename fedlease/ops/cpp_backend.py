@@ -100,35 +100,18 @@ def _register_moe_lora_linear() -> None:
         return (torch.empty_like(x), dx_drop, d_w, d_bias, torch.empty_like(router),
                 torch.empty_like(a_cat), torch.empty_like(b_cat))  # fmt: skip
 
-    def setup_context(ctx, inputs, output):
-        x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, _, scaling, p, seed = (
-            inputs
-        )
-        _, q, a, h = output
-        ctx.save_for_backward(x, x_drop, weight, router, a_cat, b_cat, q, a, h)
-        ctx.num_experts, ctx.own, ctx.scaling, ctx.p, ctx.seed = num_experts, own, scaling, p, seed
-        ctx.has_bias = bias is not None
+    @torch.library.register_fake("fedlease::moe_lora_linear")
+    def _layer_fake(x, x_drop, weight, bias, router, lora_a, lora_b, num_experts, own, keep,
+                    scaling, p, seed, dtype=None):  # fmt: skip
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype or x.dtype)
 
-    def backward(ctx, dy, _dq, _da, _dh):
-        x, x_drop, weight, router, a_cat, b_cat, q, a, h = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_bias = ctx.has_bias and need[3]
-        dx, dx_drop, d_w, d_bias, d_router, d_a, d_b = torch.ops.fedlease.moe_lora_linear_bwd(
-            dy.contiguous(), x, x_drop, weight, router, a_cat, b_cat, q, a, h, ctx.num_experts,
-            ctx.own, ctx.scaling, ctx.p, ctx.seed, need[2], need_bias,
-        )  # fmt: skip
-        return (dx, dx_drop if x_drop is not None else None, d_w if need[2] else None,
-                d_bias if need_bias else None, d_router, d_a, d_b,
-                None, None, None, None, None, None)  # fmt: skip
-
-    torch.library.register_autograd(
-        "fedlease::moe_lora_linear_fwd", backward, setup_context=setup_context
-    )
+    # (the autograd formula of `moe_lora_linear`, around these two kernels, is in C++:
+    # csrc/moe_lora_layer.cpp)
 
 
 def _register_dropout() -> None:
     """``philox_dropout`` returns its keep mask beside its output; its backward scales dy by it
-    (``apply_keep_mask``), which is linear in dy for a fixed mask."""
+    (``apply_keep_mask``). Both autograd formulas are in C++ (csrc/autograd.cpp)."""
 
     @torch.library.register_fake("fedlease::philox_dropout")
     def _fake(x, p, seed):
@@ -138,33 +121,6 @@ def _register_dropout() -> None:
     @torch.library.register_fake("fedlease::apply_keep_mask")
     def _apply_fake(dy, keep, p):
         return torch.empty_like(dy, memory_format=torch.contiguous_format)
-
-    def setup_context(ctx, inputs, output):
-        ctx.p = inputs[1]
-        ctx.save_for_backward(output[1])
-        ctx.mark_non_differentiable(output[1])  # the mask: no zero gradient made for it
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, dy, _dkeep):
-        if dy is None:
-            return None, None, None
-        (keep,) = ctx.saved_tensors
-        return torch.ops.fedlease.apply_keep_mask(dy, keep, ctx.p), None, None
-
-    torch.library.register_autograd("fedlease::philox_dropout", backward,
-                                    setup_context=setup_context)  # fmt: skip
-    torch.library.register_autograd("fedlease::apply_keep_mask", _apply_backward,
-                                    setup_context=_apply_setup)  # fmt: skip
-
-
-def _apply_setup(ctx, inputs, output):
-    ctx.p = inputs[2]
-    ctx.save_for_backward(inputs[1])
-
-
-def _apply_backward(ctx, dy):
-    (keep,) = ctx.saved_tensors
-    return torch.ops.fedlease.apply_keep_mask(dy, keep, ctx.p), None, None
 
 
 def draw_seed() -> int:
@@ -194,27 +150,24 @@ def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling
 
 
 def moe_lora_linear_cpp(x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling,
-                        dropout_p, fast_dropout: bool = True):  # fmt: skip
+                        dropout_p, fast_dropout: bool = True, dtype=None):  # fmt: skip
     """The whole layer (base GEMM included) as one op, blocked over tokens, on CPU, drawing the
     experts' dropout mask inside (``draw_seed``; with ``fast_dropout=False`` aten's dropout,
-    materialised, instead); elsewhere (CUDA) the base output from F.linear and the routing
-    op."""
+    materialised, instead) and computing in ``dtype`` (autocast's; None: x's), with its
+    autograd formula in C++ (csrc/moe_lora_layer.cpp); elsewhere (CUDA) the base output from
+    F.linear and the routing op."""
     if x.device.type != "cpu":
         base_out = F.linear(x, weight, bias)
         return moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p)
-    a_cat, b_cat = concat_adapters(lora_a, lora_b)
-    x = x.contiguous()
     x_drop, seed = None, 0
     if dropout_p > 0 and fast_dropout and not torch.compiler.is_compiling():
         seed = draw_seed()  # (a traced graph cannot draw it: it gets F.dropout's mask below)
     elif dropout_p > 0:
         x_drop = F.dropout(x, dropout_p, training=True)
-    y, _, _, _ = torch.ops.fedlease.moe_lora_linear_fwd(
-        x, x_drop, weight.contiguous(), None if bias is None else bias.contiguous(),
-        router.contiguous(), a_cat.contiguous(), b_cat.contiguous(),
-        spec.num_experts, spec.fold_target, spec.keep, float(scaling), float(dropout_p), seed,
+    return torch.ops.fedlease.moe_lora_linear(
+        x, x_drop, weight, bias, router, lora_a, lora_b, spec.num_experts, spec.fold_target,
+        spec.keep, float(scaling), float(dropout_p), seed, dtype,
     )  # fmt: skip
-    return y
 
 
 # Loaded once at import, outside any torch.compile trace: None, or why the backend is unavailable.

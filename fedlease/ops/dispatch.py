@@ -5,7 +5,9 @@ A backend is a callable ``fn(x, base_out, lora_A, lora_B, router, spec, scaling,
 it cannot run on a device (``None`` when it can). A backend may also compute the whole layer,
 frozen base GEMM included, as ``linear_fn(x, weight, bias, lora_A, lora_B, router, spec, scaling,
 dropout_p, fast_dropout)`` (``fast_dropout=False``: aten's dropout where the backend would draw
-its own mask); the others get the base output from ``F.linear``. ``auto`` takes the first
+its own mask); the others get the base output from ``F.linear``. On the device types of
+``linear_casts`` its ``linear_fn`` also takes ``dtype=`` (autocast's, or None) and casts inside;
+elsewhere the caller casts every input first. ``auto`` takes the first
 available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
 """
 
@@ -27,6 +29,8 @@ class Backend:
     fn: Callable[..., torch.Tensor]
     unavailable_reason: Callable[[torch.device], str | None]
     linear_fn: Callable[..., torch.Tensor] | None = None
+    # device types where ``linear_fn`` takes ``dtype=`` (autocast's) and casts inside
+    linear_casts: tuple[str, ...] = ()
     # the op on client-stacked tensors in one go (else ``fn`` once per client)
     clients_fn: Callable[..., torch.Tensor] | None = None
     # dtypes it computes in, per device type; a device type not listed: any dtype
