@@ -31,10 +31,6 @@
 namespace fedlease {
 namespace {
 
-// The unsigned comparison word >= thr is made signed (x86 has no unsigned vector compare
-// before AVX-512): flipping the top bit of both sides keeps their order.
-inline int32_t ordered(uint32_t w) { return static_cast<int32_t>(w ^ 0x80000000u); }
-
 // v times `scale` when kept, times 0 when dropped (as aten's dropout: NaN stays NaN), and
 // acc + that. Floats and halves through float; bfloat16 on its raw bits so that the conversions
 // vectorise: widen by a shift, narrow with round-to-nearest-even (a NaN stays a quiet NaN), as
@@ -82,31 +78,42 @@ template <>
 }
 
 // Blocks whose Philox words are drawn together (their rounds interleaved where the instruction
-// set allows, philox_x86.h): 256 elements.
+// set allows, philox_x86.h): 512 elements.
 constexpr int kGroup = 4;
 
-// drop_blocks: aligned blocks of 64 elements from block `first` on; each block's keep decisions
-// from its Philox words (GROUP_WORDS fills kGroup blocks at once; past the last block they are
-// drawn and unused), written to `keep` when given, applied in -> out when `in` is given.
-// apply_keep: out = in scaled by a stored keep mask; add_kept: acc += that. All compiled once
-// per instruction set and dtype, with everything inlined into each.
+// The keep decision of a 16-bit value (philox.h): half `shift` / 16 of a word. A signed
+// compare, which x86 vectors have for 32-bit lanes (the value and threshold are below 2^17).
+[[gnu::always_inline]] inline bool kept(uint32_t word, int shift, int32_t thr) {
+  return static_cast<int32_t>((word >> shift) & 0xFFFFu) >= thr;
+}
+
+// drop_blocks: blocks of 128 elements from block `first` on; each element's keep decision from
+// its half of a Philox word (GROUP_WORDS fills kGroup blocks' words at once; past the last
+// block they are drawn and unused), written to `keep` when given, applied in -> out when `in`
+// is given. apply_keep: out = in scaled by a stored keep mask; add_kept: acc += that. All
+// compiled once per instruction set and dtype, with everything inlined into each.
 #define FEDLEASE_DROP(SUFFIX, ATTR, GROUP_WORDS, T)                                            \
   ATTR void drop_blocks_##SUFFIX(const T* in, T* out, uint8_t* keep, int64_t blocks,         \
                                  uint64_t first, uint64_t seed, uint32_t thr, double scale) {  \
     alignas(64) uint32_t w[kGroup * philox::kBlock];                                         \
-    const int32_t t = ordered(thr);                                                          \
+    const int32_t t = static_cast<int32_t>(thr);                                             \
     for (int64_t b = 0; b < blocks; b += kGroup) {                                           \
       GROUP_WORDS(seed, first + b, w);                                                       \
-      const int64_t n = std::min<int64_t>(kGroup, blocks - b) * philox::kBlock;              \
-      if (in) {                                                                              \
-        const T* src = in + b * philox::kBlock;                                              \
-        T* dst = out + b * philox::kBlock;                                                   \
-        _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) dst[j] =                         \
-            scaled(src[j], ordered(w[j]) >= t, scale);                                       \
-      }                                                                                      \
-      if (keep) {                                                                            \
-        uint8_t* kb = keep + b * philox::kBlock;                                             \
-        _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) kb[j] = ordered(w[j]) >= t;     \
+      const int64_t nq = std::min<int64_t>(kGroup, blocks - b);                              \
+      for (int64_t q = 0; q < nq; ++q) {                                                     \
+        const uint32_t* wq = w + q * philox::kBlock;                                         \
+        for (int half = 0; half < 2; ++half) {                                               \
+          const int shift = 16 * half;                                                       \
+          const int64_t e = (b + q) * philox::kSpan + half * philox::kBlock;                 \
+          if (in) {                                                                          \
+            _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) out[e + j] =        \
+                scaled(in[e + j], kept(wq[j], shift, t), scale);                             \
+          }                                                                                  \
+          if (keep) {                                                                        \
+            _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) keep[e + j] =       \
+                kept(wq[j], shift, t);                                                       \
+          }                                                                                  \
+        }                                                                                    \
       }                                                                                      \
     }                                                                                        \
   }                                                                                          \
@@ -229,23 +236,24 @@ void draw_range(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t n, uin
                 uint64_t seed, double p) {
   const uint32_t thr = philox::threshold(p);
   const double scale = keep_scale(p);
-  auto one = [&](int64_t j, uint32_t word) {
-    const bool k = word >= thr;
+  auto one = [&](int64_t j, uint32_t value) {
+    const bool k = value >= thr;
     if (keep) keep[j] = k;
     if (in) out[j] = scaled(in[j], k, scale);
   };
   int64_t i = 0;
   // head: up to the first element whose index is a multiple of the block
-  for (; i < n && (offset + i) % philox::kBlock != 0; ++i)
-    one(i, philox::word_of(seed, offset + i));
-  const int64_t blocks = (n - i) / philox::kBlock;
+  for (; i < n && (offset + i) % philox::kSpan != 0; ++i)
+    one(i, philox::value_of(seed, offset + i));
+  const int64_t blocks = (n - i) / philox::kSpan;
   drop_blocks_best(in ? in + i : nullptr, in ? out + i : nullptr, keep ? keep + i : nullptr,
-                   blocks, (offset + i) / philox::kBlock, seed, thr, scale);
-  i += blocks * philox::kBlock;
+                   blocks, (offset + i) / philox::kSpan, seed, thr, scale);
+  i += blocks * philox::kSpan;
   if (i < n) {  // tail: a partial block
     uint32_t w[philox::kBlock];
-    philox::block_words(seed, (offset + i) / philox::kBlock, w);
-    for (int j = 0; i + j < n; ++j) one(i + j, w[j]);
+    philox::block_words(seed, (offset + i) / philox::kSpan, w);
+    for (int j = 0; i + j < n; ++j)
+      one(i + j, (w[j % philox::kBlock] >> (j < philox::kBlock ? 0 : 16)) & 0xFFFFu);
   }
 }
 

@@ -22,9 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "the four Philox4x32-10 words of `counter` (high half in word 1) under the 64-bit `seed`");
   m.def(
-      "philox_word",
-      [](uint64_t seed, uint64_t index) { return fedlease::philox::word_of(seed, index); },
-      "the 32-bit word element `index` of a tensor draws for its dropout mask under `seed`");
+      "philox_value",
+      [](uint64_t seed, uint64_t index) { return fedlease::philox::value_of(seed, index); },
+      "the 16-bit value element `index` of a tensor draws for its dropout mask under `seed`");
   m.def("philox_block", &fedlease::philox_block,
         "the 64 words of Philox block `block` (elements 64*block..) from implementation `isa`: "
         "generic, avx2 or avx512");

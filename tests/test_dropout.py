@@ -75,22 +75,35 @@ def test_every_instruction_set_gives_the_same_words():
                 got = C().philox_block(seed, block, isa)
             except RuntimeError:
                 break  # not on this CPU
-            want = [C().philox_word(seed, block * 64 + j) for j in range(64)]
+            want = [C().philox4x32(seed, block * 16 + j % 16)[j // 16] for j in range(64)]
             assert got == want, (isa, seed, block)
         else:
             tried += 1
     assert tried >= 2 and C().philox_isa() in ("generic", "avx2", "avx512")
 
 
+def value_of(seed: int, i: int, words: dict) -> int:
+    """The 16-bit value element i draws (csrc/philox.h): of block i // 128, word i % 64 (word
+    (i % 64) // 16 of counter 16 * block + i % 16), low half for i % 128 < 64, else high."""
+    block, j = divmod(i, 128)
+    counter = 16 * block + j % 16
+    if counter not in words:
+        words[counter] = C().philox4x32(seed, counter)
+    return (words[counter][(j % 64) // 16] >> (0 if j < 64 else 16)) & 0xFFFF
+
+
 def test_mask_is_the_per_element_definition_across_groups_and_threads():
-    """The op's mask element by element: kept iff the element's word >= round(p * 2^32), over a
-    length that ends inside a group of blocks and spans several parallel chunks (the words of
-    four blocks are drawn together)."""
-    n, p, seed = 2 * 32768 + 4 * 64 + 37, 0.3, 2**35 + 11
-    threshold = round(p * 2**32)
+    """The op's mask element by element: kept iff the element's 16-bit value >= round(p * 2^16),
+    over a length that ends inside a group of blocks and spans several parallel chunks (the
+    words of four blocks are drawn together); and the scalar path of a block's unaligned head
+    (philox_value) at random elements."""
+    n, p, seed = 2 * 32768 + 4 * 128 + 37, 0.3, 2**35 + 11
+    threshold = round(p * 2**16)
     keep = keep_mask(n, p, seed).tolist()
-    words = [C().philox_word(seed, i) for i in range(n)]
-    assert keep == [w >= threshold for w in words]
+    words: dict = {}
+    assert keep == [value_of(seed, i, words) >= threshold for i in range(n)]
+    for i in torch.randint(0, 2**40, (200,), generator=torch.Generator().manual_seed(0)).tolist():
+        assert C().philox_value(seed, i) == value_of(seed, i, words), i
 
 
 def test_every_instruction_set_gives_the_same_dropout():
