@@ -51,7 +51,7 @@ if os.environ.get("FEDLEASE_NO_EXT") != "1":
 
     sources = [
         "csrc/module.cpp", "csrc/moe_lora.cpp", "csrc/moe_lora_linear.cpp",
-        "csrc/autograd.cpp", "csrc/dropout.cpp",
+        "csrc/autograd.cpp", "csrc/dropout.cpp", "csrc/softmax_dropout.cpp",
     ]  # fmt: skip
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if with_cuda():

@@ -7,6 +7,7 @@
 //   gradients brought back to each parameter's shape and dtype.
 // - `philox_dropout` (its backward scales dy by the forward's keep mask) and `apply_keep_mask`
 //   (linear in dy for a fixed mask: its own backward), dropout.cpp.
+// - `softmax_dropout`, attention probabilities with dropout (softmax_dropout.cpp).
 //
 // Done in Python (`torch.library.register_autograd` formulas, the casts and reshapes as
 // separate autograd nodes) the same bookkeeping cost about 0.3 ms a layer call and 0.1 ms a
@@ -215,6 +216,52 @@ class ApplyKeepMask : public torch::autograd::Function<ApplyKeepMask> {
   }
 };
 
+using SoftmaxDropoutSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&,
+                                                              const std::optional<Tensor>&,
+                                                              double, double, int64_t);
+using SoftmaxDropoutBackSig = Tensor(const Tensor&, const Tensor&, const Tensor&, double, double);
+
+// (out, probs, keep) = softmax_dropout(scores, mask, scale, p, seed); d_scores from
+// softmax_dropout_backward (softmax_dropout.cpp). probs and keep are not differentiable, the
+// additive mask gets no gradient.
+class SoftmaxDropout : public torch::autograd::Function<SoftmaxDropout> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& scores,
+                               const std::optional<Tensor>& mask, double scale, double p,
+                               int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fedlease::softmax_dropout", "")
+                               .typed<SoftmaxDropoutSig>();
+    auto [out, probs, keep] = op.call(scores, mask, scale, p, seed);
+    ctx->save_for_backward({probs, keep});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    ctx->mark_non_differentiable({probs, keep});
+    ctx->set_materialize_grads(false);
+    return {out, probs, keep};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fedlease::softmax_dropout_backward", "")
+                               .typed<SoftmaxDropoutBackSig>();
+    const auto saved = ctx->get_saved_variables();
+    Tensor d_scores = op.call(grads[0], saved[0], saved[1], ctx->saved_data["scale"].toDouble(),
+                              ctx->saved_data["p"].toDouble());
+    return {d_scores, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> softmax_dropout_autograd(const Tensor& scores,
+                                                            const std::optional<Tensor>& mask,
+                                                            double scale, double p,
+                                                            int64_t seed) {
+  auto out = SoftmaxDropout::apply(scores, mask, scale, p, seed);
+  return {out[0], out[1], out[2]};
+}
+
 std::tuple<Tensor, Tensor> philox_dropout_autograd(const Tensor& x, double p, int64_t seed) {
   auto out = PhiloxDropout::apply(x, p, seed);
   return {out[0], out[1]};
@@ -259,6 +306,7 @@ TORCH_LIBRARY_IMPL(fedlease, Autograd, m) {
   m.impl("moe_lora_linear", &moe_lora_linear_autograd);
   m.impl("philox_dropout", &philox_dropout_autograd);
   m.impl("apply_keep_mask", &apply_keep_mask_autograd);
+  m.impl("softmax_dropout", &softmax_dropout_autograd);
 }
 
 TORCH_LIBRARY_IMPL(fedlease, CPU, m) { m.impl("moe_lora_linear", &moe_lora_linear_cpu); }

@@ -25,6 +25,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_loops.h"
 #include "philox.h"
 #include "philox_x86.h"
 
@@ -32,29 +33,7 @@ namespace fedlease {
 namespace {
 
 // v times `scale` when kept, times 0 when dropped (as aten's dropout: NaN stays NaN), and
-// acc + that. Floats and halves through float; bfloat16 on its raw bits so that the conversions
-// vectorise: widen by a shift, narrow with round-to-nearest-even (a NaN stays a quiet NaN), as
-// c10::BFloat16 does element by element.
-template <typename scalar_t>
-[[gnu::always_inline]] inline float widen(scalar_t v) {
-  return static_cast<float>(v);
-}
-template <>
-[[gnu::always_inline]] inline float widen<c10::BFloat16>(c10::BFloat16 v) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
-}
-
-template <typename scalar_t>
-[[gnu::always_inline]] inline scalar_t narrow(float f) {
-  return static_cast<scalar_t>(f);
-}
-template <>
-[[gnu::always_inline]] inline c10::BFloat16 narrow<c10::BFloat16>(float f) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, f);
-  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  return c10::BFloat16(f != f ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
-}
-
+// acc + that, through float (widen / narrow, cpu_loops.h).
 template <typename scalar_t>
 [[gnu::always_inline]] inline scalar_t scaled(scalar_t v, bool keep, double scale) {
   const float s = static_cast<float>(scale);  // (cast inside the select: GCC left it scalar)
@@ -163,7 +142,7 @@ FEDLEASE_DROP_ALL(avx512, [[gnu::target("avx512f,avx512bw")]], group_words_avx51
 #undef FEDLEASE_DROP_ALL
 #undef FEDLEASE_DROP
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
+}  // namespace
 
 bool cpu_has(Isa isa) {
 #ifdef FEDLEASE_PHILOX_X86
@@ -175,8 +154,6 @@ bool cpu_has(Isa isa) {
   return isa == Isa::kGeneric;
 }
 
-// The widest implementation this CPU has, or a narrower one named by FEDLEASE_PHILOX_ISA
-// (generic, avx2, avx512; read once) to measure or check the others on a wider CPU.
 Isa best_isa() {
   static const Isa isa = [] {
     const Isa widest = cpu_has(Isa::kAvx512) ? Isa::kAvx512
@@ -191,6 +168,8 @@ Isa best_isa() {
   }();
   return isa;
 }
+
+namespace {
 
 template <typename scalar_t>
 void drop_blocks_best(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t blocks,

@@ -55,21 +55,35 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
                     **kwargs):  # fmt: skip
     """The eager attention of BERT-like encoders (grouped key/value heads too) with
     :func:`dropout` on the attention probabilities. Softmax in the scores' dtype, as BERT's
-    (a float32 softmax of bf16 scores and the casts around it cost 6 % of a MiniLM bf16 step);
-    :func:`use_fast_dropout` installs it only on models whose attention dropout is not 0."""
+    (a float32 softmax of bf16 scores and the casts around it cost 6 % of a MiniLM bf16 step).
+    In training on the CPU the scaling, mask, softmax and dropout are one compiled op
+    (``softmax_dropout``, csrc/softmax_dropout.cpp: one pass instead of five forward, three
+    backward); in eval mode the computation is eager's, op for op. :func:`use_fast_dropout`
+    installs it only on models whose attention dropout is not 0."""
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
-    weights = torch.softmax(weights, dim=-1)
-    weights = _dropout(weights, dropout, module.training)
+    scores = torch.matmul(query, key.transpose(2, 3))
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    p = dropout if module.training else 0.0
+    if p > 0 and _fused(scores):
+        weights = cpp_backend.softmax_dropout(scores, mask, scaling, p)
+    else:
+        weights = scores * scaling
+        if mask is not None:
+            weights = weights + mask
+        weights = _dropout(torch.softmax(weights, dim=-1), p, module.training)
     out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return out, weights
+
+
+def _fused(scores: torch.Tensor) -> bool:
+    """Whether the attention's scaling, mask, softmax and dropout can run as one compiled op."""
+    fused_dtype = scores.dtype in (torch.float32, torch.bfloat16)
+    return scores.is_cpu and fused_dtype and available() and not torch.compiler.is_compiling()
 
 
 _registered = False

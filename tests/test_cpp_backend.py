@@ -22,7 +22,8 @@ def test_extension_was_built():
 
     assert ext.openmp, "fedlease._C was compiled without OpenMP"
     for op in ("moe_lora_fwd", "moe_lora_bwd", "moe_lora_linear_fwd", "moe_lora_linear_bwd",
-               "philox_dropout", "apply_keep_mask"):  # fmt: skip
+               "moe_lora_linear", "philox_dropout", "apply_keep_mask",
+               "softmax_dropout"):  # fmt: skip
         assert hasattr(torch.ops.fedlease, op), op
     assert BUILT
 
@@ -99,6 +100,9 @@ def test_linear_op_opcheck_and_torch_compile():
                           dtype)  # fmt: skip
             torch.library.opcheck(torch.ops.fedlease.moe_lora_linear.default, layer_args)
     torch.library.opcheck(torch.ops.fedlease.philox_dropout.default, (leaves(x)[0], 0.3, 99))
+    scores, mask = torch.randn(2, 3, 5, 40), torch.zeros(2, 1, 5, 40)
+    torch.library.opcheck(torch.ops.fedlease.softmax_dropout.default,
+                          (leaves(scores)[0], mask, 0.5, 0.3, 7))  # fmt: skip
     fn = torch.compile(lambda *v: moe_lora_linear(*v, spec, 2.0, backend="cpp"), fullgraph=True)
     got, want = leaves(x, a, b, router), leaves(x, a, b, router)
     y = fn(got[0], w, bias, *got[1:])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_fwd_bwd_close, leaves, make_inputs
+from helpers import assert_fwd_bwd_close, leaves, make_inputs, rel_err
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.dropout import ATTENTION, PhiloxDropout, dropout
@@ -330,3 +330,67 @@ def test_a_model_with_fast_dropout_compiles_in_train_mode_without_graph_breaks()
     loss = compiled(**batch, labels=torch.tensor([1, 0])).loss
     loss.backward()
     assert torch.isfinite(loss) and model.classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "shape,mask_shape,dtype,tol",
+    [
+        ((2, 3, 64, 64), (2, 1, 64, 64), torch.float32, 1e-5),  # BERT's mask, 64 keys
+        ((2, 2, 5, 128), (2, 1, 1, 128), torch.bfloat16, 2e-2),  # padding mask, 128 keys
+        ((3, 7, 33), None, torch.float32, 1e-5),  # any length, no mask
+    ],
+)
+def test_softmax_dropout_is_the_unfused_attention_probabilities(shape, mask_shape, dtype, tol):
+    """The attention's fused op: forward equals dropout(softmax(scale * s + mask)) computed in
+    float64 with the mask philox_dropout draws for the same seed (masked keys get exactly 0),
+    and the gradient of the scores equals that of the float64 formula."""
+    from fedlease.ops.cpp_backend import softmax_dropout
+
+    gen = torch.Generator().manual_seed(5)
+    scores = (torch.randn(shape, generator=gen) * 3).to(dtype).requires_grad_()
+    mask = None
+    if mask_shape is not None:
+        mask = torch.zeros(mask_shape)
+        mask[..., -5:] = torch.finfo(torch.float32).min  # padded keys
+    p, scale = 0.2, 0.7
+    torch.manual_seed(3)
+    out = softmax_dropout(scores, mask, scale, p)
+    from fedlease.ops.cpp_backend import draw_seed
+
+    torch.manual_seed(3)
+    seed = draw_seed()
+    s64 = scores.detach().double().requires_grad_()
+    probs = torch.softmax(s64 * scale + (0 if mask is None else mask.double()), dim=-1)
+    keep = torch.ops.fedlease.philox_dropout(probs.detach().to(dtype), p, seed)[1]
+    want = probs * keep.double() / (1 - p)
+    assert rel_err(out, want) < tol
+    if mask is not None:
+        assert torch.all(out.detach()[..., -5:] == 0)
+    grad = torch.randn(shape, generator=gen)
+    out.backward(grad.to(dtype))
+    want.backward(grad.double())
+    assert rel_err(scores.grad, s64.grad) < tol
+
+
+def test_attention_fuses_only_in_training(monkeypatch):
+    """fedlease_eager in train mode goes through the fused op (one call per layer), in eval mode
+    through eager's ops (which test_fast_dropout_in_a_model_swaps_and_restores checks are the
+    stock model's exactly); test_fast_dropout_trains_like_aten_dropout checks the distribution."""
+    import fedlease.ops.cpp_backend as cb
+
+    model, batch = _minilm()
+    use_fast_dropout(model)
+    calls = []
+    original = cb.softmax_dropout
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(cb, "softmax_dropout", counting)
+    model.train()
+    model(**batch)
+    assert len(calls) == model.config.num_hidden_layers
+    model.eval()
+    model(**batch)
+    assert len(calls) == model.config.num_hidden_layers

@@ -122,6 +122,15 @@ def _register_dropout() -> None:
     def _apply_fake(dy, keep, p):
         return torch.empty_like(dy, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("fedlease::softmax_dropout")
+    def _softmax_fake(scores, mask, scale, p, seed):
+        out = torch.empty_like(scores, memory_format=torch.contiguous_format)
+        return out, torch.empty_like(out), torch.empty_like(out, dtype=torch.uint8)
+
+    @torch.library.register_fake("fedlease::softmax_dropout_backward")
+    def _softmax_back_fake(grad, probs, keep, scale, p):
+        return torch.empty_like(probs, memory_format=torch.contiguous_format)
+
 
 def draw_seed() -> int:
     """A 63-bit seed from torch's default CPU generator: ``torch.manual_seed`` fixes the masks,
@@ -133,6 +142,14 @@ def philox_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout of a CPU tensor with a counter-based mask (``csrc/dropout.cpp``); the
     backward scales the gradient by the mask the forward drew (one byte an element)."""
     return torch.ops.fedlease.philox_dropout(x, float(p), draw_seed())[0]
+
+
+def softmax_dropout(scores: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    p: float) -> torch.Tensor:  # fmt: skip
+    """``dropout(softmax(scale * scores + mask))`` over the last dimension of a CPU tensor
+    (float32 or bfloat16; ``mask`` additive, broadcastable to ``scores``) in one pass, the
+    dropout mask drawn as :func:`philox_dropout` draws it; its backward in one pass too."""
+    return torch.ops.fedlease.softmax_dropout(scores, mask, float(scale), float(p), draw_seed())[0]
 
 
 def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling, dropout_p):
