@@ -5,7 +5,8 @@ element on one thread, single-threaded for small tensors), which measured 42 % o
 training step on a Xeon with AMX. :func:`dropout` draws the mask from a counter-based generator
 instead (Philox4x32-10 in ``csrc/dropout.cpp``: vectorised, parallel over threads, the mask a
 pure function of a seed drawn from torch's generator and the element index), and its backward
-regenerates the mask instead of storing it. Same distribution as ``F.dropout``: each element
+scales the gradient by the mask it kept (a byte an element; the MoE-LoRA layer's op draws its
+mask again instead). Same distribution as ``F.dropout``: each element
 kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``. Inside ``torch.compile`` it is
 ``F.dropout``, which the compiler generates its own random numbers for.
 
