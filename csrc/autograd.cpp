@@ -40,18 +40,20 @@ using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
     double, double, int64_t, bool, bool);
 
+// The op `name` (its schema registered by this library); callers keep the handle in a static.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 c10::TypedOperatorHandle<FwdSig> fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fedlease::moe_lora_linear_fwd", "")
-                             .typed<FwdSig>();
-  return op;
+  static const auto handle = op<FwdSig>("fedlease::moe_lora_linear_fwd");
+  return handle;
 }
 
 c10::TypedOperatorHandle<BwdSig> bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fedlease::moe_lora_linear_bwd", "")
-                             .typed<BwdSig>();
-  return op;
+  static const auto handle = op<BwdSig>("fedlease::moe_lora_linear_bwd");
+  return handle;
 }
 
 // Autocast is left outside: the kernels pick their own precisions (float32 router logits).
@@ -166,17 +168,13 @@ using DropoutSig = std::tuple<Tensor, Tensor>(const Tensor&, double, int64_t);
 using ApplySig = Tensor(const Tensor&, const Tensor&, double);
 
 c10::TypedOperatorHandle<DropoutSig> dropout_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fedlease::philox_dropout", "")
-                             .typed<DropoutSig>();
-  return op;
+  static const auto handle = op<DropoutSig>("fedlease::philox_dropout");
+  return handle;
 }
 
 c10::TypedOperatorHandle<ApplySig> apply_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fedlease::apply_keep_mask", "")
-                             .typed<ApplySig>();
-  return op;
+  static const auto handle = op<ApplySig>("fedlease::apply_keep_mask");
+  return handle;
 }
 
 // (y, keep) = philox_dropout(x, p, seed); dx = apply_keep_mask(dy, keep, p). The mask output
@@ -230,10 +228,8 @@ class SoftmaxDropout : public torch::autograd::Function<SoftmaxDropout> {
                                const std::optional<Tensor>& mask, double scale, double p,
                                int64_t seed) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fedlease::softmax_dropout", "")
-                               .typed<SoftmaxDropoutSig>();
-    auto [out, probs, keep] = op.call(scores, mask, scale, p, seed);
+    static const auto fwd = op<SoftmaxDropoutSig>("fedlease::softmax_dropout");
+    auto [out, probs, keep] = fwd.call(scores, mask, scale, p, seed);
     ctx->save_for_backward({probs, keep});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["p"] = p;
@@ -244,11 +240,9 @@ class SoftmaxDropout : public torch::autograd::Function<SoftmaxDropout> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fedlease::softmax_dropout_backward", "")
-                               .typed<SoftmaxDropoutBackSig>();
+    static const auto bwd = op<SoftmaxDropoutBackSig>("fedlease::softmax_dropout_backward");
     const auto saved = ctx->get_saved_variables();
-    Tensor d_scores = op.call(grads[0], saved[0], saved[1], ctx->saved_data["scale"].toDouble(),
+    Tensor d_scores = bwd.call(grads[0], saved[0], saved[1], ctx->saved_data["scale"].toDouble(),
                               ctx->saved_data["p"].toDouble());
     return {d_scores, Tensor(), Tensor(), Tensor(), Tensor()};
   }
