@@ -9,8 +9,8 @@
 //
 // The op `philox_dropout` returns the keep mask (one byte an element) beside its output, and
 // its backward scales dy by it (`apply_keep_mask`): a pass over a byte per element instead of a
-// second Philox draw. The ops that draw a mask inside (moe_lora_linear.cpp) use dropout_range
-// and keep_range on their own blocks.
+// second Philox draw. The ops that draw a mask inside (moe_lora_linear.cpp,
+// softmax_dropout.cpp) use dropout_rows on their own blocks.
 
 #include "dropout.h"
 
@@ -251,10 +251,6 @@ void dropout_rows(const at::Tensor& in, at::Tensor& out, uint64_t offset, uint64
     draw_range<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), keep,
                          in.numel(), offset, seed, p);
   });
-}
-
-void keep_range(uint8_t* keep, int64_t n, uint64_t offset, uint64_t seed, double p) {
-  draw_range<float>(nullptr, nullptr, keep, n, offset, seed, p);
 }
 
 void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p,

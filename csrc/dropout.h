@@ -17,9 +17,6 @@ namespace fedlease {
 void dropout_rows(const at::Tensor& in, at::Tensor& out, uint64_t offset, uint64_t seed,
                   double p, uint8_t* keep = nullptr);
 
-// keep[i] = whether element offset + i is kept (1) or dropped (0), for i < n.
-void keep_range(uint8_t* keep, int64_t n, uint64_t offset, uint64_t seed, double p);
-
 // out = in scaled by a keep mask: in / (1 - p) where kept, 0 where dropped (out may be in);
 // with `accumulate`, out += that (one rounding).
 void apply_keep(const at::Tensor& in, const uint8_t* keep, at::Tensor& out, double p,
