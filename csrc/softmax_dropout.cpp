@@ -151,6 +151,8 @@ std::tuple<Tensor, Tensor, Tensor> softmax_dropout(const Tensor& scores,
   Tensor m;
   std::vector<int64_t> m_strides(D, 0);
   if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->device().is_cpu(), "fedlease::softmax_dropout: the mask must be on the CPU "
+                "with the scores, got ", mask->device());
     m = mask->to(at::kFloat).contiguous();
     TORCH_CHECK(m.dim() <= D, "fedlease::softmax_dropout: mask has more dimensions than scores");
     const Tensor e = m.expand(x.sizes());
