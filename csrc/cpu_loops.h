@@ -33,11 +33,25 @@ template <>
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 
-// Whether this CPU (and build) has `isa`'s loops.
-bool cpu_has(Isa isa);
-
 // The widest instruction set this CPU has, or a narrower one named by FEDLEASE_PHILOX_ISA
 // (generic, avx2, avx512; read once) to measure or check the others on a wider CPU.
 Isa best_isa();
+
+// `return FN_<isa>(args...)` for best_isa()'s loops: FN_avx512 and FN_avx2 exist on x86 with
+// GCC-compatible compilers (clones compiled with target attributes), FN_generic everywhere.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FEDLEASE_BY_ISA(FN, ...)       \
+  switch (best_isa()) {                \
+    case Isa::kAvx512:                 \
+      return FN##_avx512(__VA_ARGS__); \
+    case Isa::kAvx2:                   \
+      return FN##_avx2(__VA_ARGS__);   \
+    case Isa::kGeneric:                \
+      break;                           \
+  }                                    \
+  return FN##_generic(__VA_ARGS__);
+#else
+#define FEDLEASE_BY_ISA(FN, ...) return FN##_generic(__VA_ARGS__);
+#endif
 
 }  // namespace fedlease

@@ -68,8 +68,8 @@ constexpr int kGroup = 4;
 
 // drop_blocks: blocks of 128 elements from block `first` on; each element's keep decision from
 // its half of a Philox word (GROUP_WORDS fills kGroup blocks' words at once; past the last
-// block they are drawn and unused), written to `keep` when given, applied in -> out when `in`
-// is given. apply_keep: out = in scaled by a stored keep mask; add_kept: acc += that. All
+// block they are drawn and unused), applied in -> out and written to `keep` when given.
+// apply_keep: out = in scaled by a stored keep mask; add_kept: acc += that. All
 // compiled once per instruction set and dtype, with everything inlined into each.
 #define FEDLEASE_DROP(SUFFIX, ATTR, GROUP_WORDS, T)                                            \
   ATTR void drop_blocks_##SUFFIX(const T* in, T* out, uint8_t* keep, int64_t blocks,         \
@@ -84,10 +84,8 @@ constexpr int kGroup = 4;
         for (int half = 0; half < 2; ++half) {                                               \
           const int shift = 16 * half;                                                       \
           const int64_t e = (b + q) * philox::kSpan + half * philox::kBlock;                 \
-          if (in) {                                                                          \
-            _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) out[e + j] =        \
-                scaled(in[e + j], kept(wq[j], shift, t), scale);                             \
-          }                                                                                  \
+          _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) out[e + j] =          \
+              scaled(in[e + j], kept(wq[j], shift, t), scale);                               \
           if (keep) {                                                                        \
             _Pragma("omp simd") for (int j = 0; j < philox::kBlock; ++j) keep[e + j] =       \
                 kept(wq[j], shift, t);                                                       \
@@ -142,8 +140,6 @@ FEDLEASE_DROP_ALL(avx512, [[gnu::target("avx512f,avx512bw")]], group_words_avx51
 #undef FEDLEASE_DROP_ALL
 #undef FEDLEASE_DROP
 
-}  // namespace
-
 bool cpu_has(Isa isa) {
 #ifdef FEDLEASE_PHILOX_X86
   // bf16 / uint8 lanes of the AVX-512 loops want avx512bw (every AVX-512 Xeon has it)
@@ -153,6 +149,8 @@ bool cpu_has(Isa isa) {
 #endif
   return isa == Isa::kGeneric;
 }
+
+}  // namespace
 
 Isa best_isa() {
   static const Isa isa = [] {
@@ -174,42 +172,22 @@ namespace {
 template <typename scalar_t>
 void drop_blocks_best(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t blocks,
                       uint64_t first, uint64_t seed, uint32_t thr, double scale) {
-#ifdef FEDLEASE_PHILOX_X86
-  switch (best_isa()) {
-    case Isa::kAvx512:
-      return drop_blocks_avx512(in, out, keep, blocks, first, seed, thr, scale);
-    case Isa::kAvx2:
-      return drop_blocks_avx2(in, out, keep, blocks, first, seed, thr, scale);
-    case Isa::kGeneric:
-      break;
-  }
-#endif
-  drop_blocks_generic(in, out, keep, blocks, first, seed, thr, scale);
+  FEDLEASE_BY_ISA(drop_blocks, in, out, keep, blocks, first, seed, thr, scale)
 }
 
 // in scaled by the mask into out (apply_keep), or added to it (add_kept: `accumulate`).
 template <typename scalar_t>
 void apply_keep_best(const scalar_t* in, const uint8_t* keep, scalar_t* out, int64_t n,
                      double scale, bool accumulate = false) {
-#ifdef FEDLEASE_PHILOX_X86
-  switch (best_isa()) {
-    case Isa::kAvx512:
-      return accumulate ? add_kept_avx512(in, keep, out, n, scale)
-                        : apply_keep_avx512(in, keep, out, n, scale);
-    case Isa::kAvx2:
-      return accumulate ? add_kept_avx2(in, keep, out, n, scale)
-                        : apply_keep_avx2(in, keep, out, n, scale);
-    case Isa::kGeneric:
-      break;
+  if (accumulate) {
+    FEDLEASE_BY_ISA(add_kept, in, keep, out, n, scale)
   }
-#endif
-  accumulate ? add_kept_generic(in, keep, out, n, scale)
-             : apply_keep_generic(in, keep, out, n, scale);
+  FEDLEASE_BY_ISA(apply_keep, in, keep, out, n, scale)
 }
 
 double keep_scale(double p) { return 1.0 / (1.0 - p); }
 
-// Elements [offset, offset + n): keep mask into `keep` (if given) and in -> out (if given).
+// Elements [offset, offset + n): in -> out, and the keep mask into `keep` (if given).
 template <typename scalar_t>
 void draw_range(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t n, uint64_t offset,
                 uint64_t seed, double p) {
@@ -218,15 +196,15 @@ void draw_range(const scalar_t* in, scalar_t* out, uint8_t* keep, int64_t n, uin
   auto one = [&](int64_t j, uint32_t value) {
     const bool k = value >= thr;
     if (keep) keep[j] = k;
-    if (in) out[j] = scaled(in[j], k, scale);
+    out[j] = scaled(in[j], k, scale);
   };
   int64_t i = 0;
   // head: up to the first element whose index is a multiple of the block
   for (; i < n && (offset + i) % philox::kSpan != 0; ++i)
     one(i, philox::value_of(seed, offset + i));
   const int64_t blocks = (n - i) / philox::kSpan;
-  drop_blocks_best(in ? in + i : nullptr, in ? out + i : nullptr, keep ? keep + i : nullptr,
-                   blocks, (offset + i) / philox::kSpan, seed, thr, scale);
+  drop_blocks_best(in + i, out + i, keep ? keep + i : nullptr, blocks,
+                   (offset + i) / philox::kSpan, seed, thr, scale);
   i += blocks * philox::kSpan;
   if (i < n) {  // tail: a partial block
     uint32_t w[philox::kBlock];

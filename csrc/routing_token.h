@@ -51,8 +51,7 @@ FEDLEASE_HD void route_forward_token(const acc_t* logits, const scalar_t* a, acc
     q[s] /= kept;
     gate[fold_slot(s, M, own)] += q[s];
   }
-  // expert by expert, not column j's expert j / R: an integer division per column cost more
-  // than the rest of the token's routing on the CPU
+  // expert by expert: each column's gate without dividing its index by R
   for (int64_t e = 0; e < M; ++e)
     for (int64_t j = e * R; j < (e + 1) * R; ++j)
       h[j] = static_cast<scalar_t>(static_cast<acc_t>(a[j]) * gate[e]);

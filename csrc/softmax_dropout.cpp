@@ -90,21 +90,9 @@ using at::Tensor;
   FEDLEASE_SOFTMAX(SUFFIX, ATTR, float)           \
   FEDLEASE_SOFTMAX(SUFFIX, ATTR, c10::BFloat16)
 FEDLEASE_SOFTMAX_ALL(generic, )
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__)  // (the clones FEDLEASE_BY_ISA calls)
 FEDLEASE_SOFTMAX_ALL(avx2, [[gnu::target("avx2")]])
 FEDLEASE_SOFTMAX_ALL(avx512, [[gnu::target("avx512f,avx512bw")]])
-#define FEDLEASE_BY_ISA(FN, ...)                     \
-  switch (best_isa()) {                              \
-    case Isa::kAvx512:                               \
-      return FN##_avx512(__VA_ARGS__);               \
-    case Isa::kAvx2:                                 \
-      return FN##_avx2(__VA_ARGS__);                 \
-    case Isa::kGeneric:                              \
-      break;                                         \
-  }                                                  \
-  return FN##_generic(__VA_ARGS__);
-#else
-#define FEDLEASE_BY_ISA(FN, ...) return FN##_generic(__VA_ARGS__);
 #endif
 
 template <typename T>

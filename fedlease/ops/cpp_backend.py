@@ -106,7 +106,7 @@ def _register_moe_lora_linear() -> None:
         return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype or x.dtype)
 
     # (the autograd formula of `moe_lora_linear`, around these two kernels, is in C++:
-    # csrc/moe_lora_layer.cpp)
+    # csrc/autograd.cpp)
 
 
 def _register_dropout() -> None:
