@@ -52,7 +52,7 @@ def one_run(args) -> dict:
     import torch
 
     from fedlease.fl import from_dict
-    from fedlease.fl.config import runtime
+    from fedlease.fl.config import parse_override, runtime
     from fedlease.fl.simulator import simulation
 
     n = args.n
@@ -62,6 +62,7 @@ def one_run(args) -> dict:
         "batch_size": args.batch, "max_seq_len": args.seq, "max_experts": 4, "seed": args.seed,
         "device": args.device, "precision": args.precision, "threads": args.threads,
         "data_dir": args.data_dir, "client_batch": args.client_batch, **task_settings(args),
+        **dict(parse_override(item) for item in args.overrides),
     })  # fmt: skip
     driver = simulation(cfg, progress=False)
     transport, times = driver.transport, {}
@@ -128,6 +129,9 @@ def main() -> int:
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config value for every run, e.g. --set pack_sequences=false; "
+                   "repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one run, in a child process
     p.add_argument("--client-batch", help=argparse.SUPPRESS)

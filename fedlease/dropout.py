@@ -53,14 +53,22 @@ class PhiloxDropout(nn.Dropout):
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    **kwargs):  # fmt: skip
+                    packed=None, **kwargs):  # fmt: skip
     """The eager attention of BERT-like encoders (grouped key/value heads too) with
     :func:`dropout` on the attention probabilities. Softmax in the scores' dtype, as BERT's
     (a float32 softmax of bf16 scores and the casts around it cost 6 % of a MiniLM bf16 step).
-    In training on the CPU the scaling, mask, softmax and dropout are one compiled op
-    (``softmax_dropout``, csrc/softmax_dropout.cpp: one pass instead of five forward, three
-    backward); in eval mode the computation is eager's, op for op. :func:`use_fast_dropout`
-    installs it only on models whose attention dropout is not 0."""
+    A module whose ``dropout`` is still an ``nn.Dropout`` (not swapped by :func:`use_fast_dropout`)
+    gets aten's dropout. In training on the CPU the scaling, mask, softmax and dropout are one
+    compiled op (``softmax_dropout``, csrc/softmax_dropout.cpp: one pass instead of five forward,
+    three backward); in eval mode the computation is eager's, op for op. :func:`use_fast_dropout`
+    installs it only on models whose attention dropout is not 0.
+
+    ``packed`` (``fedlease.packing``): the tokens of the batch come as one row
+    (:func:`_packed_attention`).
+    """
+    if packed is not None:
+        return _packed_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                 packed)  # fmt: skip
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -70,15 +78,26 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     scores = torch.matmul(query, key.transpose(2, 3))
     mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
     p = dropout if module.training else 0.0
-    if p > 0 and _fused(scores):
+    fast = type(getattr(module, "dropout", None)) is not nn.Dropout  # aten's where not swapped
+    if p > 0 and fast and _fused(scores):
         weights = cpp_backend.softmax_dropout(scores, mask, scaling, p)
     else:
         weights = scores * scaling
         if mask is not None:
             weights = weights + mask
-        weights = _dropout(torch.softmax(weights, dim=-1), p, module.training)
+        weights = (_dropout if fast else F.dropout)(torch.softmax(weights, dim=-1), p,
+                                                    module.training)  # fmt: skip
     out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return out, weights
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling, dropout, packed):
+    """The attention of a packed batch (one row of tokens): queries, keys and values scattered
+    into the padded ``(batch, span)`` block, eager attention over it (``attention_mask``: the
+    block's key mask), the output gathered back."""
+    q, k, v = (packed.block(t[0].transpose(0, 1)).transpose(1, 2) for t in (query, key, value))
+    out, _ = eager_attention(module, q, k, v, attention_mask.to(q.dtype), scaling, dropout)
+    return packed.unblock(out)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:
@@ -90,7 +109,7 @@ def _fused(scores: torch.Tensor) -> bool:
 _registered = False
 
 
-def _register_attention() -> None:
+def register_attention() -> None:
     global _registered
     if _registered:
         return
@@ -131,7 +150,7 @@ def use_fast_dropout(model: nn.Module, enable: bool = True) -> int:
     impl = getattr(config, "_attn_implementation", None)
     on_cpu = all(p.is_cpu for p in model.parameters())
     if enable and impl in ("eager", "sdpa") and on_cpu and attention_dropout(config) > 0:
-        _register_attention()
+        register_attention()
         model._attention_before_fast_dropout = impl
         model.set_attn_implementation(ATTENTION)
     elif not enable and impl == ATTENTION:

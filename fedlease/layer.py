@@ -104,6 +104,8 @@ class MoELoRALinear(nn.Module):
 
     # -- several clients in one layer -------------------------------------------------------------
     clients: int | None = None  # client slots (None: one client, unstacked parameters)
+    # tokens of each active slot when they are not equal shares (fedlease.packing sets them)
+    token_shares: list[int] | None = None
 
     def stack_clients(self, n: int) -> None:
         """Hold ``n`` clients: ``lora_A``, ``lora_B`` and ``router`` get a leading client dimension
@@ -133,6 +135,8 @@ class MoELoRALinear(nn.Module):
     def _forward_clients(self, x: torch.Tensor) -> torch.Tensor:
         active = self.active
         params = active_slots((self.lora_A, self.lora_B, self.router), active, self.clients)
+        if self.token_shares is not None:
+            return self._forward_shares(x, params)
         y = moe_lora_linear(
             x.reshape(len(active), -1, x.shape[-1]),
             self.base.weight,
@@ -146,6 +150,18 @@ class MoELoRALinear(nn.Module):
             fast_dropout=self.fast_dropout,
         )
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _forward_shares(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
+        """The active slots' tokens in ``token_shares`` (unequal counts, slot after slot): the
+        layer op once per slot, each on its own tensors (unbind: one backward node for all)."""
+        tokens = x.reshape(-1, x.shape[-1]).split(self.token_shares)
+        ys = []
+        for xi, a, b, r, slot in zip(tokens, *(p.unbind(0) for p in params), self.active):
+            ys.append(moe_lora_linear(
+                xi, self.base.weight, self.base.bias, a, b, r, self._specs[slot], self.scaling,
+                dropout=self.dropout, training=self.training, backend=self.backend,
+                fast_dropout=self.fast_dropout))  # fmt: skip
+        return torch.cat(ys).reshape(*x.shape[:-1], -1)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """The dense ``(..., M)`` gate matrix after routing (float32), for inspection."""

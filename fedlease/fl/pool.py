@@ -17,6 +17,7 @@ from ..data import TASKS
 from ..dropout import use_fast_dropout
 from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
+from ..packing import packable, use_packing
 from ..precision import attention_for, cast_frozen
 from .batched import LockstepTrainer
 from .client import ClientRunner, seed_for
@@ -72,6 +73,8 @@ class ModelPool:
             model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
             model.to(self.device)
             use_fast_dropout(model, cfg.fast_dropout)
+            if cfg.pack_sequences and self.device.type == "cpu" and packable(model) is None:
+                use_packing(model)
             if self.precision == "bf16":
                 cast_frozen(model, torch.bfloat16)
             decoding = (Decoding(self.tokenizer, cfg.max_new_tokens)

@@ -1,0 +1,155 @@
+"""Padding-free batches (``fedlease.packing``) against the padded model they replace: logits and
+gradients, fp32 and bf16, one client and several clients' unequal shares of one batch."""
+
+import copy
+
+import pytest
+import torch
+from helpers import rel_err
+from torch import nn
+
+from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
+from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
+from fedlease.inject import set_own_expert
+from fedlease.models import load
+from fedlease.packing import packable, packs, plan, row_length, use_packing
+from fedlease.precision import autocast, cast_frozen
+
+PAIRS = [("a fine film", "it was fine"), ("dull", "a much longer second sentence of the pair here"),
+         ("so so and long indeed, with many more words than the others", "ok"),
+         ("bad", "meh")]  # fmt: skip
+
+
+def _model(dropout: bool = False):
+    """MiniLM with MoE-LoRA (random B: the adapters matter), every dropout off unless asked."""
+    torch.manual_seed(0)
+    model, tok = load("minilm", num_labels=2, attn="eager")
+    if not dropout:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    cfg = MoELoRAConfig(num_experts=3, rank=4, dropout=0.1 if dropout else 0.0,
+                        trainable_modules=["classifier"])  # fmt: skip
+    inject_moe_lora(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    load_adapter_state_dict(model, {k: torch.randn(v.shape, generator=g) * 0.1
+                                    for k, v in adapter_state_dict(model).items()})  # fmt: skip
+    return model, tok
+
+
+def _batch(tok, pairs=PAIRS):
+    first, second = zip(*pairs)
+    return tok(list(first), list(second), return_tensors="pt", padding=True)
+
+
+def _logits_and_grads(model, batch, precision="fp32"):
+    model.zero_grad(set_to_none=True)
+    with autocast(torch.device("cpu"), precision):
+        logits = model(**batch).logits.float()
+    (logits * torch.arange(1.0, 3.0)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 3e-2)])
+def test_a_packed_model_computes_the_padded_model(precision, tol):
+    """Same logits and gradients of every trainable tensor (experts, routers, head), whatever
+    the padding of each row; the batch really is packed (the padded model never sees it)."""
+    model, tok = _model()
+    model.train()
+    if precision == "bf16":
+        cast_frozen(model, torch.bfloat16)
+    batch = _batch(tok)
+    assert plan(batch["attention_mask"]) is not None
+    want_logits, want_grads = _logits_and_grads(model, batch, precision)
+    use_packing(model)
+    seen = []
+    hook = model.bert.embeddings.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    got_logits, got_grads = _logits_and_grads(model, batch, precision)
+    hook.remove()
+    real = int(batch["attention_mask"].sum())
+    assert seen == [torch.Size([1, row_length(real), 384])]
+    assert real < row_length(real) < batch["attention_mask"].numel()  # fillers, less than padding
+    assert rel_err(got_logits, want_logits) < tol
+    for name, want in want_grads.items():
+        assert rel_err(got_grads[name], want) < tol, name
+
+
+def test_the_packed_row_is_rounded_to_a_32nd_of_its_power_of_two():
+    assert [row_length(n) for n in (1, 5, 8, 100, 1000, 1024, 1025, 5000)] == [
+        8, 8, 8, 104, 1024, 1024, 1088, 5120]  # fmt: skip
+
+
+def test_batches_without_right_padding_run_as_they_are():
+    """No padding, or padding on the left: no packing plan, the model's own computation."""
+    assert plan(torch.ones(3, 5, dtype=torch.long)) is None
+    assert plan(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
+    got = plan(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))
+    assert got.index.tolist() == [0, 1, 3, 4, 5, 6] and (got.batch, got.length) == (3, 3)
+    model, tok = _model()
+    model.eval()
+    batch = tok(["same length", "same length"], return_tensors="pt", padding=True)
+    want = model(**batch).logits
+    use_packing(model)
+    assert torch.equal(model(**batch).logits, want)
+
+
+def test_dropout_in_a_packed_batch_trains():
+    """With every dropout on (fused attention softmax, the layers' own masks): finite logits and
+    gradients, different masks from call to call, the same under the same seed."""
+    model, tok = _model(dropout=True)
+    use_packing(model).train()
+    batch = _batch(tok)
+    torch.manual_seed(3)
+    a, grads = _logits_and_grads(model, batch)
+    torch.manual_seed(3)
+    b, _ = _logits_and_grads(model, batch)
+    c, _ = _logits_and_grads(model, batch)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_several_clients_in_one_packed_batch_each_get_their_own_model():
+    """Three clients' slots in one stacked, packed model; their rows hold different numbers of
+    real tokens: each client's logits and its slot's gradients are those of its own model."""
+    model, tok = _model()
+    g = torch.Generator().manual_seed(5)
+    states = [{k: torch.randn(v.shape, generator=g) * 0.1 for k, v in
+               adapter_state_dict(model).items()} for _ in range(3)]  # fmt: skip
+    parts = [[PAIRS[0], PAIRS[3]], PAIRS[1:3], [PAIRS[2], PAIRS[0]]]  # unequal token counts
+    want = []
+    for i in range(3):
+        load_adapter_state_dict(model, states[i])
+        set_own_expert(model, i)
+        logits, grads = _logits_and_grads(model, _batch(tok, parts[i]))
+        want.append((logits, grads))
+    stacked = stack_clients(use_packing(copy.deepcopy(model)), 3)
+    for i in range(3):
+        load_slot(stacked, i, states[i])
+    set_own_experts(stacked, [0, 1, 2])
+    for order in ([0, 1, 2], [2, 0]):
+        set_active(stacked, order)
+        batch = _batch(tok, [p for i in order for p in parts[i]])
+        logits, grads = _logits_and_grads(stacked, batch)
+        for k, i in enumerate(order):
+            assert rel_err(logits.view(len(order), 2, 2)[k], want[i][0]) < 1e-5, (order, i)
+            for name, w in want[i][1].items():
+                assert rel_err(grads[name][i], w) < 1e-5, (order, i, name)
+    layers = [m for m in stacked.modules() if getattr(m, "token_shares", "x") != "x"]
+    assert layers and all(m.token_shares is None for m in layers)  # cleared after the forward
+
+
+def test_packing_is_refused_for_decoders_and_undone_on_request():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+    assert "llama" in packable(tiny)
+    with pytest.raises(ValueError, match="cannot pack sequences: model type 'llama'"):
+        use_packing(tiny)
+    model, _ = _model()
+    use_packing(use_packing(model))  # twice: one pair of hooks
+    assert packs(model) and packs(copy.deepcopy(model))
+    assert len(model.bert._forward_pre_hooks) == 1 and len(model.bert.encoder._forward_hooks) == 1
+    use_packing(model, False)
+    assert not packs(model) and not model.bert.encoder._forward_hooks
