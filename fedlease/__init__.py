@@ -5,6 +5,7 @@ from .dropout import use_fast_dropout
 from .inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers, set_own_expert
 from .layer import MoELoRALinear
 from .ops import available_backends, moe_lora, moe_lora_linear
+from .packing import use_packing
 from .peft_io import experts_from_peft, export_expert
 from .routing import RoutingSpec, route
 
@@ -28,4 +29,5 @@ __all__ = [
     "save_adapter",
     "set_own_expert",
     "use_fast_dropout",
+    "use_packing",
 ]

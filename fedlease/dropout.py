@@ -67,8 +67,7 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     (:func:`_packed_attention`).
     """
     if packed is not None:
-        return _packed_attention(module, query, key, value, attention_mask, scaling, dropout,
-                                 packed)  # fmt: skip
+        return _packed_attention(module, query, key, value, scaling, dropout, packed)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -91,13 +90,17 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out, weights
 
 
-def _packed_attention(module, query, key, value, attention_mask, scaling, dropout, packed):
-    """The attention of a packed batch (one row of tokens): queries, keys and values scattered
-    into the padded ``(batch, span)`` block, eager attention over it (``attention_mask``: the
-    block's key mask), the output gathered back."""
-    q, k, v = (packed.block(t[0].transpose(0, 1)).transpose(1, 2) for t in (query, key, value))
-    out, _ = eager_attention(module, q, k, v, attention_mask.to(q.dtype), scaling, dropout)
-    return packed.unblock(out)[None], None
+def _packed_attention(module, query, key, value, scaling, dropout, packed):
+    """The attention of a packed batch (one row of tokens): per segment (a client's rows), its
+    queries, keys and values scattered into a padded block, eager attention over it, the output
+    gathered back."""
+    tokens = [t[0].transpose(0, 1) for t in (query, key, value)]  # (tokens, heads, head_dim)
+    parts = []
+    for seg in packed.segments:
+        q, k, v = (seg.block(t).transpose(1, 2) for t in tokens)
+        out, _ = eager_attention(module, q, k, v, seg.key_mask.to(q.dtype), scaling, dropout)
+        parts.append(seg.unblock(out))
+    return torch.cat(parts)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:

@@ -10,8 +10,9 @@ output), and the encoder's output is padded again, so the pooler, the head and e
 the shapes they always did. Results equal the padded model's up to rounding; dropout masks
 differ (other elements draw them).
 
-A model whose MoE-LoRA layers hold several clients (``fedlease.clients``) gets each client's
-share of the packed tokens (its rows' real tokens) set on the layers for the forward.
+A model whose MoE-LoRA layers hold several clients (``fedlease.clients``) packs each client's
+rows as a segment of its own (its attention block too) and gets each client's share of the
+packed tokens set on the layers for the forward.
 """
 
 from __future__ import annotations
@@ -28,36 +29,53 @@ PACKABLE = ("bert",)  # absolute positions from 0, token types, [CLS] pooling
 
 
 @dataclass(frozen=True)
-class Packed:
-    """Where a padded batch's real tokens are: ``index`` their places in the flattened
-    ``(batch, length)`` layout, in order (the packed row, then ``tokens - len(index)`` filler
-    tokens that round its length, see :func:`row_length`); ``span`` the attention's block length
-    (``length`` rounded up to a multiple of 8), ``slots`` the real tokens' places in the flattened
-    ``(batch, span)`` block, ``key_mask`` its additive key mask ``(batch, 1, 1, span)``."""
+class Segment:
+    """Rows of the batch (a client's share) packed together: their ``real`` tokens, then fillers
+    up to ``tokens`` (:func:`row_length`), are ``start:start + tokens`` of the packed row. For
+    the attention they are a padded block of ``span`` (their longest, rounded up to a multiple
+    of 8): ``slots`` their real tokens' places in the flattened ``(rows, span)`` block,
+    ``key_mask`` its additive key mask ``(rows, 1, 1, span)``."""
 
-    index: torch.Tensor
-    batch: int
-    length: int
+    start: int
+    real: int
     tokens: int
+    rows: int
     span: int
     slots: torch.Tensor
     key_mask: torch.Tensor
 
-    def pad(self, tokens: torch.Tensor) -> torch.Tensor:
+    def block(self, row: torch.Tensor) -> torch.Tensor:
+        """Packed ``(tokens, ...)`` -> this segment's ``(rows, span, ...)`` block."""
+        mine = row[self.start : self.start + self.real]
+        return _scatter(mine, self.slots, self.rows, self.span)
+
+    def unblock(self, block: torch.Tensor) -> torch.Tensor:
+        """This segment's ``(rows, span, ...)`` block -> its ``(tokens, ...)`` (zero fillers)."""
+        real = block.reshape(-1, *block.shape[2:]).index_select(0, self.slots)
+        return torch.cat([real, real.new_zeros(self.tokens - self.real, *real.shape[1:])])
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A padded ``(batch, length)`` batch as one row of tokens, segment after segment: ``source``
+    gives each of the row's tokens its place in the flattened batch (``batch * length`` for a
+    filler: id 0, position 0, type 0), ``real`` the places of the real tokens in the row."""
+
+    batch: int
+    length: int
+    segments: tuple[Segment, ...]
+    source: torch.Tensor
+    real: torch.Tensor
+
+    def row(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``(batch, length)`` input as the packed ``(1, tokens)`` row."""
+        return torch.cat([t.flatten(), t.new_zeros(1)])[self.source][None]
+
+    def pad(self, row: torch.Tensor) -> torch.Tensor:
         """Packed ``(tokens, ...)`` -> ``(batch, length, ...)``: the real tokens at their places,
         zeros in the padding."""
-        return _scatter(tokens[: len(self.index)], self.index, self.batch, self.length)
-
-    def block(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Packed ``(tokens, ...)`` -> the attention's ``(batch, span, ...)`` block."""
-        return _scatter(tokens[: len(self.index)], self.slots, self.batch, self.span)
-
-    def unblock(self, rows: torch.Tensor) -> torch.Tensor:
-        """The attention's ``(batch, span, ...)`` block -> packed ``(tokens, ...)`` (zeros for
-        the fillers)."""
-        real = rows.reshape(-1, *rows.shape[2:]).index_select(0, self.slots)
-        fillers = real.new_zeros(self.tokens - len(self.index), *real.shape[1:])
-        return torch.cat([real, fillers])
+        places = self.source[self.real]
+        return _scatter(row.index_select(0, self.real), places, self.batch, self.length)
 
 
 def _scatter(tokens: torch.Tensor, places: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -113,9 +131,10 @@ def packs(model: nn.Module) -> bool:
     return base is not None and _pack_inputs in base._forward_pre_hooks.values()
 
 
-def plan(attention_mask: torch.Tensor) -> Packed | None:
-    """The packing of a batch with this ``(batch, length)`` 0/1 mask, or None when it has no
-    padding or pads other than on the right (then the batch runs as it is)."""
+def plan(attention_mask: torch.Tensor, shares: int = 1) -> Packed | None:
+    """The packing of a batch with this ``(batch, length)`` 0/1 mask whose rows come in ``shares``
+    equal shares (clients; each a segment of its own), or None when it has no padding or pads
+    other than on the right (then the batch runs as it is)."""
     batch, length = attention_mask.shape
     keep = attention_mask.bool()
     lengths = keep.sum(1)
@@ -124,13 +143,29 @@ def plan(attention_mask: torch.Tensor) -> Packed | None:
     right = torch.arange(length, device=keep.device) < lengths[:, None]
     if not torch.equal(keep, right):
         return None
-    index = keep.flatten().nonzero().squeeze(1)
-    span = -(-length // 8) * 8
-    slots = index // length * span + index % length
-    pads = torch.arange(span, device=keep.device) >= lengths[:, None]
-    key_mask = torch.zeros(pads.shape, device=keep.device).masked_fill_(pads, torch.finfo().min)
-    real = len(index)
-    return Packed(index, batch, length, row_length(real), span, slots, key_mask[:, None, None])
+    segments, sources, start = [], [], 0
+    for i, part in enumerate(keep.view(shares, -1, length)):
+        seg = _segment(part, start)
+        places = part.flatten().nonzero().squeeze(1) + i * part.numel()
+        segments.append(seg)
+        sources += [places, places.new_full((seg.tokens - seg.real,), keep.numel())]
+        start += seg.tokens
+    source = torch.cat(sources)
+    real = (source < keep.numel()).nonzero().squeeze(1)
+    return Packed(batch, length, tuple(segments), source, real)
+
+
+def _segment(keep: torch.Tensor, start: int) -> Segment:
+    """The segment of the rows whose real tokens ``keep`` marks, at ``start`` of the row."""
+    lengths = keep.sum(1)
+    real = int(lengths.sum())
+    span = -(-int(lengths.max()) // 8) * 8
+    block = torch.arange(span, device=keep.device) < lengths[:, None]
+    slots = block.flatten().nonzero().squeeze(1)
+    key_mask = torch.zeros(block.shape, device=keep.device).masked_fill_(~block, torch.finfo().min)
+    return Segment(
+        start, real, row_length(real), len(lengths), span, slots, key_mask[:, None, None]
+    )
 
 
 def _pack_inputs(base: nn.Module, args: tuple, kwargs: dict):
@@ -140,11 +175,14 @@ def _pack_inputs(base: nn.Module, args: tuple, kwargs: dict):
     wants_more = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
     if ids is None or mask is None or mask.dim() != 2 or wants_more:
         return None
-    packed = plan(mask)
+    layers = [m for m in base.modules() if isinstance(m, MoELoRALinear) and m.clients is not None]
+    packed = plan(mask, len(layers[0].active) if layers else 1)
     if packed is None:
         return None
     base.encoder._packed = packed
-    _set_shares(base, mask, packed)
+    shares = [seg.tokens for seg in packed.segments]  # each client's tokens, its fillers too
+    for layer in layers:
+        layer.token_shares = shares
     kwargs.update(_packed_inputs(kwargs, packed), packed=packed)
     return args, kwargs
 
@@ -170,32 +208,16 @@ def _as_kwargs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _packed_inputs(kwargs: dict, packed: Packed) -> dict:
-    """input_ids, token_type_ids, position_ids of the real tokens and the fillers (id 0, position
-    0, type 0) as one row, and the attention block's additive key mask (a 4-d mask, which the
-    model passes to the attention as it is)."""
+    """input_ids, token_type_ids, position_ids as the packed row, and a 4-d placeholder mask (the
+    model passes a 4-d mask to the attention as it is, instead of building a tokens x tokens one;
+    the attention uses the segments' own)."""
     ids = kwargs["input_ids"]
     positions = kwargs.get("position_ids")
     if positions is None:
         positions = torch.arange(packed.length, device=ids.device).expand(packed.batch, -1)
-    fillers = ids.new_zeros(packed.tokens - len(packed.index))
-
-    def row(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t.flatten()[packed.index], fillers])[None]
-
-    out = {"input_ids": row(ids), "position_ids": row(positions)}
+    out = {"input_ids": packed.row(ids), "position_ids": packed.row(positions)}
     types = kwargs.get("token_type_ids")
     if types is not None:
-        out["token_type_ids"] = row(types)
-    out["attention_mask"] = packed.key_mask
+        out["token_type_ids"] = packed.row(types)
+    out["attention_mask"] = ids.new_zeros(1, 1, 1, len(packed.source), dtype=torch.float32)
     return out
-
-
-def _set_shares(base: nn.Module, mask: torch.Tensor, packed: Packed) -> None:
-    """Each active client's real tokens (the fillers with the last), on every MoE-LoRA layer that
-    holds several clients (their rows come client after client, in equal shares)."""
-    layers = [m for m in base.modules() if isinstance(m, MoELoRALinear) and m.clients is not None]
-    if layers:
-        shares = mask.view(len(layers[0].active), -1).sum(1).tolist()
-        shares[-1] += packed.tokens - len(packed.index)
-        for layer in layers:
-            layer.token_shares = shares

@@ -84,8 +84,14 @@ def test_batches_without_right_padding_run_as_they_are():
     """No padding, or padding on the left: no packing plan, the model's own computation."""
     assert plan(torch.ones(3, 5, dtype=torch.long)) is None
     assert plan(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
-    got = plan(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))
-    assert got.index.tolist() == [0, 1, 3, 4, 5, 6] and (got.batch, got.length) == (3, 3)
+    got = plan(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))  # 6 real tokens, 2 fillers
+    assert got.source.tolist() == [0, 1, 3, 4, 5, 6, 9, 9] and (got.batch, got.length) == (3, 3)
+    assert got.real.tolist() == list(range(6))
+    shares = plan(torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]), 2)
+    assert [(s.start, s.real, s.tokens, s.rows, s.span) for s in shares.segments] == [
+        (0, 3, 8, 2, 8), (8, 7, 8, 2, 8)]  # fmt: skip
+    assert shares.source.tolist() == [0, 1, 4] + [16] * 5 + [8, 9, 10, 11, 12, 13, 14, 16]
+    assert shares.segments[1].slots.tolist() == [0, 1, 2, 3, 8, 9, 10]
     model, tok = _model()
     model.eval()
     batch = tok(["same length", "same length"], return_tensors="pt", padding=True)
