@@ -133,15 +133,15 @@ def packs(model: nn.Module) -> bool:
 
 def plan(attention_mask: torch.Tensor, shares: int = 1) -> Packed | None:
     """The packing of a batch with this ``(batch, length)`` 0/1 mask whose rows come in ``shares``
-    equal shares (clients; each a segment of its own), or None when it has no padding or pads
-    other than on the right (then the batch runs as it is)."""
+    equal shares (clients; each a segment of its own), or None when it has no padding, pads other
+    than on the right or has an empty row (then the batch runs as it is)."""
     batch, length = attention_mask.shape
     keep = attention_mask.bool()
     lengths = keep.sum(1)
     if int(lengths.sum()) == keep.numel():
         return None
     right = torch.arange(length, device=keep.device) < lengths[:, None]
-    if not torch.equal(keep, right):
+    if not torch.equal(keep, right) or int(lengths.min()) == 0:
         return None
     segments, sources, start = [], [], 0
     for i, part in enumerate(keep.view(shares, -1, length)):

@@ -81,9 +81,11 @@ def test_the_packed_row_is_rounded_to_a_32nd_of_its_power_of_two():
 
 
 def test_batches_without_right_padding_run_as_they_are():
-    """No padding, or padding on the left: no packing plan, the model's own computation."""
+    """No padding, padding on the left or an empty row: no packing plan, the model's own
+    computation."""
     assert plan(torch.ones(3, 5, dtype=torch.long)) is None
     assert plan(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
+    assert plan(torch.tensor([[1, 1, 0], [0, 0, 0]])) is None  # an empty row
     got = plan(torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]))  # 6 real tokens, 2 fillers
     assert got.source.tolist() == [0, 1, 3, 4, 5, 6, 9, 9] and (got.batch, got.length) == (3, 3)
     assert got.real.tolist() == list(range(6))

@@ -128,8 +128,8 @@ class FLConfig:
         "torch's generator); false: aten's dropout, as PyTorch models have it")  # fmt: skip
     pack_sequences: bool = setting(True, "on the CPU, classification on a BERT-family encoder "
         "(MiniLM): the linear layers see only a batch's real tokens, not its padding (the "
-        "attention pads per batch); false, or any other model: every layer computes the padding "
-        "too")  # fmt: skip
+        "attention pads each client's rows to their longest); false, or any other model: every "
+        "layer computes the padding too")  # fmt: skip
     target_modules: list[str] = setting(["query", "value"], "linear layers that get MoE-LoRA, "
         "matched by name suffix; null: the task type's default ([query, value], [q_proj, v_proj] "
         "for generation)", lambda v: None if v else "must name at least one module")  # fmt: skip
