@@ -72,10 +72,17 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    out, weights = _attend(module, query, key, value, mask, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _attend(module, query, key, value, mask, scaling, dropout):
+    """``dropout(softmax(scaling * query key^T + mask)) value`` over the last two dimensions:
+    ``(output (..., L, D), probabilities)``."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3))
-    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    scores = torch.matmul(query, key.transpose(-2, -1))
     p = dropout if module.training else 0.0
     fast = type(getattr(module, "dropout", None)) is not nn.Dropout  # aten's where not swapped
     if p > 0 and fast and _fused(scores):
@@ -86,21 +93,21 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
             weights = weights + mask
         weights = (_dropout if fast else F.dropout)(torch.softmax(weights, dim=-1), p,
                                                     module.training)  # fmt: skip
-    out = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
-    return out, weights
+    return torch.matmul(weights.to(value.dtype), value), weights
 
 
 def _packed_attention(module, query, key, value, scaling, dropout, packed):
-    """The attention of a packed batch (one row of tokens): per segment (a client's rows), its
-    queries, keys and values scattered into a padded block, eager attention over it, the output
-    gathered back."""
-    tokens = [t[0].transpose(0, 1) for t in (query, key, value)]  # (tokens, heads, head_dim)
+    """The attention of a packed batch (one row of tokens; queries, keys and values as BERT
+    passes them, ``(1, heads, tokens, head_dim)``): per segment (a client's rows), scattered into
+    a padded ``(heads, rows, span, head_dim)`` block (heads first: the GEMMs need no transposed
+    copy), attended, the output gathered back; returns ``(1, tokens, heads, head_dim)``."""
+    heads = [t[0] for t in (query, key, value)]
     parts = []
     for seg in packed.segments:
-        q, k, v = (seg.block(t).transpose(1, 2) for t in tokens)
-        out, _ = eager_attention(module, q, k, v, seg.key_mask.to(q.dtype), scaling, dropout)
+        q, k, v = (seg.block(t) for t in heads)
+        out, _ = _attend(module, q, k, v, seg.key_mask.to(q.dtype), scaling, dropout)
         parts.append(seg.unblock(out))
-    return torch.cat(parts)[None], None
+    return torch.cat(parts, 1).transpose(0, 1)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ class Segment:
     up to ``tokens`` (:func:`row_length`), are ``start:start + tokens`` of the packed row. For
     the attention they are a padded block of ``span`` (their longest, rounded up to a multiple
     of 8): ``slots`` their real tokens' places in the flattened ``(rows, span)`` block,
-    ``key_mask`` its additive key mask ``(rows, 1, 1, span)``."""
+    ``key_mask`` its additive key mask ``(1, rows, 1, span)`` (the block holds heads first)."""
 
     start: int
     real: int
@@ -44,15 +44,19 @@ class Segment:
     slots: torch.Tensor
     key_mask: torch.Tensor
 
-    def block(self, row: torch.Tensor) -> torch.Tensor:
-        """Packed ``(tokens, ...)`` -> this segment's ``(rows, span, ...)`` block."""
-        mine = row[self.start : self.start + self.real]
-        return _scatter(mine, self.slots, self.rows, self.span)
+    def block(self, heads: torch.Tensor) -> torch.Tensor:
+        """Packed ``(heads, tokens, d)`` -> this segment's ``(heads, rows, span, d)`` block."""
+        mine = heads[:, self.start : self.start + self.real]
+        block = heads.new_zeros(heads.shape[0], self.rows * self.span, heads.shape[2])
+        return block.index_copy(1, self.slots, mine).view(-1, self.rows, self.span, heads.shape[2])
 
     def unblock(self, block: torch.Tensor) -> torch.Tensor:
-        """This segment's ``(rows, span, ...)`` block -> its ``(tokens, ...)`` (zero fillers)."""
-        real = block.reshape(-1, *block.shape[2:]).index_select(0, self.slots)
-        return torch.cat([real, real.new_zeros(self.tokens - self.real, *real.shape[1:])])
+        """This segment's ``(heads, rows, span, d)`` block -> its ``(heads, tokens, d)`` (zero
+        fillers)."""
+        flat = block.reshape(block.shape[0], -1, block.shape[3])
+        real = flat.index_select(1, self.slots)
+        fillers = real.new_zeros(real.shape[0], self.tokens - self.real, real.shape[2])
+        return torch.cat([real, fillers], 1)
 
 
 @dataclass(frozen=True)
@@ -162,10 +166,8 @@ def _segment(keep: torch.Tensor, start: int) -> Segment:
     span = -(-int(lengths.max()) // 8) * 8
     block = torch.arange(span, device=keep.device) < lengths[:, None]
     slots = block.flatten().nonzero().squeeze(1)
-    key_mask = torch.zeros(block.shape, device=keep.device).masked_fill_(~block, torch.finfo().min)
-    return Segment(
-        start, real, row_length(real), len(lengths), span, slots, key_mask[:, None, None]
-    )
+    mask = torch.zeros(block.shape, device=keep.device).masked_fill_(~block, torch.finfo().min)
+    return Segment(start, real, row_length(real), len(lengths), span, slots, mask[None, :, None])
 
 
 def _pack_inputs(base: nn.Module, args: tuple, kwargs: dict):
