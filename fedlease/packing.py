@@ -48,7 +48,8 @@ class Segment:
         """Packed ``(heads, tokens, d)`` -> this segment's ``(heads, rows, span, d)`` block."""
         mine = heads[:, self.start : self.start + self.real]
         block = heads.new_zeros(heads.shape[0], self.rows * self.span, heads.shape[2])
-        return block.index_copy(1, self.slots, mine).view(-1, self.rows, self.span, heads.shape[2])
+        block.index_copy_(1, self.slots, mine)  # in place: no copy of the zeros
+        return block.view(-1, self.rows, self.span, heads.shape[2])
 
     def unblock(self, block: torch.Tensor) -> torch.Tensor:
         """This segment's ``(heads, rows, span, d)`` block -> its ``(heads, tokens, d)`` (zero
@@ -84,7 +85,8 @@ class Packed:
 
 def _scatter(tokens: torch.Tensor, places: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     rows = tokens.new_zeros(batch * length, *tokens.shape[1:])
-    return rows.index_copy(0, places, tokens).view(batch, length, *tokens.shape[1:])
+    rows.index_copy_(0, places, tokens)  # in place: no copy of the zeros
+    return rows.view(batch, length, *tokens.shape[1:])
 
 
 def row_length(tokens: int) -> int:
