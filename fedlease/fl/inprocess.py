@@ -23,12 +23,15 @@ from .types import ClientInfo, Layout, Reply, State, clone_state
 
 # Clients train together only when their median sequence lengths are within this factor: padding
 # SST-2's sentences (median 13 tokens) to QNLI's pairs (48) cost more than the larger step gained
-# (benchmarks/RESULTS.md, bench_round.py).
+# (benchmarks/RESULTS.md, bench_round.py; measured before padding-free batches, which pad only
+# the attention, per client).
 LENGTH_SPREAD = 1.5
 # `client_batch: auto` on the CPU, by task type: 4 classification clients at once gained 1.1-1.2x
 # on `make demo` (64 tokens) and about nothing on 16 GLUE clients at 128 tokens (0.99-1.02x
-# training, 1.08-1.23x evaluation); 4 SmolLM2 clients at once lost (0.87x training, 0.72-0.79x
-# evaluation: a causal LM's logits over its vocabulary make a large step costly); RESULTS.md.
+# training, 1.08-1.23x evaluation); with padding-free batches 1.07x on the demo, 1.02x training
+# and 0.93x evaluation on the 16 clients, groups of 8 1.00x and of 16 0.89x. 4 SmolLM2 clients at
+# once lost (0.87x training, 0.72-0.79x evaluation: a causal LM's logits over its vocabulary make
+# a large step costly); RESULTS.md.
 CPU_AUTO_CLIENTS = {"classification": 4, "generation": 1}
 
 
