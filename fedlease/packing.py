@@ -47,8 +47,7 @@ class Segment:
     def block(self, heads: torch.Tensor) -> torch.Tensor:
         """Packed ``(heads, tokens, d)`` -> this segment's ``(heads, rows, span, d)`` block."""
         mine = heads[:, self.start : self.start + self.real]
-        block = heads.new_zeros(heads.shape[0], self.rows * self.span, heads.shape[2])
-        block.index_copy_(1, self.slots, mine)  # in place: no copy of the zeros
+        block = _scatter(mine, 1, self.slots, self.rows * self.span)
         return block.view(-1, self.rows, self.span, heads.shape[2])
 
     def unblock(self, block: torch.Tensor) -> torch.Tensor:
@@ -79,14 +78,17 @@ class Packed:
     def pad(self, row: torch.Tensor) -> torch.Tensor:
         """Packed ``(tokens, ...)`` -> ``(batch, length, ...)``: the real tokens at their places,
         zeros in the padding."""
-        places = self.source[self.real]
-        return _scatter(row.index_select(0, self.real), places, self.batch, self.length)
+        rows = _scatter(row.index_select(0, self.real), 0, self.source[self.real],
+                        self.batch * self.length)  # fmt: skip
+        return rows.view(self.batch, self.length, *row.shape[1:])
 
 
-def _scatter(tokens: torch.Tensor, places: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    rows = tokens.new_zeros(batch * length, *tokens.shape[1:])
-    rows.index_copy_(0, places, tokens)  # in place: no copy of the zeros
-    return rows.view(batch, length, *tokens.shape[1:])
+def _scatter(src: torch.Tensor, dim: int, places: torch.Tensor, size: int) -> torch.Tensor:
+    """Zeros of ``src``'s shape but ``size`` along ``dim``, with ``src``'s slices at ``places``
+    (in place into the fresh zeros: no copy of them)."""
+    shape = list(src.shape)
+    shape[dim] = size
+    return src.new_zeros(shape).index_copy_(dim, places, src)
 
 
 def row_length(tokens: int) -> int:
