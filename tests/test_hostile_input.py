@@ -309,6 +309,11 @@ CASES = [
     ("config empty", lambda t, o, f: run_file(t, o, ""), "'clients' is required"),
     ("--set without =", lambda t, o, f: run_with(t, o, "--set", "rank"), "key=value"),
     ("data dir missing", lambda t, o, f: run_with(t, o, "--data-dir", str(t / "nodata")), "nodata"),
+    (
+        "data dir a file",
+        lambda t, o, f: run_with(t, o, "--data-dir", write(t / "data.txt", "x")),
+        "data.txt' is not a directory",
+    ),
     ("no config", lambda t, o, f: ["run", "--output", o], "give --config"),
     # resume
     (

@@ -47,13 +47,14 @@ def resolve_data_dir(
     data_dir: str | os.PathLike | None, env: str = DATA_DIR_ENV, what: str = "data directory"
 ) -> Path | None:
     """The local data directory: the argument, else ``$<env>``, else None (GLUE: the hub);
-    ``what`` names it in the error when it does not exist."""
+    ``what`` names it in the error when it is not a directory."""
     chosen = data_dir if data_dir not in (None, "") else os.environ.get(env) or None
     if chosen is None:
         return None
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise DataError(f"{what} {str(path)!r} does not exist")
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise DataError(f"{what} {str(path)!r} {state}")
     return path
 
 
