@@ -337,6 +337,24 @@ CASES = [
     # compare
     ("compare unknown method", lambda t, o, f: cmp(t, o, "--methods", "fedit,magic"), "'magic'"),
     ("compare repeated method", lambda t, o, f: cmp(t, o, "--methods", "fedit,fedit"), "repeat"),
+    ("compare no method", lambda t, o, f: cmp(t, o, "--methods", " , "), "at least one method"),
+    (
+        "compare, its second seed bad: no run starts",
+        lambda t, o, f: cmp(t, o, "--methods", "fedit", "--seeds", "1,-2"),
+        "'seed' = -2",
+    ),
+    (
+        "fixed K above the clients (max_experts by default)",
+        lambda t, o, f: run_file(
+            t,
+            o,
+            yaml.safe_dump(
+                {k: v for k, v in TINY.items() if k != "max_experts"}
+                | {"method": "fedlease_fixed_k"}
+            ),
+        ),
+        "method 'fedlease_fixed_k' makes max_experts experts, more than the clients (3)",
+    ),
     (
         "compare seeds not numbers",
         lambda t, o, f: cmp(t, o, "--methods", "fedit", "--seeds", "a,b"),

@@ -34,6 +34,8 @@ MANIFEST = "fedlease-compare.json"  # the comparison's own files, as a run's fed
 
 
 def _method_list(methods: list[str]) -> list[str]:
+    if not methods:
+        raise ConfigError("--methods must name at least one method")
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r} (known: {', '.join(METHODS)})")
@@ -75,6 +77,9 @@ def compare(
     methods = _method_list(methods)
     if not seeds:
         raise ConfigError("--seeds must name at least one seed")
+    for method in methods:  # every run's config, before any run starts (the rest of the
+        for seed in seeds:  # config was checked as it was loaded, its defaults forgiven as run's)
+            validate(dataclasses.replace(cfg, method=method, seed=seed), {"method", "seed"})
     # Finished runs are only read (e.g. GPU runs tabulated on a laptop); a run still to do needs
     # the config's device, checked before any of them starts.
     if any(not (out / run_name(m, s) / "summary.json").exists() for m in methods for s in seeds):
@@ -88,7 +93,6 @@ def compare(
         summaries = []
         for seed in seeds:
             run_cfg = dataclasses.replace(cfg, method=method, seed=seed)
-            validate(run_cfg)
             summaries.append(run_one(run_cfg, out / run_name(method, seed), progress))
         table[method] = _method_row(summaries, [run_name(method, s) for s in seeds])
     result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),

@@ -323,6 +323,9 @@ def _validate_clients(cfg: FLConfig, explicit: set[str]) -> None:
             )
     if "max_experts" in explicit and cfg.max_experts > n:
         raise bad("max_experts", f"more experts than clients ({n})")
+    if cfg.method == "fedlease_fixed_k" and cfg.max_experts > n:
+        raise bad("max_experts", f"method 'fedlease_fixed_k' makes max_experts experts, more "
+                  f"than the clients ({n})")  # fmt: skip
     if isinstance(cfg.num_experts, str):
         if cfg.num_experts != "auto":
             raise bad("num_experts", "must be 'auto' or an integer")
