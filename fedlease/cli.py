@@ -228,7 +228,10 @@ def _add_export(sub) -> None:
         help="which expert to export (0..M-1; a client's own expert is `own_expert` in its "
         "adapter_config.json)",
     )
-    ex.add_argument("--out", required=True, metavar="DIR", help="directory for the PEFT adapter")
+    ex.add_argument("--out", required=True, metavar="DIR",
+                    help="directory for the PEFT adapter (README.md, adapter_config.json, "
+                    "adapter_model.safetensors); it must not hold files of those names already, "
+                    "other files in it are left alone")  # fmt: skip
 
 
 def _load(args: argparse.Namespace, config_path: str, check_device: bool = True):

@@ -184,6 +184,20 @@ def experts_from_peft(
     return model
 
 
+PEFT_FILES = ("README.md", "adapter_config.json", "adapter_model.safetensors")
+
+
+def _check_writable(out: Path) -> None:
+    """``ValueError`` if ``out`` is a file or holds a file PEFT's ``save_pretrained`` would
+    write (or, for README.md, edit): the export never replaces a user's file; others stay."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    held = [name for name in PEFT_FILES if (out / name).exists()]
+    if held:
+        raise ValueError(f"--out {str(out)!r} already holds {held[0]!r}, which the export "
+                         "would write over; choose a new or empty directory")  # fmt: skip
+
+
 def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -> Path:
     """``export_expert`` for an adapter saved by ``fedlease`` (``save_adapter``, or a run's
     ``adapters/client<i>``): the base model, head size and MoE-LoRA config come from its
@@ -200,6 +214,7 @@ def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -
     if target == source or source in target.parents:
         raise ValueError(f"--out {str(out)!r} is the adapter {str(adapter_dir)!r} or inside it: "
                          "the export would write over what it reads")  # fmt: skip
+    _check_writable(Path(out))
     meta = read_adapter_meta(adapter_dir)
     config = read_adapter_config(adapter_dir)
     if isinstance(expert, bool) or not 0 <= expert < config.num_experts:

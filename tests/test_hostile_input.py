@@ -431,6 +431,12 @@ CASES = [
         "cannot read adapter config",
     ),
     (
+        "export into a user's folder",
+        lambda t, o, f: export(f, holding(o, "README.md")),
+        "already holds 'README.md', which the export would write over",
+    ),
+    ("export onto a file", lambda t, o, f: export(f, write(t / "x.bin", "x")), "is a file"),
+    (
         "export into its input",
         lambda t, o, f: export(f, str(f / "adapters" / "client0" / "x")),
         INTO,
