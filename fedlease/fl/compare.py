@@ -77,9 +77,9 @@ def compare(
     methods = _method_list(methods)
     if not seeds:
         raise ConfigError("--seeds must name at least one seed")
-    for method in methods:  # every run's config, before any run starts (the rest of the
-        for seed in seeds:  # config was checked as it was loaded, its defaults forgiven as run's)
-            validate(dataclasses.replace(cfg, method=method, seed=seed), {"method", "seed"})
+    run_cfgs = {(m, s): dataclasses.replace(cfg, method=m, seed=s) for m in methods for s in seeds}
+    for run_cfg in run_cfgs.values():  # every run's, before any starts (the rest of the config
+        validate(run_cfg, {"method", "seed"})  # was checked on loading, defaults forgiven)
     # Finished runs are only read (e.g. GPU runs tabulated on a laptop); a run still to do needs
     # the config's device, checked before any of them starts.
     if any(not (out / run_name(m, s) / "summary.json").exists() for m in methods for s in seeds):
@@ -92,8 +92,8 @@ def compare(
     for method in methods:
         summaries = []
         for seed in seeds:
-            run_cfg = dataclasses.replace(cfg, method=method, seed=seed)
-            summaries.append(run_one(run_cfg, out / run_name(method, seed), progress))
+            summaries.append(run_one(run_cfgs[method, seed], out / run_name(method, seed),
+                                     progress))  # fmt: skip
         table[method] = _method_row(summaries, [run_name(method, s) for s in seeds])
     result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),
               "metric": metric_of(cfg), "config": cfg.to_dict()}  # fmt: skip
