@@ -18,11 +18,12 @@ import argparse
 import itertools
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
 
 # Clients per task in these proportions: every task's validation split can give each of its
 # clients at least one disjoint test example at 1,000 clients (RTE's local copy has 139).
@@ -38,23 +39,33 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def one_size(args) -> dict:
-    """Run one federation size in this process and return its measurements."""
-    import torch
+def mixed_clients(n: int) -> dict[str, int]:
+    """``n`` clients over the four tasks in ``MIX``'s proportions."""
+    return {task: round(share * n) for task, share in MIX.items()}
 
+
+def config_for(args, n: int):
+    """The validated config of a federation of ``n`` clients."""
     from fedlease.fl import from_dict
-    from fedlease.fl.simulator import simulation
-    from fedlease.fl.types import payload_bytes
 
-    n = args.size
-    cfg = from_dict({
-        "clients": {t: round(share * n) for t, share in MIX.items()}, "method": args.method,
+    return check_config(from_dict({
+        "clients": mixed_clients(n), "method": args.method,
         "train_samples": args.train_samples, "test_samples": args.test_samples,
         "warmup_rounds": 1, "rounds": args.rounds, "local_epochs": 1, "batch_size": 8,
         "max_seq_len": 32, "max_experts": 4, "clients_per_round": args.per_round,
         "eval_every": 1000, "seed": args.seed, "threads": args.threads,
         "data_dir": args.data_dir,
-    })  # fmt: skip
+    }))  # fmt: skip
+
+
+def one_size(args) -> dict:
+    """Run one federation size in this process and return its measurements."""
+    import torch
+
+    from fedlease.fl.simulator import simulation
+    from fedlease.fl.types import payload_bytes
+
+    cfg = config_for(args, args.size)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         fed = simulation(cfg, Path(tmp) / "run", progress=False)
@@ -97,29 +108,35 @@ def one_size(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
-    p.add_argument("--sizes", default="100,300,1000", help="federation sizes, comma-separated")
-    p.add_argument("--per-round", type=int, default=50, help="clients drawn per round")
-    p.add_argument("--rounds", type=int, default=3, help="adaptive rounds after the warm-up")
+    p.add_argument("--sizes", type=int_list(10), default=[100, 300, 1000],
+                   help="federation sizes, comma-separated, each >= 10 (so that every task "
+                   "has a client; default: 100,300,1000)")  # fmt: skip
+    p.add_argument("--per-round", type=at_least(1), default=50, help="clients drawn per round")
+    p.add_argument("--rounds", type=at_least(1), default=3,
+                   help="adaptive rounds after the warm-up")  # fmt: skip
     p.add_argument("--method", default="fedlease", help="fedlease or a baseline")
-    p.add_argument("--train-samples", type=int, default=8, help="training examples per client")
-    p.add_argument("--test-samples", type=int, default=4, help="held-out examples per client")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--train-samples", type=at_least(1), default=8,
+                   help="training examples per client")  # fmt: skip
+    p.add_argument("--test-samples", type=at_least(1), default=4,
+                   help="held-out examples per client")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
+    p.add_argument("--seed", type=at_least(0), default=0, help="run seed")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child process
     args = p.parse_args(argv)
-    if args.size:
-        print(json.dumps(one_size(args)))
+    prog = "bench_clients.py"
+    if args.size is not None:
+        with exit_on_user_error(prog):
+            print(json.dumps(one_size(args)))
         return 0
+    with exit_on_user_error(prog):  # every size's config, before the first run starts
+        for size in args.sizes:
+            config_for(args, size)
     results = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in args.sizes:
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
                  "--size", str(size)]  # fmt: skip
-        done = subprocess.run(child, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(child_result(child, f"the federation of {size} clients"))
         print(f"{size} clients done", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))

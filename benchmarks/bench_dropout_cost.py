@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 from bench_train import build_row, train_step
+from cli_args import at_least
 from timing import device_name, interleaved_medians, versions
 
 from fedlease.allocator import keep_freed_memory
@@ -41,11 +42,12 @@ def without_adapter_dropout(model) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--experts", type=int, default=4, help="experts M")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
+    ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
+    ap.add_argument("--experts", type=at_least(1), default=4, help="experts M")
+    ap.add_argument("--batch", type=at_least(1), default=16, help="sequences a step")
+    ap.add_argument("--seq", type=at_least(1, 512), default=64,
+                    help="tokens a sequence, at most MiniLM's 512")  # fmt: skip
+    ap.add_argument("--steps", type=at_least(1), default=10, help="timed steps per row (median)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `fedlease run` does; FEDLEASE_KEEP_FREED_MEMORY=0: not

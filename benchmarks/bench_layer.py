@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from cli_args import at_least, existing_device
 from timing import device_name, interleaved_medians, versions
 from torch import nn
 
@@ -209,25 +210,24 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when available)")  # fmt: skip
-    p.add_argument("--d-in", type=int, help="input features (default: the device's target)")
-    p.add_argument("--d-out", type=int, help="output features")
-    p.add_argument("--rank", type=int, help="LoRA rank r")
-    p.add_argument("--experts", type=int, help="number of experts M")
-    p.add_argument("--tokens", type=int, help="tokens per batch (batch x sequence)")
+    gpu = torch.cuda.is_available()
+    p.add_argument("--device", type=existing_device, default="cuda" if gpu else "cpu",
+                   help="cuda, cuda:N or cpu (default: cuda when available)")  # fmt: skip
+    p.add_argument("--d-in", type=at_least(1), help="input features (default: the device's target)")
+    p.add_argument("--d-out", type=at_least(1), help="output features")
+    p.add_argument("--rank", type=at_least(1), help="LoRA rank r")
+    p.add_argument("--experts", type=at_least(1), help="number of experts M")
+    p.add_argument("--tokens", type=at_least(1), help="tokens per batch (batch x sequence)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="parameter dtype")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
-    p.add_argument("--reps", type=int, default=10, help="timed calls; the median is reported")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls before timing")
+    p.add_argument("--reps", type=at_least(1), default=10,
+                   help="timed calls; the median is reported")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     target = TARGETS["cuda" if args.device.startswith("cuda") else "cpu"]
     for key, value in target.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("d_in", "d_out", "rank", "experts", "tokens", "reps"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     report = bench(args)
     if args.json:
         print(json.dumps(report, indent=2))

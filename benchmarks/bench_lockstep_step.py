@@ -13,6 +13,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from cli_args import at_least, int_list
 from timing import device_name, interleaved_medians, versions
 
 from fedlease import inject_moe_lora, models
@@ -62,12 +63,14 @@ def step(model, ids, labels, precision) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", default="2,4,8", help="comma-separated client counts N")
-    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    ap.add_argument("--batch", type=int, default=16, help="sequences per client and step")
+    ap.add_argument("--clients", type=int_list(1), default=[2, 4, 8],
+                    help="comma-separated client counts N (default: 2,4,8)")  # fmt: skip
+    ap.add_argument("--seq", type=at_least(1, 512), default=128,
+                    help="tokens per sequence, at most MiniLM's 512 (default: 128)")  # fmt: skip
+    ap.add_argument("--batch", type=at_least(1), default=16, help="sequences per client and step")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
+    ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,7 +81,7 @@ def main() -> None:
     labels = torch.randint(0, 2, (args.batch,))
     print(f"{device_name(CPU)}, {args.threads} threads, {args.precision}, {versions()}")
     print(f"{'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} {'ratio':>6}")
-    for n in [int(x) for x in args.clients.split(",")]:
+    for n in args.clients:
         many = stacked(single, n)
         big_ids, big_labels = ids.repeat(n, 1), labels.repeat(n)
         fns = {

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 
+from cli_args import at_least, exit_on_user_error
 from timing import versions
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
@@ -62,16 +63,22 @@ def padding(data, batch: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per example at most (default 128)")
-    p.add_argument("--batch", type=int, default=16, help="training batch size (default: 16)")
-    p.add_argument("--train-samples", type=int, default=64, help="examples per client (64)")
-    p.add_argument("--experts", type=int, default=4, help="experts M (default: 4)")
+    p.add_argument("--seq", type=at_least(1), default=128,
+                   help="tokens per example at most (default 128)")  # fmt: skip
+    p.add_argument("--batch", type=at_least(1), default=16,
+                   help="training batch size (default: 16)")  # fmt: skip
+    p.add_argument("--train-samples", type=at_least(1), default=64,
+                   help="examples per client (64)")  # fmt: skip
+    p.add_argument("--experts", type=at_least(1), default=4, help="experts M (default: 4)")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--reps", type=int, default=7, help="repetitions; the first is not counted")
+    p.add_argument("--threads", type=at_least(1), default=None,
+                   help="torch threads (default: torch's)")  # fmt: skip
+    p.add_argument("--reps", type=at_least(2), default=7,
+                   help="repetitions, >= 2; the first is not counted (default: 7)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args()
-    models, data = runners(args)
+    with exit_on_user_error("bench_packing.py"):
+        models, data = runners(args)
     times: dict[str, list[float]] = {name: [] for name in models}
     for rep in range(args.reps):
         for name in sorted(models, reverse=rep % 2 == 1):

@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
+from cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
 from timing import device_name, sync, versions
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
@@ -35,9 +35,8 @@ FLAN_TASKS = ("fix_punct_wiki", "word_segment_wiki", "common_gen", "e2e_nlg", "s
               "sentiment140", "piqa", "hellaswag")  # fmt: skip
 
 
-def task_settings(args) -> dict:
-    """The clients and model of ``--task-type``."""
-    n = args.n
+def task_settings(args, n: int) -> dict:
+    """The ``n`` clients and model of ``--task-type``."""
     if args.task_type == "generation":
         return {"task_type": "generation", "model": "smollm2", "rank": 8, "alpha": 16,
                 "target_modules": ["q_proj", "v_proj"], "max_new_tokens": args.new_tokens,
@@ -47,23 +46,32 @@ def task_settings(args) -> dict:
             "eval_batch_size": args.batch * 4}  # fmt: skip
 
 
+def config_for(args, n: int, at_once: str):
+    """The validated config of one run: ``n`` clients, ``at_once`` (its ``client_batch``)."""
+    from fedlease.fl import from_dict
+    from fedlease.fl.config import parse_override
+
+    return check_config(from_dict({
+        "method": "fedlease", "train_samples": args.train_samples,
+        "test_samples": args.test_samples, "warmup_rounds": 1, "rounds": 1, "local_epochs": 1,
+        "batch_size": args.batch, "max_seq_len": args.seq, "max_experts": min(4, n),
+        "seed": args.seed,
+        "device": args.device, "precision": args.precision, "threads": args.threads,
+        "data_dir": args.data_dir, **task_settings(args, n),
+        "client_batch": at_once if at_once == "auto" else int(at_once),
+        **dict(parse_override(item) for item in args.overrides),
+    }))  # fmt: skip
+
+
 def one_run(args) -> dict:
     """One (clients, client_batch) run in this process: its timings and memory."""
     import torch
 
-    from fedlease.fl import from_dict
-    from fedlease.fl.config import parse_override, runtime
+    from fedlease.fl.config import runtime
     from fedlease.fl.simulator import simulation
 
     n = args.n
-    cfg = from_dict({
-        "method": "fedlease", "train_samples": args.train_samples,
-        "test_samples": args.test_samples, "warmup_rounds": 1, "rounds": 1, "local_epochs": 1,
-        "batch_size": args.batch, "max_seq_len": args.seq, "max_experts": 4, "seed": args.seed,
-        "device": args.device, "precision": args.precision, "threads": args.threads,
-        "data_dir": args.data_dir, "client_batch": args.client_batch, **task_settings(args),
-        **dict(parse_override(item) for item in args.overrides),
-    })  # fmt: skip
+    cfg = config_for(args, n, args.client_batch)
     driver = simulation(cfg, progress=False)
     transport, times = driver.transport, {}
     device = runtime(cfg).device
@@ -86,20 +94,22 @@ def one_run(args) -> dict:
     summary = driver.run()
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
-    return {"clients": n, "client_batch": args.client_batch, "train_s": times["train"][-1],
+    return {"clients": n, "client_batch": cfg.client_batch, "train_s": times["train"][-1],
             "evaluate_s": times["evaluate"][-1], "peak_mb": peak, "experts": summary.num_experts,
             "device": device_name(device), "precision": summary.precision}  # fmt: skip
 
 
-def child(args, n: int, client_batch: str) -> dict:
-    argv = [sys.executable, __file__, *sys.argv[1:], "--n", str(n), "--client-batch", client_batch]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"run of {n} clients, client_batch {client_batch} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def child(args, n: int, at_once: str) -> dict:
+    argv = [sys.executable, __file__, *sys.argv[1:], "--n", str(n), "--client-batch", at_once]
+    return child_result(argv, f"run of {n} clients, client_batch {at_once}")
 
 
-def main() -> int:
+def client_batch(text: str) -> str:
+    """An argparse type: ``auto`` or a number of clients at once (>= 1)."""
+    return text if text == "auto" else str(at_least(1)(text))
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--data-dir",
@@ -112,36 +122,46 @@ def main() -> int:
         choices=["classification", "generation"],
         help="GLUE clients on MiniLM, or FLAN clients on SmolLM2-135M",
     )
-    p.add_argument(
-        "--new-tokens",
-        type=int,
-        default=8,
-        help="tokens decoded per test example (generation; default: 8)",
-    )
-    p.add_argument("--clients", default="4,8,16", help="client counts, comma-separated")
-    p.add_argument("--batched", default="auto",
+    p.add_argument("--new-tokens", type=at_least(1), default=8,
+                   help="tokens decoded per test example (generation; default: 8)")  # fmt: skip
+    p.add_argument("--clients", type=int_list(3), default=[4, 8, 16],
+                   help="client counts, comma-separated, each >= 3 (default: 4,8,16)")  # fmt: skip
+    p.add_argument("--batched", type=client_batch, default="auto",
                    help="client_batch of the lockstep runs (auto: all at once)")  # fmt: skip
-    p.add_argument("--train-samples", type=int, default=64, help="training examples per client")
-    p.add_argument("--test-samples", type=int, default=64, help="held-out examples per client")
-    p.add_argument("--seq", type=int, default=128, help="tokens per example (default: 128)")
-    p.add_argument("--batch", type=int, default=16, help="training batch size (default: 16)")
+    p.add_argument("--train-samples", type=at_least(1), default=64,
+                   help="training examples per client (default: 64)")  # fmt: skip
+    p.add_argument("--test-samples", type=at_least(1), default=64,
+                   help="held-out examples per client (default: 64)")  # fmt: skip
+    p.add_argument("--seq", type=at_least(1), default=128, help="tokens per example (default: 128)")
+    p.add_argument("--batch", type=at_least(1), default=16,
+                   help="training batch size (default: 16)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="run seed")
+    p.add_argument("--threads", type=at_least(1), default=None,
+                   help="torch threads (default: torch's)")  # fmt: skip
+    p.add_argument("--seed", type=at_least(0), default=0, help="run seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="another config value for every run, e.g. --set pack_sequences=false; "
                    "repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one run, in a child process
-    p.add_argument("--client-batch", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.n:
-        args.client_batch = "auto" if args.client_batch == "auto" else int(args.client_batch)
-        print(json.dumps(one_run(args)))
+    p.add_argument("--client-batch", type=client_batch, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    prog = "bench_round.py"
+    if args.n is not None:
+        with exit_on_user_error(prog):
+            print(json.dumps(one_run(args)))
         return 0
+    with exit_on_user_error(prog):  # every run's config, before the first starts
+        for n in args.clients:
+            config_for(args, n, "1")
+            config_for(args, n, args.batched)
     rows = []
-    for n in (int(c) for c in args.clients.split(",")):
+    for n in args.clients:
         seq, lock = child(args, n, "1"), child(args, n, args.batched)
         rows.append({"clients": n, "sequential": seq, "lockstep": lock,
                      "train_speedup": seq["train_s"] / lock["train_s"],

@@ -26,6 +26,7 @@ import sys
 from functools import partial
 
 import torch
+from cli_args import at_least, existing_device, name_list
 from timing import device_name, interleaved_medians, versions
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
@@ -89,6 +90,9 @@ def bench(args: argparse.Namespace) -> dict:
     keep_freed_memory()  # as `fedlease run` does (every row); FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
     base, _ = load(args.model, num_labels=2)
+    positions = getattr(base.config, "max_position_embeddings", args.seq)
+    if args.seq > positions:
+        raise ValueError(f"--seq {args.seq}: {args.model} has {positions} positions")
     g = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
     batch = {
@@ -162,33 +166,28 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="minilm",
                    help="'minilm' (bundled) or a from_pretrained name or path")  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    p.add_argument("--attn", default="sdpa",
+    p.add_argument("--device", type=existing_device, default="auto",
+                   help="auto, cpu, cuda or cuda:N (default: auto)")  # fmt: skip
+    p.add_argument("--precisions", type=name_list(("fp32", "bf16")), default=["fp32", "bf16"],
+                   help="comma-separated: fp32, bf16 (default: both)")  # fmt: skip
+    p.add_argument("--attn", type=name_list(("sdpa", "eager")), default=["sdpa"],
                    help="attention implementations, comma-separated: sdpa, eager")  # fmt: skip
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default: 64)")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: 4)")
-    p.add_argument("--experts", type=int, default=4, help="experts of the MoE rows (default: 4)")
-    p.add_argument("--targets", default="query,value",
+    p.add_argument("--batch", type=at_least(1), default=16,
+                   help="sequences per step (default: 16)")  # fmt: skip
+    p.add_argument("--seq", type=at_least(1), default=64,
+                   help="tokens per sequence, at most the model's (default: 64)")  # fmt: skip
+    p.add_argument("--rank", type=at_least(1), default=4, help="LoRA rank (default: 4)")
+    p.add_argument("--experts", type=at_least(1), default=4,
+                   help="experts of the MoE rows (default: 4)")  # fmt: skip
+    p.add_argument("--targets", type=name_list(None), default=["query", "value"],
                    help="target modules, comma-separated (default: query,value)")  # fmt: skip
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row (default: 2)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per row (default: 10)")
+    p.add_argument("--threads", type=at_least(1), help="torch threads (default: torch's)")
+    p.add_argument("--warmup", type=at_least(0), default=2,
+                   help="untimed steps per row (default: 2)")  # fmt: skip
+    p.add_argument("--steps", type=at_least(1), default=10,
+                   help="timed steps per row (default: 10)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    args.precisions = args.precisions.split(",")
-    args.attn = args.attn.split(",")
-    args.targets = args.targets.split(",")
-    for value in args.precisions:
-        if value not in ("fp32", "bf16"):
-            p.error(f"--precisions: {value!r} is not fp32 or bf16")
-    for value in args.attn:
-        if value not in ("sdpa", "eager"):
-            p.error(f"--attn: {value!r} is not sdpa or eager")
-    for key in ("batch", "seq", "rank", "experts", "steps"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
     try:
         report = bench(args)
     except ValueError as exc:

@@ -146,7 +146,7 @@ else
   if [ "$gpu" = 1 ]; then
     flan_args=(--device cuda --clients 8 --seq 160 --batch 8 --train-samples 64)
   else
-    flan_args=(--device cpu --clients 2 --seq 48 --batch 4 --train-samples 8 --test-samples 2
+    flan_args=(--device cpu --clients 3 --seq 48 --batch 4 --train-samples 8 --test-samples 2
                --new-tokens 2)
   fi
   HF_HUB_OFFLINE=1 timeout 300 $py benchmarks/bench_round.py --task-type generation \

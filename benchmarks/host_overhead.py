@@ -17,6 +17,7 @@ import time
 
 import torch
 from bench_layer import peft_lora
+from cli_args import at_least
 from torch import nn
 
 from fedlease import MoELoRALinear
@@ -48,10 +49,11 @@ def stub_triton_launches() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--experts", type=int, default=4, help="number of experts M")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
-    p.add_argument("--calls", type=int, default=50, help="calls per timed repetition")
-    p.add_argument("--reps", type=int, default=30, help="timed repetitions; the median is reported")
+    p.add_argument("--experts", type=at_least(1), default=4, help="number of experts M")
+    p.add_argument("--rank", type=at_least(1), default=4, help="LoRA rank r")
+    p.add_argument("--calls", type=at_least(1), default=50, help="calls per timed repetition")
+    p.add_argument("--reps", type=at_least(1), default=30,
+                   help="timed repetitions; the median is reported")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     stub_triton_launches()

@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even when the interpreter is on
 
 import triton
+from cli_args import at_least, name_list
 from fedlease.kernels import launch, moe_lora_bwd, moe_lora_fwd
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -47,6 +48,19 @@ KERNELS = {  # plan key -> (kernel, pointer element types, constexpr flags besid
 FLOAT_ARGS = {"scaling", "p_drop"}
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 EXPERT_SHAPES = [(4, 4), (4, 8), (8, 8), (8, 16)]  # (M, r): MiniLM's, the reference ones, M*r=128
+
+
+def expert_shapes(text: str) -> list[tuple[int, int]]:
+    """An argparse type: comma-separated MxR pairs of positive integers, e.g. ``4x4,8x16``."""
+    shapes = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        m, _, r = item.partition("x")
+        if not (m.isdigit() and r.isdigit() and int(m) > 0 and int(r) > 0):
+            raise argparse.ArgumentTypeError(f"expects MxR pairs like 8x16, got {item!r}")
+        shapes.append((int(m), int(r)))
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expects MxR pairs like 8x16, got {text!r}")
+    return shapes
 
 
 def _tool(name: str) -> str:
@@ -153,32 +167,28 @@ def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: in
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
-    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
+    p.add_argument("--arch", type=at_least(75), default=90,
+                   help="compute capability x10, >= 75 (90: H100, H200; default 90)")  # fmt: skip
     p.add_argument(
         "--experts",
-        default=",".join(f"{m}x{r}" for m, r in EXPERT_SHAPES),
-        help="expert shapes MxR, comma-separated (default: %(default)s)",
+        type=expert_shapes,
+        default=EXPERT_SHAPES,
+        help="expert shapes MxR, comma-separated (default: 4x4,4x8,8x8,8x16)",
     )
     p.add_argument(
         "--kernels",
-        default=",".join(KERNELS),
+        type=name_list(tuple(KERNELS)),
+        default=list(KERNELS),
         help="kernels to compile, comma-separated (default: all)",
     )
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = p.parse_args(argv)
-    try:
-        experts = [tuple(int(v) for v in e.split("x")) for e in args.experts.split(",")]
-    except ValueError:
-        p.error(f"--experts expects MxR pairs like 8x16, got {args.experts!r}")
-    kernels = args.kernels.split(",")
-    unknown = [k for k in kernels if k not in KERNELS]
-    if unknown:
-        p.error(f"--kernels: unknown {unknown} (known: {', '.join(KERNELS)})")
     reason = available()
     if reason:
         print(f"kernel_resources: {reason}", file=sys.stderr)
         return 2
-    rows = check(args.dtype, experts, arch=args.arch, kernels=kernels, progress=sys.stderr.isatty())
+    rows = check(args.dtype, args.experts, arch=args.arch, kernels=args.kernels,
+                 progress=sys.stderr.isatty())  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

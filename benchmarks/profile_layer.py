@@ -12,10 +12,13 @@ import argparse
 
 import torch
 from bench_layer import peft_lora
+from cli_args import at_least, existing_device, name_list
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fedlease import MoELoRALinear
+from fedlease.ops import available_backends
+from fedlease.ops.dispatch import BACKEND_NAMES
 
 
 def kernel_table(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, steps: int) -> str:
@@ -41,19 +44,26 @@ def kernel_table(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, steps: in
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when available)")  # fmt: skip
-    p.add_argument("--backends", default="triton", help="comma-separated fedlease backends")
-    p.add_argument("--d-in", type=int, default=4096, help="input features")
-    p.add_argument("--d-out", type=int, default=4096, help="output features")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--experts", type=int, default=4, help="number of experts M")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per call")
+    gpu = torch.cuda.is_available()
+    p.add_argument("--device", type=existing_device, default="cuda" if gpu else "cpu",
+                   help="cuda, cuda:N or cpu (default: cuda when available)")  # fmt: skip
+    p.add_argument("--backends", type=name_list(("auto", *BACKEND_NAMES)), default=["triton"],
+                   help="comma-separated fedlease backends (default: triton)")  # fmt: skip
+    p.add_argument("--d-in", type=at_least(1), default=4096, help="input features")
+    p.add_argument("--d-out", type=at_least(1), default=4096, help="output features")
+    p.add_argument("--rank", type=at_least(1), default=8, help="LoRA rank r")
+    p.add_argument("--experts", type=at_least(1), default=4, help="number of experts M")
+    p.add_argument("--tokens", type=at_least(1), default=16384, help="tokens per call")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"],
                    help="parameter and input dtype")  # fmt: skip
-    p.add_argument("--steps", type=int, default=5, help="profiled forward+backward calls")
+    p.add_argument("--steps", type=at_least(1), default=5, help="profiled forward+backward calls")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT LoRA reference row")
     args = p.parse_args(argv)
+    here = available_backends(args.device)
+    for name in args.backends:
+        if name != "auto" and name not in here:
+            p.error(f"--backends: {name!r} is not available on {args.device} (here: "
+                    f"{', '.join(here)})")  # fmt: skip
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = nn.Linear(args.d_in, args.d_out, bias=False, device=device, dtype=dtype)
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, nn.Module] = {}
     if not args.no_peft:
         rows["peft_lora"] = peft_lora(base, args.rank, 16).to(device, dtype)
-    for name in args.backends.split(","):
+    for name in args.backends:
         layer = MoELoRALinear(base, args.experts, args.rank, alpha=16, backend=name)
         nn.init.normal_(layer.lora_B, std=0.02)
         rows[f"fedlease_{name}"] = layer.to(device, dtype)

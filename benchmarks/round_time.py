@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_clients import MIX
+from bench_clients import mixed_clients
+from cli_args import at_least, check_config, exit_on_user_error
 
 from fedlease.fl import from_dict
 from fedlease.fl.participation import participants
@@ -23,18 +24,21 @@ from fedlease.fl.simulator import simulation
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", required=True, help="local GLUE copy (<dir>/<task>/*.jsonl)")
-    p.add_argument("--clients", type=int, default=1000, help="clients in the federation")
-    p.add_argument("--per-round", type=int, default=50, help="clients drawn per round")
-    p.add_argument("--rounds", type=int, default=2, help="rounds timed")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--clients", type=at_least(10), default=1000,
+                   help="clients in the federation (>= 10: every task gets one)")  # fmt: skip
+    p.add_argument("--per-round", type=at_least(1), default=50, help="clients drawn per round")
+    p.add_argument("--rounds", type=at_least(1), default=2, help="rounds timed")
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads")
     args = p.parse_args(argv)
     n = args.clients
-    cfg = from_dict({
-        "clients": {t: round(s * n) for t, s in MIX.items()}, "method": "fedit",
-        "train_samples": 8, "test_samples": 4, "warmup_rounds": 1, "rounds": args.rounds,
-        "local_epochs": 1, "batch_size": 8, "max_seq_len": 32, "clients_per_round": args.per_round,
-        "eval_every": 1000, "seed": 0, "threads": args.threads, "data_dir": args.data_dir,
-    })  # fmt: skip
+    with exit_on_user_error("round_time.py"):
+        cfg = check_config(from_dict({
+            "clients": mixed_clients(n), "method": "fedit",
+            "train_samples": 8, "test_samples": 4, "warmup_rounds": 1, "rounds": args.rounds,
+            "local_epochs": 1, "batch_size": 8, "max_seq_len": 32,
+            "clients_per_round": args.per_round, "eval_every": 1000, "seed": 0,
+            "threads": args.threads, "data_dir": args.data_dir,
+        }))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         fed = simulation(cfg, Path(tmp) / "run", progress=False)
         for r in range(args.rounds):

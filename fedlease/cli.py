@@ -251,11 +251,8 @@ def _load(args: argparse.Namespace, config_path: str, check_device: bool = True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .data import DataError
-    from .fl import ConfigError, run
-    from .fl.checkpoint import CheckpointError
-    from .fl.rundir import OutputError
-    from .models import ModelError
+    from .errors import user_errors
+    from .fl import run
 
     if args.resume is None and args.config is None:
         print("fedlease run: error: give --config YAML (or --resume DIR)", file=sys.stderr)
@@ -263,7 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config_path = args.config or str(Path(args.resume) / "config.yaml")
     try:
         cfg = _load(args, config_path)
-    except (ConfigError, DataError) as exc:
+    except user_errors() as exc:
         print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.resume is not None:
@@ -283,8 +280,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: completed rounds are saved; continue with "
               f"`fedlease run --resume {out}`", file=sys.stderr)  # fmt: skip
         return 130
-    except (ConfigError, DataError, CheckpointError, ModelError, OutputError, ImportError) as exc:
-        print(f"fedlease run: error: {exc}", file=sys.stderr)  # ImportError: a missing extra
+    except user_errors() as exc:
+        print(f"fedlease run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_summary(summary, out)
     return 0
@@ -325,12 +322,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .data import DataError
-    from .fl import ConfigError
-    from .fl.checkpoint import CheckpointError
+    from .errors import user_errors
     from .fl.compare import compare
-    from .fl.rundir import OutputError
-    from .models import ModelError
 
     out = None
     try:
@@ -344,7 +337,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished and checkpointed rounds are saved; run the same command "
               f"with --output {out} to continue", file=sys.stderr)  # fmt: skip
         return 130
-    except (ConfigError, DataError, CheckpointError, ModelError, OutputError, ImportError) as exc:
+    except user_errors() as exc:
         print(f"fedlease compare: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print()

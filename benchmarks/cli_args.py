@@ -1,0 +1,117 @@
+"""Command-line pieces shared by the benchmarks, so that a bad value ends as it does in
+``fedlease``'s own commands: one line naming it and exit status 2, never a traceback.
+
+- ``at_least(lo[, most])``, ``int_list(lo)``, ``name_list(choices)``, ``existing_device``:
+  argparse types, so argparse itself refuses ``--steps 0`` or ``--clients 4,x`` before any run.
+- ``exit_on_user_error(prog)``: a ``with`` block in which fedlease's errors about the user's
+  input (a missing data directory, a bad ``--set``, a config the run would refuse) end the
+  process with that one line.
+- ``check_config(cfg)``: what ``fedlease run`` checks before it starts, for benchmarks that
+  build their configs in code.
+- ``child_result(argv, what)``: the JSON line of a measurement run in its own process; the
+  child's bad-input line ends this process too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def at_least(lo: int, most: int | None = None):
+    """An argparse type: an integer >= ``lo`` (and <= ``most`` when given)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be <= {most}, got {value}")
+        return value
+
+    return parse
+
+
+def int_list(lo: int):
+    """An argparse type: one or more comma-separated integers, each >= ``lo``."""
+
+    def parse(text: str) -> list[int]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expects comma-separated integers, got {text!r}")
+        return [at_least(lo)(item) for item in items]
+
+    return parse
+
+
+def name_list(choices: tuple[str, ...] | None):
+    """An argparse type: one or more comma-separated names, each one of ``choices`` (any name
+    when None)."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"expects one or more comma-separated names, got "
+                                             f"{text!r}")  # fmt: skip
+        for name in names:
+            if choices is not None and name not in choices:
+                raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def existing_device(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that this machine has."""
+    from fedlease.precision import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prog: str):
+    """Inside: fedlease's bad-input errors (``fedlease.errors.user_errors``) print
+    ``PROG: error: ...`` and exit with status 2."""
+    from fedlease.errors import user_errors
+
+    try:
+        yield
+    except user_errors() as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def check_config(cfg):
+    """Refuse now what a run of ``cfg`` would refuse later: a missing data directory, a device
+    this machine lacks (``ConfigError`` / ``DataError``). Returns ``cfg``."""
+    from fedlease.data.sources import source_for
+    from fedlease.fl.config import runtime
+
+    source_for(cfg.task_type).resolve(cfg.data_dir)
+    runtime(cfg)
+    return cfg
+
+
+def child_result(argv: list[str], what: str) -> dict:
+    """Run ``argv`` (a benchmark measuring in its own process) and return the JSON object on its
+    last line of output. Bad input (exit status 2): its one line, then the same exit here; any
+    other failure: exit 1 with the end of its stderr, naming ``what`` failed."""
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode == EXIT_BAD_INPUT:
+        print(done.stderr.strip().splitlines()[-1], file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if done.returncode != 0:
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
