@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
+from fedlease.cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
 
 # Clients per task in these proportions: every task's validation split can give each of its
 # clients at least one disjoint test example at 1,000 clients (RTE's local copy has 139).

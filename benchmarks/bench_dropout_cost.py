@@ -13,10 +13,10 @@ from functools import partial
 
 import torch
 from bench_train import build_row, train_step
-from cli_args import at_least
 from timing import device_name, interleaved_medians, versions
 
 from fedlease.allocator import keep_freed_memory
+from fedlease.cli_args import at_least
 from fedlease.inject import moe_lora_layers
 from fedlease.models import load
 

@@ -24,11 +24,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from cli_args import at_least, existing_device
 from timing import device_name, interleaved_medians, versions
 from torch import nn
 
 from fedlease import MoELoRALinear
+from fedlease.cli_args import at_least, existing_device
 from fedlease.ops import available_backends, resolve_backend
 
 TARGETS = {  # device type -> default shape

@@ -13,11 +13,11 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from cli_args import at_least, int_list
 from timing import device_name, interleaved_medians, versions
 
 from fedlease import inject_moe_lora, models
 from fedlease.allocator import keep_freed_memory
+from fedlease.cli_args import at_least, int_list
 from fedlease.clients import set_active, set_own_experts, stack_clients
 from fedlease.dropout import use_fast_dropout
 from fedlease.inject import MoELoRAConfig

@@ -18,8 +18,9 @@ import statistics
 import sys
 import time
 
-from cli_args import at_least, exit_on_user_error
 from timing import versions
+
+from fedlease.cli_args import at_least, exit_on_user_error
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
 

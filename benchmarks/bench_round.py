@@ -27,8 +27,9 @@ import resource
 import sys
 import time
 
-from cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
 from timing import device_name, sync, versions
+
+from fedlease.cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
 FLAN_TASKS = ("fix_punct_wiki", "word_segment_wiki", "common_gen", "e2e_nlg", "sst2",

@@ -26,11 +26,11 @@ import sys
 from functools import partial
 
 import torch
-from cli_args import at_least, existing_device, name_list
 from timing import device_name, interleaved_medians, versions
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.allocator import keep_freed_memory
+from fedlease.cli_args import at_least, existing_device, name_list
 from fedlease.models import load
 from fedlease.precision import autocast, cast_frozen, resolve_device
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 from bench_layer import peft_lora
-from cli_args import at_least
 from torch import nn
 
 from fedlease import MoELoRALinear
+from fedlease.cli_args import at_least
 from fedlease.ops import dispatch, triton_backend
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even when the interpreter is on
 
 import triton
-from cli_args import at_least, name_list
 from fedlease.kernels import launch, moe_lora_bwd, moe_lora_fwd
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from fedlease.cli_args import at_least, name_list
 
 IN, F32 = "in", "fp32"  # pointer element types: the input dtype, or float32 scratch
 KERNELS = {  # plan key -> (kernel, pointer element types, constexpr flags besides the plan's)

@@ -12,11 +12,11 @@ import argparse
 
 import torch
 from bench_layer import peft_lora
-from cli_args import at_least, existing_device, name_list
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from fedlease import MoELoRALinear
+from fedlease.cli_args import at_least, existing_device, name_list
 from fedlease.ops import available_backends
 from fedlease.ops.dispatch import BACKEND_NAMES
 

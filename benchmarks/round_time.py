@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from bench_clients import mixed_clients
-from cli_args import at_least, check_config, exit_on_user_error
 
+from fedlease.cli_args import at_least, check_config, exit_on_user_error
 from fedlease.fl import from_dict
 from fedlease.fl.participation import participants
 from fedlease.fl.simulator import simulation

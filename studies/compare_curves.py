@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedlease.cli_args import BadInput, at_least, exit_on_user_error, output_file
+
 
 def runs(directory: Path, unfinished: bool = False) -> Iterator[tuple[str, list[dict]]]:
     """(method, the rows of its ``metrics.jsonl``) for each ``<method>-seed<s>`` run that
@@ -27,7 +29,11 @@ def runs(directory: Path, unfinished: bool = False) -> Iterator[tuple[str, list[
         path = run / "metrics.jsonl"
         if not (unfinished or (run / "summary.json").exists()) or not path.exists():
             continue
-        yield run.name.rsplit("-seed", 1)[0], [json.loads(x) for x in path.read_text().splitlines()]
+        try:
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInput(f"{str(path)!r} is not a metrics file: {exc}") from None
+        yield run.name.rsplit("-seed", 1)[0], rows
 
 
 def curves(directory: Path) -> dict[str, list[float]]:
@@ -69,25 +75,36 @@ def round_table(data: dict[str, dict[str, list[float]]], r: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("directory", type=Path, help="a fedlease compare output directory")
-    p.add_argument("--out", type=Path, help="PNG to write (the curves)")
-    p.add_argument("--at-round", type=int, help="print a table after this round instead")
-    p.add_argument("--unfinished", action="store_true",
-                   help="with --at-round: also runs stopped before their last round")  # fmt: skip
-    args = p.parse_args(argv)
+def read_runs(args):
+    """The table after ``--at-round``, or the curves; ``BadInput`` when there is nothing to show."""
+    if not args.directory.is_dir():
+        raise BadInput(f"{str(args.directory)!r} is not a directory")
     if args.at_round is not None:
         table = at_round(args.directory, args.at_round, args.unfinished)
         if not table:
-            raise SystemExit(f"no run in {args.directory} reached round {args.at_round}")
-        print(round_table(table, args.at_round))
-        return 0
+            raise BadInput(f"no run in {args.directory} reached round {args.at_round}")
+        return table
     if args.out is None:
-        raise SystemExit("--out PNG is needed to plot the curves (or ask --at-round R)")
+        raise BadInput("--out PNG is needed to plot the curves (or ask --at-round R)")
     data = curves(args.directory)
     if not data:
-        raise SystemExit(f"no finished runs in {args.directory}")
+        raise BadInput(f"no finished runs in {args.directory}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("directory", type=Path, help="a fedlease compare output directory")
+    p.add_argument("--out", type=output_file, help="PNG to write (the curves)")
+    p.add_argument("--at-round", type=at_least(0), help="print a table after this round instead")
+    p.add_argument("--unfinished", action="store_true",
+                   help="with --at-round: also runs stopped before their last round")  # fmt: skip
+    args = p.parse_args(argv)
+    with exit_on_user_error("compare_curves.py"):
+        data = read_runs(args)
+    if args.at_round is not None:
+        print(round_table(data, args.at_round))
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     for method, acc in data.items():
         print(method, " ".join(f"{a:.3f}" for a in acc))

@@ -30,10 +30,11 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import torch
-from robustness import ATTACKS, add_setting_arguments, setting
+from robustness import ATTACKS, add_setting_arguments, check_settings, setting
+
+from fedlease.cli_args import exit_on_user_error, output_file
 
 RULES = {
     "mean": "mean",
@@ -118,13 +119,10 @@ def record_clean_run(args, seed: int) -> list[dict]:
     return rounds
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_setting_arguments(p)
-    p.add_argument("--json", help="write every round's numbers here")
-    args = p.parse_args(argv)
+def measured_rounds(args) -> list[dict]:
+    """Every round of each seed's clean run in which all four clients uploaded, measured."""
     rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in args.seeds:
         for rec in record_clean_run(args, seed):
             if len(rec["updates"]) != 4:
                 continue
@@ -132,8 +130,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"seed": seed, "round": rec["round"], **m})
             print(f"seed {seed} round {rec['round']}: honest spread {m['spread']:.2f}",
                   file=sys.stderr)  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_setting_arguments(p)
+    p.add_argument("--json", type=output_file, help="write every round's numbers here")
+    args = p.parse_args(argv)
+    with exit_on_user_error("robust_bias.py"):
+        check_settings(args, "fedit")
+        rows = measured_rounds(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     return 0
 

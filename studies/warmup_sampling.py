@@ -33,6 +33,9 @@ import time
 
 import numpy as np
 
+from fedlease import cli_args
+from fedlease.cli_args import at_least, float_list, name_list, output_file
+
 MIX = ["sst2"] * 4 + ["mrpc"] * 4 + ["qnli"] * 4
 
 
@@ -161,8 +164,10 @@ def table(paths: list[str]) -> str:
     """One markdown row per (participation, behaviour, seed) of the given JSON files."""
     rows = []
     for p in paths:
-        with open(p) as fh:
-            rows += json.load(fh)["rows"]
+        doc = cli_args.read_json(p)
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+            raise cli_args.BadInput(f"{p!r} is not a --json file of this study (no 'rows')")
+        rows += doc["rows"]
     order = {"all": 0, "wait": 1, "nearest": 2}
     rows.sort(key=lambda r: (r["fraction"], order[r["behaviour"]], r["seed"]))
     out = [
@@ -183,25 +188,32 @@ def table(paths: list[str]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="local GLUE copy (else $FEDLEASE_DATA_DIR)")
-    p.add_argument("--seed", type=int, default=1, help="run seed (partitions, draws, training)")
-    p.add_argument("--fractions", default="0.25,0.5", help="clients_per_round values to measure")
-    p.add_argument("--clients", default=",".join(MIX), help="task per client, comma-separated")
-    p.add_argument("--train-samples", type=int, default=600, help="training examples per client")
-    p.add_argument("--max-seq-len", type=int, default=64, help="tokens per example")
-    p.add_argument("--warmup-rounds", type=int, default=2, help="warm-up rounds (all, nearest)")
-    p.add_argument(
-        "--rounds", type=int, default=4, help="adaptive rounds (nearest: late placement)"
-    )
-    p.add_argument("--max-experts", type=int, default=4, help="largest K the silhouette considers")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--seed", type=at_least(0), default=1,
+                   help="run seed (partitions, draws, training)")  # fmt: skip
+    p.add_argument("--fractions", type=float_list, default=[0.25, 0.5],
+                   help="clients_per_round values to measure (default: 0.25,0.5)")  # fmt: skip
+    p.add_argument("--clients", type=name_list(None), default=list(MIX),
+                   help="task per client, comma-separated")  # fmt: skip
+    p.add_argument("--train-samples", type=at_least(1), default=600,
+                   help="training examples per client")  # fmt: skip
+    p.add_argument("--max-seq-len", type=at_least(1), default=64, help="tokens per example")
+    p.add_argument("--warmup-rounds", type=at_least(1), default=2,
+                   help="warm-up rounds (all, nearest)")  # fmt: skip
+    p.add_argument("--rounds", type=at_least(1), default=4,
+                   help="adaptive rounds (nearest: late placement)")  # fmt: skip
+    p.add_argument("--max-experts", type=at_least(2), default=4,
+                   help="largest K the silhouette considers")  # fmt: skip
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads")
+    p.add_argument("--json", type=output_file, default=None, help="write the rows here")
     p.add_argument("--table", nargs="+", default=None, help="print the table of these JSON files")
     args = p.parse_args(argv)
-    if args.table:
-        print(table(args.table))
-        return 0
-    args.clients = args.clients.split(",")
-    fractions = [float(f) for f in args.fractions.split(",")]
+    with cli_args.exit_on_user_error("warmup_sampling.py"):
+        if args.table:
+            print(table(args.table))
+            return 0
+        fractions = args.fractions
+        for f in fractions:  # every config, before the first training
+            cli_args.check_config(build(args, f))
     t0 = time.time()
     warm = Warmups(build(args, fractions[0]))
     rows = []
@@ -223,6 +235,7 @@ def main(argv=None) -> int:
             "trainings_run": len(warm.seconds)}  # fmt: skip
     print(json.dumps(meta))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     return 0

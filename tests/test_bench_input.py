@@ -1,6 +1,6 @@
-"""The benchmarks' command lines treat bad input as ``fedlease`` does: exit status 2 and a last
-line ``<script>: error: ...`` naming the culprit, never a traceback, before any measurement (a
-bad ``--clients`` once made bench_round start itself over and over)."""
+"""The benchmarks' and studies' command lines treat bad input as ``fedlease`` does: exit status
+2 and a last line ``<script>: error: ...`` naming the culprit, never a traceback, before any
+measurement (a bad ``--clients`` once made bench_round start itself over and over)."""
 
 import argparse
 import os
@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, load_script
+from helpers import ROOT
+
+from fedlease import cli_args
 
 DATA = os.environ.get("FEDLEASE_DATA_DIR")
 BENCH = ROOT / "benchmarks"
@@ -37,14 +39,24 @@ CASES = [
     ("bench_dropout_cost.py", ["--steps", "0"], "--steps: must be >= 1"),
     ("host_overhead.py", ["--calls", "-1"], "--calls: must be >= 1"),
     ("profile_layer.py", ["--device", "cpu", "--backends", "nope"], "'nope' is not one of"),
+    ("allocation_table.py", [NO_DATA], "is not a fedlease run directory"),
+    ("compare_curves.py", [NO_DATA, "--at-round", "1"], "is not a directory"),
+    ("robustness.py", ["--data-dir", "{data}", "--task", "nope"], "unknown task 'nope'"),
+    ("robustness.py", ["--data-dir", "{data}", "--json", str(ROOT)], "is a directory"),
+    ("robust_bias.py", ["--data-dir", NO_DATA], "does not exist"),
+    ("warmup_sampling.py", ["--table", NO_DATA], "cannot read"),
+    ("warmup_sampling.py", ["--data-dir", "{data}", "--fractions", "0.5,x"], "--fractions"),
 ]  # fmt: skip
+STUDIES = {"allocation_table.py", "compare_curves.py", "robustness.py", "robust_bias.py",
+           "warmup_sampling.py"}  # fmt: skip
 
 
 @pytest.mark.parametrize("script, args, named", CASES, ids=[f"{c[0]} {c[2]}" for c in CASES])
 def test_bad_benchmark_input_exits_2_naming_it(script, args, named):
     if any("{data}" in a for a in args) and not DATA:
         pytest.skip("FEDLEASE_DATA_DIR not set")
-    argv = [sys.executable, str(BENCH / script), *(a.format(data=DATA) for a in args)]
+    folder = ROOT / "studies" if script in STUDIES else BENCH
+    argv = [sys.executable, str(folder / script), *(a.format(data=DATA) for a in args)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2, done.stderr[-2000:]
@@ -53,7 +65,6 @@ def test_bad_benchmark_input_exits_2_naming_it(script, args, named):
 
 
 def test_the_argument_types_accept_and_refuse():
-    cli_args = load_script("benchmarks/cli_args.py")
     assert cli_args.at_least(1)("3") == 3 and cli_args.at_least(0, 5)("0") == 0
     assert cli_args.int_list(2)(" 4, 8,16 ") == [4, 8, 16]
     assert cli_args.name_list(("a", "b"))("b,a") == ["b", "a"]

@@ -1,11 +1,14 @@
-"""Command-line pieces shared by the benchmarks, so that a bad value ends as it does in
-``fedlease``'s own commands: one line naming it and exit status 2, never a traceback.
+"""Command-line pieces shared by the scripts beside the package (``benchmarks/``, ``studies/``),
+so that a bad value ends as it does in ``fedlease``'s own commands: one line naming it and exit
+status 2, never a traceback.
 
-- ``at_least(lo[, most])``, ``int_list(lo)``, ``name_list(choices)``, ``existing_device``:
-  argparse types, so argparse itself refuses ``--steps 0`` or ``--clients 4,x`` before any run.
+- ``at_least(lo[, most])``, ``int_list(lo)``, ``float_list``, ``name_list(choices)``,
+  ``existing_device``, ``output_file``: argparse types, so argparse itself refuses
+  ``--steps 0``, ``--clients 4,x`` or a ``--json`` that cannot be written before any run.
 - ``exit_on_user_error(prog)``: a ``with`` block in which fedlease's errors about the user's
-  input (a missing data directory, a bad ``--set``, a config the run would refuse) end the
-  process with that one line.
+  input (a missing data directory, a bad ``--set``, a config the run would refuse) and a
+  script's own ``BadInput`` end the process with that one line.
+- ``read_json(path)``: a JSON file a user names, or ``BadInput`` saying why not.
 - ``check_config(cfg)``: what ``fedlease run`` checks before it starts, for benchmarks that
   build their configs in code.
 - ``child_result(argv, what)``: the JSON line of a measurement run in its own process; the
@@ -17,10 +20,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+
+
+class BadInput(ValueError):
+    """A script's own finding that its input is wrong (``exit_on_user_error`` reports it)."""
 
 
 def at_least(lo: int, most: int | None = None):
@@ -52,6 +62,18 @@ def int_list(lo: int):
     return parse
 
 
+def float_list(text: str) -> list[float]:
+    """An argparse type: one or more comma-separated finite numbers."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [float(item) for item in items]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expects comma-separated numbers, got {text!r}")
+    return values
+
+
 def name_list(choices: tuple[str, ...] | None):
     """An argparse type: one or more comma-separated names, each one of ``choices`` (any name
     when None)."""
@@ -71,7 +93,7 @@ def name_list(choices: tuple[str, ...] | None):
 
 def existing_device(text: str) -> str:
     """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that this machine has."""
-    from fedlease.precision import resolve_device
+    from .precision import resolve_device
 
     try:
         resolve_device(text)
@@ -80,15 +102,44 @@ def existing_device(text: str) -> str:
     return text
 
 
+def output_file(text: str) -> Path:
+    """An argparse type: a file path this process can write (its folder is created when needed),
+    checked before a long run rather than at its end."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written ({str(existing)!r} is not "
+                                         "a writable directory)")  # fmt: skip
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    return path
+
+
+def read_json(path: str | Path):
+    """The JSON document in ``path``; ``BadInput`` naming the file when it is missing, unreadable
+    or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise BadInput(f"cannot read {str(path)!r}: {why}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{str(path)!r} is not JSON: {exc}") from None
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
-    """Inside: fedlease's bad-input errors (``fedlease.errors.user_errors``) print
-    ``PROG: error: ...`` and exit with status 2."""
-    from fedlease.errors import user_errors
+    """Inside: fedlease's bad-input errors (``fedlease.errors.user_errors``) and ``BadInput``
+    print ``PROG: error: ...`` and exit with status 2."""
+    from .errors import user_errors
 
     try:
         yield
-    except user_errors() as exc:
+    except (*user_errors(), BadInput) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
@@ -96,8 +147,8 @@ def exit_on_user_error(prog: str):
 def check_config(cfg):
     """Refuse now what a run of ``cfg`` would refuse later: a missing data directory, a device
     this machine lacks (``ConfigError`` / ``DataError``). Returns ``cfg``."""
-    from fedlease.data.sources import source_for
-    from fedlease.fl.config import runtime
+    from .data.sources import source_for
+    from .fl.config import runtime
 
     source_for(cfg.task_type).resolve(cfg.data_dir)
     runtime(cfg)
