@@ -69,6 +69,20 @@ def test_run_config_values_are_checked_like_a_config_file():
         parse_run_config({**app_config(), "rank": "four"})
     with pytest.raises(ConfigError, match="'round-timeout' = 0.0"):
         parse_run_config({**app_config(), "round-timeout": 0.0})
+    # the server's own options: typed as TOML types them, or spelt as strings; never bool("false")
+    _, opts = parse_run_config({**app_config(), "resume": "false", "overwrite": True,
+                                "min-results": "2", "node-timeout": 30})  # fmt: skip
+    assert (opts.resume, opts.overwrite, opts.min_results) == (False, True, 2)
+    assert opts.node_timeout == 30
+    assert isinstance(opts.node_timeout, float)
+    for key, value, named in [("resume", "maybe", "'resume' = 'maybe': must be bool"),
+                              ("resume", 1, "must be bool"), ("min-results", 1.5, "must be int"),
+                              ("min-results", "two", "must be int"),
+                              ("node-timeout", 0, "'node-timeout' = 0.0: must be > 0"),
+                              ("round-timeout", "inf", "must be > 0"),
+                              ("output-dir", "", "'output-dir' is empty")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=named):
+            parse_run_config({**app_config(), key: value})
 
 
 def test_tensors_survive_records_with_names_shapes_and_dtypes():

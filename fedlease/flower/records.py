@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import typing
@@ -34,7 +35,7 @@ def parse_run_config(run_config: dict) -> tuple[FLConfig, ServerOptions]:
     for key, value in run_config.items():
         name = key.replace("-", "_")
         if name in hints:
-            setattr(opts, name, hints[name](value))
+            setattr(opts, name, _option(key, value, hints[name]))
         elif isinstance(value, str):
             try:
                 raw[name] = load_yaml(value) if value != "" else None
@@ -42,11 +43,42 @@ def parse_run_config(run_config: dict) -> tuple[FLConfig, ServerOptions]:
                 raise ConfigError(f"run config {key!r} = {value!r} is not valid YAML") from exc
         else:
             raw[name] = value
-    if not math.isfinite(opts.round_timeout) or opts.round_timeout <= 0:
-        raise ConfigError(f"run config 'round-timeout' = {opts.round_timeout!r}: must be > 0")
+    for key in ("round_timeout", "node_timeout"):
+        value = getattr(opts, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"run config {key.replace('_', '-')!r} = {value!r}: must be > 0")
+    if not opts.output_dir:
+        raise ConfigError("run config 'output-dir' is empty: name the run's directory")
     if opts.min_results < 0:
         raise ConfigError(f"run config 'min-results' = {opts.min_results!r}: must be >= 0")
     return from_dict(raw), opts
+
+
+def _option(key: str, value, kind: type):
+    """A ``ServerOptions`` value of type ``kind`` from the run config, or ``ConfigError`` naming
+    the key."""
+    parsed = _parse_option(value, kind)
+    if parsed is None:
+        raise ConfigError(f"run config {key!r} = {value!r}: must be {kind.__name__}")
+    return parsed
+
+
+def _parse_option(value, kind: type):
+    """``value`` as ``kind`` (TOML gives the type; a string may spell it), None when it is not
+    one. Not ``kind(value)``: ``bool("false")`` is True and ``int(1.5)`` is 1."""
+    if isinstance(value, bool) or kind is bool:
+        if isinstance(value, str):
+            return {"true": True, "false": False}.get(value.lower())
+        return value if isinstance(value, bool) and kind is bool else None
+    if isinstance(value, str):
+        if kind is str:
+            return value
+        with contextlib.suppress(ValueError):
+            return kind(value)  # int("1.5") raises
+        return None
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    return value if kind is int and isinstance(value, int) else None
 
 
 def to_record(state: State) -> ArrayRecord:
