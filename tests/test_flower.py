@@ -85,6 +85,19 @@ def test_run_config_values_are_checked_like_a_config_file():
             parse_run_config({**app_config(), key: value})
 
 
+@pytest.mark.parametrize("pid, named", [(1.5, "1.5"), ("one", "'one'"), (True, "True"),
+                                         (-1, "-1"), (7, "7 is outside 0..3")])  # fmt: skip
+def test_a_node_with_a_bad_partition_id_is_refused_before_it_loads_anything(pid, named):
+    from flwr.app import Context, RecordDict
+
+    from fedlease.flower.client_app import node_for
+
+    run_config = {**app_config(), **as_run_config(TINY)}
+    context = Context(1, 1, {"partition-id": pid}, RecordDict(), run_config)
+    with pytest.raises(ValueError, match=f"partition-id {named}"):
+        node_for(context)
+
+
 def test_tensors_survive_records_with_names_shapes_and_dtypes():
     state = {"copy1:enc.q.lora_A": torch.randn(2, 3, 5),
              "classifier.weight": torch.randn(2, 4, dtype=torch.float64)}  # fmt: skip

@@ -59,7 +59,10 @@ def node_for(context: Context) -> Node:
     cfg, opts = parse_run_config(dict(context.run_config))
     if "partition-id" not in context.node_config:
         raise ValueError("the SuperNode needs --node-config 'partition-id=<i> ...'")
-    pid = int(context.node_config["partition-id"])
+    value = context.node_config["partition-id"]
+    if isinstance(value, bool) or not (isinstance(value, int) or str(value).isdigit()):
+        raise ValueError(f"partition-id {value!r} is not a client index (0, 1, ...)")
+    pid = int(value)
     if not 0 <= pid < len(cfg.clients):
         raise ValueError(f"partition-id {pid} is outside 0..{len(cfg.clients) - 1}")
     data_dir = context.node_config.get("data-dir") or cfg.data_dir
