@@ -161,7 +161,7 @@ def child_result(argv: list[str], what: str) -> dict:
     other failure: exit 1 with the end of its stderr, naming ``what`` failed."""
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode == EXIT_BAD_INPUT:
-        print(done.stderr.strip().splitlines()[-1], file=sys.stderr)
+        print((done.stderr.strip().splitlines() or [f"{what}: bad input"])[-1], file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     if done.returncode != 0:
         sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
