@@ -41,7 +41,12 @@ def without_adapter_dropout(model) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="precision of the steps (default: bf16)",
+    )
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
     ap.add_argument("--experts", type=at_least(1), default=4, help="experts M")
     ap.add_argument("--batch", type=at_least(1), default=16, help="sequences a step")

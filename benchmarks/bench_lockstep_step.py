@@ -68,7 +68,12 @@ def main() -> None:
     ap.add_argument("--seq", type=at_least(1, 512), default=128,
                     help="tokens per sequence, at most MiniLM's 512 (default: 128)")  # fmt: skip
     ap.add_argument("--batch", type=at_least(1), default=16, help="sequences per client and step")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp32"],
+        help="precision of the steps (default: bf16)",
+    )
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
     ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")

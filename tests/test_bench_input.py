@@ -77,3 +77,17 @@ def test_the_argument_types_accept_and_refuse():
     for parse, text in refused:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_every_flag_of_every_command_line_explains_itself():
+    """``--help`` explains every flag: each ``add_argument`` of fedlease's CLI, the benchmarks and
+    the studies has a help text (``argparse.SUPPRESS`` for the internal ones)."""
+    import ast
+
+    files = [ROOT / "fedlease" / "cli.py", *sorted(BENCH.glob("*.py")),
+             *sorted((ROOT / "studies").glob("*.py"))]  # fmt: skip
+    calls = [(path.name, node.lineno) for path in files
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+             and not any(k.arg == "help" for k in node.keywords)]  # fmt: skip
+    assert len(files) > 15 and not calls
