@@ -556,3 +556,27 @@ def test_an_internal_error_exits_1_with_one_line_naming_the_traceback_file(tmp_p
     path = Path(err.rsplit("full traceback in ", 1)[1].rstrip(")"))
     assert path.parent == tmp_path and "Traceback" in path.read_text()
     assert "second line" in path.read_text()
+
+
+@needs_data
+@pytest.mark.parametrize("backend, env, named", [
+    ("auto", "nope", "unknown backend 'nope' (from $FEDLEASE_BACKEND)"),
+    ("cpp", "triton", "$FEDLEASE_BACKEND: backend 'triton' is unavailable on cpu"),
+    ("triton", None, "config key 'backend': backend 'triton' is unavailable on cpu"),
+])  # fmt: skip
+def test_a_backend_that_cannot_run_here_is_refused_before_the_run(
+    backend, env, named, tmp_path, monkeypatch, capsys
+):
+    """The op backend, from the config or ``$FEDLEASE_BACKEND``, is checked with the device: a
+    backend that cannot run here used to end the run with an internal error at its first step."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the suite's Triton runs on CPU
+    if env is None:
+        monkeypatch.delenv("FEDLEASE_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FEDLEASE_BACKEND", env)
+    cfg = config(tmp_path, backend=backend, device="cpu")
+    code = main(["run", "--config", cfg, "--output", str(tmp_path / "out"), "--data-dir", DATA,
+                 "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and named in err, err
+    assert not (tmp_path / "out").exists()

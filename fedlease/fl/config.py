@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import textwrap
 import typing
@@ -392,13 +393,20 @@ class Runtime(NamedTuple):
 
 def runtime(cfg: FLConfig) -> Runtime:
     """The device and precision this machine runs ``cfg`` with; ``ConfigError`` naming the key
-    when the device is not here (``cuda`` without a GPU)."""
+    when the device is not here (``cuda`` without a GPU), or when the op backend (the config's,
+    or ``$FEDLEASE_BACKEND``'s) cannot run on it (``triton`` on a CPU)."""
+    from ..ops.dispatch import ENV_VAR, resolve_backend
     from ..precision import resolve_device, resolve_precision
 
     try:
         device = resolve_device(cfg.device)
     except ValueError as exc:
         raise ConfigError(f"config key 'device': {exc}") from None
+    try:
+        resolve_backend(cfg.backend, device)
+    except (ValueError, RuntimeError) as exc:
+        source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "config key 'backend'"
+        raise ConfigError(str(exc) if source in str(exc) else f"{source}: {exc}") from None
     return Runtime(device, resolve_precision(cfg.precision, device))
 
 
