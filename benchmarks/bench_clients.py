@@ -23,7 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlease.cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
+from fedlease.cli_args import (
+    at_least,
+    check_config,
+    child_result,
+    exit_on_user_error,
+    int_list,
+    until_interrupted,
+)  # fmt: skip
 
 # Clients per task in these proportions: every task's validation split can give each of its
 # clients at least one disjoint test example at 1,000 clients (RTE's local copy has 139).
@@ -132,15 +139,24 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error(prog):  # every size's config, before the first run starts
         for size in args.sizes:
             config_for(args, size)
-    results = []
-    for size in args.sizes:
+
+    def measure(size: int) -> dict:
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
                  "--size", str(size)]  # fmt: skip
-        results.append(child_result(child, f"the federation of {size} clients"))
+        result = child_result(child, f"the federation of {size} clients")
         print(f"{size} clients done", file=sys.stderr)
-    if args.json:
+        return result
+
+    results, interrupted = until_interrupted(args.sizes, measure)
+    if results:
+        print_table(results, args.json)
+    return 130 if interrupted else 0
+
+
+def print_table(results: list[dict], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(results, indent=2))
-        return 0
+        return
     head = ("clients", "setup s", "warm-up s", "adaptive s/round", "ckpt s", "RSS setup MB",
             "RSS end MB", "state KB/client")  # fmt: skip
     widths = (8, 8, 10, 17, 7, 13, 11, 16)
@@ -153,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(r['checkpoint_s']) / len(r['checkpoint_s']):>7.2f} "
               f"{r['rss_setup_mb']:>13.0f} {r['rss_end_mb']:>11.0f} "
               f"{r['state_bytes_per_client'] / 1024:>16.1f}")  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

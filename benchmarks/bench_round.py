@@ -29,7 +29,14 @@ import time
 
 from timing import device_name, sync, versions
 
-from fedlease.cli_args import at_least, check_config, child_result, exit_on_user_error, int_list
+from fedlease.cli_args import (
+    at_least,
+    check_config,
+    child_result,
+    exit_on_user_error,
+    int_list,
+    until_interrupted,
+)  # fmt: skip
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
 FLAN_TASKS = ("fix_punct_wiki", "word_segment_wiki", "common_gen", "e2e_nlg", "sst2",
@@ -161,20 +168,28 @@ def main() -> int:
         for n in args.clients:
             config_for(args, n, "1")
             config_for(args, n, args.batched)
-    rows = []
-    for n in args.clients:
+
+    def measure(n: int) -> dict:
         seq, lock = child(args, n, "1"), child(args, n, args.batched)
-        rows.append({"clients": n, "sequential": seq, "lockstep": lock,
-                     "train_speedup": seq["train_s"] / lock["train_s"],
-                     "evaluate_speedup": seq["evaluate_s"] / lock["evaluate_s"]})  # fmt: skip
         print(f"{n} clients done", file=sys.stderr)
+        return {"clients": n, "sequential": seq, "lockstep": lock,
+                "train_speedup": seq["train_s"] / lock["train_s"],
+                "evaluate_speedup": seq["evaluate_s"] / lock["evaluate_s"]}  # fmt: skip
+
+    rows, interrupted = until_interrupted(args.clients, measure)
+    if rows:
+        print_report(args, rows)
+    return 130 if interrupted else 0
+
+
+def print_report(args, rows: list[dict]) -> None:
     report = {"device": rows[0]["sequential"]["device"], "versions": versions(),
               "precision": rows[0]["sequential"]["precision"], "seq": args.seq,
               "batch": args.batch, "train_samples": args.train_samples,
               "task_type": args.task_type, "rows": rows}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return
     print(f"device: {report['device']}  precision {report['precision']}  {args.task_type}  "
           f"{args.seq} tokens, batch {args.batch}, "
           f"{args.train_samples} examples per client")  # fmt: skip
@@ -185,7 +200,6 @@ def main() -> int:
         print(f"{r['clients']:>8} {s['train_s']:>12.2f} {k['train_s']:>11.2f} "
               f"{r['train_speedup']:>8.2f}x {s['evaluate_s']:>11.2f} {k['evaluate_s']:>11.2f} "
               f"{s['peak_mb']:>8.0f}/{k['peak_mb']:<8.0f}")  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ status 2, never a traceback.
   build their configs in code.
 - ``child_result(argv, what)``: the JSON line of a measurement run in its own process; the
   child's bad-input line ends this process too.
+- ``until_interrupted(items, measure)``: measurements one after another, keeping those that
+  finished when Ctrl-C stops the rest (the scripts then report them and exit with 130).
 """
 
 from __future__ import annotations
@@ -166,3 +168,16 @@ def child_result(argv: list[str], what: str) -> dict:
     if done.returncode != 0:
         sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def until_interrupted(items, measure) -> tuple[list, bool]:
+    """``[measure(item) for item in items]`` until Ctrl-C: (the results of the items that
+    finished, whether it was interrupted), so that a long benchmark still reports them."""
+    results = []
+    try:
+        for item in items:
+            results.append(measure(item))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(results)} of {len(items)} finished", file=sys.stderr)
+        return results, True
+    return results, False

@@ -91,3 +91,13 @@ def test_every_flag_of_every_command_line_explains_itself():
              if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
              and not any(k.arg == "help" for k in node.keywords)]  # fmt: skip
     assert len(files) > 15 and not calls
+
+
+def test_until_interrupted_keeps_what_finished_before_ctrl_c():
+    def measure(n):
+        if n == 3:
+            raise KeyboardInterrupt
+        return n * 10
+
+    assert cli_args.until_interrupted([1, 2, 3, 4], measure) == ([10, 20], True)
+    assert cli_args.until_interrupted([1, 2], measure) == ([10, 20], False)
