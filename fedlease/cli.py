@@ -237,17 +237,13 @@ def _add_export(sub) -> None:
 def _load(args: argparse.Namespace, config_path: str, check_device: bool = True):
     """The validated config with the command line's overrides; raises ConfigError/DataError.
     ``check_device``: also fail now when this machine lacks the config's device."""
-    from .data.sources import source_for
+    from .cli_args import check_config
     from .fl import load_config
-    from .fl.config import runtime
 
     cfg = load_config(config_path, args.overrides)
     if args.data_dir is not None:
         cfg.data_dir = args.data_dir
-    source_for(cfg.task_type).resolve(cfg.data_dir)  # a missing directory stops the run now
-    if check_device:
-        runtime(cfg)  # so does a device this machine lacks
-    return cfg
+    return check_config(cfg, device=check_device)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

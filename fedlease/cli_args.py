@@ -146,14 +146,16 @@ def exit_on_user_error(prog: str):
         sys.exit(EXIT_BAD_INPUT)
 
 
-def check_config(cfg):
-    """Refuse now what a run of ``cfg`` would refuse later: a missing data directory, a device
-    this machine lacks (``ConfigError`` / ``DataError``). Returns ``cfg``."""
+def check_config(cfg, device: bool = True):
+    """Refuse now what a run of ``cfg`` would refuse later: a missing data directory and (with
+    ``device``) a device or op backend this machine lacks (``DataError`` / ``ConfigError``).
+    Returns ``cfg``."""
     from .data.sources import source_for
     from .fl.config import runtime
 
     source_for(cfg.task_type).resolve(cfg.data_dir)
-    runtime(cfg)
+    if device:
+        runtime(cfg)
     return cfg
 
 
