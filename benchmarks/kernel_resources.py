@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    print(f"# benchmarks/kernel_resources.py, triton {triton.__version__} (its bundled ptxas), "
+          f"target sm_{args.arch}, reference shape 16384 tokens x 4096")  # fmt: skip
     print(f"sm_{args.arch}, {args.dtype}: registers per thread, stack bytes (spills), shared bytes")
     for row in rows:
         flags = ",".join(k for k, v in row["flags"].items() if v) or "-"

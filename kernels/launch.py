@@ -37,6 +37,16 @@ def _routing_block_t(mr_pad: int, interpreter: bool, wide: bool) -> int:
     return 64 if mr_pad <= 32 and not wide else 32
 
 
+def _expand_block_n(mr_pad: int, interpreter: bool, wide: bool) -> int:
+    """Output columns per expand program: float32 ``ieee`` dots hold both operands in registers,
+    so at M*r = 128 their column block halves (Triton 3.6's ptxas spilled 208 bytes at 64)."""
+    if interpreter:
+        return 64
+    if wide:
+        return 64 if mr_pad <= 64 else 32
+    return 128
+
+
 @dataclass(frozen=True)
 class ForwardPlan:
     meta: dict[str, dict] = field(default_factory=dict)  # kernel name -> meta-parameters
@@ -61,8 +71,9 @@ def forward_plan(slots: int, mr: int, interpreter: bool, wide: bool = False) -> 
         {
             "shrink_route": dict(BLOCK_T=block_t, BLOCK_D=32 if wide else 64, S_PAD=s_pad,
                                  MR_PAD=mr_pad, num_warps=8 if wide else 4),
-            "expand": dict(BLOCK_T=32 if wide else 64, BLOCK_N=64 if interpreter or wide else 128,
-                           MR_PAD=mr_pad, num_warps=8 if wide else 4),
+            "expand": dict(BLOCK_T=32 if wide else 64,
+                           BLOCK_N=_expand_block_n(mr_pad, interpreter, wide), MR_PAD=mr_pad,
+                           num_warps=8 if wide else 4),
         }
     )  # fmt: skip
 
@@ -95,10 +106,14 @@ def backward_plan(
     splits = min(w_blocks, MAX_SPLITS, max(1, target // tiles))
     tokens_per_split = cdiv(w_blocks, splits) * w_t
     splits = cdiv(tokens, tokens_per_split)
+    # float32 operands at M*r >= 64 on 4 warps: Triton 3.6's ptxas gave grad_input a 3 KB stack
+    # frame at M*r = 128 and grad_route 8 bytes at 64; on 8 warps neither spills (3.6 and 3.9).
+    wide_warps = 8 if wide and mr_pad >= 64 else 4
     meta = {
-        "grad_route": dict(BLOCK_T=route_t, BLOCK_N=64, S_PAD=s_pad, MR_PAD=mr_pad, num_warps=4),
+        "grad_route": dict(BLOCK_T=route_t, BLOCK_N=64, S_PAD=s_pad, MR_PAD=mr_pad,
+                           num_warps=wide_warps),
         "grad_input": dict(BLOCK_T=input_t, BLOCK_D=block_d, S_PAD=s_pad, MR_PAD=mr_pad,
-                           num_warps=4),
+                           num_warps=wide_warps),
         "grad_weights": dict(BLOCK_T=w_t, BLOCK_D=w_block_d, BLOCK_K=w_block_k, num_warps=8),
     }  # fmt: skip
     return BackwardPlan(cols_per_program, tokens_per_split, splits, meta)

@@ -30,12 +30,14 @@ def compile_rows(code: str) -> list[dict]:
     return result
 
 
-def test_no_kernel_spills_at_the_largest_expert_shape():
-    """M = 8, r = 16 (M*r = 128, 15 router slots) in bfloat16: every kernel with the
-    meta-parameters the backend launches it with, with dropout (its in-kernel random tiles make
-    those the register-heaviest variants; benchmarks/results/kernel_resources_sm90.txt has them
-    all)."""
-    rows = compile_rows("print(json.dumps(kr.check('bf16', experts=[(8, 16)], dropout=(True,))))")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_no_kernel_spills_at_the_largest_expert_shape(dtype):
+    """M = 8, r = 16 (M*r = 128, 15 router slots) in bfloat16 (tensor-core dots) and float32
+    (``ieee`` dots, whose operands live in registers): every kernel with the meta-parameters the
+    backend launches it with, with dropout (its in-kernel random tiles make those the
+    register-heaviest variants; benchmarks/results/kernel_resources_sm90*.txt has them all)."""
+    code = f"print(json.dumps(kr.check({dtype!r}, experts=[(8, 16)], dropout=(True,))))"
+    rows = compile_rows(code)
     assert {r["kernel"] for r in rows} == {
         "shrink_route", "expand", "grad_route", "grad_input", "grad_weights"
     }  # fmt: skip
