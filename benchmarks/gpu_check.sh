@@ -17,6 +17,7 @@
 #
 # Without a GPU the same steps run on the CPU at tiny shapes (Triton in its interpreter), which
 # checks the script itself. FEDLEASE_SKIP_INSTALL=1 uses the installed package as it is.
+# Where the image lacks the bundled MiniLM or a GLUE copy: benchmarks/gpu_bundle.py packs them.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
