@@ -14,10 +14,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .inject import MoELoRAConfig, _matches, moe_lora_layers
+from .inject import MoELoRAConfig, _matches, inject_moe_lora, moe_lora_layers
+
+
+class AdapterError(ValueError):
+    """A saved (or PEFT) adapter that cannot be read, does not fit the model it names, or cannot
+    be written where asked; the message names the file, tensor or flag. A ``ValueError``, as
+    these errors were before the type existed."""
+
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+# what a run saves beside the MoE-LoRA config (fl/inprocess.py), read back by eval and export
+META_TYPES = {"model": str, "task": str, "task_type": str, "max_seq_len": int,
+              "max_new_tokens": int}  # fmt: skip
 
 
 def _inside(module_name: str, targets: list[str]) -> bool:
@@ -43,7 +53,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_state_dict(
     expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str = "state dict"
 ) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected, mis-shaped or mis-typed tensor."""
+    """Raise ``AdapterError`` naming every missing, unexpected, mis-shaped or mis-typed tensor."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     problems = []
@@ -58,7 +68,7 @@ def check_state_dict(
         elif e.dtype != g.dtype:
             problems.append(f"{k}: dtype {g.dtype}, expected {e.dtype}")
     if problems:
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+        raise AdapterError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
 def load_adapter_state_dict(
@@ -89,14 +99,23 @@ def save_adapter(model: nn.Module, directory: str | Path, extra: dict | None = N
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
-    """Everything in ``adapter_config.json``; ``ValueError`` naming the file if unreadable."""
+    """Everything in ``adapter_config.json``; ``AdapterError`` naming the file if unreadable."""
     path = Path(directory) / CONFIG_NAME
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read adapter config {path}: {exc}") from exc
+        raise AdapterError(f"cannot read adapter config {path}: {exc}") from exc
     if not isinstance(meta, dict):
-        raise ValueError(f"adapter config {path} must hold a JSON object")
+        raise AdapterError(f"adapter config {path} must hold a JSON object")
+    for key, kind in META_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise AdapterError(f"adapter config {path}: {key!r} must be an integer >= 1, "
+                               f"got {value!r}")  # fmt: skip
+        if kind is str and not isinstance(value, str):
+            raise AdapterError(f"adapter config {path}: {key!r} must be a string, got {value!r}")
     return meta
 
 
@@ -108,8 +127,20 @@ def read_adapter_config(directory: str | Path) -> MoELoRAConfig:
         config.validate()
     except (KeyError, TypeError, ValueError) as exc:
         path = Path(directory) / CONFIG_NAME
-        raise ValueError(f"adapter config {path}: bad 'moe_lora' entry ({exc})") from exc
+        raise AdapterError(f"adapter config {path}: bad 'moe_lora' entry ({exc})") from exc
     return config
+
+
+def inject_saved(model: nn.Module, config: MoELoRAConfig, directory: str | Path,
+                 backend: str = "auto") -> None:  # fmt: skip
+    """Inject the MoE-LoRA layers of the adapter saved in ``directory`` (its ``config``, from
+    :func:`read_adapter_config`) into ``model`` and load its weights; ``AdapterError`` when the
+    saved config names modules the model lacks or the weights do not fit."""
+    try:
+        inject_moe_lora(model, config, backend=backend)
+    except ValueError as exc:
+        raise AdapterError(f"adapter {directory}: {exc}") from exc
+    load_adapter(model, directory)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> None:
@@ -119,10 +150,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> None:
     try:
         state = load_file(str(path))
     except (OSError, SafetensorError) as exc:
-        raise ValueError(f"cannot read adapter weights {path}: {exc}") from exc
+        raise AdapterError(f"cannot read adapter weights {path}: {exc}") from exc
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"adapter weights {path} hold NaN or Inf in {sorted(bad)[:3]}")
+        raise AdapterError(f"adapter weights {path} hold NaN or Inf in {sorted(bad)[:3]}")
     device = next(iter(adapter_state_dict(model).values())).device
     load_adapter_state_dict(model, {k: v.to(device) for k, v in state.items()}, str(path))
 
@@ -133,7 +164,7 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (OSError, SafetensorError) as exc:
-        raise ValueError(f"cannot read adapter weights {path}: {exc}") from exc
+        raise AdapterError(f"cannot read adapter weights {path}: {exc}") from exc
 
 
 def saved_head_labels(directory: str | Path, config: MoELoRAConfig, meta: dict) -> int | None:
@@ -141,25 +172,29 @@ def saved_head_labels(directory: str | Path, config: MoELoRAConfig, meta: dict) 
     for it (a config claiming rank 10**9 must not allocate first): every ``lora_A`` is
     ``(num_experts, rank, in)``, every ``lora_B`` ``(num_experts, out, rank)``, there is at least
     one, and the classifier head's rows equal the config's ``num_labels``. Returns that label
-    count (None: no classifier head). ``ValueError`` naming the file and tensor."""
+    count (None: no classifier head). ``AdapterError`` naming the file and tensor."""
     path = Path(directory) / WEIGHTS_NAME
     shapes = _tensor_shapes(path)
     m, r = config.num_experts, config.rank
     lora = {k: v for k, v in shapes.items() if k.endswith((".lora_A", ".lora_B"))}
     if not lora:
-        raise ValueError(f"adapter weights {path} hold no lora_A/lora_B tensors")
+        raise AdapterError(f"adapter weights {path} hold no lora_A/lora_B tensors")
     for name, shape in sorted(lora.items()):
         a = name.endswith(".lora_A")
         if len(shape) != 3 or shape[0] != m or shape[1 if a else 2] != r:
             want = f"({m}, {r}, in)" if a else f"({m}, out, {r})"
-            raise ValueError(f"adapter weights {path}: {name} has shape {shape}, its config says "
-                             f"{want} (num_experts {m}, rank {r})")  # fmt: skip
+            raise AdapterError(
+                f"adapter weights {path}: {name} has shape {shape}, its config says "
+                f"{want} (num_experts {m}, rank {r})"
+            )
     heads = [k for k in shapes if k.endswith(("classifier.out_proj.weight", "classifier.weight"))]
     if not heads:
         return None
     rows = shapes[sorted(heads, key=len)[-1]][0]
     said = meta.get("num_labels", rows)
     if isinstance(said, bool) or not isinstance(said, int) or said != rows:
-        raise ValueError(f"adapter config {Path(directory) / CONFIG_NAME}: num_labels = {said!r}, "
-                         f"but its head has {rows} rows")  # fmt: skip
+        raise AdapterError(
+            f"adapter config {Path(directory) / CONFIG_NAME}: num_labels = "
+            f"{said!r}, but its head has {rows} rows"
+        )
     return rows

@@ -343,7 +343,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DataError
+    from .errors import user_errors
     from .evaluate import evaluate_adapter
 
     for flag, value in (("--samples", args.samples), ("--max-new-tokens", args.max_new_tokens)):
@@ -353,7 +353,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         result = evaluate_adapter(args.adapter, args.task, args.samples, args.data_dir,
                                   max_new_tokens=args.max_new_tokens)  # fmt: skip
-    except (ValueError, DataError, ImportError) as exc:
+    except user_errors() as exc:
         print(f"fedlease eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if "rouge1" in result:
@@ -367,11 +367,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import user_errors
     from .peft_io import export_saved_expert
 
     try:
         out = export_saved_expert(args.adapter, args.expert, args.out)
-    except (ValueError, ImportError) as exc:
+    except user_errors() as exc:
         print(f"fedlease export: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"expert {args.expert} of {args.adapter} written as a PEFT LoRA adapter to {out}")

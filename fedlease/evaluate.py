@@ -7,11 +7,16 @@ from __future__ import annotations
 import torch
 
 from . import models
-from .adapter_io import load_adapter, read_adapter_config, read_adapter_meta, saved_head_labels
+from .adapter_io import (
+    AdapterError,
+    inject_saved,
+    read_adapter_config,
+    read_adapter_meta,
+    saved_head_labels,
+)
 from .data import load_split, resolve_data_dir, task_spec
 from .data.tokenize import encode
 from .fl.client import evaluate_encoded
-from .inject import inject_moe_lora
 
 
 def evaluate_adapter(
@@ -28,14 +33,14 @@ def evaluate_adapter(
     adapter saved by a generation run, ROUGE-1/2/L on the FLAN task's test split, decoding at most
     ``max_new_tokens`` (default: the run's) per example.
 
-    Raises ``ValueError`` naming the file or tensor when the adapter cannot be read or does not
-    fit the model it names, ``DataError`` for data problems.
+    Raises ``AdapterError`` (a ``ValueError``) naming the file or tensor when the adapter cannot
+    be read or does not fit the model it names, ``DataError`` for data problems.
     """
     meta = read_adapter_meta(adapter_dir)
     config = read_adapter_config(adapter_dir)
     task = task or meta.get("task")
     if task is None:
-        raise ValueError(f"{adapter_dir}: the adapter names no task; pass --task")
+        raise AdapterError(f"{adapter_dir}: the adapter names no task; pass --task")
     head = saved_head_labels(adapter_dir, config, meta)  # before any model is built
     if meta.get("task_type") == "generation":
         return _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir,
@@ -43,8 +48,10 @@ def evaluate_adapter(
     spec = task_spec(task)
     num_labels = head or spec.num_labels
     if spec.num_labels > num_labels:
-        raise ValueError(f"task {task!r} has {spec.num_labels} labels, the adapter's head in "
-                         f"{adapter_dir} {num_labels}: it cannot be evaluated on it")  # fmt: skip
+        raise AdapterError(
+            f"task {task!r} has {spec.num_labels} labels, the adapter's head in "
+            f"{adapter_dir} {num_labels}: it cannot be evaluated on it"
+        )
     torch.manual_seed(0)  # the head is loaded from the adapter: the seed only fixes the rest
     model, tokenizer = models.load(meta.get("model", "minilm"), num_labels=num_labels)
     adapted(model, config, adapter_dir, backend)
@@ -58,8 +65,7 @@ def evaluate_adapter(
 
 def adapted(model, config, adapter_dir, backend: str) -> None:
     """``model`` with the saved adapter's MoE-LoRA layers injected and loaded, in eval mode."""
-    inject_moe_lora(model, config, backend=backend)
-    load_adapter(model, adapter_dir)
+    inject_saved(model, config, adapter_dir, backend)
     model.eval()
 
 
@@ -70,7 +76,7 @@ def _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir, bat
 
     budget = int(max_new_tokens or meta.get("max_new_tokens", 32))
     if budget < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+        raise AdapterError(f"max_new_tokens must be >= 1, got {budget}")
     rows = load_flan_split(task, "test", resolve_flan_dir(data_dir))
     rows = rows[:samples] if samples else rows
     model, tokenizer = models.load_causal(meta.get("model", "smollm2"))

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .adapter_io import AdapterError
 from .inject import MoELoRAConfig, _matches, inject_moe_lora, moe_lora_layers
 from .layer import MoELoRALinear
 
@@ -99,28 +100,28 @@ def read_peft_adapter(
     path: str | Path,
 ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """``(adapter_config, {module name: (A (r, in), B (out, r))})`` of a PEFT LoRA adapter;
-    ``ValueError`` naming the file for a missing or unreadable file or a non-LoRA adapter."""
+    ``AdapterError`` naming the file for a missing or unreadable file or a non-LoRA adapter."""
     path = Path(path)
     cfg_path = path / PEFT_CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read PEFT adapter config {cfg_path}: {exc}") from exc
+        raise AdapterError(f"cannot read PEFT adapter config {cfg_path}: {exc}") from exc
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
     for flag in ("use_dora", "use_rslora"):
         if cfg.get(flag):
-            raise ValueError(f"{cfg_path}: {flag} adapters are not supported (plain LoRA only)")
+            raise AdapterError(f"{cfg_path}: {flag} adapters are not supported (plain LoRA only)")
     weights = next((path / w for w in PEFT_WEIGHTS if (path / w).exists()), None)
     if weights is None:
-        raise ValueError(f"{path}: no {PEFT_WEIGHTS[0]} (or {PEFT_WEIGHTS[1]})")
+        raise AdapterError(f"{path}: no {PEFT_WEIGHTS[0]} (or {PEFT_WEIGHTS[1]})")
     try:
         if weights.suffix == ".safetensors":
             state = load_file(str(weights))
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except (OSError, SafetensorError, RuntimeError) as exc:
-        raise ValueError(f"cannot read PEFT adapter weights {weights}: {exc}") from exc
+        raise AdapterError(f"cannot read PEFT adapter weights {weights}: {exc}") from exc
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         for part in ("lora_A", "lora_B"):
@@ -130,8 +131,10 @@ def read_peft_adapter(
                 pairs.setdefault(module, {})[part] = tensor.float()
     incomplete = sorted(m for m, p in pairs.items() if len(p) != 2)
     if not pairs or incomplete:
-        raise ValueError(f"{weights}: no complete lora_A/lora_B pairs"
-                         + (f" for {incomplete}" if incomplete else ""))  # fmt: skip
+        raise AdapterError(
+            f"{weights}: no complete lora_A/lora_B pairs"
+            + (f" for {incomplete}" if incomplete else "")
+        )
     return cfg, {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
 
 
@@ -143,7 +146,7 @@ def experts_from_peft(
     ``config`` sets routing, dropout, trainable modules and the layers' ``alpha`` (default: that of
     the first adapter); ``num_experts``, ``rank`` and ``target_modules`` come from the adapters
     (the largest rank, the union of the targeted modules; a module an adapter leaves alone gets a
-    zero expert). Routers start fresh. ``ValueError`` naming the adapter and tensor when a file is
+    zero expert). Routers start fresh. ``AdapterError`` naming the adapter and tensor when a file is
     missing, an adapter is not LoRA, or a tensor's shape does not fit this model."""
     if not paths:
         raise ValueError("experts_from_peft needs at least one adapter path")
@@ -159,10 +162,11 @@ def experts_from_peft(
         for module, (a, b) in pairs.items():
             target = linears.get(module)
             if not isinstance(target, nn.Linear):
-                raise ValueError(f"adapter {path}: {module!r} is not a linear layer of "
-                                 f"{type(model).__name__}")  # fmt: skip
+                raise AdapterError(
+                    f"adapter {path}: {module!r} is not a linear layer of {type(model).__name__}"
+                )
             if a.shape[1] != target.in_features or b.shape[0] != target.out_features:
-                raise ValueError(
+                raise AdapterError(
                     f"adapter {path}: {module} has lora_A {tuple(a.shape)} / lora_B "
                     f"{tuple(b.shape)}, but the model's layer is {target.in_features} -> "
                     f"{target.out_features} (an adapter of another base model?)"
@@ -188,23 +192,25 @@ PEFT_FILES = ("README.md", "adapter_config.json", "adapter_model.safetensors")
 
 
 def _check_writable(out: Path) -> None:
-    """``ValueError`` if ``out`` is a file or holds a file PEFT's ``save_pretrained`` would
+    """``AdapterError`` if ``out`` is a file or holds a file PEFT's ``save_pretrained`` would
     write (or, for README.md, edit): the export never replaces a user's file; others stay."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+        raise AdapterError(f"--out {str(out)!r} is a file, not a directory")
     held = [name for name in PEFT_FILES if (out / name).exists()]
     if held:
-        raise ValueError(f"--out {str(out)!r} already holds {held[0]!r}, which the export "
-                         "would write over; choose a new or empty directory")  # fmt: skip
+        raise AdapterError(
+            f"--out {str(out)!r} already holds {held[0]!r}, which the export "
+            "would write over; choose a new or empty directory"
+        )
 
 
 def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -> Path:
     """``export_expert`` for an adapter saved by ``fedlease`` (``save_adapter``, or a run's
     ``adapters/client<i>``): the base model, head size and MoE-LoRA config come from its
-    ``adapter_config.json``. ``ValueError`` naming the problem; nothing is written then."""
+    ``adapter_config.json``. ``AdapterError`` naming the problem; nothing is written then."""
     from . import models
     from .adapter_io import (
-        load_adapter,
+        inject_saved,
         read_adapter_config,
         read_adapter_meta,
         saved_head_labels,
@@ -212,16 +218,19 @@ def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -
 
     source, target = Path(adapter_dir).resolve(), Path(out).resolve()
     if target == source or source in target.parents:
-        raise ValueError(f"--out {str(out)!r} is the adapter {str(adapter_dir)!r} or inside it: "
-                         "the export would write over what it reads")  # fmt: skip
+        raise AdapterError(
+            f"--out {str(out)!r} is the adapter {str(adapter_dir)!r} or inside it: "
+            "the export would write over what it reads"
+        )
     _check_writable(Path(out))
     meta = read_adapter_meta(adapter_dir)
     config = read_adapter_config(adapter_dir)
     if isinstance(expert, bool) or not 0 <= expert < config.num_experts:
-        raise ValueError(f"--expert {expert} is out of range: {adapter_dir} has experts "
-                         f"0..{config.num_experts - 1}")  # fmt: skip
+        raise AdapterError(
+            f"--expert {expert} is out of range: {adapter_dir} has experts "
+            f"0..{config.num_experts - 1}"
+        )
     name = meta.get("model", "minilm")
     model, _ = models.load(name, num_labels=saved_head_labels(adapter_dir, config, meta) or 2)
-    inject_moe_lora(model, config)
-    load_adapter(model, adapter_dir)
+    inject_saved(model, config, adapter_dir)
     return export_expert(model, expert, out, base_model=models.model_path(name))

@@ -64,13 +64,14 @@ def nan_adapter(finished: Path, tmp: Path) -> str:
 
 
 def edited_adapter(finished: Path, tmp: Path, **change) -> str:
-    """A copy of client 0's adapter whose adapter_config.json says otherwise: ``num_labels``, or
-    a ``moe_lora`` key (``rank``, ``num_experts``)."""
+    """A copy of client 0's adapter whose adapter_config.json says otherwise: a key the run saved
+    beside the MoE-LoRA config (``num_labels``, ``model``, ``max_seq_len``, ...), or a
+    ``moe_lora`` key (``rank``, ``num_experts``, ``target_modules``)."""
     copy = tmp / "edited_adapter"
     shutil.copytree(finished / "adapters" / "client0", copy)
     meta = json.loads((copy / "adapter_config.json").read_text())
     for key, value in change.items():
-        (meta if key == "num_labels" else meta["moe_lora"])[key] = value
+        (meta if key in meta else meta["moe_lora"])[key] = value
     (copy / "adapter_config.json").write_text(json.dumps(meta))
     return str(copy)
 
@@ -437,6 +438,30 @@ CASES = [
     ),
     ("export onto a file", lambda t, o, f: export(f, write(t / "x.bin", "x")), "is a file"),
     (
+        "eval adapter config max_seq_len a word",
+        lambda t, o, f: ["eval", "--adapter", edited_adapter(f, t, max_seq_len="long")],
+        "'max_seq_len' must be an integer >= 1, got 'long'",
+    ),
+    (
+        "export adapter config model a number",
+        lambda t, o, f: [*export(f, o)[:2], edited_adapter(f, t, model=5), *export(f, o)[3:]],
+        "'model' must be a string, got 5",
+    ),
+    (
+        "eval adapter config targets a missing module",
+        lambda t, o, f: ["eval", "--adapter", edited_adapter(f, t, target_modules=["nope"])],
+        "'nope' matches no module of BertForSequenceClassification",
+    ),
+    (
+        "export adapter config targets a missing module",
+        lambda t, o, f: [
+            *export(f, o)[:2],
+            edited_adapter(f, t, target_modules=["nope"]),
+            *export(f, o)[3:],
+        ],
+        "'nope' matches no module of BertForSequenceClassification",
+    ),
+    (
         "export into its input",
         lambda t, o, f: export(f, str(f / "adapters" / "client0" / "x")),
         INTO,
@@ -556,6 +581,33 @@ def test_an_internal_error_exits_1_with_one_line_naming_the_traceback_file(tmp_p
     path = Path(err.rsplit("full traceback in ", 1)[1].rstrip(")"))
     assert path.parent == tmp_path and "Traceback" in path.read_text()
     assert "second line" in path.read_text()
+
+
+@needs_data
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_an_internal_value_error_in_eval_or_export_is_not_called_bad_input(
+    command, finished, tmp_path, monkeypatch, capsys
+):
+    """Only the bad-input types (``fedlease.errors.user_errors``) mean exit 2: a ValueError from
+    inside eval or export is a failure of fedlease (exit 1, its traceback in a file)."""
+    import tempfile
+
+    import fedlease.evaluate
+    import fedlease.peft_io
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    module, name = {"eval": (fedlease.evaluate, "evaluate_adapter"),
+                    "export": (fedlease.peft_io, "export_saved_expert")}[command]  # fmt: skip
+    monkeypatch.setattr(module, name, broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    adapter = str(finished / "adapters" / "client0")
+    argv = {"eval": ["eval", "--adapter", adapter],
+            "export": ["export", "--adapter", adapter, "--expert", "0",
+                       "--out", str(tmp_path / "out")]}[command]  # fmt: skip
+    assert main(argv) == 1
+    assert f"fedlease {command}: internal error: ValueError: a bug" in capsys.readouterr().err
 
 
 @needs_data
