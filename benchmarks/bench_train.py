@@ -12,9 +12,14 @@ dropout on (the model's own and 0.05 on the adapters' input). PEFT runs as users
 tensors float32, forward and backward under ``torch.autocast``. Steps are timed round-robin (one
 step of each row per repetition); the table gives samples/s from the median step.
 
+``--task-type generation`` trains a causal LM instead (the bundled SmolLM2, or any causal
+``--model``): next-token loss over every position, no task head, target modules
+``q_proj,v_proj`` unless ``--targets`` says otherwise.
+
     python benchmarks/bench_train.py                          # MiniLM, fp32 and bf16, CPU
     python benchmarks/bench_train.py --device cuda --json     # one JSON object on stdout
     python benchmarks/bench_train.py --attn eager,sdpa        # attention implementations too
+    python benchmarks/bench_train.py --task-type generation --model smollm2 --batch 8 --seq 160
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from timing import device_name, interleaved_medians, versions
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.allocator import keep_freed_memory
 from fedlease.cli_args import at_least, existing_device, name_list
-from fedlease.models import load
+from fedlease.models import load, load_causal
 from fedlease.precision import autocast, cast_frozen, resolve_device
 
 
@@ -41,12 +46,13 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
     model = copy.deepcopy(base)
     model.set_attn_implementation(attn)
     torch.manual_seed(0)
+    heads = [] if args.task_type == "generation" else ["classifier"]
     if kind == "peft":
         import peft
 
         config = peft.LoraConfig(
             r=args.rank, lora_alpha=16, lora_dropout=0.05, target_modules=args.targets,
-            modules_to_save=["classifier"],
+            modules_to_save=heads or None,
         )  # fmt: skip
         model = peft.get_peft_model(model, config)
     else:
@@ -54,7 +60,7 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
         config = MoELoRAConfig(
             num_experts=experts, rank=args.rank, alpha=16, dropout=0.05,
             routing="dense" if experts == 1 else "adaptive", target_modules=args.targets,
-            trainable_modules=["classifier"],
+            trainable_modules=heads,
         )  # fmt: skip
         inject_moe_lora(model, config)
     model.to(device)
@@ -89,16 +95,19 @@ def bench(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `fedlease run` does (every row); FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
-    base, _ = load(args.model, num_labels=2)
+    causal = args.task_type == "generation"
+    args.targets = args.targets or (["q_proj", "v_proj"] if causal else ["query", "value"])
+    base, _ = load_causal(args.model) if causal else load(args.model, num_labels=2)
     positions = getattr(base.config, "max_position_embeddings", args.seq)
     if args.seq > positions:
         raise ValueError(f"--seq {args.seq}: {args.model} has {positions} positions")
     g = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
+    ids = torch.randint(min(1000, vocab // 2), vocab, (args.batch, args.seq), generator=g)
     batch = {
-        "input_ids": torch.randint(1000, vocab, (args.batch, args.seq), generator=g),
+        "input_ids": ids,
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+        "labels": ids.clone() if causal else torch.randint(0, 2, (args.batch,), generator=g),
     }
     batch = {k: v.to(device) for k, v in batch.items()}
     rows = {}
@@ -119,6 +128,7 @@ def bench(args: argparse.Namespace) -> dict:
         "device": device_name(device),
         "versions": versions(),
         "model": args.model,
+        "task_type": args.task_type,
         "batch": args.batch,
         "seq": args.seq,
         "rank": args.rank,
@@ -164,8 +174,13 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="minilm",
-                   help="'minilm' (bundled) or a from_pretrained name or path")  # fmt: skip
+    p.add_argument("--model", default=None,
+                   help="'minilm' or 'smollm2' (bundled) or a from_pretrained name or path "
+                        "(default: minilm, or smollm2 with --task-type generation)")  # fmt: skip
+    p.add_argument("--task-type", choices=["classification", "generation"],
+                   default="classification",
+                   help="a classifier with its head (default), or a causal LM's next-token "
+                        "loss")  # fmt: skip
     p.add_argument("--device", type=existing_device, default="auto",
                    help="auto, cpu, cuda or cuda:N (default: auto)")  # fmt: skip
     p.add_argument("--precisions", type=name_list(("fp32", "bf16")), default=["fp32", "bf16"],
@@ -179,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", type=at_least(1), default=4, help="LoRA rank (default: 4)")
     p.add_argument("--experts", type=at_least(1), default=4,
                    help="experts of the MoE rows (default: 4)")  # fmt: skip
-    p.add_argument("--targets", type=name_list(None), default=["query", "value"],
-                   help="target modules, comma-separated (default: query,value)")  # fmt: skip
+    p.add_argument("--targets", type=name_list(None), default=None,
+                   help="target modules, comma-separated (default: query,value; q_proj,v_proj "
+                        "with --task-type generation)")  # fmt: skip
     p.add_argument("--threads", type=at_least(1), help="torch threads (default: torch's)")
     p.add_argument("--warmup", type=at_least(0), default=2,
                    help="untimed steps per row (default: 2)")  # fmt: skip
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="timed steps per row (default: 10)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
+    args.model = args.model or ("smollm2" if args.task_type == "generation" else "minilm")
     try:
         report = bench(args)
     except ValueError as exc:

