@@ -46,8 +46,9 @@ CASES = [
     ("robust_bias.py", ["--data-dir", NO_DATA], "does not exist"),
     ("warmup_sampling.py", ["--table", NO_DATA], "cannot read"),
     ("warmup_sampling.py", ["--data-dir", "{data}", "--fractions", "0.5,x"], "--fractions"),
-    ("gpu_bundle.py", ["pack", "--data-dir", NO_DATA, "--out", NO_DATA], "no sst2/train.jsonl"),
-    ("gpu_bundle.py", ["pack", "--data-dir", "{data}", "--out", str(BENCH)], "not a bundle"),
+    ("gpu_bundle.py", ["pack", "--glue", NO_DATA, "--out", NO_DATA], "no sst2/validation.jsonl"),
+    ("gpu_bundle.py", ["pack", "--glue", "{data}", "--flan", "{data}", "--out", NO_DATA],
+     "no sst2/test.jsonl there (a FLAN copy)"),
     ("gpu_bundle.py", ["unpack", "--out", NO_DATA], "no bundle there"),
 ]  # fmt: skip
 STUDIES = {"allocation_table.py", "compare_curves.py", "robustness.py", "robust_bias.py",
