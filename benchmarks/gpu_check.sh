@@ -13,7 +13,9 @@
 #   gpu_check.log
 # in that order (the layer numbers first). GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s);
 # GPU_CHECK_SKIP lists steps to leave out (e.g. "fl_run kernel_resources"); GPU_CHECK_TESTS the
-# pytest selection (default: every test file that runs the ops).
+# pytest selection (default: every test file that runs the ops). GPU_CHECK_BUDGET_S (540) bounds
+# the whole script: every step runs under `timeout` of what is left, and a step that would start
+# with less than its minimum left is skipped and logged (the layer numbers come first).
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -29,6 +31,17 @@ py=${PYTHON:-python3}
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$out/gpu_check.log"; }
 started=$(date +%s)
 skip() { [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]] && log "skipping $1"; }
+budget=${GPU_CHECK_BUDGET_S:-540}
+left() { echo $((budget - $(date +%s) + started)); }
+# step NAME MIN_S WHAT: run step NAME (logging WHAT) unless skipped or under MIN_S seconds left
+step() {
+  skip "$1" && return 1
+  if [ "$(left)" -lt "$2" ]; then log "skipping $1: $(left) s of the $budget s budget left"; return 1; fi
+  log "$3"
+}
+# bounded S CMD...: CMD under a timeout of S seconds or what is left of the budget, if less
+bounded() { local t=$1 l; shift; l=$(left); [ "$l" -lt "$t" ] && t=$l; [ "$t" -lt 1 ] && t=1; timeout "$t" "$@"; }
+export HF_HUB_OFFLINE=1  # nothing is fetched: models and data come from the machine or a bundle
 
 if [ "${FEDLEASE_SKIP_INSTALL:-0}" != 1 ]; then
   log "installing (pip install --no-deps --no-build-isolation -e .)"
@@ -65,7 +78,7 @@ for what, mods in needed.items():
 PY
 cat "$out/env.txt" | tee -a "$out/gpu_check.log"
 
-log "layer benchmark"
+if step layer 60 "layer benchmark"; then
 if [ "$gpu" = 1 ]; then
   shapes=("4096 4096 8 4 16384" "4096 4096 8 8 16384" "1024 1024 8 4 16384" "384 384 4 4 8192")
   bench_args=(--device cuda --dtype bfloat16 --reps 20 --warmup 5)
@@ -76,14 +89,14 @@ fi
 for s in "${shapes[@]}"; do
   read -r d_in d_out rank experts tokens <<<"$s"
   name="layer_${d_in}x${d_out}_r${rank}_m${experts}_t${tokens}"
-  $py benchmarks/bench_layer.py "${bench_args[@]}" --d-in "$d_in" --d-out "$d_out" \
+  bounded 150 $py benchmarks/bench_layer.py "${bench_args[@]}" --d-in "$d_in" --d-out "$d_out" \
     --rank "$rank" --experts "$experts" --tokens "$tokens" --json >"$out/$name.json" \
     2>>"$out/gpu_check.log" || log "bench $name failed"
 done
 $py benchmarks/layer_table.py "$out"/layer_*.json >"$out/layer.md" && cat "$out/layer.md"
+fi
 
-if ! skip profile; then
-log "kernel profile (torch.profiler) at the widest and the narrowest shape"
+if step profile 30 "kernel profile (torch.profiler) at the widest and the narrowest shape"; then
 if [ "$gpu" = 1 ]; then
   prof_shapes=("4096 4096 8 8 16384" "384 384 4 4 8192")
   prof_args=(--device cuda --dtype bfloat16 --backends triton,cpp)
@@ -93,7 +106,7 @@ else
 fi
 for s in "${prof_shapes[@]}"; do
   read -r d_in d_out rank experts tokens <<<"$s"
-  $py benchmarks/profile_layer.py "${prof_args[@]}" --d-in "$d_in" --d-out "$d_out" \
+  bounded 60 $py benchmarks/profile_layer.py "${prof_args[@]}" --d-in "$d_in" --d-out "$d_out" \
     --rank "$rank" --experts "$experts" --tokens "$tokens" >>"$out/profile.txt" 2>&1 \
     || log "profile at $s failed: see profile.txt"
 done
@@ -104,9 +117,8 @@ default_tests="tests/test_triton_backend.py tests/test_cpp_backend.py tests/test
   tests/test_op_linear.py tests/test_op_clients.py tests/test_layer.py tests/test_autocast.py
   tests/test_precision.py"
 read -r -a test_sel <<<"$(echo ${GPU_CHECK_TESTS:-$default_tests})"
-if ! skip tests; then
-log "tests (per-test timeout 120 s, ${test_budget} s in all)"
-timeout "$test_budget" $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
+if step tests 60 "tests (per-test timeout 120 s, ${test_budget} s in all)"; then
+bounded "$test_budget" $py -m pytest -q -p no:cacheprovider --per-test-timeout 120 \
   "${test_sel[@]}" >"$out/tests.txt" 2>&1
 echo "pytest exit code: $?" >>"$out/tests.txt"
 tail -n 3 "$out/tests.txt" | tee -a "$out/gpu_check.log"
@@ -119,8 +131,7 @@ train_table() {
   $py -c "import json, sys; r = json.load(open(sys.argv[1])); [print(f'{k:<28} {v[\"samples_per_s\"]:9.1f} samples/s') for k, v in r['results'].items()]; [print(f'{k}: {v:.2f}x') for k, v in r['ratios'].items()]" "$1"
 }
 
-if ! skip train; then
-log "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16): MiniLM 16 x 128"
+if step train 60 "training benchmark (whole model, PEFT vs fedlease, fp32 and bf16): MiniLM 16 x 128"; then
 if [ "$gpu" = 1 ]; then
   train_args=(--device cuda --batch 16 --seq 128 --steps 20 --warmup 3)
   causal_args=(--device cuda --batch 8 --seq 160 --steps 20 --warmup 3)
@@ -128,11 +139,11 @@ else
   train_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
   causal_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
 fi
-$py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
+bounded 150 $py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
   && train_table "$out/train.json" | tee "$out/train.txt" || log "training benchmark failed"
 if has_smollm2; then
   log "training benchmark: SmolLM2-135M 8 x 160 (causal LM)"
-  $py benchmarks/bench_train.py --task-type generation "${causal_args[@]}" --json \
+  bounded 150 $py benchmarks/bench_train.py --task-type generation "${causal_args[@]}" --json \
     >"$out/train_smollm2.json" 2>>"$out/gpu_check.log" \
     && train_table "$out/train_smollm2.json" | tee "$out/train_smollm2.txt" \
     || log "SmolLM2 training benchmark failed"
@@ -141,8 +152,7 @@ else
 fi
 fi
 
-if ! skip round; then
-log "one round, clients one by one against in lockstep (bench_round.py)"
+if step round 60 "one round, clients one by one against in lockstep (bench_round.py)"; then
 for d in "${FEDLEASE_DATA_DIR:-}" ../shared/data/glue shared/data/glue; do
   if [ -n "$d" ] && [ -d "$d" ]; then export FEDLEASE_DATA_DIR=$(cd "$d" && pwd); break; fi
 done
@@ -151,13 +161,12 @@ if [ "$gpu" = 1 ]; then
 else
   round_args=(--device cpu --clients 4 --train-samples 16 --test-samples 16 --seq 32)
 fi
-HF_HUB_OFFLINE=1 timeout 420 $py benchmarks/bench_round.py --data-dir "${FEDLEASE_DATA_DIR:-.}" \
+bounded 300 $py benchmarks/bench_round.py --data-dir "${FEDLEASE_DATA_DIR:-.}" \
   "${round_args[@]}" >"$out/round.txt" 2>>"$out/gpu_check.log" \
   && cat "$out/round.txt" | tee -a "$out/gpu_check.log" || log "round benchmark failed"
 fi
 
-if ! skip round_flan; then
-log "one round of SmolLM2 FLAN clients, one by one against in lockstep (bench_round.py)"
+if step round_flan 60 "one round of SmolLM2 FLAN clients, one by one against in lockstep (bench_round.py)"; then
 flan=""
 for d in "${FEDLEASE_FLAN_DIR:-}" ../shared/data/flan shared/data/flan; do
   if [ -n "$d" ] && [ -d "$d" ]; then flan=$(cd "$d" && pwd); break; fi
@@ -171,21 +180,20 @@ else
     flan_args=(--device cpu --clients 3 --seq 48 --batch 4 --train-samples 8 --test-samples 2
                --new-tokens 2)
   fi
-  HF_HUB_OFFLINE=1 timeout 300 $py benchmarks/bench_round.py --task-type generation \
+  bounded 240 $py benchmarks/bench_round.py --task-type generation \
     --data-dir "$flan" "${flan_args[@]}" >"$out/round_flan.txt" 2>>"$out/gpu_check.log" \
     && cat "$out/round_flan.txt" | tee -a "$out/gpu_check.log" || log "FLAN round benchmark failed"
 fi
 fi
 
-if ! skip fl_run; then
-log "one short federated run (seconds per round in metrics.jsonl)"
+if step fl_run 60 "one short federated run (seconds per round in metrics.jsonl)"; then
 # GLUE data: $FEDLEASE_DATA_DIR, else a shared/ copy beside or inside the checkout (no hub here)
 for d in "${FEDLEASE_DATA_DIR:-}" ../shared/data/glue shared/data/glue; do
   if [ -n "$d" ] && [ -d "$d" ]; then export FEDLEASE_DATA_DIR=$(cd "$d" && pwd); break; fi
 done
 run_dir="$out/fl_run"
 device=cpu; [ "$gpu" = 1 ] && device=cuda
-if HF_HUB_OFFLINE=1 timeout 300 $py -m fedlease run --config configs/smoke.yaml \
+if bounded 200 $py -m fedlease run --config configs/smoke.yaml \
     --output "$run_dir" --no-progress --set device=$device --set rounds=1 --set warmup_rounds=1 \
     >"$out/fl_run.log" 2>&1; then
   $py - "$run_dir" <<'PY' | tee -a "$out/gpu_check.log"
@@ -204,10 +212,9 @@ else
 fi
 fi
 
-if ! skip kernel_resources; then
-log "kernel resources on this GPU's architecture (registers, spills)"
+if step kernel_resources 30 "kernel resources on this GPU's architecture (registers, spills)"; then
 arch=$($py -c "import torch; p = torch.cuda.get_device_properties(0); print(p.major * 10 + p.minor)" 2>/dev/null || echo 90)
-env -u TRITON_INTERPRET $py benchmarks/kernel_resources.py --arch "$arch" >"$out/kernel_resources.txt" 2>&1
+bounded 90 env -u TRITON_INTERPRET $py benchmarks/kernel_resources.py --arch "$arch" >"$out/kernel_resources.txt" 2>&1
 tail -n 1 "$out/kernel_resources.txt" | tee -a "$out/gpu_check.log"
 fi
 
