@@ -132,6 +132,20 @@ def test_every_instruction_set_gives_the_same_dropout():
             assert torch.equal(y, first[dt][0]) and torch.equal(k, first[dt][1]), dt
 
 
+def test_an_unknown_instruction_set_override_is_reported():
+    """FEDLEASE_PHILOX_ISA with a value the kernels do not know means the widest: a warning says
+    so (it used to be silent)."""
+    script = "import fedlease._C as C, fedlease.ops.cpp_backend; print(C.philox_isa())"
+    env = dict(os.environ, FEDLEASE_PHILOX_ISA="avx3")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert "FEDLEASE_PHILOX_ISA='avx3' is not one of generic, avx2, avx512" in done.stderr
+    widest = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "FEDLEASE_PHILOX_ISA"},
+                            check=True)  # fmt: skip
+    assert done.stdout == widest.stdout and "FEDLEASE_PHILOX_ISA" not in widest.stderr
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_keep_rate_within_four_sigma(p):
     n = 10_000_000

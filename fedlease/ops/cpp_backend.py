@@ -27,7 +27,23 @@ def _load() -> str | None:
         warnings.warn(f"fedlease: cpp backend disabled: {reason}", RuntimeWarning, stacklevel=2)
         return reason
     _register_python_parts()
+    _check_isa_override()
     return None
+
+
+PHILOX_ISAS = ("generic", "avx2", "avx512")  # what csrc/dropout.cpp's best_isa() understands
+
+
+def _check_isa_override() -> None:
+    """``FEDLEASE_PHILOX_ISA`` (a developer's knob: run a narrower implementation of the CPU
+    kernels on a wider CPU) with a value the kernels do not know means the widest: say so."""
+    import os
+
+    value = os.environ.get("FEDLEASE_PHILOX_ISA")
+    if value and value not in PHILOX_ISAS:
+        warnings.warn(f"fedlease: FEDLEASE_PHILOX_ISA={value!r} is not one of "
+                      f"{', '.join(PHILOX_ISAS)}: the widest this CPU has is used", RuntimeWarning,
+                      stacklevel=2)  # fmt: skip
 
 
 def unavailable_reason(device: torch.device) -> str | None:
