@@ -130,17 +130,23 @@ def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monke
     interrupted(lambda: run(cfg, tmp_path / "run", progress=False), 2, monkeypatch)
     resumed = simulation(cfg, tmp_path / "run", progress=False, resume=True)
     summary = resumed.run()
-    assert resumed.resumed_from == 2 and summary.client_batch == 4  # auto on the CPU: up to 4
+    # auto on the CPU: the 3 participants train at once, the 5 clients are evaluated one by one
+    assert resumed.resumed_from == 2 and summary.client_batch == 3
     assert_same_run(one, resumed)
 
 
 def test_auto_on_the_cpu_takes_up_to_four_classification_clients_and_one_generation_client():
-    """As measured on a CPU: 4 GLUE clients at once gained, 4 SmolLM2 clients at once lost."""
+    """As measured on a CPU: 4 GLUE clients at once gained, 4 SmolLM2 clients at once lost, and
+    evaluation in lockstep lost for both (it evaluates one by one there)."""
     for task_type, want in (("classification", [4, 3, 1]), ("generation", [1, 1, 1])):
         cfg = from_dict({"task_type": task_type, "clients": ["sst2"] * 6, "device": "cpu",
                          "client_batch": "auto"})  # fmt: skip
         transport = inprocess.InProcess(cfg, progress=False)
         assert [transport.client_batch(n) for n in (6, 3, 1)] == want, task_type
+        assert [transport.client_batch(n, evaluation=True) for n in (6, 3)] == [1, 1]
+    fixed = inprocess.InProcess(from_dict({"clients": ["sst2"] * 6, "device": "cpu",
+                                           "client_batch": 4}), progress=False)  # fmt: skip
+    assert fixed.client_batch(6, evaluation=True) == 4  # a number is taken as it is
 
 
 @needs_data
