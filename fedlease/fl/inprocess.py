@@ -34,9 +34,10 @@ LENGTH_SPREAD = 1.5
 # a large step costly); RESULTS.md.
 CPU_AUTO_CLIENTS = {"classification": 4, "generation": 1}
 # Evaluation in lockstep keeps `eval_batch_size` examples a step in all, so it only merges
-# clients' steps; on the CPU that measured slower than one by one (16 GLUE clients, 128 tokens:
-# 0.95x in bf16 with AMX, 0.92x in fp32 restricted to AVX2; 8 clients at 64 tokens with 100 test
-# examples 0.91x, with 16 examples 1.07x), so `auto` evaluates one by one there.
+# clients' steps. On the CPU that gained nothing: in the same lockstep run (bench_round.py, 16 GLUE
+# clients, 128 tokens, bf16, AMX) evaluating 4 clients at once took 2.14-2.22 s, one by one
+# 2.13-2.21 s; 8 clients at 64 tokens with 100 test examples 1.28 against 1.21 s, with less peak
+# memory one by one. So `auto` evaluates one by one there.
 CPU_AUTO_EVAL_CLIENTS = 1
 
 
