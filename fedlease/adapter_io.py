@@ -53,7 +53,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_state_dict(
     expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str = "state dict"
 ) -> None:
-    """Raise ``AdapterError`` naming every missing, unexpected, mis-shaped or mis-typed tensor."""
+    """Raise ``ValueError`` naming every missing, unexpected, mis-shaped or mis-typed tensor
+    (``expected`` is what the code holds: a mismatch in its own state is not bad input)."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     problems = []
@@ -68,7 +69,7 @@ def check_state_dict(
         elif e.dtype != g.dtype:
             problems.append(f"{k}: dtype {g.dtype}, expected {e.dtype}")
     if problems:
-        raise AdapterError(f"{source} does not fit the model: " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
 def load_adapter_state_dict(
@@ -155,7 +156,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> None:
     if bad:
         raise AdapterError(f"adapter weights {path} hold NaN or Inf in {sorted(bad)[:3]}")
     device = next(iter(adapter_state_dict(model).values())).device
-    load_adapter_state_dict(model, {k: v.to(device) for k, v in state.items()}, str(path))
+    try:
+        load_adapter_state_dict(model, {k: v.to(device) for k, v in state.items()}, str(path))
+    except ValueError as exc:  # the file's tensors do not fit: the file is at fault
+        raise AdapterError(str(exc)) from exc
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
