@@ -5,7 +5,9 @@ the top-M slots and the experts (as the method's reference code does); and each 
 available on the device (Triton also in its other order of base GEMM and kernels). Each row is
 timed forward-only and forward+backward (median of ``--reps`` after ``--warmup``, the rows timed
 round-robin so that they share the machine's slow and fast phases alike), with the input
-requiring grad as it does inside a network.
+requiring grad as it does inside a network. ``--dropout P`` puts dropout on every row's LoRA
+input (PEFT's ``lora_dropout``, the layer's own, before the naive loop's experts); the modules
+stay in training mode, so the forward-only rows draw it too.
 
 Memory: on CUDA ``peak_mb`` is torch's peak allocation over one forward+backward minus what was
 allocated before it; on CPU it is the size of the tensors autograd saves for backward plus the
@@ -42,9 +44,10 @@ TARGETS = {  # device type -> default shape
 class NaiveMoELoRA(nn.Module):
     """The straightforward MoE-LoRA: per top-M slot, per expert, a full LoRA pass, then masking."""
 
-    def __init__(self, layer: MoELoRALinear) -> None:
+    def __init__(self, layer: MoELoRALinear, dropout: float = 0.0) -> None:
         super().__init__()
         self.base, self.spec, self.scaling = layer.base, layer.spec, layer.scaling
+        self.dropout = nn.Dropout(dropout)
         self.experts_a = nn.ParameterList(nn.Parameter(a.clone()) for a in layer.lora_A.detach())
         self.experts_b = nn.ParameterList(nn.Parameter(b.clone()) for b in layer.lora_B.detach())
         self.router = nn.Parameter(layer.router.detach().clone())
@@ -55,6 +58,7 @@ class NaiveMoELoRA(nn.Module):
         top_p, top_i = probs.topk(self.spec.keep, dim=-1)
         top_p = top_p / top_p.sum(-1, keepdim=True)
         fold = torch.tensor(self.spec.fold, device=x.device)[top_i]
+        x = self.dropout(x)  # the experts see dropout(x), the router x
         for slot in range(self.spec.keep):
             for e in range(self.spec.num_experts):
                 out = F.linear(F.linear(x, self.experts_a[e]), self.experts_b[e]) * self.scaling
@@ -82,14 +86,14 @@ class BaseGemmFirst(nn.Module):
             triton_backend.BASE_GEMM_FIRST = saved
 
 
-def peft_lora(base: nn.Linear, rank: int, alpha: float) -> nn.Module:
+def peft_lora(base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> nn.Module:
     import peft
 
     net = nn.Sequential()
     net.add_module("proj", base)
-    model = peft.get_peft_model(
-        net, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
-    )
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"],
+                             lora_dropout=dropout)  # fmt: skip
+    model = peft.get_peft_model(net, config)
     nn.init.normal_(model.base_model.model.proj.lora_B["default"].weight, std=0.02)
     return model
 
@@ -121,22 +125,24 @@ def bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(args.d_in, args.d_out, bias=False, device=device, dtype=dtype)
     base.requires_grad_(False)
-    layer = MoELoRALinear(base, args.experts, args.rank, alpha=16, own_expert=0).to(device, dtype)
+    layer = MoELoRALinear(base, args.experts, args.rank, alpha=16, dropout=args.dropout,
+                          own_expert=0).to(device, dtype)  # fmt: skip
     nn.init.normal_(layer.lora_B, std=0.02)
     x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(args.tokens, args.d_out, device=device, dtype=dtype)
 
     rows: dict[str, nn.Module] = {"base": base}
     try:
-        rows["peft_lora"] = peft_lora(base, args.rank, 16).to(device, dtype)
+        rows["peft_lora"] = peft_lora(base, args.rank, 16, args.dropout).to(device, dtype)
     except ImportError:
         print("peft is not installed: no PEFT row", file=sys.stderr)
-    rows["naive_loop"] = NaiveMoELoRA(layer)
+    rows["naive_loop"] = NaiveMoELoRA(layer, args.dropout)
     backends = [
         b for b in available_backends(device) if not (b == "triton" and device.type != "cuda")
     ]
     for name in backends:
-        row = MoELoRALinear(base, args.experts, args.rank, alpha=16, backend=name).to(device, dtype)
+        row = MoELoRALinear(base, args.experts, args.rank, alpha=16, dropout=args.dropout,
+                            backend=name).to(device, dtype)  # fmt: skip
         row.load_state_dict(layer.state_dict())
         rows[f"fedlease_{name}"] = row
         if name == "triton":
@@ -174,6 +180,7 @@ def bench(args: argparse.Namespace) -> dict:
         "auto_backend": resolve_backend("auto", device, dtype).name,
         "dtype": args.dtype,
         "shape": {k: getattr(args, k) for k in ("d_in", "d_out", "rank", "experts", "tokens")},
+        "dropout": args.dropout,
         "threads": torch.get_num_threads(),
         "results": results,
         "ratios": ratios(results),
@@ -208,6 +215,17 @@ def print_table(report: dict) -> None:
         print(f"{name}: " + ", ".join(parts))
 
 
+def probability(text: str) -> float:
+    """An argparse type: a dropout probability, 0 <= P < 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number with 0 <= P < 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     gpu = torch.cuda.is_available()
@@ -219,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=at_least(1), help="number of experts M")
     p.add_argument("--tokens", type=at_least(1), help="tokens per batch (batch x sequence)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="parameter dtype")
+    p.add_argument("--dropout", type=probability, default=0.0,
+                   help="dropout on every row's LoRA input, 0 <= P < 1 (default: 0)")  # fmt: skip
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls before timing")
     p.add_argument("--reps", type=at_least(1), default=10,
                    help="timed calls; the median is reported")  # fmt: skip

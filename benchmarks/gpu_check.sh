@@ -80,17 +80,21 @@ cat "$out/env.txt" | tee -a "$out/gpu_check.log"
 
 if step layer 60 "layer benchmark"; then
 if [ "$gpu" = 1 ]; then
-  shapes=("4096 4096 8 4 16384" "4096 4096 8 8 16384" "1024 1024 8 4 16384" "384 384 4 4 8192")
+  # d_in d_out rank experts tokens dropout; the last: one expert (plain LoRA through the op)
+  shapes=("4096 4096 8 4 16384 0" "4096 4096 8 8 16384 0" "1024 1024 8 4 16384 0"
+          "384 384 4 4 8192 0" "4096 4096 16 1 8192 0.1")
   bench_args=(--device cuda --dtype bfloat16 --reps 20 --warmup 5)
 else
-  shapes=("64 64 8 4 256" "64 64 8 8 256" "48 32 4 4 128")
+  shapes=("64 64 8 4 256 0" "64 64 8 8 256 0" "48 32 4 4 128 0" "64 64 16 1 128 0.1")
   bench_args=(--device cpu --dtype float32 --reps 2 --warmup 1)
 fi
 for s in "${shapes[@]}"; do
-  read -r d_in d_out rank experts tokens <<<"$s"
+  read -r d_in d_out rank experts tokens dropout <<<"$s"
   name="layer_${d_in}x${d_out}_r${rank}_m${experts}_t${tokens}"
+  [ "$dropout" = 0 ] || name+="_p${dropout}"
   bounded 150 $py benchmarks/bench_layer.py "${bench_args[@]}" --d-in "$d_in" --d-out "$d_out" \
-    --rank "$rank" --experts "$experts" --tokens "$tokens" --json >"$out/$name.json" \
+    --rank "$rank" --experts "$experts" --tokens "$tokens" --dropout "$dropout" --json \
+    >"$out/$name.json" \
     2>>"$out/gpu_check.log" || log "bench $name failed"
 done
 $py benchmarks/layer_table.py "$out"/layer_*.json >"$out/layer.md" && cat "$out/layer.md"

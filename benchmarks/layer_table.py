@@ -2,9 +2,10 @@
 
     python benchmarks/layer_table.py OUT/layer_*.json > OUT/layer.md
 
-Targets (forward+backward, all rows of one run): the ``auto`` backend at most 0.85x PEFT's time;
-at in = out >= 4096 its added time over the frozen base at most 0.6x PEFT's; at least 20x the
-naive loop at M = 4; peak memory at most PEFT's + 5 %.
+Targets (forward+backward, all rows of one run): the ``auto`` backend at most 0.85x PEFT's time
+(0.8x with one expert: plain LoRA through the op); at in = out >= 4096 its added time over the
+frozen base at most 0.6x PEFT's; at least 20x the naive loop at M = 4; peak memory at most
+PEFT's + 5 %.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def checks(report: dict) -> dict[str, tuple[float, float, bool]]:
     res, shape = report["results"], report["shape"]
     auto = res[f"fedlease_{report['auto_backend']}"]
     base, peft = res["base"]["fwd_bwd_ms"], res["peft_lora"]["fwd_bwd_ms"]
-    out = {"auto / PEFT": (auto["fwd_bwd_ms"] / peft, 0.85)}
+    out = {"auto / PEFT": (auto["fwd_bwd_ms"] / peft, 0.8 if shape["experts"] == 1 else 0.85)}
     if min(shape["d_in"], shape["d_out"]) >= 4096:
         added = (auto["fwd_bwd_ms"] - base) / max(peft - base, 1e-9)
         out["added over base / PEFT's"] = (added, 0.6)
@@ -56,6 +57,7 @@ def table(reports: list[dict]) -> str:
     for rep in reports:
         s = rep["shape"]
         name = f"{s['d_in']}x{s['d_out']}, M={s['experts']}, r={s['rank']}, {s['tokens']} tok"
+        name += f", dropout {rep['dropout']:g}" if rep.get("dropout") else ""
         cells = []
         for col in columns:
             r = rep["results"].get(col)

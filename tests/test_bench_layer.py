@@ -43,3 +43,27 @@ def test_bench_layer_json_on_a_tiny_shape():
     assert met == (value <= bound)
     row = layer_table.table([report]).splitlines()[-1]
     assert row.startswith("| 32x24, M=3, r=4, 200 tok |") and report["auto_backend"] in row
+
+
+def test_one_expert_with_dropout_has_its_own_bound():
+    """The plain-LoRA shape (one expert, dropout on every row's LoRA input) is held to 0.8x
+    PEFT's time and named with its dropout in the table."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--d-in", "32", "--d-out", "32",
+         "--rank", "8", "--experts", "1", "--tokens", "64", "--dropout", "0.1", "--reps", "2",
+         "--warmup", "1", "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    assert report["dropout"] == 0.1 and report["shape"]["experts"] == 1
+    layer_table = load_script("benchmarks/layer_table.py")
+    assert layer_table.checks(report)["auto / PEFT"][1] == 0.8
+    assert "naive loop / auto" not in layer_table.checks(report)  # a target at M = 4 only
+    row = layer_table.table([report]).splitlines()[-1]
+    assert row.startswith("| 32x32, M=1, r=8, 64 tok, dropout 0.1 |")
+
+
+def test_dropout_outside_its_range_is_refused():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--dropout", "1"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "--dropout: must be a number with 0 <= P < 1" in done.stderr
