@@ -199,12 +199,14 @@ def test_launch_plans_cover_splits_column_ranges_and_row_blocks():
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every test above runs the GPU plans")
+@pytest.mark.parametrize("op", ["moe_lora_linear", "moe_lora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_gpu_launch_plans_compute_the_same_under_the_interpreter(dtype, monkeypatch):
+def test_the_gpu_launch_plans_compute_the_same_under_the_interpreter(dtype, op, monkeypatch):
     """The block sizes, column ranges and token splits a GPU launches with (float32's own plans
     included: 8 warps, 32-column expand blocks at M*r = 128), run by the interpreter: the layer op
-    at M = 8, r = 16 with dropout against the reference, every gradient. (Only the plans are the
-    GPU's: bf16 operands are still upcast after loading, as the interpreter needs.)"""
+    (bias in the expand) and the plain op (base output in the expand) at M = 8, r = 16 with
+    dropout against the reference, every gradient. (Only the plans are the GPU's: bf16 operands
+    are still upcast after loading, as the interpreter needs.)"""
     gpu_forward, gpu_backward = launch.forward_plan, launch.backward_plan
 
     def forward_plan(slots, mr, interpreter, wide):
@@ -218,22 +220,27 @@ def test_the_gpu_launch_plans_compute_the_same_under_the_interpreter(dtype, monk
     t, d_in, d_out, m, r = 70, 96, 80, 8, 16
     plan = launch.forward_plan(2 * m - 1, m * r, False, dtype == torch.float32)
     assert plan.meta["expand"]["BLOCK_N"] == (32 if dtype == torch.float32 else 128)
-    x, _, a, b, router, spec = make_inputs(t, d_in, d_out, m, r, "adaptive", None, 3, dtype,
-                                           DEVICE)  # fmt: skip
-    w = (torch.randn(d_out, d_in) * d_in**-0.5).to(dtype)
-    bias = torch.randn(d_out).to(dtype)
-    fast = [v.detach().clone().requires_grad_(True) for v in (x, w, bias, a, b, router)]
-    ref = [v.detach().double().requires_grad_(True) for v in (x, w, bias, a, b, router)]
+    x, base, a, b, router, spec = make_inputs(t, d_in, d_out, m, r, "adaptive", None, 3, dtype,
+                                              DEVICE)  # fmt: skip
+    if op == "moe_lora_linear":  # the base's weight and bias: its output is built in the graph
+        w = (torch.randn(d_out, d_in) * d_in**-0.5).to(dtype)
+        inputs = (x, w, torch.randn(d_out).to(dtype), a, b, router)
+    else:
+        inputs = (x, base, a, b, router)
+    fast = [v.detach().clone().requires_grad_(True) for v in inputs]
+    ref = [v.detach().double().requires_grad_(True) for v in inputs]
     torch.manual_seed(5)
-    y = moe_lora_linear(*fast, spec, 2.0, dropout=0.2, training=True, backend="triton")
+    call = moe_lora_linear if op == "moe_lora_linear" else moe_lora
+    y = call(*fast, spec, 2.0, dropout=0.2, training=True, backend="triton")
     torch.manual_seed(5)
     mask = triton_backend.dropout_mask(triton_backend._draw_seed(), t, d_in, 0.2, DEVICE)
-    base_ref = ref[0] @ ref[1].t() + ref[2]
-    y_ref = reference_moe_lora(ref[0], base_ref, *ref[3:], spec, 2.0,
+    base_ref = ref[0] @ ref[1].t() + ref[2] if op == "moe_lora_linear" else ref[1]
+    adapters = ref[3:] if op == "moe_lora_linear" else ref[2:]
+    y_ref = reference_moe_lora(ref[0], base_ref, *adapters, spec, 2.0,
                                dropout_mask=mask.double())  # fmt: skip
     assert rel_err(y, y_ref) < TOL[dtype]
     dy = torch.randn_like(y_ref)
     y.backward(dy.to(dtype))
     y_ref.backward(dy)
-    for name, f, r_ in zip(["x", "weight", "bias", "A", "B", "router"], fast, ref):
-        assert rel_err(f.grad, r_.grad) < TOL[dtype], name
+    for i, (f, r_) in enumerate(zip(fast, ref)):
+        assert rel_err(f.grad, r_.grad) < TOL[dtype], i
