@@ -96,7 +96,6 @@ def bench(args: argparse.Namespace) -> dict:
     keep_freed_memory()  # as `fedlease run` does (every row); FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
     causal = args.task_type == "generation"
-    args.targets = args.targets or (["q_proj", "v_proj"] if causal else ["query", "value"])
     base, _ = load_causal(args.model) if causal else load(args.model, num_labels=2)
     positions = getattr(base.config, "max_position_embeddings", args.seq)
     if args.seq > positions:
@@ -204,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="timed steps per row (default: 10)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    args.model = args.model or ("smollm2" if args.task_type == "generation" else "minilm")
+    causal = args.task_type == "generation"  # its defaults: the bundled SmolLM2, q_proj/v_proj
+    args.model = args.model or ("smollm2" if causal else "minilm")
+    args.targets = args.targets or (["q_proj", "v_proj"] if causal else ["query", "value"])
     try:
         report = bench(args)
     except ValueError as exc:

@@ -76,7 +76,7 @@ def _evaluate_generation(adapter_dir, meta, config, task, samples, data_dir, bat
 
     budget = int(max_new_tokens or meta.get("max_new_tokens", 32))
     if budget < 1:
-        raise AdapterError(f"max_new_tokens must be >= 1, got {budget}")
+        raise ValueError(f"max_new_tokens must be >= 1, got {budget}")  # the saved one is checked
     rows = load_flan_split(task, "test", resolve_flan_dir(data_dir))
     rows = rows[:samples] if samples else rows
     model, tokenizer = models.load_causal(meta.get("model", "smollm2"))
