@@ -141,7 +141,7 @@ if [ "$gpu" = 1 ]; then
   causal_args=(--device cuda --batch 8 --seq 160 --steps 20 --warmup 3)
 else
   train_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
-  causal_args=(--device cpu --precisions fp32 --batch 2 --seq 16 --steps 2 --warmup 1)
+  causal_args=("${train_args[@]}")
 fi
 bounded 150 $py benchmarks/bench_train.py "${train_args[@]}" --json >"$out/train.json" 2>>"$out/gpu_check.log" \
   && train_table "$out/train.json" | tee "$out/train.txt" || log "training benchmark failed"
