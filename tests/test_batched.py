@@ -135,6 +135,24 @@ def test_lockstep_with_sampling_crashes_nan_updates_and_a_resume(tmp_path, monke
     assert_same_run(one, resumed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_data
+def test_lockstep_on_cuda_trains_as_one_by_one(monkeypatch):
+    """The lockstep trainer on a GPU (its optimizer's slot indices, held experts, B means and
+    batches on the model's device): with injected crashes (slots leaving a step) and B averaged,
+    the one-by-one run on the same GPU. Rounding on the GPU differs more between GEMM shapes, so
+    losses and scores are held to 1e-4."""
+    _no_dropout(monkeypatch)
+    faults = {"client_failure_rate": 0.3, "seed": 2}
+    raw = TINY | {"data_dir": DATA, "device": "cuda", "warmup_average_b": True, "faults": faults}
+    one = simulation(from_dict(raw), progress=False)
+    one.run()
+    together = simulation(from_dict(raw | {"client_batch": 3}), progress=False)
+    together.run()
+    assert any(row["failed"] for row in one.rec.rows)
+    assert_same_run(one, together, tol=1e-4)
+
+
 def test_auto_on_the_cpu_takes_up_to_four_classification_clients_and_one_generation_client():
     """As measured on a CPU: 4 GLUE clients at once gained, 4 SmolLM2 clients at once lost, and
     evaluation in lockstep lost for both (it evaluates one by one there)."""

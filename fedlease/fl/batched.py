@@ -55,7 +55,9 @@ class SlotOptimizer:
     @torch.no_grad()
     def step(self, slots: list[int]) -> None:
         self.steps += 1
-        index = None if slots == list(range(self.params[0].shape[0])) else torch.tensor(slots)
+        first = self.params[0]
+        index = (None if slots == list(range(first.shape[0]))
+                 else torch.tensor(slots, device=first.device))  # fmt: skip
         for p, state in zip(self.params, self.state):
             if p.grad is None:
                 continue
@@ -367,6 +369,7 @@ class _OtherExperts:
             mask = torch.ones(layer.clients, layer.num_experts, dtype=torch.bool)
             mask[torch.arange(len(owns)), torch.tensor(owns)] = False
             mask[len(owns) :] = False
+            mask = mask.to(layer.lora_A.device)
             for p in (layer.lora_A, layer.lora_B):
                 self.saved.append((p, mask, p.detach()[mask].clone()))
 
@@ -382,17 +385,18 @@ class _SlotBMean:
     def __init__(self, model: nn.Module) -> None:
         self.params = [layer.lora_B for layer in moe_lora_layers(model).values()]
         self.sums = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.counts = torch.zeros(self.params[0].shape[0])
+        self.counts = [0] * self.params[0].shape[0]
 
     @torch.no_grad()
     def add(self, slots: list[int]) -> None:
         for s, p in zip(self.sums, self.params, strict=True):
             s[slots] += p[slots].float()
-        self.counts[slots] += 1
+        for i in slots:
+            self.counts[i] += 1
 
     @torch.no_grad()
     def store(self) -> None:
-        seen = (self.counts > 0).nonzero().flatten().tolist()
+        seen = [i for i, n in enumerate(self.counts) if n > 0]
         for s, p in zip(self.sums, self.params, strict=True):
             for i in seen:
                 p[i].copy_(s[i] / self.counts[i])
