@@ -38,6 +38,7 @@ CASES = [
     ("bench_lockstep_step.py", ["--clients", ","], "--clients"),
     ("bench_dropout_cost.py", ["--steps", "0"], "--steps: must be >= 1"),
     ("host_overhead.py", ["--calls", "-1"], "--calls: must be >= 1"),
+    ("launch_overhead.py", ["--reps", "0"], "--reps: must be >= 1"),
     ("profile_layer.py", ["--device", "cpu", "--backends", "nope"], "'nope' is not one of"),
     ("allocation_table.py", [NO_DATA], "is not a fedlease run directory"),
     ("compare_curves.py", [NO_DATA, "--at-round", "1"], "is not a directory"),

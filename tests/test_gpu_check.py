@@ -8,7 +8,8 @@ import sys
 from helpers import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["layer", "profile", "tests", "train", "round", "round_flan", "fl_run", "kernel_resources"]
+STEPS = ["layer", "launch", "train", "round", "round_flan", "tests", "profile", "fl_run",
+         "kernel_resources"]  # fmt: skip
 
 
 def run_check(tmp_path, **env) -> str:
