@@ -4,7 +4,9 @@ On a GPU small layers are bound by what the host does per call (Python, autograd
 by the kernels. This measures that host-side part on the CPU: the Triton launches are replaced by
 no-ops, the tensors are tiny, so what remains is the op's Python, its ATen calls and autograd;
 PEFT's LoRA and the bare base linear are timed the same way, side by side. (Triton's own launcher
-cost on a GPU comes on top and is not measured here.)
+cost on a GPU comes on top and is not measured here: ``launch_overhead.py`` measures it there.)
+Each row also counts the ATen operators of one forward+backward that would launch a device
+kernel (everything but allocations and views), and the Triton launches.
 
     python benchmarks/host_overhead.py
 """
@@ -18,6 +20,7 @@ import time
 import torch
 from bench_layer import peft_lora
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedlease import MoELoRALinear
 from fedlease.cli_args import at_least
@@ -25,13 +28,47 @@ from fedlease.ops import dispatch, triton_backend
 
 
 class _NoLaunch:
-    """Stands in for a module of Triton kernels: ``kernel[grid](...)`` does nothing."""
+    """Stands in for a module of Triton kernels: ``kernel[grid](...)`` does nothing but count."""
+
+    launches = 0
 
     def __getattr__(self, name):
         return self
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        def launch(*args, **kwargs):
+            _NoLaunch.launches += 1
+
+        return launch
+
+
+# ATen operators that launch no device kernel: allocations and views
+NO_KERNEL = {"empty", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+             "t", "transpose", "permute", "expand", "as_strided", "detach", "alias", "slice",
+             "select", "unsqueeze", "squeeze", "split", "unbind", "_reshape_alias",
+             "lift_fresh"}  # fmt: skip
+
+
+class _KernelCount(TorchDispatchMode):
+    """Names of the ATen operators run inside it that would launch a device kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in NO_KERNEL:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_counts(step, module) -> tuple[list[str], int]:
+    """The kernel-launching ATen operators and the Triton launches of one ``step(module)``."""
+    before = _NoLaunch.launches
+    with _KernelCount() as counter:
+        step(module)
+    return counter.ops, _NoLaunch.launches - before
 
 
 def stub_triton_launches() -> None:
@@ -85,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
                 step(module)
             times[name].append((time.perf_counter() - t0) / args.calls * 1e6)
     for name, ts in times.items():
-        print(f"{name:<36} {statistics.median(ts):8.1f} us per forward+backward")
+        ops, launches = kernel_counts(step, rows[name])
+        print(f"{name:<36} {statistics.median(ts):8.1f} us per forward+backward; "
+              f"{len(ops)} ATen kernels ({', '.join(ops)}), "
+              f"{launches} Triton launches")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ KERNELS = {  # plan key -> (kernel, pointer element types, constexpr flags besid
                      {"x_ptr": IN, "router_ptr": IN, "a_cat_ptr": IN, "q_ptr": F32, "a_ptr": F32,
                       "h_ptr": IN}, ("HAS_DROPOUT",)),
     "expand": (moe_lora_fwd.expand_kernel,
-               {"h_ptr": IN, "b_cat_ptr": IN, "base_ptr": IN, "bias_ptr": IN, "y_ptr": IN},
+               {"h_ptr": IN, "b_ptr": IN, "base_ptr": IN, "bias_ptr": IN, "y_ptr": IN},
                ("HAS_BASE", "HAS_BIAS")),
     "grad_route": (moe_lora_bwd.grad_route_kernel,
-                   {"dy_ptr": IN, "b_cat_ptr": IN, "q_ptr": F32, "a_ptr": F32, "dz_ptr": F32}, ()),
+                   {"dy_ptr": IN, "b_ptr": IN, "q_ptr": F32, "a_ptr": F32, "dz_ptr": F32}, ()),
     "grad_input": (moe_lora_bwd.grad_input_kernel,
                    {"dz_ptr": F32, "router_ptr": IN, "a_cat_ptr": IN, "dx_ptr": IN},
                    ("HAS_DROPOUT",)),
@@ -78,7 +78,8 @@ def available() -> str | None:
 def launch_ints(tokens: int, d: int, slots: int, mr: int, m: int, plan) -> dict[str, int]:
     """The integer arguments a launch at this shape passes (in = out = ``d``, contiguous)."""
     return {"T": tokens, "D": d, "N": d, "S": slots, "M": m, "MR": mr, "R": mr // m,
-            "K": slots + mr, "stride_xt": d, "stride_rs": d, "stride_am": d, "stride_bn": mr,
+            "K": slots + mr, "stride_xt": d, "stride_rs": d, "stride_am": d,
+            "stride_bn": mr // m, "stride_bm": d * (mr // m),
             "stride_dyt": d, "stride_dxt": d, "stride_yt": d, "stride_baset": d,
             "tokens_per_split": plan.tokens_per_split,
             "cols_per_program": plan.cols_per_program}  # fmt: skip
@@ -150,6 +151,8 @@ def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: in
         ints = launch_ints(tokens, d, slots, mr, m, backward)
         for key in kernels:
             kernel, pointers, flags = KERNELS[key]
+            if key == "grad_weights" and backward.splits == 1:  # written in the input dtype
+                pointers = {**pointers, "dw_ptr": IN}
             plan = dict(meta[key])
             num_warps = plan.pop("num_warps")
             for flag_values in _variants(key, flags, dropout):

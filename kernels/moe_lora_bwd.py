@@ -1,6 +1,7 @@
 """Backward kernels of the MoE-LoRA op, three passes that each hold only small tiles.
 
-Shapes: x (T, D), dy (T, N), router (S, D), A_cat (MR, D), B_cat (N, MR); K = S + MR, and
+Shapes: x (T, D), dy (T, N), router (S, D), A_cat (MR, D), B (M, N, R) read in place as B_cat
+(N, MR) (``routing.load_b_tile``); K = S + MR, and
 ``dz (T, K)`` float32 holds ``[dlogits, da]`` per token: the gradients of the router logits and of
 the experts' projections ``a = A_cat dropout(x)``.
 
@@ -15,6 +16,7 @@ the experts' projections ``a = A_cat dropout(x)``.
    of tokens (a split of T), accumulates over its tokens in registers (at most 128 x 128 float32
    over 8 warps) and writes one float32 partial per split; the partials are summed afterwards.
    No atomics: the result is deterministic, and the partial buffers stay small (SPLITS x K x D).
+   With one split the result is stored in the weights' dtype directly (no partial to sum).
 
 Every kernel's tiles fit in registers for M*r up to 128 (no spills on sm_90, checked by
 ``benchmarks/kernel_resources.py`` and its test).
@@ -27,14 +29,14 @@ computes them in float32 instead. dB_cat = scaling * dy^T h is left to the vendo
 import triton
 import triton.language as tl
 
-from .routing import dropout_keep, gate_per_column, load_tile, sum_columns_per_slot
+from .routing import dropout_keep, gate_per_column, load_b_tile, load_tile, sum_columns_per_slot
 
 
 @triton.jit
 def grad_route_kernel(
-    dy_ptr, b_cat_ptr, q_ptr, a_ptr, dz_ptr,
+    dy_ptr, b_ptr, q_ptr, a_ptr, dz_ptr,
     T, N, S, M, MR, R, OWN, scaling,
-    stride_dyt, stride_bn,
+    stride_dyt, stride_bn, stride_bm,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr, MR_PAD: tl.constexpr,
@@ -48,7 +50,7 @@ def grad_route_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = load_tile(dy_ptr, offs_t, offs_n, stride_dyt, T, N)
-        b = load_tile(b_cat_ptr, offs_n, offs_j, stride_bn, N, MR)
+        b = load_b_tile(b_ptr, offs_n, offs_j, stride_bn, stride_bm, R, N, MR)
         if UPCAST:
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
@@ -150,7 +152,8 @@ def grad_weights_kernel(
         else:
             acc = tl.dot(g, x, acc=acc, input_precision=DOT_PRECISION)
     ptrs = dw_ptr + split * K * D + offs_k[:, None] * D + offs_d[None, :]
-    tl.store(ptrs, acc, mask=(offs_k[:, None] < K) & (offs_d[None, :] < D))
+    mask = (offs_k[:, None] < K) & (offs_d[None, :] < D)
+    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 __all__ = ["grad_input_kernel", "grad_route_kernel", "grad_weights_kernel", "triton"]

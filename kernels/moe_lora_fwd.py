@@ -1,6 +1,7 @@
 """Forward kernels of the MoE-LoRA op: shrink + route, then expand into the base output.
 
-Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B_cat (N, MR).
+Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B (M, N, R): the experts'
+stacked B, read in place as B_cat (N, MR) (column e * R + k: expert e's rank k), never copied.
 
 1. ``shrink_route``: one program per block of tokens reads each x tile once and computes the
    router logits (S) and every expert's projection a = A_cat x (MR) together; its epilogue routes
@@ -15,7 +16,7 @@ Shapes: x (T, D), router (S, D), A_cat (MR, D) with MR = M * R, B_cat (N, MR).
 import triton
 import triton.language as tl
 
-from .routing import dropout_keep, gate_per_column, load_tile, restricted_softmax
+from .routing import dropout_keep, gate_per_column, load_b_tile, load_tile, restricted_softmax
 
 
 @triton.jit
@@ -67,9 +68,9 @@ def shrink_route_kernel(
 
 @triton.jit
 def expand_kernel(
-    h_ptr, b_cat_ptr, base_ptr, bias_ptr, y_ptr,
-    T, N, MR, scaling,
-    stride_bn, stride_baset, stride_yt,
+    h_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
+    T, N, MR, R, scaling,
+    stride_bn, stride_bm, stride_baset, stride_yt,
     HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -84,7 +85,7 @@ def expand_kernel(
     t_ok = offs_t < T
     n_ok = offs_n < N
     h = load_tile(h_ptr, offs_t, offs_j, MR, T, MR)
-    b_t = tl.trans(load_tile(b_cat_ptr, offs_n, offs_j, stride_bn, N, MR))
+    b_t = tl.trans(load_b_tile(b_ptr, offs_n, offs_j, stride_bn, stride_bm, R, N, MR))
     if UPCAST:
         h = h.to(tl.float32)
         b_t = b_t.to(tl.float32)

@@ -18,6 +18,16 @@ def load_tile(ptr, rows, cols, stride, n_rows, n_cols):
 
 
 @triton.jit
+def load_b_tile(ptr, rows, cols, stride_n, stride_m, R, n_rows, n_cols):
+    """Tile ``B_cat[rows, cols]`` read in place from the experts' stacked ``B (M, N, R)`` (element
+    ``(m, n, k)`` at ``m * stride_m + n * stride_n + k``): column ``j`` of ``B_cat`` is expert
+    ``j // R``'s rank ``j % R``. Zero outside ``n_rows x n_cols``."""
+    col_offs = (cols // R) * stride_m + cols % R
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_n + col_offs[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _fold(s, M, OWN):
     """The expert slot ``s`` folds onto."""
     return tl.where(s < M, s, OWN)

@@ -25,7 +25,6 @@ import os
 import torch
 
 from ..routing import RoutingSpec
-from .dispatch import concat_adapters
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Order of the frozen base GEMM and the LoRA kernels in the linear op (see above). Base first
@@ -86,14 +85,15 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _interpreting_at_import() or dtype == torch.float32
 
 
-def _forward(ctx, x, a_cat, b_cat, router, y, base=None, bias=None):
+def _forward(ctx, x, a_cat, b, router, y, base=None, bias=None):
     """Shrink + route, then ``y = base + scaling * h B_cat^T + bias`` (base, bias optional), with
     the routing, scaling and dropout ``_prepare`` put on ``ctx``. Returns the saved routing
     tensors ``(q, a, h)``."""
     spec, scaling, p_drop, seed = ctx.spec, ctx.scaling, ctx.p_drop, ctx.seed
     fwd, _, _, launch = _kernels()
     t, d = x.shape
-    n, mr = b_cat.shape
+    m, n, r = b.shape
+    mr = m * r
     plan = launch.forward_plan(
         spec.num_slots, mr, _interpreting_at_import(), x.dtype == torch.float32
     )
@@ -112,26 +112,27 @@ def _forward(ctx, x, a_cat, b_cat, router, y, base=None, bias=None):
     meta = plan.meta["expand"]
     grid = (launch.cdiv(t, meta["BLOCK_T"]), launch.cdiv(n, meta["BLOCK_N"]))
     fwd.expand_kernel[grid](
-        h, b_cat, y if base is None else base, y if bias is None else bias, y,
-        t, n, mr, float(scaling),
-        b_cat.stride(0), y.stride(0) if base is None else base.stride(0), y.stride(0),
+        h, b, y if base is None else base, y if bias is None else bias, y,
+        t, n, mr, r, float(scaling),
+        b.stride(1), b.stride(0), y.stride(0) if base is None else base.stride(0), y.stride(0),
         HAS_BASE=base is not None, HAS_BIAS=bias is not None,
         UPCAST=upcast, DOT_PRECISION=precision, **meta,
     )  # fmt: skip
     return q, a, h
 
 
-def _route_backward(dy, b_cat, q, a, spec, scaling, plan):
+def _route_backward(dy, b, q, a, spec, scaling, plan):
     """``dz (T, S + M*r)`` float32: the gradients of the router logits and of ``a``."""
     _, bwd, _, launch = _kernels()
     t = dy.shape[0]
-    n, mr = b_cat.shape
+    m, n, r = b.shape
+    mr = m * r
     dz = _scratch(t, spec.num_slots + mr, device=dy.device, dtype=torch.float32)
     meta = plan.meta["grad_route"]
     bwd.grad_route_kernel[(launch.cdiv(t, meta["BLOCK_T"]),)](
-        dy, b_cat, q, a, dz,
-        t, n, spec.num_slots, spec.num_experts, mr, mr // spec.num_experts, spec.fold_target,
-        float(scaling), dy.stride(0), b_cat.stride(0),
+        dy, b, q, a, dz,
+        t, n, spec.num_slots, spec.num_experts, mr, r, spec.fold_target,
+        float(scaling), dy.stride(0), b.stride(1), b.stride(0),
         UPCAST=_upcast(dy.dtype), DOT_PRECISION=_dot_precision(dy.dtype), **meta,
     )  # fmt: skip
     return dz
@@ -160,13 +161,15 @@ def _grad_input(dz, router, a_cat, spec, seed, p_drop, plan, dtype, dx=None):
 
 
 def _grad_weights(dz, x, spec, seed, p_drop, plan, dtype):
-    """``d[router; A_cat] = dz^T [x, dropout(x)]``, accumulated in float32 (token-split partials
-    summed in one reduction that writes ``dtype``)."""
+    """``d[router; A_cat] = dz^T [x, dropout(x)]``, accumulated in float32: written in ``dtype``
+    by the kernel itself when the tokens are one split, else float32 token-split partials summed
+    in one reduction that writes ``dtype``."""
     _, bwd, _, launch = _kernels()
     t, d = x.shape
     k = dz.shape[1]
     meta = plan.meta["grad_weights"]
-    part = _scratch(plan.splits, k, d, device=x.device, dtype=torch.float32)
+    part_dtype = dtype if plan.splits == 1 else torch.float32
+    part = _scratch(plan.splits, k, d, device=x.device, dtype=part_dtype)
     grid = (launch.cdiv(d, meta["BLOCK_D"]), launch.cdiv(k, meta["BLOCK_K"]), plan.splits)
     bwd.grad_weights_kernel[grid](
         dz, x, part,
@@ -175,7 +178,7 @@ def _grad_weights(dz, x, spec, seed, p_drop, plan, dtype):
         HAS_DROPOUT=p_drop > 0, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
         **meta,
     )  # fmt: skip
-    dw = part[0].to(dtype) if plan.splits == 1 else part.sum(0, dtype=dtype)
+    dw = part[0] if plan.splits == 1 else part.sum(0, dtype=dtype)
     return dw[: spec.num_slots], dw[spec.num_slots :]
 
 
@@ -183,34 +186,37 @@ def _lora_backward(ctx, dy, need_x, need_a, need_b, need_r, dx=None):
     """``(dx, dA_cat, dB_cat, d_router)``, each None unless asked for; the LoRA path's dx is
     added onto ``dx`` when given."""
     launch = _kernels()[3]
-    x, a_cat, b_cat, router, q, a, h = ctx.saved_tensors[:7]
+    x, a_cat, b, router, q, a, h = ctx.saved_tensors[:7]
     spec, scaling = ctx.spec, ctx.scaling
     t, d = x.shape
     plan = launch.backward_plan(
         t, d, spec.num_slots, a_cat.shape[0], _interpreting_at_import(), x.dtype == torch.float32
     )
-    dz = _route_backward(dy, b_cat, q, a, spec, scaling, plan)
+    dz = _route_backward(dy, b, q, a, spec, scaling, plan)
     if need_x:
         dx = _grad_input(dz, router, a_cat, spec, ctx.seed, ctx.p_drop, plan, x.dtype, dx)
     d_a = d_r = d_b = None
     if need_a or need_r:  # router and A share one dtype (the layer's parameters)
         d_r, d_a = _grad_weights(dz, x, spec, ctx.seed, ctx.p_drop, plan, a_cat.dtype)
-    if need_b:  # beta = 0: b_cat only gives the shape; alpha applies the scaling in the GEMM
-        d_b = torch.addmm(b_cat, dy.t(), h, beta=0, alpha=scaling)
+    if need_b:  # beta = 0: the input only gives the shape; alpha applies the scaling in the GEMM
+        shape_only = h.new_empty(1, 1).expand(b.shape[1], h.shape[1])
+        d_b = torch.addmm(shape_only, dy.t(), h, beta=0, alpha=scaling)
     return dx, d_a, d_b, d_r
 
 
 def _prepare(ctx, x, lora_a, lora_b, router, spec, scaling, p_drop):
-    """Contiguous ``x``, ``A_cat``, ``B_cat``, router. The adapters are concatenated here, inside
-    the op, rather than by autograd-tracked views and a copy before it: fewer graph nodes, less
-    host time per call; ``_stacked_grads`` maps the gradients back."""
+    """Contiguous ``x``, ``A_cat (M*r, in)`` (a view of ``A``), the stacked ``B (M, out, r)`` as it
+    is (the kernels read it as ``B_cat`` in place: no copy per call), router. Done inside the op
+    rather than by autograd-tracked views before it: fewer graph nodes, less host time per call;
+    ``_stacked_grads`` maps the gradients back."""
     x = x.contiguous()
-    a_cat, b_cat = concat_adapters(lora_a, lora_b)
-    a_cat, b_cat, router = a_cat.contiguous(), b_cat.contiguous(), router.contiguous()
+    a_cat = lora_a.flatten(0, 1).contiguous()
+    b = lora_b if lora_b.stride(-1) == 1 else lora_b.contiguous()
+    router = router.contiguous()
     ctx.spec, ctx.scaling, ctx.p_drop = spec, float(scaling), float(p_drop)
     ctx.stacked_shape = lora_a.shape[0], lora_a.shape[1]
     ctx.seed = _draw_seed() if p_drop > 0 else 0
-    return x, a_cat, b_cat, router
+    return x, a_cat, b, router
 
 
 def _stacked_grads(ctx, d_a, d_b):
@@ -229,11 +235,11 @@ class MoELoRATritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling, p_drop):
-        x, a_cat, b_cat, router = _prepare(ctx, x, lora_a, lora_b, router, spec, scaling, p_drop)
+        x, a_cat, b, router = _prepare(ctx, x, lora_a, lora_b, router, spec, scaling, p_drop)
         base_out = base_out.contiguous()
         y = torch.empty_like(base_out)
-        q, a, h = _forward(ctx, x, a_cat, b_cat, router, y, base=base_out)
-        ctx.save_for_backward(x, a_cat, b_cat, router, q, a, h)
+        q, a, h = _forward(ctx, x, a_cat, b, router, y, base=base_out)
+        ctx.save_for_backward(x, a_cat, b, router, q, a, h)
         return y
 
     @staticmethod
@@ -250,16 +256,16 @@ class MoELoRALinearTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling, p_drop):
-        x, a_cat, b_cat, router = _prepare(ctx, x, lora_a, lora_b, router, spec, scaling, p_drop)
+        x, a_cat, b, router = _prepare(ctx, x, lora_a, lora_b, router, spec, scaling, p_drop)
         ctx.base_first = BASE_GEMM_FIRST
         if ctx.base_first:  # cuBLAS first; the expand kernel adds onto y in place
             y = torch.mm(x, weight.t())
-            q, a, h = _forward(ctx, x, a_cat, b_cat, router, y, base=y, bias=bias)
+            q, a, h = _forward(ctx, x, a_cat, b, router, y, base=y, bias=bias)
         else:  # the expand kernel writes y; the base GEMM accumulates onto it (beta = 1)
             y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-            q, a, h = _forward(ctx, x, a_cat, b_cat, router, y, bias=bias)
+            q, a, h = _forward(ctx, x, a_cat, b, router, y, bias=bias)
             y.addmm_(x, weight.t())
-        ctx.save_for_backward(x, a_cat, b_cat, router, q, a, h, weight)
+        ctx.save_for_backward(x, a_cat, b, router, q, a, h, weight)
         ctx.has_bias = bias is not None
         return y
 
