@@ -2,7 +2,8 @@
 
 Rows: the frozen base linear alone; PEFT LoRA with one adapter; a naive MoE-LoRA that loops over
 the top-M slots and the experts (as the method's reference code does); and each fedlease backend
-available on the device (Triton also in its other order of base GEMM and kernels). Each row is
+available on the device (Triton also in its other order of base GEMM and kernels, and launched
+with addresses instead of tensors, ``triton_backend.INT_POINTERS`` flipped). Each row is
 timed forward-only and forward+backward (median of ``--reps`` after ``--warmup``, the rows timed
 round-robin so that they share the machine's slow and fast phases alike), with the input
 requiring grad as it does inside a network. ``--dropout P`` puts dropout on every row's LoRA
@@ -67,23 +68,24 @@ class NaiveMoELoRA(nn.Module):
         return y
 
 
-class BaseGemmFirst(nn.Module):
-    """The Triton layer with the frozen base GEMMs issued before the kernels (the other order of
-    ``triton_backend.BASE_GEMM_FIRST``), for a side-by-side row."""
+class Flipped(nn.Module):
+    """The Triton layer with one of ``triton_backend``'s switches flipped while it runs, for a
+    side-by-side row: ``BASE_GEMM_FIRST`` (the other order of base GEMM and kernels) or
+    ``INT_POINTERS`` (launches with addresses instead of tensors)."""
 
-    def __init__(self, layer: MoELoRALinear) -> None:
+    def __init__(self, layer: MoELoRALinear, switch: str) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.switch = layer, switch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from fedlease.ops import triton_backend
 
-        saved = triton_backend.BASE_GEMM_FIRST
-        triton_backend.BASE_GEMM_FIRST = not saved
+        saved = getattr(triton_backend, self.switch)
+        setattr(triton_backend, self.switch, not saved)
         try:
             return self.layer(x)
         finally:
-            triton_backend.BASE_GEMM_FIRST = saved
+            setattr(triton_backend, self.switch, saved)
 
 
 def peft_lora(base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> nn.Module:
@@ -149,7 +151,9 @@ def bench(args: argparse.Namespace) -> dict:
             from fedlease.ops import triton_backend
 
             order = "lora_first" if triton_backend.BASE_GEMM_FIRST else "base_first"
-            rows[f"fedlease_triton_{order}"] = BaseGemmFirst(row)
+            rows[f"fedlease_triton_{order}"] = Flipped(row, "BASE_GEMM_FIRST")
+            launches = "tensors" if triton_backend.INT_POINTERS else "int_pointers"
+            rows[f"fedlease_triton_{launches}"] = Flipped(row, "INT_POINTERS")
 
     def fwd(module):
         with torch.no_grad():

@@ -185,7 +185,7 @@ resources_pid=$!
 fi
 
 test_budget=${GPU_CHECK_TEST_BUDGET_S:-300}
-default_tests="tests/test_batched.py::test_lockstep_on_cuda_trains_as_one_by_one
+default_tests="tests/test_batched.py::test_lockstep_on_cuda_trains_as_one_by_one tests/test_pointer_args.py
   tests/test_triton_backend.py tests/test_cpp_backend.py tests/test_op.py
   tests/test_op_linear.py tests/test_op_clients.py tests/test_layer.py tests/test_autocast.py
   tests/test_precision.py"

@@ -21,6 +21,8 @@ COLUMNS = (
     "fedlease_triton",
     "fedlease_triton_base_first",
     "fedlease_triton_lora_first",
+    "fedlease_triton_int_pointers",
+    "fedlease_triton_tensors",
     "fedlease_cpp",
     "naive_loop",
 )

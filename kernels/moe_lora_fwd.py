@@ -19,7 +19,7 @@ import triton.language as tl
 from .routing import dropout_keep, gate_per_column, load_b_tile, load_tile, restricted_softmax
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed
 def shrink_route_kernel(
     x_ptr, router_ptr, a_cat_ptr, q_ptr, a_ptr, h_ptr,
     T, D, S, M, MR, R, OWN, KEEP,

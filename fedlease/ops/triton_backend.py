@@ -63,6 +63,27 @@ def _kernels():
     return moe_lora_fwd, moe_lora_bwd, routing, launch
 
 
+# Launch the kernels with their tensors' addresses instead of the tensors
+# (``fedlease.kernels.pointer_args``): Triton's launcher then skips its per-tensor ``data_ptr()``
+# calls and driver queries. Off until measured on a GPU (benchmarks/bench_layer.py times it as a
+# row of its own); never under the interpreter, which needs the tensors.
+INT_POINTERS = False
+
+
+@functools.cache
+def _pointer_args():
+    from ..kernels import pointer_args
+
+    return pointer_args
+
+
+def _launch(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)``, with the tensors as addresses when ``INT_POINTERS``."""
+    if INT_POINTERS and not _interpreting_at_import():
+        return _pointer_args().launch(kernel, grid, *args, **meta)
+    return kernel[grid](*args, **meta)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs would otherwise run as TF32 on GPUs (about 1e-3 relative error).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -102,7 +123,8 @@ def _forward(ctx, x, a_cat, b, router, y, base=None, bias=None):
     a = _scratch(t, mr, device=x.device, dtype=torch.float32)
     h = _scratch(t, mr, device=x.device, dtype=x.dtype)
     meta = plan.meta["shrink_route"]
-    fwd.shrink_route_kernel[(launch.cdiv(t, meta["BLOCK_T"]),)](
+    _launch(
+        fwd.shrink_route_kernel, (launch.cdiv(t, meta["BLOCK_T"]),),
         x, router, a_cat, q, a, h,
         t, d, spec.num_slots, spec.num_experts, mr, mr // spec.num_experts, spec.fold_target,
         spec.keep, x.stride(0), router.stride(0), a_cat.stride(0),
@@ -111,7 +133,8 @@ def _forward(ctx, x, a_cat, b, router, y, base=None, bias=None):
     )  # fmt: skip
     meta = plan.meta["expand"]
     grid = (launch.cdiv(t, meta["BLOCK_T"]), launch.cdiv(n, meta["BLOCK_N"]))
-    fwd.expand_kernel[grid](
+    _launch(
+        fwd.expand_kernel, grid,
         h, b, y if base is None else base, y if bias is None else bias, y,
         t, n, mr, r, float(scaling),
         b.stride(1), b.stride(0), y.stride(0) if base is None else base.stride(0), y.stride(0),
@@ -129,7 +152,8 @@ def _route_backward(dy, b, q, a, spec, scaling, plan):
     mr = m * r
     dz = _scratch(t, spec.num_slots + mr, device=dy.device, dtype=torch.float32)
     meta = plan.meta["grad_route"]
-    bwd.grad_route_kernel[(launch.cdiv(t, meta["BLOCK_T"]),)](
+    _launch(
+        bwd.grad_route_kernel, (launch.cdiv(t, meta["BLOCK_T"]),),
         dy, b, q, a, dz,
         t, n, spec.num_slots, spec.num_experts, mr, r, spec.fold_target,
         float(scaling), dy.stride(0), b.stride(1), b.stride(0),
@@ -149,7 +173,8 @@ def _grad_input(dz, router, a_cat, spec, seed, p_drop, plan, dtype, dx=None):
         dx = _scratch(t, d, device=dz.device, dtype=dtype)
     meta = plan.meta["grad_input"]
     grid = (launch.cdiv(t, meta["BLOCK_T"]), launch.cdiv(d, plan.cols_per_program))
-    bwd.grad_input_kernel[grid](
+    _launch(
+        bwd.grad_input_kernel, grid,
         dz, router, a_cat, dx,
         t, d, spec.num_slots, mr, plan.cols_per_program,
         router.stride(0), a_cat.stride(0), dx.stride(0),
@@ -171,7 +196,8 @@ def _grad_weights(dz, x, spec, seed, p_drop, plan, dtype):
     part_dtype = dtype if plan.splits == 1 else torch.float32
     part = _scratch(plan.splits, k, d, device=x.device, dtype=part_dtype)
     grid = (launch.cdiv(d, meta["BLOCK_D"]), launch.cdiv(k, meta["BLOCK_K"]), plan.splits)
-    bwd.grad_weights_kernel[grid](
+    _launch(
+        bwd.grad_weights_kernel, grid,
         dz, x, part,
         t, d, spec.num_slots, k, plan.tokens_per_split, x.stride(0),
         seed, float(p_drop),

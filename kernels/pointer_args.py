@@ -1,0 +1,65 @@
+"""Launching a kernel with its tensors' addresses instead of the tensors.
+
+For every tensor argument, at every launch, Triton's CUDA launcher calls the tensor's
+``data_ptr()`` and asks the driver about the address (``cuPointerGetAttribute``), and its JIT
+calls ``data_ptr()`` again to specialise on alignment; an argument given as an integer skips all
+of that. A kernel takes integers where it expects pointers only if its pointer parameters are
+annotated with their element types (``*bf16``), so ``launch`` uses a variant of the kernel per
+combination of dtypes, annotated so, whose specialisation (element types, 16-byte alignment)
+and so whose compiled code are those of the kernel given the tensors.
+
+Parameters named ``*_ptr`` are the pointers (the convention of every kernel here). GPU only: the
+interpreter needs the tensors themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import triton
+
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def pointer_names(kernel) -> list[str]:
+    """The pointer parameters of a ``triton.jit`` kernel, in order."""
+    return [name for name in kernel.arg_names if name.endswith("_ptr")]
+
+
+@functools.cache
+def typed_variant(kernel, element_types: tuple[str, ...]):
+    """``kernel`` with its pointer parameters annotated ``*<type>``, ``element_types`` in order:
+    the same source, compiled the same way, launched with integers for pointers."""
+    fn = kernel.fn
+    names = pointer_names(kernel)
+    if len(names) != len(element_types):
+        raise ValueError(f"{fn.__name__} has {len(names)} pointers, got {len(element_types)} types")
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)  # fmt: skip
+    copy.__annotations__ = {**fn.__annotations__,
+                            **{n: f"*{t}" for n, t in zip(names, element_types)}}  # fmt: skip
+    copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return triton.jit(
+        copy,
+        do_not_specialize=kernel.do_not_specialize,
+        do_not_specialize_on_alignment=kernel.do_not_specialize_on_alignment,
+    )
+
+
+def addresses(args: tuple) -> tuple[tuple[str, ...], tuple]:
+    """The element types of the tensors among ``args``, and ``args`` with each tensor replaced by
+    its address."""
+    element_types = tuple(TRITON_TYPES[a.dtype] for a in args if isinstance(a, torch.Tensor))
+    return element_types, tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def launch(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)`` with every tensor of ``args`` given as its address to the
+    kernel's typed variant. The caller keeps the tensors alive (they are, as the op's locals)."""
+    element_types, plain = addresses(args)
+    return typed_variant(kernel, element_types)[grid](*plain, **meta)
+
+
+__all__ = ["addresses", "launch", "pointer_names", "typed_variant"]

@@ -1,0 +1,118 @@
+"""Launching the kernels with addresses (``fedlease.kernels.pointer_args``) compiles what launching
+them with tensors compiles: for every launch of the op's forward and backward, at GPU launch
+plans, Triton's own argument binder gives the typed variant with integer addresses the
+specialisation (types, alignment, constants) that it gives the kernel with the tensors, and
+never specialises on the dropout seed. The binders run for an sm_90 target in a subprocess
+without the interpreter (no GPU needed); on a GPU the op itself is compared both ways."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+
+pytest.importorskip("triton")
+
+CHECK = r"""
+import json, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from fedlease.kernels import pointer_args
+from fedlease.ops import triton_backend as tb
+from fedlease.routing import RoutingSpec
+
+calls = []
+tb._launch = lambda kernel, grid, *args, **meta: calls.append((kernel, args, meta))
+backend = make_backend(GPUTarget("cuda", 90, 32))
+
+def binder(kernel):
+    return create_function_from_signature(kernel.signature, kernel.params, backend)
+
+rows = []
+for dtype, p in ((torch.bfloat16, 0.1), (torch.float32, 0.0), (torch.float16, 0.0)):
+    calls.clear()
+    t, d, n, m, r = 1000, 64, 48, 4, 8
+    x = torch.randn(t, d, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, d, dtype=dtype)
+    params = [torch.randn(m, r, d, dtype=dtype, requires_grad=True),
+              torch.randn(m, n, r, dtype=dtype, requires_grad=True),
+              torch.randn(2 * m - 1, d, dtype=dtype, requires_grad=True)]
+    spec = RoutingSpec.make("adaptive", m, own_expert=1)
+    y = tb.MoELoRALinearTritonFunction.apply(x, w, None, *params, spec, 2.0, p)
+    y.backward(torch.ones_like(y))
+    for kernel, args, meta in calls:
+        _, plain, opts = binder(kernel)(*args, **meta)
+        types, addresses = pointer_args.addresses(args)
+        variant = pointer_args.typed_variant(kernel, types)
+        _, typed, typed_opts = binder(variant)(*addresses, **meta)
+        rows.append({"kernel": kernel.__name__, "dtype": str(dtype), "types": list(types),
+                     "same": [list(a) for a in plain] == [list(b) for b in typed]
+                             and opts == typed_opts,
+                     "plain": repr(plain),
+                     "seed": (repr(plain[kernel.arg_names.index("seed")])
+                              if "seed" in kernel.arg_names else None)})
+print(json.dumps(rows))
+"""
+
+
+def test_typed_variants_specialise_as_the_tensors_do():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = {"shrink_route_kernel", "expand_kernel", "grad_route_kernel", "grad_input_kernel",
+               "grad_weights_kernel"}  # fmt: skip
+    assert {row["kernel"] for row in rows} == kernels  # every launch of forward and backward
+    assert len(rows) == 3 * len(kernels)
+    assert {"bf16", "fp32", "fp16"} <= {t for row in rows for t in row["types"]}
+    bad = [(row["kernel"], row["dtype"], row["plain"]) for row in rows if not row["same"]]
+    assert not bad
+    assert any("'D'" in row["plain"] for row in rows)  # alignment is part of what is compared
+    # the dropout seed is not specialised on (one compiled kernel for every seed)
+    seeds = [row["seed"] for row in rows if row["seed"] is not None]
+    assert len(seeds) == 9 and not any("constexpr" in v or "'D'" in v for v in seeds), seeds
+
+
+def test_a_variant_takes_its_types_in_the_pointers_order():
+    from fedlease.kernels import moe_lora_fwd, pointer_args
+
+    kernel = moe_lora_fwd.expand_kernel
+    names = pointer_args.pointer_names(kernel)
+    assert names == ["h_ptr", "b_ptr", "base_ptr", "bias_ptr", "y_ptr"]
+    with pytest.raises(ValueError, match="has 5 pointers, got 2 types"):
+        pointer_args.typed_variant(kernel, ("bf16", "fp32"))
+    types, plain = pointer_args.addresses((torch.ones(2), 3, torch.ones(2, dtype=torch.bfloat16)))
+    assert types == ("fp32", "bf16") and plain[1] == 3 and all(isinstance(v, int) for v in plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_op_with_addresses_computes_what_it_computes_with_tensors(dtype, monkeypatch):
+    """Forward and every gradient, bit for bit: the same compiled kernels, the same inputs."""
+    from fedlease.ops import triton_backend as tb
+    from fedlease.routing import RoutingSpec
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t, d, n, m, r = 777, 96, 80, 4, 8
+    inputs = [torch.randn(t, d, device="cuda", generator=g), torch.randn(n, d, device="cuda",
+              generator=g), torch.randn(n, device="cuda", generator=g),
+              torch.randn(m, r, d, device="cuda", generator=g) * 0.1,
+              torch.randn(m, n, r, device="cuda", generator=g) * 0.1,
+              torch.randn(2 * m - 1, d, device="cuda", generator=g)]  # fmt: skip
+    spec = RoutingSpec.make("adaptive", m, own_expert=2)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(tb, "INT_POINTERS", on)
+        leaves = [v.to(dtype).requires_grad_(i != 1) for i, v in enumerate(inputs)]
+        torch.manual_seed(5)  # the dropout seed
+        y = tb.MoELoRALinearTritonFunction.apply(*leaves[:3], *leaves[3:], spec, 2.0, 0.1)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [v.grad for i, v in enumerate(leaves) if i != 1])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
