@@ -1,9 +1,9 @@
-"""Host time of one kernel launch on a CUDA GPU: where a small layer's call spends its time.
+"""Host time of one kernel launch: where a small layer's call spends its time.
 
 On a GPU a small MoE-LoRA layer is bound by what the host does per call, and the Triton op's
-five kernels cost more host time than PEFT's ATen ops (benchmarks/RESULTS.md). This separates
-the parts of one Triton launch, each row launched back to back (no sync inside the timed loop,
-so the time per launch is the host's when the GPU keeps up):
+five kernels cost more host time than PEFT's ATen ops (benchmarks/RESULTS.md). On a CUDA device
+this separates the parts of one Triton launch, each row launched back to back (no sync inside the
+timed loop, so the time per launch is the host's when the GPU keeps up):
 
 - ``aten add_``: one ATen kernel launch, for scale;
 - ``triton, 1 tensor`` / ``6 tensors``: a trivial kernel through Triton's JIT launcher
@@ -14,18 +14,26 @@ so the time per launch is the host's when the GPU keeps up):
   calls, the JIT's specialization (alignment) is the same;
 - ``triton, 6 tensors, binder only``: the JIT's Python side without the launch
   (``run(..., warmup=True)``: argument binding, specialization, cache lookup);
-- ``fedlease forward`` / ``PEFT forward``: the layers at a tiny shape (forward only, no grad),
-  for the sum of their launches.
+- the layers at a tiny shape, forward alone and forward+backward: PEFT's LoRA, fedlease's Triton
+  op, and the op launched with addresses (``triton_backend.INT_POINTERS``).
 
-    python benchmarks/launch_overhead.py            # needs a CUDA device
+Without a CUDA device (``--binder``, the default there) it times the JIT's Python side alone for
+each of the op's five kernels at GPU launch plans, given tensors and given addresses
+(``fedlease.kernels.pointer_args``), with Triton's driver replaced by a stand-in for an sm_90
+target (the kernels compile for it on the CPU; nothing is launched).
+
+    python benchmarks/launch_overhead.py            # CUDA rows, or the binder rows without CUDA
+    python benchmarks/launch_overhead.py --binder   # the binder rows
     python benchmarks/launch_overhead.py --json
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import triton
@@ -62,7 +70,7 @@ def touch6_int(a: "*fp32", b: "*fp32", c: "*fp32", d: "*fp32", e: "*fp32", f: "*
 
 def rows(device: torch.device) -> dict:
     """The callables to time, each one launch (or one layer call); checked once for results."""
-    from bench_layer import peft_lora
+    from bench_layer import Flipped, peft_lora
     from torch import nn
 
     from fedlease import MoELoRALinear
@@ -96,25 +104,81 @@ def rows(device: torch.device) -> dict:
     layer = MoELoRALinear(base, 4, 4, backend="triton").to(device)
     peft = peft_lora(base, 4, 16).to(device)
     x = torch.randn(16, 64, device=device)
-    out["fedlease forward (M=4, r=4)"] = torch.no_grad()(lambda: layer(x))
-    out["PEFT forward (r=4)"] = torch.no_grad()(lambda: peft(x))
+    xg = x.clone().requires_grad_()
+
+    def fwd_bwd(module):
+        module(xg).sum().backward()
+
+    flipped = Flipped(layer, "INT_POINTERS")
+    for name, module in (("PEFT", peft), ("fedlease", layer), ("fedlease, addresses", flipped)):
+        out[f"{name} forward (M=4, r=4)"] = torch.no_grad()(partial(module, x))
+        out[f"{name} forward+backward"] = partial(fwd_bwd, module)
     return out
 
 
-def measure(fns: dict, launches: int, reps: int) -> dict[str, float]:
-    """Median host microseconds per call of each row (``launches`` calls back to back, then one
-    synchronisation), rows timed round-robin."""
+def binder_rows() -> dict:
+    """The JIT's Python side (``run(..., warmup=True)``) of each launch of the op's forward and
+    backward (bf16, dropout 0.1, M = 4, r = 8, 1000 tokens, GPU plans), given tensors and given
+    addresses, with a stand-in driver for an sm_90 target."""
+    from fedlease.kernels import pointer_args
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from fedlease.ops import triton_backend
+    from fedlease.routing import RoutingSpec
+
+    class StandIn:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(StandIn())
+    calls = []
+    triton_backend._launch = lambda kernel, grid, *args, **meta: calls.append(
+        (kernel, grid, args, meta)
+    )
+    g = torch.Generator().manual_seed(0)
+    t, d, n, m, r = 1000, 64, 48, 4, 8
+    x = torch.randn(t, d, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    params = [torch.randn(*shape, generator=g, dtype=torch.bfloat16, requires_grad=True)
+              for shape in ((m, r, d), (m, n, r), (2 * m - 1, d))]  # fmt: skip
+    weight = torch.randn(n, d, generator=g, dtype=torch.bfloat16)
+    spec = RoutingSpec.make("adaptive", m, own_expert=1)
+    y = triton_backend.MoELoRALinearTritonFunction.apply(x, weight, None, *params, spec, 2.0, 0.1)
+    y.backward(torch.ones_like(y))
+    out = {}
+    for kernel, grid, args, meta in calls:
+        kernel.run(*args, grid=grid, warmup=True, **meta)  # compiled once, for sm_90
+
+        def with_addresses(kernel=kernel, grid=grid, args=args, meta=meta):
+            variant, plain = pointer_args.prepare(kernel, args)
+            variant.run(*plain, grid=grid, warmup=True, **meta)
+
+        name = kernel.__name__.removesuffix("_kernel")
+        out[f"{name}, tensors"] = partial(kernel.run, *args, grid=grid, warmup=True, **meta)
+        out[f"{name}, addresses"] = with_addresses
+    return out
+
+
+def measure(fns: dict, launches: int, reps: int, sync) -> dict[str, float]:
+    """Median host microseconds per call of each row (``launches`` calls back to back, then
+    ``sync()``), rows timed round-robin."""
     for fn in fns.values():
         for _ in range(20):
             fn()
-    torch.cuda.synchronize()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(launches):
                 fn()
-            torch.cuda.synchronize()
+            sync()
             times[name].append((time.perf_counter() - t0) / launches * 1e6)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -125,22 +189,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="calls per timed repetition (default: 200)")  # fmt: skip
     p.add_argument("--reps", type=at_least(1), default=15,
                    help="timed repetitions; the median is reported (default: 15)")  # fmt: skip
+    p.add_argument("--binder", action="store_true",
+                   help="time the JIT's Python side of the op's launches (the default without "
+                   "CUDA; needs no GPU)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("launch_overhead.py: no CUDA device here: nothing measured", file=sys.stderr)
-        return 0
-    device = torch.device("cuda")
-    from timing import device_name, versions
+    from timing import cpu_name, device_name, versions
 
-    times = measure(rows(device), args.launches, args.reps)
+    if args.binder or not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            print("launch_overhead.py: TRITON_INTERPRET=1 is set: the binder rows need Triton's "
+                  "compiler, not its interpreter; nothing measured", file=sys.stderr)  # fmt: skip
+            return 0
+        machine = f"{cpu_name()} (JIT binder only, sm_90 stand-in)"
+        times = measure(binder_rows(), args.launches, args.reps, lambda: None)
+    else:
+        machine = device_name(torch.device("cuda"))
+        times = measure(rows(torch.device("cuda")), args.launches, args.reps,
+                        torch.cuda.synchronize)  # fmt: skip
     if args.json:
-        print(json.dumps({"device": device_name(device), "versions": versions(),
-                          "us_per_call": times}, indent=2))  # fmt: skip
+        print(json.dumps({"device": machine, "versions": versions(), "us_per_call": times},
+                         indent=2))  # fmt: skip
         return 0
-    print(f"device: {device_name(device)}; {versions()}")
+    print(f"device: {machine}; {versions()}")
     for name, us in times.items():
-        print(f"{name:<34} {us:8.1f} us per call")
+        print(f"{name:<38} {us:8.1f} us per call")
     return 0
 
 

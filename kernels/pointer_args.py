@@ -48,18 +48,38 @@ def typed_variant(kernel, element_types: tuple[str, ...]):
     )
 
 
+_VARIANTS: dict[tuple, object] = {}  # (id(kernel), element types...) -> typed variant
+
+
 def addresses(args: tuple) -> tuple[tuple[str, ...], tuple]:
     """The element types of the tensors among ``args``, and ``args`` with each tensor replaced by
     its address."""
-    element_types = tuple(TRITON_TYPES[a.dtype] for a in args if isinstance(a, torch.Tensor))
-    return element_types, tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+    element_types, plain = [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            element_types.append(TRITON_TYPES[a.dtype])
+            plain.append(a.data_ptr())
+        else:
+            plain.append(a)
+    return tuple(element_types), tuple(plain)
+
+
+def prepare(kernel, args: tuple):
+    """The typed variant of ``kernel`` for the tensors among ``args``, and the arguments to give
+    it (a dictionary keyed by the kernel's id spares hashing the kernel at every launch)."""
+    element_types, plain = addresses(args)
+    key = (id(kernel), *element_types)
+    variant = _VARIANTS.get(key)
+    if variant is None:
+        variant = _VARIANTS[key] = typed_variant(kernel, element_types)
+    return variant, plain
 
 
 def launch(kernel, grid, *args, **meta):
     """``kernel[grid](*args, **meta)`` with every tensor of ``args`` given as its address to the
     kernel's typed variant. The caller keeps the tensors alive (they are, as the op's locals)."""
-    element_types, plain = addresses(args)
-    return typed_variant(kernel, element_types)[grid](*plain, **meta)
+    variant, plain = prepare(kernel, args)
+    return variant[grid](*plain, **meta)
 
 
-__all__ = ["addresses", "launch", "pointer_names", "typed_variant"]
+__all__ = ["addresses", "launch", "pointer_names", "prepare", "typed_variant"]

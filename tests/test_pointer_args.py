@@ -116,3 +116,16 @@ def test_the_op_with_addresses_computes_what_it_computes_with_tensors(dtype, mon
         results.append([y.detach()] + [v.grad for i, v in enumerate(leaves) if i != 1])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_launch_overhead_times_the_binder_without_a_gpu():
+    """``launch_overhead.py --binder`` runs the JIT's Python side of the op's ten launch rows
+    (five kernels, tensors and addresses) against a stand-in sm_90 driver and reports each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "launch_overhead.py"),
+                          "--binder", "--reps", "1", "--launches", "2", "--json"], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    times = json.loads(out.stdout)["us_per_call"]
+    assert len(times) == 10 and all(v > 0 for v in times.values())
+    assert {"shrink_route, tensors", "grad_weights, addresses"} <= set(times)
