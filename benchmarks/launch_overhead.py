@@ -14,7 +14,8 @@ timed loop, so the time per launch is the host's when the GPU keeps up):
   calls, the JIT's specialization (alignment) is the same;
 - ``triton, 6 tensors, binder only``: the JIT's Python side without the launch
   (``run(..., warmup=True)``: argument binding, specialization, cache lookup);
-- the layers at a tiny shape, forward alone and forward+backward: PEFT's LoRA, fedlease's Triton
+- the layers at a tiny shape (16 tokens, 64 features, r 4, M 4), forward alone and
+  forward+backward: PEFT's LoRA, fedlease's Triton
   op, and the op launched with addresses (``triton_backend.INT_POINTERS``).
 
 Without a CUDA device (``--binder``, the default there) it times the JIT's Python side alone for
@@ -87,19 +88,6 @@ def rows(device: torch.device) -> dict:
             *t, n, BLOCK=256, grid=(1,), warmup=True
         ),
     }
-    for name, fn in (("triton, 6 tensors", touch6), ("triton, 6 int pointers", touch6_int)):
-        args = t if fn is touch6 else ptrs
-        t[5].zero_()
-        try:
-            fn[(1,)](*args, n, BLOCK=256)
-            ok = torch.allclose(t[5], t[0] + t[1] + t[2] + t[3] + t[4])
-        except Exception as e:  # a row that does not run is left out and said why
-            print(f"launch_overhead: {name} left out: {type(e).__name__}: {e}", file=sys.stderr)
-            del out[name]
-            continue
-        if not ok:
-            print(f"launch_overhead: {name} left out: wrong sum", file=sys.stderr)
-            del out[name]
     base = nn.Linear(64, 64, bias=False, device=device).requires_grad_(False)
     layer = MoELoRALinear(base, 4, 4, backend="triton").to(device)
     peft = peft_lora(base, 4, 16).to(device)
@@ -107,13 +95,31 @@ def rows(device: torch.device) -> dict:
     xg = x.clone().requires_grad_()
 
     def fwd_bwd(module):
+        xg.grad = None
+        module.zero_grad(set_to_none=True)
         module(xg).sum().backward()
 
     flipped = Flipped(layer, "INT_POINTERS")
     for name, module in (("PEFT", peft), ("fedlease", layer), ("fedlease, addresses", flipped)):
-        out[f"{name} forward (M=4, r=4)"] = torch.no_grad()(partial(module, x))
-        out[f"{name} forward+backward"] = partial(fwd_bwd, module)
-    return out
+        out[f"{name}, forward"] = torch.no_grad()(partial(module, x))
+        out[f"{name}, forward+backward"] = partial(fwd_bwd, module)
+    return {name: fn for name, fn in out.items() if _runs(name, fn, t)}
+
+
+def _runs(name: str, fn, t: list) -> bool:
+    """Whether a row runs (and the 6-pointer kernels sum right); says why one is left out."""
+    t[5].zero_()
+    try:
+        fn()
+    except Exception as e:  # a row that does not run is left out and said why
+        print(f"launch_overhead: {name} left out: {type(e).__name__}: {e}", file=sys.stderr)
+        return False
+    if name in ("triton, 6 tensors", "triton, 6 int pointers") and not torch.allclose(
+        t[5], t[0] + t[1] + t[2] + t[3] + t[4]
+    ):
+        print(f"launch_overhead: {name} left out: wrong sum", file=sys.stderr)
+        return False
+    return True
 
 
 def binder_rows() -> dict:
@@ -165,11 +171,11 @@ def binder_rows() -> dict:
     return out
 
 
-def measure(fns: dict, launches: int, reps: int, sync) -> dict[str, float]:
+def measure(fns: dict, launches: int, reps: int, sync, warmup: int = 20) -> dict[str, float]:
     """Median host microseconds per call of each row (``launches`` calls back to back, then
-    ``sync()``), rows timed round-robin."""
+    ``sync()``), rows timed round-robin after ``warmup`` calls each."""
     for fn in fns.values():
-        for _ in range(20):
+        for _ in range(warmup):
             fn()
     sync()
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -129,3 +129,19 @@ def test_launch_overhead_times_the_binder_without_a_gpu():
     times = json.loads(out.stdout)["us_per_call"]
     assert len(times) == 10 and all(v > 0 for v in times.values())
     assert {"shrink_route, tensors", "grad_weights, addresses"} <= set(times)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_launch_overhead_gpu_rows_run_in_the_interpreter():
+    """The GPU rows' code, run on CPU tensors in Triton's interpreter (this process's): every row
+    runs except the integer-pointer kernel, which the interpreter cannot take and the script
+    leaves out, saying so (the op's ``INT_POINTERS`` falls back to tensors there)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import launch_overhead
+
+    rows = launch_overhead.rows(torch.device("cpu"))
+    assert "triton, 6 int pointers" not in rows
+    assert {"aten add_", "triton, 6 tensors", "PEFT, forward+backward",
+            "fedlease, addresses, forward+backward"} <= set(rows)  # fmt: skip
+    times = launch_overhead.measure(rows, 1, 1, lambda: None, warmup=0)
+    assert set(times) == set(rows) and all(v > 0 for v in times.values())
