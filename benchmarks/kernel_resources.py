@@ -100,8 +100,9 @@ def compile_kernel(kernel, pointers: dict, dtype: str, constexprs: dict, num_war
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     # Tensor pointers from torch are 16-byte aligned, and Triton specialises integer arguments
-    # divisible by 16: tell the compiler, as launches do.
-    aligned = [*pointers, *(k for k, v in (ints or {}).items() if v % 16 == 0)]
+    # divisible by 16 (but those a kernel says not to): tell the compiler, as launches do.
+    aligned = [*pointers, *(k for k, v in (ints or {}).items()
+                            if v % 16 == 0 and k not in kernel.do_not_specialize)]  # fmt: skip
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned
              if a in kernel.arg_names}  # fmt: skip
     source = ASTSource(

@@ -32,7 +32,7 @@ import triton.language as tl
 from .routing import dropout_keep, gate_per_column, load_b_tile, load_tile, sum_columns_per_slot
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compiled kernel for any token count
 def grad_route_kernel(
     dy_ptr, b_ptr, q_ptr, a_ptr, dz_ptr,
     T, N, S, M, MR, R, OWN, scaling,
@@ -69,7 +69,7 @@ def grad_route_kernel(
     tl.store(dz_ptr + offs_t[:, None] * k + S + offs_j[None, :], d_a, mask=j_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed
+@triton.jit(do_not_specialize=["T", "seed"])  # one compiled kernel for any token count, seed
 def grad_input_kernel(
     dz_ptr, router_ptr, a_cat_ptr, dx_ptr,
     T, D, S, MR, cols_per_program,
@@ -114,7 +114,7 @@ def grad_input_kernel(
         tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed
+@triton.jit(do_not_specialize=["T", "seed"])  # one compiled kernel for any token count, seed
 def grad_weights_kernel(
     dz_ptr, x_ptr, dw_ptr,
     T, D, S, K, tokens_per_split,

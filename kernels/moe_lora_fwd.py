@@ -19,7 +19,7 @@ import triton.language as tl
 from .routing import dropout_keep, gate_per_column, load_b_tile, load_tile, restricted_softmax
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed
+@triton.jit(do_not_specialize=["T", "seed"])  # one compiled kernel for any token count, seed
 def shrink_route_kernel(
     x_ptr, router_ptr, a_cat_ptr, q_ptr, a_ptr, h_ptr,
     T, D, S, M, MR, R, OWN, KEEP,
@@ -66,7 +66,7 @@ def shrink_route_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one compiled kernel for any token count
 def expand_kernel(
     h_ptr, b_ptr, base_ptr, bias_ptr, y_ptr,
     T, N, MR, R, scaling,

@@ -94,7 +94,7 @@ def dropout_keep(seed, offs_t, offs_d, D, p_drop):
     return rnd >= p_drop
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compiled kernel for every seed
+@triton.jit(do_not_specialize=["T", "seed"])  # one compiled kernel for any token count, seed
 def dropout_mask_kernel(out_ptr, T, D, seed, p_drop, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Writes the multiplier ``keep / (1 - p)`` that the kernels apply, for tests and debugging."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

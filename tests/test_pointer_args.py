@@ -2,8 +2,9 @@
 them with tensors compiles: for every launch of the op's forward and backward, at GPU launch
 plans, Triton's own argument binder gives the typed variant with integer addresses the
 specialisation (types, alignment, constants) that it gives the kernel with the tensors, and
-never specialises on the dropout seed. The binders run for an sm_90 target in a subprocess
-without the interpreter (no GPU needed); on a GPU the op itself is compared both ways."""
+never specialises on the token count or the dropout seed. The binders run for an sm_90 target
+in a subprocess without the interpreter (no GPU needed); on a GPU the op itself is compared
+both ways."""
 
 import json
 import os
@@ -36,7 +37,7 @@ def binder(kernel):
 rows = []
 for dtype, p in ((torch.bfloat16, 0.1), (torch.float32, 0.0), (torch.float16, 0.0)):
     calls.clear()
-    t, d, n, m, r = 1000, 64, 48, 4, 8
+    t, d, n, m, r = 1024, 64, 48, 4, 8
     x = torch.randn(t, d, dtype=dtype, requires_grad=True)
     w = torch.randn(n, d, dtype=dtype)
     params = [torch.randn(m, r, d, dtype=dtype, requires_grad=True),
@@ -54,8 +55,8 @@ for dtype, p in ((torch.bfloat16, 0.1), (torch.float32, 0.0), (torch.float16, 0.
                      "same": [list(a) for a in plain] == [list(b) for b in typed]
                              and opts == typed_opts,
                      "plain": repr(plain),
-                     "seed": (repr(plain[kernel.arg_names.index("seed")])
-                              if "seed" in kernel.arg_names else None)})
+                     "unspecialised": [repr(plain[kernel.arg_names.index(name)])
+                                       for name in ("T", "seed") if name in kernel.arg_names]})
 print(json.dumps(rows))
 """
 
@@ -74,9 +75,11 @@ def test_typed_variants_specialise_as_the_tensors_do():
     bad = [(row["kernel"], row["dtype"], row["plain"]) for row in rows if not row["same"]]
     assert not bad
     assert any("'D'" in row["plain"] for row in rows)  # alignment is part of what is compared
-    # the dropout seed is not specialised on (one compiled kernel for every seed)
-    seeds = [row["seed"] for row in rows if row["seed"] is not None]
-    assert len(seeds) == 9 and not any("constexpr" in v or "'D'" in v for v in seeds), seeds
+    # neither the token count (1024: specialised, it would read 'D') nor the dropout seed is
+    # specialised on: one compiled kernel for all of them
+    values = [v for row in rows for v in row["unspecialised"]]
+    assert len(values) == 3 * 5 + 3 * 3, values
+    assert not any("constexpr" in v or "'D'" in v for v in values), values
 
 
 def test_a_variant_takes_its_types_in_the_pointers_order():
