@@ -2,13 +2,14 @@
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
 # current Python, then, most wanted first: the layer at the reference shapes in bf16, the host
 # time of one kernel launch, a whole model's training (fp32 and bf16; MiniLM, and SmolLM2 where
-# it is here), one FedLEASE round of 16 and then 64 GLUE clients (and of 8 SmolLM2 FLAN clients,
-# where SmolLM2 and a FLAN copy are here) trained one by one and in lockstep, the CUDA-relevant
-# tests (in parallel where pytest-xdist is installed) while the kernels' registers are checked,
-# a torch.profiler table of the layer, and one short federated run. Outputs go to OUT_DIR:
-#   env.txt, install.log, layer_<shape>.json, layer.md, launch.txt, train.json, train.txt,
-#   train_smollm2.{json,txt}, round.txt, round_flan.txt, tests.txt, kernel_resources.txt,
-#   profile.txt, fl_run/ (a short `fedlease run`), fl_run.log, gpu_check.log
+# it is here), one FedLEASE round of 16 GLUE clients, of 8 SmolLM2 FLAN clients (where SmolLM2
+# and a FLAN copy are here) and of 64 GLUE clients, each trained one by one and in lockstep, the
+# CUDA-relevant tests (in parallel where pytest-xdist is installed) while the kernels' registers
+# are checked, a torch.profiler table of the layer, and one short federated run. Outputs go to
+# OUT_DIR: env.txt, install.log, layer_<shape>.json, layer.md, launch.txt, train.json,
+#   train.txt, train_smollm2.{json,txt}, round_<clients>.txt, round_flan.txt, tests.txt,
+#   kernel_resources.txt, profile.txt, fl_run/ (a short `fedlease run`), fl_run.log,
+#   gpu_check.log
 # and all of them packed in OUT_DIR.tar.gz beside it (for machines that return few files).
 # GPU_CHECK_TEST_BUDGET_S bounds the tests (300 s); GPU_CHECK_SKIP lists steps to leave out
 # (e.g. "fl_run kernel_resources"); GPU_CHECK_TESTS the pytest selection (default: the CUDA
@@ -142,18 +143,19 @@ if [ "$gpu" = 1 ]; then
   round_sizes=(16 64)
   round_args=(--device cuda)
 else
-  round_sizes=(3)
+  round_sizes=(3 4)
   round_args=(--device cpu --train-samples 16 --test-samples 16 --seq 32)
 fi
-# one invocation per size, so that the smaller one's row is kept if the larger runs out of time
-for n in "${round_sizes[@]}"; do
-  if step round 60 "one round of $n GLUE clients, one by one against in lockstep (bench_round.py)"; then
+# glue_round N: one round of N GLUE clients, one invocation per size (a smaller size's row is
+# kept if a larger one runs out of time); the FLAN round comes between the two sizes
+glue_round() {
+  if step round 60 "one round of $1 GLUE clients, one by one against in lockstep (bench_round.py)"; then
     bounded 240 $py benchmarks/bench_round.py --data-dir "${FEDLEASE_DATA_DIR:-.}" \
-      "${round_args[@]}" --clients "$n" >>"$out/round.txt" 2>>"$out/gpu_check.log" \
-      || log "round benchmark of $n clients failed"
+      "${round_args[@]}" --clients "$1" >"$out/round_$1.txt" 2>>"$out/gpu_check.log" \
+      && tee -a "$out/gpu_check.log" <"$out/round_$1.txt" || log "round benchmark of $1 clients failed"
   fi
-done
-[ -s "$out/round.txt" ] && tee -a "$out/gpu_check.log" <"$out/round.txt"
+}
+glue_round "${round_sizes[0]}"
 
 if step round_flan 60 "one round of SmolLM2 FLAN clients, one by one against in lockstep (bench_round.py)"; then
 flan=""
@@ -174,6 +176,7 @@ else
     && cat "$out/round_flan.txt" | tee -a "$out/gpu_check.log" || log "FLAN round benchmark failed"
 fi
 fi
+glue_round "${round_sizes[1]}"
 
 # The kernels' registers are checked (ptxas, on the CPU) while the tests run
 resources_pid=""

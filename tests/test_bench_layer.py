@@ -1,9 +1,12 @@
 """The layer benchmark runs on a tiny shape and reports what its --json promises."""
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import ROOT, load_script
 
@@ -67,3 +70,25 @@ def test_dropout_outside_its_range_is_refused():
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--dropout", "1"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2 and "--dropout: must be a number with 0 <= P < 1" in done.stderr
+
+
+def test_a_fedlease_row_that_fails_is_left_out_and_said_so(monkeypatch, capsys):
+    """One fedlease row that raises (here the cpp backend's) costs only that row: the shape's
+    other rows are timed, and stderr names the row and the error."""
+    from fedlease.ops import dispatch
+
+    bench_layer = load_script("benchmarks/bench_layer.py")
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a launch path new to this device")
+
+    cpp = dispatch._REGISTRY["cpp"]
+    monkeypatch.setitem(dispatch._REGISTRY, "cpp", dataclasses.replace(cpp, linear_fn=broken))
+    args = argparse.Namespace(device="cpu", dtype="float32", d_in=16, d_out=16, rank=4, experts=2,
+                              tokens=32, dropout=0.0, reps=1, warmup=0)  # fmt: skip
+    report = bench_layer.bench(args)
+    assert "fedlease_cpp" not in report["results"]
+    assert {"base", "peft_lora", "naive_loop", "fedlease_torch"} <= set(report["results"])
+    assert "row fedlease_cpp left out: RuntimeError: a launch path new" in capsys.readouterr().err
