@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_args import int_list
+
 EXIT_BAD_INPUT = 2
 
 
@@ -308,13 +310,14 @@ def _output_problem(out: Path, args: argparse.Namespace) -> str | None:
     return None
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _seeds(text: str) -> list[int]:
+    """``--seeds``, parsed as every comma-separated integer flag is (``cli_args.int_list``)."""
     from .fl import ConfigError
 
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} expects comma-separated integers, got {text!r}") from None
+        return int_list(0)(text)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--seeds: {e}") from None
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -324,7 +327,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out = None
     try:
         cfg = _load(args, args.config, check_device=False)  # compare checks it if it must run
-        seeds = _int_list(args.seeds, "--seeds") if args.seeds else [cfg.seed]
+        seeds = _seeds(args.seeds) if args.seeds else [cfg.seed]
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         out = Path(args.output or Path("runs") / f"compare-{Path(args.config).stem}-"
                    f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip

@@ -342,7 +342,7 @@ CASES = [
     (
         "compare, its second seed bad: no run starts",
         lambda t, o, f: cmp(t, o, "--methods", "fedit", "--seeds", "1,-2"),
-        "'seed' = -2",
+        "--seeds: must be >= 0, got -2",
     ),
     (
         "fixed K above the clients (max_experts by default)",
