@@ -14,7 +14,6 @@ interpreter needs the tensors themselves.
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -28,10 +27,10 @@ def pointer_names(kernel) -> list[str]:
     return [name for name in kernel.arg_names if name.endswith("_ptr")]
 
 
-@functools.cache
 def typed_variant(kernel, element_types: tuple[str, ...]):
     """``kernel`` with its pointer parameters annotated ``*<type>``, ``element_types`` in order:
-    the same source, compiled the same way, launched with integers for pointers."""
+    the same source, compiled the same way, launched with integers for pointers (a new one per
+    call: ``prepare`` keeps those in use)."""
     fn = kernel.fn
     names = pointer_names(kernel)
     if len(names) != len(element_types):
