@@ -3,7 +3,12 @@ one client (batch 16), all sequences of the same length: what the lockstep gains
 step with padding and data order out of the picture. Timed round-robin in one process; with
 ``--profile`` also the torch profiler's table of both (where the time goes as the batch grows).
 
+On a GPU ``--backends`` compares the layers' backends side by side: the ``triton`` op has no
+client dimension (a lockstep step runs it once per client and layer, each a full set of kernel
+launches), the ``torch`` op runs all clients in one set of batched GEMMs.
+
     python benchmarks/bench_lockstep_step.py --clients 2,4,8 --seq 128 --precision bf16
+    python benchmarks/bench_lockstep_step.py --device cuda --clients 16,64 --backends triton,torch
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ from timing import device_name, interleaved_medians, versions
 
 from fedlease import inject_moe_lora, models
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import at_least, int_list
+from fedlease.cli_args import at_least, existing_device, int_list, name_list
 from fedlease.clients import set_active, set_own_experts, stack_clients
 from fedlease.dropout import use_fast_dropout
-from fedlease.inject import MoELoRAConfig
+from fedlease.inject import MoELoRAConfig, moe_lora_layers
+from fedlease.ops import BACKEND_NAMES
 from fedlease.precision import autocast
-
-CPU = torch.device("cpu")
 
 
 def client_model(precision: str) -> torch.nn.Module:
@@ -54,11 +58,44 @@ def stacked(single: torch.nn.Module, n: int) -> torch.nn.Module:
 
 
 def step(model, ids, labels, precision) -> None:
-    with autocast(CPU, precision):
+    with autocast(ids.device, precision):
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     for p in model.parameters():
         p.grad = None
     F.cross_entropy(logits.float(), labels).backward()
+
+
+def use_backend(model: torch.nn.Module, backend: str) -> None:
+    for layer in moe_lora_layers(model).values():
+        layer.backend = backend
+
+
+def compare(single, n: int, backend: str, args) -> dict[str, float]:
+    """Median ms of N steps of one client and of one lockstep step of N, with ``backend``."""
+    many = stacked(single, n)
+    for model in (single, many):
+        use_backend(model, backend)
+    ids = torch.randint(1000, 20000, (args.batch, args.seq), device=args.device)
+    labels = torch.randint(0, 2, (args.batch,), device=args.device)
+    big_ids, big_labels = ids.repeat(n, 1), labels.repeat(n)
+    fns = {
+        "one by one": lambda: [step(single, ids, labels, args.precision) for _ in range(n)],
+        "lockstep": lambda: step(many, big_ids, big_labels, args.precision),
+    }
+    ms = interleaved_medians(fns, args.device, warmup=1, reps=args.reps)
+    if args.profile and n == args.clients[-1]:
+        profile(fns, n)
+    return ms
+
+
+def profile(fns: dict, n: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in fns.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n{name}, N = {n}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def main() -> None:
@@ -74,36 +111,28 @@ def main() -> None:
         choices=["bf16", "fp32"],
         help="precision of the steps (default: bf16)",
     )
+    ap.add_argument("--device", type=existing_device, default="cpu",
+                    help="cpu, cuda or cuda:N (default: cpu)")  # fmt: skip
+    ap.add_argument("--backends", type=name_list(("auto", *BACKEND_NAMES)), default=["auto"],
+                    help="the layers' backends, comma-separated, each timed "
+                    "(default: auto)")  # fmt: skip
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
     ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
     args = ap.parse_args()
+    args.device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `fedlease run` does; FEDLEASE_KEEP_FREED_MEMORY=0: not
     torch.manual_seed(0)
-    single = client_model(args.precision)
-    ids = torch.randint(1000, 20000, (args.batch, args.seq))
-    labels = torch.randint(0, 2, (args.batch,))
-    print(f"{device_name(CPU)}, {args.threads} threads, {args.precision}, {versions()}")
-    print(f"{'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} {'ratio':>6}")
-    for n in args.clients:
-        many = stacked(single, n)
-        big_ids, big_labels = ids.repeat(n, 1), labels.repeat(n)
-        fns = {
-            "one by one": lambda n=n: [step(single, ids, labels, args.precision) for _ in range(n)],
-            "lockstep": lambda m=many, i=big_ids, y=big_labels: step(m, i, y, args.precision),
-        }
-        ms = interleaved_medians(fns, CPU, warmup=1, reps=args.reps)
-        ratio = ms["one by one"] / ms["lockstep"]
-        print(f"{n:>3} {ms['one by one']:>17.0f} ms {ms['lockstep']:>9.0f} ms {ratio:>5.2f}x")
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        for name, fn in fns.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                fn()
-            print(f"\n{name}, N = {n}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    single = client_model(args.precision).to(args.device)
+    print(f"{device_name(args.device)}, {args.threads} threads, {args.precision}, {versions()}")
+    print(f"{'backend':>8} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} {'ratio':>6}")
+    for backend in args.backends:
+        for n in args.clients:
+            ms = compare(single, n, backend, args)
+            ratio = ms["one by one"] / ms["lockstep"]
+            print(f"{backend:>8} {n:>3} {ms['one by one']:>17.0f} ms {ms['lockstep']:>9.0f} ms "
+                  f"{ratio:>5.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

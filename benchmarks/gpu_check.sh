@@ -2,12 +2,14 @@
 # One command for any machine with a GPU: installs the package (with its CUDA extension) into the
 # current Python, then, most wanted first: the layer at the reference shapes in bf16, the host
 # time of one kernel launch, a whole model's training (fp32 and bf16; MiniLM, and SmolLM2 where
-# it is here), one FedLEASE round of 16 GLUE clients, of 8 SmolLM2 FLAN clients (where SmolLM2
-# and a FLAN copy are here) and of 64 GLUE clients, each trained one by one and in lockstep, the
+# it is here), one FedLEASE round of 16 GLUE clients, one training step of 16 and 64 clients in
+# lockstep per layer backend, one round of 8 SmolLM2 FLAN clients (where SmolLM2 and a FLAN copy
+# are here) and of 64 GLUE clients, each trained one by one and in lockstep, the
 # CUDA-relevant tests (in parallel where pytest-xdist is installed) while the kernels' registers
 # are checked, a torch.profiler table of the layer, and one short federated run. Outputs go to
 # OUT_DIR: env.txt, install.log, layer_<shape>.json, layer.md, launch.txt, train.json,
-#   train.txt, train_smollm2.{json,txt}, round_<clients>.txt, round_flan.txt, tests.txt,
+#   train.txt, train_smollm2.{json,txt}, round_<clients>.txt, lockstep_step.txt,
+#   round_flan.txt, tests.txt,
 #   kernel_resources.txt, profile.txt, fl_run/ (a short `fedlease run`), fl_run.log,
 #   gpu_check.log
 # and all of them packed in OUT_DIR.tar.gz beside it (for machines that return few files).
@@ -156,6 +158,17 @@ glue_round() {
   fi
 }
 glue_round "${round_sizes[0]}"
+
+if step lockstep_step 40 "one training step of N clients in lockstep against N one by one, per backend (bench_lockstep_step.py)"; then
+if [ "$gpu" = 1 ]; then
+  step_args=(--device cuda --clients 16,64 --backends triton,torch --reps 3)
+else
+  step_args=(--clients 2 --seq 16 --batch 2 --reps 1 --backends auto,torch)
+fi
+bounded 120 $py benchmarks/bench_lockstep_step.py "${step_args[@]}" >"$out/lockstep_step.txt" \
+  2>>"$out/gpu_check.log" && tee -a "$out/gpu_check.log" <"$out/lockstep_step.txt" \
+  || log "lockstep step benchmark failed"
+fi
 
 if step round_flan 60 "one round of SmolLM2 FLAN clients, one by one against in lockstep (bench_round.py)"; then
 flan=""

@@ -36,6 +36,7 @@ CASES = [
     ("bench_train.py", ["--seq", "5000"], "--seq 5000: minilm has 512 positions"),
     ("bench_layer.py", ["--device", "cuda:99"], "--device"),
     ("bench_lockstep_step.py", ["--clients", ","], "--clients"),
+    ("bench_lockstep_step.py", ["--backends", "nope"], "'nope' is not one of auto, torch"),
     ("bench_dropout_cost.py", ["--steps", "0"], "--steps: must be >= 1"),
     ("host_overhead.py", ["--calls", "-1"], "--calls: must be >= 1"),
     ("launch_overhead.py", ["--reps", "0"], "--reps: must be >= 1"),

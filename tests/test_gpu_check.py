@@ -8,8 +8,8 @@ import sys
 from helpers import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["layer", "launch", "train", "round", "round_flan", "tests", "profile", "fl_run",
-         "kernel_resources"]  # fmt: skip
+STEPS = ["layer", "launch", "train", "round", "lockstep_step", "round_flan", "tests", "profile",
+         "fl_run", "kernel_resources"]  # fmt: skip
 
 
 def run_check(tmp_path, **env) -> str:
