@@ -5,10 +5,13 @@ step with padding and data order out of the picture. Timed round-robin in one pr
 
 On a GPU ``--backends`` compares the layers' backends side by side: the ``triton`` op has no
 client dimension (a lockstep step runs it once per client and layer, each a full set of kernel
-launches), the ``torch`` op runs all clients in one set of batched GEMMs.
+launches, base GEMM included), the ``torch`` op runs all clients in one set of batched GEMMs;
+``--shared-base`` also times each with one base GEMM for every client
+(``fedlease.ops.SHARED_BASE_FOR_CLIENTS``).
 
     python benchmarks/bench_lockstep_step.py --clients 2,4,8 --seq 128 --precision bf16
-    python benchmarks/bench_lockstep_step.py --device cuda --clients 16,64 --backends triton,torch
+    python benchmarks/bench_lockstep_step.py --device cuda --clients 16,64 --backends triton,torch \
+        --shared-base
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from timing import device_name, interleaved_medians, versions
 
-from fedlease import inject_moe_lora, models
+from fedlease import inject_moe_lora, models, ops
 from fedlease.allocator import keep_freed_memory
 from fedlease.cli_args import at_least, existing_device, int_list, name_list
 from fedlease.clients import set_active, set_own_experts, stack_clients
@@ -116,6 +119,9 @@ def main() -> None:
     ap.add_argument("--backends", type=name_list(("auto", *BACKEND_NAMES)), default=["auto"],
                     help="the layers' backends, comma-separated, each timed "
                     "(default: auto)")  # fmt: skip
+    ap.add_argument("--shared-base", action="store_true",
+                    help="also time each backend with fedlease.ops.SHARED_BASE_FOR_CLIENTS on "
+                    "(one base GEMM for every client, the plain op per client)")  # fmt: skip
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
     ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
@@ -126,13 +132,17 @@ def main() -> None:
     torch.manual_seed(0)
     single = client_model(args.precision).to(args.device)
     print(f"{device_name(args.device)}, {args.threads} threads, {args.precision}, {versions()}")
-    print(f"{'backend':>8} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} {'ratio':>6}")
+    print(f"{'backend':>20} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} "
+          f"{'ratio':>6}")  # fmt: skip
     for backend in args.backends:
-        for n in args.clients:
-            ms = compare(single, n, backend, args)
-            ratio = ms["one by one"] / ms["lockstep"]
-            print(f"{backend:>8} {n:>3} {ms['one by one']:>17.0f} ms {ms['lockstep']:>9.0f} ms "
-                  f"{ratio:>5.2f}x")  # fmt: skip
+        for shared in (False, True) if args.shared_base else (False,):
+            ops.SHARED_BASE_FOR_CLIENTS = shared
+            name = backend + (", shared base" if shared else "")
+            for n in args.clients:
+                ms = compare(single, n, backend, args)
+                ratio = ms["one by one"] / ms["lockstep"]
+                print(f"{name:>20} {n:>3} {ms['one by one']:>17.0f} ms "
+                      f"{ms['lockstep']:>9.0f} ms {ratio:>5.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

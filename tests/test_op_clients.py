@@ -95,6 +95,36 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_one_shared_base_gemm_for_every_client_computes_the_same(backend, monkeypatch):
+    """``SHARED_BASE_FOR_CLIENTS``: one base GEMM over every client's tokens and the plain op per
+    client, instead of the backend's layer op per client: the same output and gradients (float32,
+    no dropout), and the backend's layer op is not called."""
+    from fedlease import ops
+    from fedlease.ops import dispatch
+
+    x, _, a, b, router, w, bias, specs = client_inputs(CASES[1], torch.float32, seed=7)
+    results, calls = [], []
+    impl = dispatch._REGISTRY[backend]
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return impl.linear_fn(*args, **kwargs)
+
+    monkeypatch.setitem(dispatch._REGISTRY, backend,
+                        dispatch.Backend(**{**impl.__dict__, "linear_fn": counted}))  # fmt: skip
+    for shared in (False, True):
+        monkeypatch.setattr(ops, "SHARED_BASE_FOR_CLIENTS", shared)
+        calls.clear()
+        fast = leaves(x, w, bias, a, b, router)
+        y = moe_lora_linear(*fast, specs, 2.0, backend=backend)
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [v.grad for v in fast if v.grad is not None])
+        assert len(calls) == (0 if shared else len(specs)), shared
+    for one, other in zip(*results, strict=True):
+        assert rel_err(other, one) < 1e-5
+
+
 def test_one_client_is_the_single_client_op():
     """N = 1 through the client form gives the single-client op's numbers exactly (the torch
     backend computes both with the same batched code)."""
