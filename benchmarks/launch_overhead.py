@@ -122,6 +122,30 @@ def _runs(name: str, fn, t: list) -> bool:
     return True
 
 
+def op_launches(dtype: torch.dtype, dropout: float, tokens: int) -> list[tuple]:
+    """``(kernel, grid, args, meta)`` of every Triton launch of one forward and backward of the
+    layer op (M = 4, r = 8, 64 -> 48 features) at GPU launch plans, recorded instead of launched
+    (CPU tensors; the backend's launch function is replaced for good)."""
+    from fedlease.ops import triton_backend
+    from fedlease.routing import RoutingSpec
+
+    calls = []
+    triton_backend._launch = lambda kernel, grid, *args, **meta: calls.append(
+        (kernel, grid, args, meta)
+    )
+    g = torch.Generator().manual_seed(0)
+    d, n, m, r = 64, 48, 4, 8
+    x = torch.randn(tokens, d, generator=g, dtype=dtype, requires_grad=True)
+    params = [torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+              for shape in ((m, r, d), (m, n, r), (2 * m - 1, d))]  # fmt: skip
+    weight = torch.randn(n, d, generator=g, dtype=dtype)
+    spec = RoutingSpec.make("adaptive", m, own_expert=1)
+    y = triton_backend.MoELoRALinearTritonFunction.apply(x, weight, None, *params, spec, 2.0,
+                                                         dropout)  # fmt: skip
+    y.backward(torch.ones_like(y))
+    return calls
+
+
 def binder_rows() -> dict:
     """The JIT's Python side (``run(..., warmup=True)``) of each launch of the op's forward and
     backward (bf16, dropout 0.1, M = 4, r = 8, 1000 tokens, GPU plans), given tensors and given
@@ -129,9 +153,6 @@ def binder_rows() -> dict:
     from fedlease.kernels import pointer_args
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-
-    from fedlease.ops import triton_backend
-    from fedlease.routing import RoutingSpec
 
     class StandIn:
         def get_current_device(self):
@@ -144,19 +165,7 @@ def binder_rows() -> dict:
             return GPUTarget("cuda", 90, 32)
 
     driver.set_active(StandIn())
-    calls = []
-    triton_backend._launch = lambda kernel, grid, *args, **meta: calls.append(
-        (kernel, grid, args, meta)
-    )
-    g = torch.Generator().manual_seed(0)
-    t, d, n, m, r = 1000, 64, 48, 4, 8
-    x = torch.randn(t, d, generator=g, dtype=torch.bfloat16, requires_grad=True)
-    params = [torch.randn(*shape, generator=g, dtype=torch.bfloat16, requires_grad=True)
-              for shape in ((m, r, d), (m, n, r), (2 * m - 1, d))]  # fmt: skip
-    weight = torch.randn(n, d, generator=g, dtype=torch.bfloat16)
-    spec = RoutingSpec.make("adaptive", m, own_expert=1)
-    y = triton_backend.MoELoRALinearTritonFunction.apply(x, weight, None, *params, spec, 2.0, 0.1)
-    y.backward(torch.ones_like(y))
+    calls = op_launches(torch.bfloat16, 0.1, 1000)
     out = {}
     for kernel, grid, args, meta in calls:
         kernel.run(*args, grid=grid, warmup=True, **meta)  # compiled once, for sm_90

@@ -19,16 +19,14 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import json, sys
+sys.path.insert(0, "benchmarks")
 import torch
+from launch_overhead import op_launches
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 from fedlease.kernels import pointer_args
-from fedlease.ops import triton_backend as tb
-from fedlease.routing import RoutingSpec
 
-calls = []
-tb._launch = lambda kernel, grid, *args, **meta: calls.append((kernel, args, meta))
 backend = make_backend(GPUTarget("cuda", 90, 32))
 
 def binder(kernel):
@@ -36,17 +34,8 @@ def binder(kernel):
 
 rows = []
 for dtype, p in ((torch.bfloat16, 0.1), (torch.float32, 0.0), (torch.float16, 0.0)):
-    calls.clear()
-    t, d, n, m, r = 1024, 64, 48, 4, 8
-    x = torch.randn(t, d, dtype=dtype, requires_grad=True)
-    w = torch.randn(n, d, dtype=dtype)
-    params = [torch.randn(m, r, d, dtype=dtype, requires_grad=True),
-              torch.randn(m, n, r, dtype=dtype, requires_grad=True),
-              torch.randn(2 * m - 1, d, dtype=dtype, requires_grad=True)]
-    spec = RoutingSpec.make("adaptive", m, own_expert=1)
-    y = tb.MoELoRALinearTritonFunction.apply(x, w, None, *params, spec, 2.0, p)
-    y.backward(torch.ones_like(y))
-    for kernel, args, meta in calls:
+    calls = op_launches(dtype, p, 1024)
+    for kernel, _, args, meta in calls:
         _, plain, opts = binder(kernel)(*args, **meta)
         types, addresses = pointer_args.addresses(args)
         variant = pointer_args.typed_variant(kernel, types)
