@@ -81,6 +81,7 @@ def stub_triton_launches() -> None:
         triton_backend.moe_lora_triton,
         lambda device: None,
         linear_fn=triton_backend.moe_lora_linear_triton,
+        clients=True,
     )
 
 

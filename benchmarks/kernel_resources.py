@@ -30,16 +30,18 @@ from triton.compiler import ASTSource
 
 from fedlease.cli_args import at_least, name_list
 
-IN, F32 = "in", "fp32"  # pointer element types: the input dtype, or float32 scratch
+IN, F32, I32 = "in", "fp32", "i32"  # pointer element types: the input dtype, float32 scratch,
+# int32 (each client's own expert)
 KERNELS = {  # plan key -> (kernel, pointer element types, constexpr flags besides the plan's)
     "shrink_route": (moe_lora_fwd.shrink_route_kernel,
-                     {"x_ptr": IN, "router_ptr": IN, "a_cat_ptr": IN, "q_ptr": F32, "a_ptr": F32,
-                      "h_ptr": IN}, ("HAS_DROPOUT",)),
+                     {"x_ptr": IN, "router_ptr": IN, "a_cat_ptr": IN, "own_ptr": I32,
+                      "q_ptr": F32, "a_ptr": F32, "h_ptr": IN}, ("HAS_DROPOUT",)),
     "expand": (moe_lora_fwd.expand_kernel,
                {"h_ptr": IN, "b_ptr": IN, "base_ptr": IN, "bias_ptr": IN, "y_ptr": IN},
                ("HAS_BASE", "HAS_BIAS")),
     "grad_route": (moe_lora_bwd.grad_route_kernel,
-                   {"dy_ptr": IN, "b_ptr": IN, "q_ptr": F32, "a_ptr": F32, "dz_ptr": F32}, ()),
+                   {"dy_ptr": IN, "b_ptr": IN, "own_ptr": I32, "q_ptr": F32, "a_ptr": F32,
+                    "dz_ptr": F32}, ()),
     "grad_input": (moe_lora_bwd.grad_input_kernel,
                    {"dz_ptr": F32, "router_ptr": IN, "a_cat_ptr": IN, "dx_ptr": IN},
                    ("HAS_DROPOUT",)),
@@ -79,7 +81,8 @@ def launch_ints(tokens: int, d: int, slots: int, mr: int, m: int, plan) -> dict[
     """The integer arguments a launch at this shape passes (in = out = ``d``, contiguous)."""
     return {"T": tokens, "D": d, "N": d, "S": slots, "M": m, "MR": mr, "R": mr // m,
             "K": slots + mr, "stride_xt": d, "stride_rs": d, "stride_am": d,
-            "stride_bn": mr // m, "stride_bm": d * (mr // m),
+            "stride_rc": slots * d, "stride_ac": mr * d, "stride_bc": mr * d,
+            "stride_bn": mr // m, "stride_bm": d * (mr // m), "C": 1,
             "stride_dyt": d, "stride_dxt": d, "stride_yt": d, "stride_baset": d,
             "tokens_per_split": plan.tokens_per_split,
             "cols_per_program": plan.cols_per_program}  # fmt: skip
@@ -96,7 +99,7 @@ def compile_kernel(kernel, pointers: dict, dtype: str, constexprs: dict, num_war
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
-            signature[name] = "*" + (dtype if pointers[name] == IN else "fp32")
+            signature[name] = "*" + (dtype if pointers[name] == IN else pointers[name])
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     # Tensor pointers from torch are 16-byte aligned, and Triton specialises integer arguments

@@ -80,10 +80,18 @@ def forward_plan(slots: int, mr: int, interpreter: bool, wide: bool = False) -> 
 
 @functools.lru_cache(maxsize=256)
 def backward_plan(
-    tokens: int, d_in: int, slots: int, mr: int, interpreter: bool, wide: bool = False
+    tokens: int,
+    d_in: int,
+    slots: int,
+    mr: int,
+    interpreter: bool,
+    wide: bool = False,
+    clients: int = 1,
 ) -> BackwardPlan:
-    """Plan of the three backward passes for ``tokens`` x ``d_in`` inputs, ``slots`` router
-    outputs and ``mr = M * r`` rank columns (``wide``: float32 operands, as in ``forward_plan``)."""
+    """Plan of the three backward passes for ``clients`` x ``tokens`` x ``d_in`` inputs (each
+    client's tokens apart), ``slots`` router outputs and ``mr = M * r`` rank columns (``wide``:
+    float32 operands, as in ``forward_plan``). Column ranges and token splits are per client; the
+    clients multiply the programs, so the more clients, the fewer splits the device needs."""
     wide = wide and not interpreter
     s_pad, mr_pad = pow2_at_least_16(slots), pow2_at_least_16(mr)
     k = slots + mr
@@ -92,7 +100,7 @@ def backward_plan(
     # grad_input: one program per token block and range of columns; the columns are split only
     # when there are too few token blocks to fill the device.
     input_t, block_d = (32, 32) if wide else (64, 64)
-    t_blocks = cdiv(tokens, input_t)
+    t_blocks = clients * cdiv(tokens, input_t)
     d_blocks = cdiv(d_in, block_d)
     col_groups = min(d_blocks, max(1, target // t_blocks))
     cols_per_program = cdiv(d_blocks, col_groups) * block_d
@@ -101,7 +109,7 @@ def backward_plan(
     w_block_k = min(128, pow2_at_least_16(k))
     w_block_d = 64 if interpreter or wide else 128
     w_t = 64 if interpreter else 32
-    tiles = cdiv(d_in, w_block_d) * cdiv(k, w_block_k)
+    tiles = clients * cdiv(d_in, w_block_d) * cdiv(k, w_block_k)
     w_blocks = cdiv(tokens, w_t)
     splits = min(w_blocks, MAX_SPLITS, max(1, target // tiles))
     tokens_per_split = cdiv(w_blocks, splits) * w_t

@@ -19,7 +19,12 @@ import types
 import torch
 import triton
 
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int32: "i32",
+}
 
 
 def pointer_names(kernel) -> list[str]:

@@ -74,13 +74,18 @@ def kill_after_rounds(cmd: list[str], run_dir, rounds: int, poll_s: float = 0.05
 
 def op_dropout_mask(backend: str, shape, p: float, rng_seed: int) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) a CPU backend's op applies to an input of ``shape``
-    after ``torch.manual_seed(rng_seed)``: aten's mask for ``torch``; for ``cpp`` the
-    counter-based mask of the seed it draws from torch's generator."""
+    after ``torch.manual_seed(rng_seed)``: aten's mask for ``torch``; for ``cpp`` and ``triton``
+    the counter-based mask of the seed the op draws from torch's generator (``shape``: (rows,
+    features) for triton, whose mask is keyed by the row among all of a call's rows)."""
     import torch.nn.functional as F
 
     torch.manual_seed(rng_seed)
     if backend == "torch":
         return F.dropout(torch.ones(shape), p, training=True)
+    if backend == "triton":
+        from fedlease.ops import triton_backend
+
+        return triton_backend.dropout_mask(triton_backend._draw_seed(), *shape, p, "cpu")
     from fedlease.ops.cpp_backend import draw_seed
 
     return torch.ops.fedlease.philox_dropout(torch.ones(shape), p, draw_seed())[0]

@@ -52,7 +52,7 @@ def _name(case):
 @pytest.mark.parametrize("case", CASES, ids=_name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_each_client_matches_its_reference(backend, case, dtype):
-    if backend == "triton" and (dtype == torch.bfloat16 or case[0] > 2):
+    if backend == "triton" and dtype == torch.bfloat16 and case[0] > 2:
         pytest.skip("the interpreter is slow: fp32 and two clients are enough for its loop")
     x, base, a, b, router, _, _, specs = client_inputs(case, dtype, seed=case[1])
     fast = leaves(x, base, a, b, router)
@@ -69,11 +69,12 @@ def test_each_client_matches_its_reference(backend, case, dtype):
         assert rel_err(f.grad, r.grad) < TOL[dtype], name
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES[:2], ids=_name)
 def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     """moe_lora_linear: one frozen base for every client; with dropout, each client's experts
-    see its own mask (the backend's: aten's for torch, drawn per client inside the op for cpp)."""
+    see its own mask (the backend's: aten's for torch, drawn per client inside the op for cpp,
+    one seed's mask over every client's rows for triton)."""
     x, _, a, b, router, w, bias, specs = client_inputs(case, torch.float32, seed=5)
     n, t, d_in = x.shape
     p = 0.3
@@ -82,6 +83,8 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     y = moe_lora_linear(*fast, specs, 2.0, dropout=p, training=True, backend=backend)
     if backend == "torch":  # one draw over every client's tokens
         masks = op_dropout_mask("torch", x.shape, p, 21)
+    elif backend == "triton":
+        masks = op_dropout_mask("triton", (n * t, d_in), p, 21).reshape(n, t, d_in)
     else:  # one seed per client, drawn in client order
         torch.manual_seed(21)
         from fedlease.ops.cpp_backend import draw_seed
@@ -95,7 +98,7 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpp"])  # no client form
 def test_one_shared_base_gemm_for_every_client_computes_the_same(backend, monkeypatch):
     """``SHARED_BASE_FOR_CLIENTS``: one base GEMM over every client's tokens and the plain op per
     client, instead of the backend's layer op per client: the same output and gradients (float32,
@@ -125,13 +128,52 @@ def test_one_shared_base_gemm_for_every_client_computes_the_same(backend, monkey
         assert rel_err(other, one) < 1e-5
 
 
-def test_one_client_is_the_single_client_op():
-    """N = 1 through the client form gives the single-client op's numbers exactly (the torch
-    backend computes both with the same batched code)."""
+CLIENT_FORMS = [b for b in BACKENDS if b in ("torch", "triton")]  # the backends with one
+
+
+@pytest.mark.parametrize("backend", CLIENT_FORMS)
+def test_one_client_is_the_single_client_op(backend):
+    """N = 1 through the client form gives the single-client op's numbers exactly, forward and
+    every gradient (both run the same code); for triton with dropout too (same seed, same mask:
+    a token's mask is keyed by its row among all clients' rows)."""
     x, base, a, b, router, _, _, specs = client_inputs(CASES[3], torch.float32, seed=2)
-    single = moe_lora(x[0], base[0], a[0], b[0], router[0], specs[0], 2.0, backend="torch")
-    clients = moe_lora(x, base, a, b, router, specs, 2.0, backend="torch")
-    assert torch.equal(single, clients[0])
+    p = 0.25 if backend == "triton" else 0.0
+    runs = []
+    for client_form in (False, True):
+        tensors = leaves(*(v if client_form else v[0] for v in (x, base, a, b, router)))
+        torch.manual_seed(3)
+        y = moe_lora(*tensors, specs if client_form else specs[0], 2.0, dropout=p,
+                     training=True, backend=backend)  # fmt: skip
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        runs.append([v.flatten() for v in (y, *(t.grad for t in tensors))])
+    for single, client in zip(*runs, strict=True):
+        assert torch.equal(single, client)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the triton backend")
+def test_triton_launches_each_kernel_once_for_all_clients(monkeypatch):
+    """The client dimension is inside the kernels: a forward and backward of the layer op launches
+    the same five kernels for three clients as for one, with one base GEMM over all tokens."""
+    from fedlease.ops import triton_backend
+
+    launched = []
+    real = triton_backend._launch
+
+    def counted(kernel, grid, *args, **meta):
+        launched.append((kernel.fn.__name__, grid[-1]))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_backend, "_launch", counted)
+    x, _, a, b, router, w, bias, specs = client_inputs(CASES[0], torch.float32, seed=4)
+    for n in (1, 3):
+        launched.clear()
+        fast = leaves(x[:n], a[:n], b[:n], router[:n])
+        y = moe_lora_linear(fast[0], w, bias, *fast[1:], specs[:n], 2.0, backend="triton")
+        y.sum().backward()
+        names = [name for name, _ in launched]
+        assert names == ["shrink_route_kernel", "expand_kernel", "grad_route_kernel",
+                         "grad_input_kernel", "grad_weights_kernel"], names  # fmt: skip
+        assert [clients for _, clients in launched[:4]] == [n] * 4  # the grids' client axis
 
 
 def test_gradcheck_float64_torch_clients():

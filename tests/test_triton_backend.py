@@ -212,8 +212,8 @@ def test_the_gpu_launch_plans_compute_the_same_under_the_interpreter(dtype, op, 
     def forward_plan(slots, mr, interpreter, wide):
         return gpu_forward(slots, mr, False, wide)
 
-    def backward_plan(tokens, d, slots, mr, interpreter, wide):
-        return gpu_backward(tokens, d, slots, mr, False, wide)
+    def backward_plan(tokens, d, slots, mr, interpreter, wide, clients=1):
+        return gpu_backward(tokens, d, slots, mr, False, wide, clients)
 
     monkeypatch.setattr(launch, "forward_plan", forward_plan)
     monkeypatch.setattr(launch, "backward_plan", backward_plan)

@@ -30,22 +30,19 @@ from .dispatch import (
 from .torch_backend import moe_lora_torch
 
 
-def _torch_clients(x, base_out, lora_a, lora_b, router, specs, scaling, dropout_p):
-    """Client-stacked: x (N, T, in), base_out (N, T, out), adapters and routers with a leading N,
-    one RoutingSpec per client."""
+def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
+    """Client-stacked (x (N, T, in), base_out (N, T, out), adapters and routers with a leading N,
+    one RoutingSpec per client) in batched GEMMs; one client is the case N = 1."""
+    if lora_a.dim() == 3:
+        return _torch_backend(x[None], base_out[None], lora_a[None], lora_b[None], router[None],
+                              (spec,), scaling, dropout_p)[0]  # fmt: skip
     a_cat, b_cat = concat_adapters(lora_a, lora_b)
     x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    fold = torch.stack([s.fold_matrix(x.device) for s in specs])
-    return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, fold, specs[0], scaling)
+    fold = torch.stack([s.fold_matrix(x.device) for s in spec])
+    return moe_lora_torch(x, x_drop, base_out, a_cat, b_cat, router, fold, spec[0], scaling)
 
 
-def _torch_backend(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p):
-    """One client: the client-stacked op with N = 1."""
-    return _torch_clients(x[None], base_out[None], lora_a[None], lora_b[None], router[None],
-                          (spec,), scaling, dropout_p)[0]  # fmt: skip
-
-
-register(Backend("torch", _torch_backend, lambda device: None, clients_fn=_torch_clients))
+register(Backend("torch", _torch_backend, lambda device: None, clients=True))
 _F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 register(
     Backend(
@@ -63,6 +60,7 @@ register(
         triton_backend.moe_lora_triton,
         triton_backend.unavailable_reason,
         linear_fn=triton_backend.moe_lora_linear_triton,
+        clients=True,
         dtypes={"cuda": (_F32, _F16, _BF16), "cpu": (_F32, _F16, _BF16)},
     )
 )
@@ -122,10 +120,10 @@ def moe_lora(
 
 
 def _per_client(impl: Backend, x, base_out, lora_a, lora_b, router, specs, scaling, p):
-    """The op on client-stacked tensors: the backend's own batched form where it has one, else
-    its single-client op once per client."""
-    if impl.clients_fn is not None:
-        return impl.clients_fn(x, base_out, lora_a, lora_b, router, specs, scaling, p)
+    """The op on client-stacked tensors: in one call where the backend takes them, else its
+    single-client op once per client."""
+    if impl.clients:
+        return impl.fn(x, base_out, lora_a, lora_b, router, specs, scaling, p)
     return _each_client(lambda *t: impl.fn(*t, scaling, p), (x, base_out, lora_a, lora_b, router),
                         specs)  # fmt: skip
 
@@ -138,7 +136,7 @@ def _each_client(fn, stacked: tuple, specs) -> torch.Tensor:
     return torch.stack([fn(*tensors, spec) for *tensors, spec in parts])
 
 
-# Client-stacked calls of ``moe_lora_linear`` on a backend without a batched form (``clients_fn``):
+# Client-stacked calls of ``moe_lora_linear`` on a backend without a client form (``clients``):
 # False runs the backend's layer op once per client, frozen base GEMM included; True runs one
 # base GEMM over every client's tokens and the plain op once per client (fewer launches and one
 # large GEMM, which a GPU should prefer). Off until measured (bench_lockstep_step.py
@@ -180,7 +178,7 @@ def moe_lora_linear(
             return moe_lora_linear(*_cast((x, weight, bias, lora_A, lora_B, router), cast), spec,
                                    scaling, dropout, training, impl.name, fast_dropout)  # fmt: skip
     p = float(dropout) if training else 0.0
-    shared_base = specs is not None and SHARED_BASE_FOR_CLIENTS and impl.clients_fn is None
+    shared_base = specs is not None and SHARED_BASE_FOR_CLIENTS and not impl.clients
     if impl.linear_fn is None or shared_base:
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
@@ -191,9 +189,13 @@ def moe_lora_linear(
         return impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p, fast_dropout,
                               **extra)  # fmt: skip
 
-    if specs is not None:  # the backend's layer op once per client
+    if specs is not None:  # the backend's layer op on every client at once, or once per client
         n, lead = lora_A.shape[0], x.shape[:-1]
-        y = _each_client(layer, (x.reshape(n, -1, d_in), lora_A, lora_B, router), specs)
+        xs = x.reshape(n, -1, d_in)
+        if impl.clients:
+            y = layer(xs, lora_A, lora_B, router, specs)
+        else:
+            y = _each_client(layer, (xs, lora_A, lora_B, router), specs)
         return y.reshape(*lead, d_out)
     if x.dim() == 2:  # no reshapes: each is an autograd node, host time on every call
         return layer(x, lora_A, lora_B, router, spec)

@@ -7,7 +7,8 @@ frozen base GEMM included, as ``linear_fn(x, weight, bias, lora_A, lora_B, route
 dropout_p, fast_dropout)`` (``fast_dropout=False``: aten's dropout where the backend would draw
 its own mask); the others get the base output from ``F.linear``. On the device types of
 ``linear_casts`` its ``linear_fn`` also takes ``dtype=`` (autocast's, or None) and casts inside;
-elsewhere the caller casts every input first. ``auto`` takes the first
+elsewhere the caller casts every input first. A backend with ``clients`` takes client-stacked
+inputs (see ``fedlease.ops.moe_lora``) in the same functions. ``auto`` takes the first
 available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
 """
 
@@ -31,8 +32,9 @@ class Backend:
     linear_fn: Callable[..., torch.Tensor] | None = None
     # device types where ``linear_fn`` takes ``dtype=`` (autocast's) and casts inside
     linear_casts: tuple[str, ...] = ()
-    # the op on client-stacked tensors in one go (else ``fn`` once per client)
-    clients_fn: Callable[..., torch.Tensor] | None = None
+    # ``fn`` and ``linear_fn`` also take client-stacked tensors (a leading client dimension) and
+    # one RoutingSpec per client, in one go (else the op runs once per client)
+    clients: bool = False
     # dtypes it computes in, per device type; a device type not listed: any dtype
     dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
