@@ -3,34 +3,33 @@ one client (batch 16), all sequences of the same length: what the lockstep gains
 step with padding and data order out of the picture. Timed round-robin in one process; with
 ``--profile`` also the torch profiler's table of both (where the time goes as the batch grows).
 
-On a GPU ``--backends`` compares the layers' backends side by side: the ``triton`` op has no
-client dimension (a lockstep step runs it once per client and layer, each a full set of kernel
-launches, base GEMM included), the ``torch`` op runs all clients in one set of batched GEMMs;
-``--shared-base`` also times each with one base GEMM for every client
-(``fedlease.ops.SHARED_BASE_FOR_CLIENTS``).
+On a GPU ``--backends`` compares the layers' backends side by side: the ``triton`` kernels and
+the ``torch`` op's batched GEMMs both run all clients of a layer in one call (``cpp`` runs once
+per client); ``--once-per-client`` also times the lockstep step with the op run once per client
+and layer (each call a full set of launches and its own base GEMM), what the client form saves.
 
     python benchmarks/bench_lockstep_step.py --clients 2,4,8 --seq 128 --precision bf16
     python benchmarks/bench_lockstep_step.py --device cuda --clients 16,64 --backends triton,torch \
-        --shared-base
+        --once-per-client
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timing import device_name, interleaved_medians, versions
 
-from fedlease import inject_moe_lora, models, ops
+from fedlease import inject_moe_lora, models
 from fedlease.allocator import keep_freed_memory
 from fedlease.cli_args import at_least, existing_device, int_list, name_list
 from fedlease.clients import set_active, set_own_experts, stack_clients
 from fedlease.dropout import use_fast_dropout
 from fedlease.inject import MoELoRAConfig, moe_lora_layers
-from fedlease.ops import BACKEND_NAMES
+from fedlease.ops import BACKEND_NAMES, resolve_backend
+from fedlease.ops.dispatch import once_per_client
 from fedlease.precision import autocast
 
 
@@ -76,8 +75,7 @@ def use_backend(model: torch.nn.Module, backend: str) -> None:
 
 def compare(single, n: int, backend: str, args) -> dict[str, float]:
     """Median ms of N steps of one client and of one lockstep step of N, with ``backend``, timed
-    side by side; with ``--shared-base`` the lockstep step also with
-    ``SHARED_BASE_FOR_CLIENTS`` on (which changes nothing for one client)."""
+    side by side."""
     many = stacked(single, n)
     for model in (single, many):
         use_backend(model, backend)
@@ -85,19 +83,18 @@ def compare(single, n: int, backend: str, args) -> dict[str, float]:
     labels = torch.randint(0, 2, (args.batch,), device=args.device)
     big_ids, big_labels = ids.repeat(n, 1), labels.repeat(n)
 
-    def lockstep(shared: bool) -> None:
-        ops.SHARED_BASE_FOR_CLIENTS = shared
-        try:
-            step(many, big_ids, big_labels, args.precision)
-        finally:
-            ops.SHARED_BASE_FOR_CLIENTS = False
-
     fns = {
         "one by one": lambda: [step(single, ids, labels, args.precision) for _ in range(n)],
-        "lockstep": partial(lockstep, False),
+        "lockstep": lambda: step(many, big_ids, big_labels, args.precision),
     }
-    if args.shared_base:
-        fns["lockstep, shared base"] = partial(lockstep, True)
+    impl = resolve_backend(backend, args.device)
+    if args.once_per_client and impl.clients:
+
+        def loop() -> None:
+            with once_per_client(impl.name):
+                step(many, big_ids, big_labels, args.precision)
+
+        fns["lockstep, op once per client"] = loop
     ms = interleaved_medians(fns, args.device, warmup=1, reps=args.reps)
     if args.profile and n == args.clients[-1]:
         profile(fns, n)
@@ -132,9 +129,9 @@ def main() -> None:
     ap.add_argument("--backends", type=name_list(("auto", *BACKEND_NAMES)), default=["auto"],
                     help="the layers' backends, comma-separated, each timed "
                     "(default: auto)")  # fmt: skip
-    ap.add_argument("--shared-base", action="store_true",
-                    help="also time each backend with fedlease.ops.SHARED_BASE_FOR_CLIENTS on "
-                    "(one base GEMM for every client, the plain op per client)")  # fmt: skip
+    ap.add_argument("--once-per-client", action="store_true",
+                    help="also time the lockstep step with the layer op run once per client "
+                    "(backends with a client form)")  # fmt: skip
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
     ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
@@ -145,14 +142,14 @@ def main() -> None:
     torch.manual_seed(0)
     single = client_model(args.precision).to(args.device)
     print(f"{device_name(args.device)}, {args.threads} threads, {args.precision}, {versions()}")
-    print(f"{'backend':>20} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} "
+    print(f"{'backend':>28} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} "
           f"{'ratio':>6}")  # fmt: skip
     for backend in args.backends:
         for n in args.clients:
             ms = compare(single, n, backend, args)
             for row in (r for r in ms if r != "one by one"):
                 name = backend + row.removeprefix("lockstep")
-                print(f"{name:>20} {n:>3} {ms['one by one']:>17.0f} ms {ms[row]:>9.0f} ms "
+                print(f"{name:>28} {n:>3} {ms['one by one']:>17.0f} ms {ms[row]:>9.0f} ms "
                       f"{ms['one by one'] / ms[row]:>5.2f}x")  # fmt: skip
 
 

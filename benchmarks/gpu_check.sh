@@ -161,9 +161,9 @@ glue_round "${round_sizes[0]}"
 
 if step lockstep_step 40 "one training step of N clients in lockstep against N one by one, per backend (bench_lockstep_step.py)"; then
 if [ "$gpu" = 1 ]; then
-  step_args=(--device cuda --clients 16,64 --backends triton,torch --shared-base --reps 3)
+  step_args=(--device cuda --clients 16,64 --backends triton,torch --once-per-client --reps 3)
 else
-  step_args=(--clients 2 --seq 16 --batch 2 --reps 1 --backends auto,torch --shared-base)
+  step_args=(--clients 2 --seq 16 --batch 2 --reps 1 --backends auto,torch --once-per-client)
 fi
 bounded 120 $py benchmarks/bench_lockstep_step.py "${step_args[@]}" >"$out/lockstep_step.txt" \
   2>>"$out/gpu_check.log" && tee -a "$out/gpu_check.log" <"$out/lockstep_step.txt" \

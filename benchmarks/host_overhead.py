@@ -6,9 +6,12 @@ no-ops, the tensors are tiny, so what remains is the op's Python, its ATen calls
 PEFT's LoRA and the bare base linear are timed the same way, side by side. (Triton's own launcher
 cost on a GPU comes on top and is not measured here: ``launch_overhead.py`` measures it there.)
 Each row also counts the ATen operators of one forward+backward that would launch a device
-kernel (everything but allocations and views), and the Triton launches.
+kernel (everything but allocations and views), and the Triton launches. ``--clients N`` adds the
+layer holding N clients (a lockstep step's layer), its op once for all clients against once per
+client (as a backend without a client dimension runs it).
 
     python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py --clients 16
 """
 
 from __future__ import annotations
@@ -85,6 +88,33 @@ def stub_triton_launches() -> None:
     )
 
 
+class _OncePerClient(nn.Module):
+    """``layer`` with the stubbed triton backend's client dimension switched off for its forward:
+    the op runs once per client (the backward follows the graph the forward built)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with dispatch.once_per_client("triton"):
+            return self.layer(x)
+
+
+def client_rows(base: nn.Module, args) -> dict:
+    """``--clients N``: the layer with N client slots, the op once for all against once per
+    client; each row ``(module, x, dy)``, 8 tokens per client."""
+    layer = MoELoRALinear(base, args.experts, args.rank, backend="triton")
+    layer.stack_clients(args.clients)
+    x = torch.randn(8 * args.clients, 16, requires_grad=True)
+    dy = torch.randn(8 * args.clients, 16)
+    n = args.clients
+    return {
+        f"fedlease triton, {n} clients in one call": (layer, x, dy),
+        f"fedlease triton, {n} clients one by one": (_OncePerClient(layer), x, dy),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experts", type=at_least(1), default=4, help="number of experts M")
@@ -92,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calls", type=at_least(1), default=50, help="calls per timed repetition")
     p.add_argument("--reps", type=at_least(1), default=30,
                    help="timed repetitions; the median is reported")  # fmt: skip
+    p.add_argument("--clients", type=at_least(1), default=1,
+                   help="also time the layer holding this many clients "
+                   "(default 1: not)")  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     stub_triton_launches()
@@ -100,31 +133,37 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(8, 16, requires_grad=True)
     dy = torch.randn(8, 16)
     rows = {
-        "base linear": base,
-        "PEFT LoRA": peft_lora(base, args.rank, 16),
-        "fedlease triton (launches stubbed)": MoELoRALinear(
-            base, args.experts, args.rank, backend="triton"
+        "base linear": (base, x, dy),
+        "PEFT LoRA": (peft_lora(base, args.rank, 16), x, dy),
+        "fedlease triton (launches stubbed)": (
+            MoELoRALinear(base, args.experts, args.rank, backend="triton"),
+            x,
+            dy,
         ),
     }
+    if args.clients > 1:
+        rows.update(client_rows(base, args))
 
-    def step(module):
+    def step(row):
+        module, x, dy = row
         x.grad = None
         module.zero_grad(set_to_none=True)
         module(x).backward(dy)
 
-    for module in rows.values():
+    for row in rows.values():
         for _ in range(200):
-            step(module)
+            step(row)
     times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(args.reps):
-        for name, module in rows.items():
+        for name, row in rows.items():
             t0 = time.perf_counter()
             for _ in range(args.calls):
-                step(module)
+                step(row)
             times[name].append((time.perf_counter() - t0) / args.calls * 1e6)
+    width = max(map(len, rows)) + 2
     for name, ts in times.items():
         ops, launches = kernel_counts(step, rows[name])
-        print(f"{name:<36} {statistics.median(ts):8.1f} us per forward+backward; "
+        print(f"{name:<{width}} {statistics.median(ts):8.1f} us per forward+backward; "
               f"{len(ops)} ATen kernels ({', '.join(ops)}), "
               f"{launches} Triton launches")  # fmt: skip
 

@@ -45,7 +45,8 @@ KERNELS = {  # plan key -> (kernel, pointer element types, constexpr flags besid
     "grad_input": (moe_lora_bwd.grad_input_kernel,
                    {"dz_ptr": F32, "router_ptr": IN, "a_cat_ptr": IN, "dx_ptr": IN},
                    ("HAS_DROPOUT",)),
-    "grad_weights": (moe_lora_bwd.grad_weights_kernel, {"dz_ptr": F32, "x_ptr": IN, "dw_ptr": F32},
+    "grad_weights": (moe_lora_bwd.grad_weights_kernel,
+                     {"dz_ptr": F32, "x_ptr": IN, "d_router_ptr": F32, "d_a_ptr": F32},
                      ("HAS_DROPOUT",)),
 }  # fmt: skip
 FLOAT_ARGS = {"scaling", "p_drop"}
@@ -156,7 +157,7 @@ def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: in
         for key in kernels:
             kernel, pointers, flags = KERNELS[key]
             if key == "grad_weights" and backward.splits == 1:  # written in the input dtype
-                pointers = {**pointers, "dw_ptr": IN}
+                pointers = {**pointers, "d_router_ptr": IN, "d_a_ptr": IN}
             plan = dict(meta[key])
             num_warps = plan.pop("num_warps")
             for flag_values in _variants(key, flags, dropout):

@@ -15,8 +15,9 @@ the experts' projections ``a = A_cat dropout(x)``.
 3. ``grad_weights``: d[router; A_cat] = dz^T [x, dropout(x)], a (K x T) @ (T x D) product. A
    program owns a block of at most 128 rows of K, a block of columns of D and a contiguous range
    of one client's tokens (a split of T), accumulates over its tokens in registers (at most
-   128 x 128 float32 over 8 warps) and writes one float32 partial per client and split; the
-   partials are summed afterwards.
+   128 x 128 float32 over 8 warps) and writes one float32 partial per client and split, its
+   router rows and its A_cat rows each to a tensor of their own (so each gradient is contiguous
+   in its parameter's layout); the partials are summed afterwards.
    No atomics: the result is deterministic, and the partial buffers stay small (SPLITS x K x D).
    With one split the result is stored in the weights' dtype directly (no partial to sum).
 
@@ -133,7 +134,7 @@ def grad_input_kernel(
 
 @triton.jit(do_not_specialize=["T", "seed"])  # one compiled kernel for any token count, seed
 def grad_weights_kernel(
-    dz_ptr, x_ptr, dw_ptr,
+    dz_ptr, x_ptr, d_router_ptr, d_a_ptr,
     T, D, S, K, tokens_per_split, C,
     stride_xt,
     seed, p_drop,
@@ -149,7 +150,9 @@ def grad_weights_kernel(
     c = client.to(tl.int64)
     dz_ptr += c * T * K
     x_ptr += c * T * stride_xt
-    dw_ptr += tl.program_id(2).to(tl.int64) * K * D
+    part = tl.program_id(2).to(tl.int64)
+    d_router_ptr += part * S * D
+    d_a_ptr += part * (K - S) * D
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     is_router_row = offs_k < S
@@ -173,9 +176,12 @@ def grad_weights_kernel(
                          input_precision=DOT_PRECISION)  # fmt: skip
         else:
             acc = tl.dot(g, x, acc=acc, input_precision=DOT_PRECISION)
-    ptrs = dw_ptr + offs_k[:, None] * D + offs_d[None, :]
-    mask = (offs_k[:, None] < K) & (offs_d[None, :] < D)
-    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    d_ok = offs_d[None, :] < D
+    router_ptrs = d_router_ptr + offs_k[:, None] * D + offs_d[None, :]
+    tl.store(router_ptrs, acc.to(d_router_ptr.dtype.element_ty), mask=is_router_row[:, None] & d_ok)
+    a_ptrs = d_a_ptr + (offs_k[:, None] - S) * D + offs_d[None, :]
+    a_rows = (offs_k[:, None] >= S) & (offs_k[:, None] < K)
+    tl.store(a_ptrs, acc.to(d_a_ptr.dtype.element_ty), mask=a_rows & d_ok)
 
 
 __all__ = ["grad_input_kernel", "grad_route_kernel", "grad_weights_kernel", "triton"]

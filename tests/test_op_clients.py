@@ -98,36 +98,6 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpp"])  # no client form
-def test_one_shared_base_gemm_for_every_client_computes_the_same(backend, monkeypatch):
-    """``SHARED_BASE_FOR_CLIENTS``: one base GEMM over every client's tokens and the plain op per
-    client, instead of the backend's layer op per client: the same output and gradients (float32,
-    no dropout), and the backend's layer op is not called."""
-    from fedlease import ops
-    from fedlease.ops import dispatch
-
-    x, _, a, b, router, w, bias, specs = client_inputs(CASES[1], torch.float32, seed=7)
-    results, calls = [], []
-    impl = dispatch._REGISTRY[backend]
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return impl.linear_fn(*args, **kwargs)
-
-    monkeypatch.setitem(dispatch._REGISTRY, backend,
-                        dispatch.Backend(**{**impl.__dict__, "linear_fn": counted}))  # fmt: skip
-    for shared in (False, True):
-        monkeypatch.setattr(ops, "SHARED_BASE_FOR_CLIENTS", shared)
-        calls.clear()
-        fast = leaves(x, w, bias, a, b, router)
-        y = moe_lora_linear(*fast, specs, 2.0, backend=backend)
-        y.backward(torch.ones_like(y))
-        results.append([y.detach()] + [v.grad for v in fast if v.grad is not None])
-        assert len(calls) == (0 if shared else len(specs)), shared
-    for one, other in zip(*results, strict=True):
-        assert rel_err(other, one) < 1e-5
-
-
 CLIENT_FORMS = [b for b in BACKENDS if b in ("torch", "triton")]  # the backends with one
 
 
@@ -174,6 +144,30 @@ def test_triton_launches_each_kernel_once_for_all_clients(monkeypatch):
         assert names == ["shrink_route_kernel", "expand_kernel", "grad_route_kernel",
                          "grad_input_kernel", "grad_weights_kernel"], names  # fmt: skip
         assert [clients for _, clients in launched[:4]] == [n] * 4  # the grids' client axis
+
+
+def test_once_per_client_runs_a_client_form_as_a_loop(monkeypatch):
+    """``dispatch.once_per_client`` (for benchmarks): inside it a backend's client-stacked call
+    runs its op once per client on that client's tensors, outside it once for all; the same
+    numbers either way."""
+    from fedlease.ops import dispatch
+
+    impl, calls = dispatch._REGISTRY["torch"], []
+
+    def recorded(x, *args):
+        calls.append(x.dim())
+        return impl.fn(x, *args)
+
+    recording = dispatch.Backend(**{**impl.__dict__, "fn": recorded})
+    monkeypatch.setitem(dispatch._REGISTRY, "torch", recording)
+    x, base, a, b, router, _, _, specs = client_inputs(CASES[0], torch.float32, seed=6)
+    with dispatch.once_per_client("torch"):
+        looped = moe_lora(x, base, a, b, router, specs, 2.0, backend="torch")
+    assert calls == [2] * len(specs) and dispatch._REGISTRY["torch"].clients
+    calls.clear()
+    batched = moe_lora(x, base, a, b, router, specs, 2.0, backend="torch")
+    assert calls == [3]
+    assert rel_err(looped, batched) < 1e-6
 
 
 def test_gradcheck_float64_torch_clients():

@@ -136,14 +136,6 @@ def _each_client(fn, stacked: tuple, specs) -> torch.Tensor:
     return torch.stack([fn(*tensors, spec) for *tensors, spec in parts])
 
 
-# Client-stacked calls of ``moe_lora_linear`` on a backend without a client form (``clients``):
-# False runs the backend's layer op once per client, frozen base GEMM included; True runs one
-# base GEMM over every client's tokens and the plain op once per client (fewer launches and one
-# large GEMM, which a GPU should prefer). Off until measured (bench_lockstep_step.py
-# --shared-base).
-SHARED_BASE_FOR_CLIENTS = False
-
-
 def moe_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -178,8 +170,7 @@ def moe_lora_linear(
             return moe_lora_linear(*_cast((x, weight, bias, lora_A, lora_B, router), cast), spec,
                                    scaling, dropout, training, impl.name, fast_dropout)  # fmt: skip
     p = float(dropout) if training else 0.0
-    shared_base = specs is not None and SHARED_BASE_FOR_CLIENTS and not impl.clients
-    if impl.linear_fn is None or shared_base:
+    if impl.linear_fn is None:
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
         )

@@ -14,6 +14,8 @@ available backend of the device type's preference list; ``FEDLEASE_BACKEND`` ove
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +96,19 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is unavailable on {device}: {reason}")
     return _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def once_per_client(name: str):
+    """Inside it, backend ``name`` runs client-stacked calls once per client (as a backend without
+    a client form does): for benchmarks that weigh the client form against that loop. A backward
+    follows the graph its forward built, inside or not."""
+    backend = _REGISTRY[name]
+    _REGISTRY[name] = dataclasses.replace(backend, clients=False)
+    try:
+        yield
+    finally:
+        _REGISTRY[name] = backend
 
 
 def concat_adapters(

@@ -205,25 +205,28 @@ def _grad_input(ctx, dz, router, lora_a, plan, dtype, dx=None):
 def _grad_weights(ctx, dz, x, plan, dtype):
     """``d[router; A_cat] = dz^T [x, dropout(x)]`` per client, accumulated in float32: written in
     ``dtype`` by the kernel itself when each client's tokens are one split, else float32
-    token-split partials summed in one reduction that writes ``dtype``. Returns the router's
-    ``(.., S, D)`` and A_cat's ``(.., M*r, D)`` (a leading client dimension when the op has one)."""
+    token-split partials summed in one reduction each that writes ``dtype``. Returns the router's
+    ``(.., S, D)`` and A_cat's ``(.., M*r, D)`` (a leading client dimension when the op has one),
+    both contiguous."""
     _, bwd, _, launch = _kernels()
     c, t, slots = ctx.clients, ctx.tokens, ctx.specs[0].num_slots
     d, k = x.shape[1], dz.shape[1]
     meta = plan.meta["grad_weights"]
     part_dtype = dtype if plan.splits == 1 else torch.float32
-    part = _scratch(plan.splits, *ctx.lead, k, d, device=x.device, dtype=part_dtype)
+    d_router = _scratch(plan.splits, *ctx.lead, slots, d, device=x.device, dtype=part_dtype)
+    d_a = _scratch(plan.splits, *ctx.lead, k - slots, d, device=x.device, dtype=part_dtype)
     grid = (launch.cdiv(d, meta["BLOCK_D"]), launch.cdiv(k, meta["BLOCK_K"]), plan.splits * c)
     _launch(
         bwd.grad_weights_kernel, grid,
-        dz, x, part,
+        dz, x, d_router, d_a,
         t, d, slots, k, plan.tokens_per_split, c, x.stride(0),
         ctx.seed, ctx.p_drop,
         HAS_DROPOUT=ctx.p_drop > 0, UPCAST=_upcast(x.dtype),
         DOT_PRECISION=_dot_precision(x.dtype), **meta,
     )  # fmt: skip
-    dw = part[0] if plan.splits == 1 else part.sum(0, dtype=dtype)
-    return dw[..., :slots, :], dw[..., slots:, :]
+    if plan.splits == 1:
+        return d_router[0], d_a[0]
+    return d_router.sum(0, dtype=dtype), d_a.sum(0, dtype=dtype)
 
 
 def _lora_backward(ctx, dy, need_x, need_a, need_b, need_r, dx=None):
