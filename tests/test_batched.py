@@ -153,6 +153,22 @@ def test_lockstep_on_cuda_trains_as_one_by_one(monkeypatch):
     assert_same_run(one, together, tol=1e-4)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+@needs_data
+def test_lockstep_with_the_triton_client_form_trains_as_one_by_one(monkeypatch):
+    """The lockstep trainer on the ``triton`` op (every layer call one launch per kernel for all
+    clients, here in Triton's interpreter): B averaged, the one-by-one run to 1e-5."""
+    _no_dropout(monkeypatch)
+    raw = TINY | {"data_dir": DATA, "backend": "triton", "clients": ["sst2", "mrpc", "sst2"],
+                  "train_samples": 8, "test_samples": 4, "rounds": 1, "max_seq_len": 8,
+                  "warmup_average_b": True}  # fmt: skip
+    one = simulation(from_dict(raw), progress=False)
+    one.run()
+    together = simulation(from_dict(raw | {"client_batch": 3}), progress=False)
+    together.run()
+    assert_same_run(one, together)
+
+
 def test_auto_on_the_cpu_takes_up_to_four_classification_clients_and_one_generation_client():
     """As measured on a CPU: 4 GLUE clients at once gained, 4 SmolLM2 clients at once lost, and
     evaluation in lockstep lost for both (it evaluates one by one there)."""
