@@ -244,3 +244,62 @@ def test_the_gpu_launch_plans_compute_the_same_under_the_interpreter(dtype, op, 
     y_ref.backward(dy)
     for i, (f, r_) in enumerate(zip(fast, ref)):
         assert rel_err(f.grad, r_.grad) < TOL[dtype], i
+
+
+CLIENT_SHAPES = [(3, 37, 40, 24, 4, 4)]  # clients, tokens each, in, out, experts, rank
+if DEVICE == "cuda":  # lockstep shapes: MiniLM's layers at 16 clients, a wider layer at 64
+    CLIENT_SHAPES += [(16, 512, 384, 384, 4, 4), (64, 128, 1024, 1024, 4, 8)]
+
+
+def _clients_reference(x, w, bias, a, b, router, specs, scaling, masks):
+    """Each client's layer in float64: the per-token reference for small inputs, the ``torch``
+    op (itself checked against it, gradcheck included) with the same dropout masks for large."""
+    from fedlease.ops.dispatch import concat_adapters
+    from fedlease.ops.torch_backend import moe_lora_torch
+
+    base = x @ w.t() + bias
+    if x.shape[0] * x.shape[1] < 1000:
+        each = (reference_moe_lora(x[i], base[i], a[i], b[i], router[i], specs[i], scaling,
+                                   masks[i]) for i in range(len(specs)))  # fmt: skip
+        return torch.stack(list(each))
+    a_cat, b_cat = concat_adapters(a, b)
+    fold = torch.stack([s.fold_matrix(x.device) for s in specs])
+    return moe_lora_torch(x, x * masks, base, a_cat, b_cat, router, fold, specs[0], scaling)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", CLIENT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_clients_in_one_call_match_each_client_alone(shape, dtype):
+    """The layer op on client-stacked tensors (adaptive routing, own experts differing between
+    clients, bias, dropout 0.1), one launch of each kernel for all clients, on this device's
+    launch plans: output and every gradient against each client's float64 layer with the mask
+    the kernels drew (keyed by the row among all clients' rows)."""
+    from fedlease.routing import RoutingSpec
+
+    n, t, d_in, d_out, m, r = shape
+    g = torch.Generator().manual_seed(n * t)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dtype=dtype, device=DEVICE)
+
+    specs = tuple(RoutingSpec.make("adaptive", m, None, i % m) for i in range(n))
+    x = rnd(n, t, d_in)
+    a, b = rnd(n, m, r, d_in, scale=d_in**-0.5), rnd(n, m, d_out, r, scale=r**-0.5)
+    router = rnd(n, 2 * m - 1, d_in, scale=3 * d_in**-0.5)
+    w, bias = rnd(d_out, d_in, scale=d_in**-0.5), rnd(d_out)
+    fast = leaves(x, a, b, router)
+    torch.manual_seed(9)
+    y = moe_lora_linear(fast[0], w, bias, *fast[1:], specs, 2.0, dropout=0.1, training=True,
+                        backend="triton")  # fmt: skip
+    torch.manual_seed(9)
+    seed = triton_backend._draw_seed()
+    masks = triton_backend.dropout_mask(seed, n * t, d_in, 0.1, DEVICE).view(n, t, d_in)
+    ref = leaves(*(v.double() for v in (x, a, b, router)))
+    y_ref = _clients_reference(ref[0], w.double(), bias.double(), *ref[1:], specs, 2.0,
+                               masks.double())  # fmt: skip
+    assert rel_err(y, y_ref) < TOL[dtype]
+    dy = torch.randn(y_ref.shape, generator=g).to(DEVICE)
+    y.backward(dy.to(dtype))
+    y_ref.backward(dy.double())
+    for name, f, r_ in zip(["x", "A", "B", "router"], fast, ref):
+        assert rel_err(f.grad, r_.grad) < TOL[dtype], name
