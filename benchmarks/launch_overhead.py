@@ -122,10 +122,11 @@ def _runs(name: str, fn, t: list) -> bool:
     return True
 
 
-def op_launches(dtype: torch.dtype, dropout: float, tokens: int) -> list[tuple]:
+def op_launches(dtype: torch.dtype, dropout: float, tokens: int, clients: int = 1) -> list[tuple]:
     """``(kernel, grid, args, meta)`` of every Triton launch of one forward and backward of the
-    layer op (M = 4, r = 8, 64 -> 48 features) at GPU launch plans, recorded instead of launched
-    (CPU tensors; the backend's launch function is replaced for good)."""
+    layer op (M = 4, r = 8, 64 -> 48 features; ``clients`` > 1: that many clients' stacked
+    adapters, ``tokens`` each, own experts differing) at GPU launch plans, recorded instead of
+    launched (CPU tensors; the backend's launch function is replaced for good)."""
     from fedlease.ops import triton_backend
     from fedlease.routing import RoutingSpec
 
@@ -135,13 +136,15 @@ def op_launches(dtype: torch.dtype, dropout: float, tokens: int) -> list[tuple]:
     )
     g = torch.Generator().manual_seed(0)
     d, n, m, r = 64, 48, 4, 8
-    x = torch.randn(tokens, d, generator=g, dtype=dtype, requires_grad=True)
-    params = [torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+    lead = (clients,) if clients > 1 else ()
+    x = torch.randn(*lead, tokens, d, generator=g, dtype=dtype, requires_grad=True)
+    params = [torch.randn(*lead, *shape, generator=g, dtype=dtype, requires_grad=True)
               for shape in ((m, r, d), (m, n, r), (2 * m - 1, d))]  # fmt: skip
     weight = torch.randn(n, d, generator=g, dtype=dtype)
-    spec = RoutingSpec.make("adaptive", m, own_expert=1)
-    y = triton_backend.MoELoRALinearTritonFunction.apply(x, weight, None, *params, spec, 2.0,
-                                                         dropout)  # fmt: skip
+    specs = tuple(RoutingSpec.make("adaptive", m, own_expert=(i + 1) % m) for i in range(clients))
+    y = triton_backend.MoELoRALinearTritonFunction.apply(
+        x, weight, None, *params, specs if lead else specs[0], 2.0, dropout
+    )
     y.backward(torch.ones_like(y))
     return calls
 

@@ -1,10 +1,10 @@
 """Launching the kernels with addresses (``fedlease.kernels.pointer_args``) compiles what launching
 them with tensors compiles: for every launch of the op's forward and backward, at GPU launch
-plans, Triton's own argument binder gives the typed variant with integer addresses the
-specialisation (types, alignment, constants) that it gives the kernel with the tensors, and
-never specialises on the token count or the dropout seed. The binders run for an sm_90 target
-in a subprocess without the interpreter (no GPU needed); on a GPU the op itself is compared
-both ways."""
+plans (one client, and three in one call), Triton's own argument binder gives the typed variant
+with integer addresses the specialisation (types, alignment, constants) that it gives the kernel
+with the tensors, and never specialises on the token count or the dropout seed. The binders run
+for an sm_90 target in a subprocess without the interpreter (no GPU needed); on a GPU the op
+itself is compared both ways."""
 
 import json
 import os
@@ -33,14 +33,16 @@ def binder(kernel):
     return create_function_from_signature(kernel.signature, kernel.params, backend)
 
 rows = []
-for dtype, p in ((torch.bfloat16, 0.1), (torch.float32, 0.0), (torch.float16, 0.0)):
-    calls = op_launches(dtype, p, 1024)
+for dtype, p, clients in ((torch.bfloat16, 0.1, 1), (torch.float32, 0.0, 1),
+                          (torch.float16, 0.0, 1), (torch.bfloat16, 0.1, 3)):
+    calls = op_launches(dtype, p, 1024, clients)
     for kernel, _, args, meta in calls:
         _, plain, opts = binder(kernel)(*args, **meta)
         types, addresses = pointer_args.addresses(args)
         variant = pointer_args.typed_variant(kernel, types)
         _, typed, typed_opts = binder(variant)(*addresses, **meta)
         rows.append({"kernel": kernel.__name__, "dtype": str(dtype), "types": list(types),
+                     "clients": clients,
                      "same": [list(a) for a in plain] == [list(b) for b in typed]
                              and opts == typed_opts,
                      "plain": repr(plain),
@@ -59,15 +61,15 @@ def test_typed_variants_specialise_as_the_tensors_do():
     kernels = {"shrink_route_kernel", "expand_kernel", "grad_route_kernel", "grad_input_kernel",
                "grad_weights_kernel"}  # fmt: skip
     assert {row["kernel"] for row in rows} == kernels  # every launch of forward and backward
-    assert len(rows) == 3 * len(kernels)
-    assert {"bf16", "fp32", "fp16"} <= {t for row in rows for t in row["types"]}
+    assert len(rows) == 4 * len(kernels)  # three dtypes, and three clients in one call
+    assert {"bf16", "fp32", "fp16", "i32"} <= {t for row in rows for t in row["types"]}
     bad = [(row["kernel"], row["dtype"], row["plain"]) for row in rows if not row["same"]]
     assert not bad
     assert any("'D'" in row["plain"] for row in rows)  # alignment is part of what is compared
     # neither the token count (1024: specialised, it would read 'D') nor the dropout seed is
     # specialised on: one compiled kernel for all of them
     values = [v for row in rows for v in row["unspecialised"]]
-    assert len(values) == 3 * 5 + 3 * 3, values
+    assert len(values) == 4 * 5 + 4 * 3, values
     assert not any("constexpr" in v or "'D'" in v for v in values), values
 
 
