@@ -6,7 +6,9 @@ step with padding and data order out of the picture. Timed round-robin in one pr
 On a GPU ``--backends`` compares the layers' backends side by side: the ``triton`` kernels and
 the ``torch`` op's batched GEMMs both run all clients of a layer in one call (``cpp`` runs once
 per client); ``--once-per-client`` also times the lockstep step with the op run once per client
-and layer (each call a full set of launches and its own base GEMM), what the client form saves.
+and layer (each call a full set of launches and its own base GEMM), what the client form saves;
+``--ceiling`` also times one client's step at the lockstep's batch (N x 16 sequences through one
+client's adapters): what the lockstep could reach if holding N clients cost nothing.
 
     python benchmarks/bench_lockstep_step.py --clients 2,4,8 --seq 128 --precision bf16
     python benchmarks/bench_lockstep_step.py --device cuda --clients 16,64 --backends triton,torch \
@@ -95,6 +97,9 @@ def compare(single, n: int, backend: str, args) -> dict[str, float]:
                 step(many, big_ids, big_labels, args.precision)
 
         fns["lockstep, op once per client"] = loop
+    if args.ceiling:
+        fns["ceiling: 1 client at N x batch"] = lambda: step(single, big_ids, big_labels,
+                                                             args.precision)  # fmt: skip
     ms = interleaved_medians(fns, args.device, warmup=1, reps=args.reps)
     if args.profile and n == args.clients[-1]:
         profile(fns, n)
@@ -132,6 +137,11 @@ def main() -> None:
     ap.add_argument("--once-per-client", action="store_true",
                     help="also time the lockstep step with the layer op run once per client "
                     "(backends with a client form)")  # fmt: skip
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also time one client's step at the lockstep's batch (the ceiling)",
+    )
     ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
     ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
@@ -142,14 +152,14 @@ def main() -> None:
     torch.manual_seed(0)
     single = client_model(args.precision).to(args.device)
     print(f"{device_name(args.device)}, {args.threads} threads, {args.precision}, {versions()}")
-    print(f"{'backend':>28} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} "
+    print(f"{'backend':>32} {'N':>3} {'N steps of 1 client':>20} {'1 step of N':>12} "
           f"{'ratio':>6}")  # fmt: skip
     for backend in args.backends:
         for n in args.clients:
             ms = compare(single, n, backend, args)
             for row in (r for r in ms if r != "one by one"):
-                name = backend + row.removeprefix("lockstep")
-                print(f"{name:>28} {n:>3} {ms['one by one']:>17.0f} ms {ms[row]:>9.0f} ms "
+                name = row if row.startswith("ceiling") else backend + row.removeprefix("lockstep")
+                print(f"{name:>32} {n:>3} {ms['one by one']:>17.0f} ms {ms[row]:>9.0f} ms "
                       f"{ms['one by one'] / ms[row]:>5.2f}x")  # fmt: skip
 
 
