@@ -3,8 +3,12 @@
 Triton ships NVIDIA's ``ptxas``, so the kernels compile to a cubin here for any target (default
 sm_90, an H100); ``cuobjdump -res-usage`` then gives each kernel's registers per thread, its stack
 frame (non-zero: registers spilled to local memory, which made the first backward kernel 30x
-slower at M*r = 64) and its static shared memory. Every kernel is compiled with the meta-parameters
-``fedlease.kernels.launch`` gives the backend for that shape, so this checks what actually runs.
+slower at M*r = 64) and its static shared memory. What is compiled is what the backend launches:
+one forward and backward of the op is recorded at each shape on tensors without memory (``meta``;
+the layer op with a bias, its base GEMM first and last, and the op on a given base output, each
+with and without dropout), and every distinct launch (kernel and constexpr flags) is compiled as
+Triton's JIT would compile it for a GPU of that target: the same argument binder, so the same
+specialisation of every argument (alignment, integers divisible by 16 or equal to 1).
 
     python benchmarks/kernel_resources.py                  # bf16, the reference expert shapes
     python benchmarks/kernel_resources.py --dtype fp32 --json
@@ -23,34 +27,19 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even when the interpreter is on
 
+import torch
 import triton
-from fedlease.kernels import launch, moe_lora_bwd, moe_lora_fwd
+from launch_overhead import op_launches
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from fedlease.cli_args import at_least, name_list
+from fedlease.ops import triton_backend
 
-IN, F32, I32 = "in", "fp32", "i32"  # pointer element types: the input dtype, float32 scratch,
-# int32 (each client's own expert)
-KERNELS = {  # plan key -> (kernel, pointer element types, constexpr flags besides the plan's)
-    "shrink_route": (moe_lora_fwd.shrink_route_kernel,
-                     {"x_ptr": IN, "router_ptr": IN, "a_cat_ptr": IN, "own_ptr": I32,
-                      "q_ptr": F32, "a_ptr": F32, "h_ptr": IN}, ("HAS_DROPOUT",)),
-    "expand": (moe_lora_fwd.expand_kernel,
-               {"h_ptr": IN, "b_ptr": IN, "base_ptr": IN, "bias_ptr": IN, "y_ptr": IN},
-               ("HAS_BASE", "HAS_BIAS")),
-    "grad_route": (moe_lora_bwd.grad_route_kernel,
-                   {"dy_ptr": IN, "b_ptr": IN, "own_ptr": I32, "q_ptr": F32, "a_ptr": F32,
-                    "dz_ptr": F32}, ()),
-    "grad_input": (moe_lora_bwd.grad_input_kernel,
-                   {"dz_ptr": F32, "router_ptr": IN, "a_cat_ptr": IN, "dx_ptr": IN},
-                   ("HAS_DROPOUT",)),
-    "grad_weights": (moe_lora_bwd.grad_weights_kernel,
-                     {"dz_ptr": F32, "x_ptr": IN, "d_router_ptr": F32, "d_a_ptr": F32},
-                     ("HAS_DROPOUT",)),
-}  # fmt: skip
-FLOAT_ARGS = {"scaling", "p_drop"}
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+KERNELS = ("shrink_route", "expand", "grad_route", "grad_input", "grad_weights")  # launch order
+FLAGS = ("HAS_DROPOUT", "HAS_BASE", "HAS_BIAS", "ACCUMULATE")  # the constexpr switches
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPERT_SHAPES = [(4, 4), (4, 8), (8, 8), (8, 16)]  # (M, r): MiniLM's, the reference ones, M*r=128
 
 
@@ -78,98 +67,69 @@ def available() -> str | None:
     return None
 
 
-def launch_ints(tokens: int, d: int, slots: int, mr: int, m: int, plan) -> dict[str, int]:
-    """The integer arguments a launch at this shape passes (in = out = ``d``, contiguous)."""
-    return {"T": tokens, "D": d, "N": d, "S": slots, "M": m, "MR": mr, "R": mr // m,
-            "K": slots + mr, "stride_xt": d, "stride_rs": d, "stride_am": d,
-            "stride_rc": slots * d, "stride_ac": mr * d, "stride_bc": mr * d,
-            "stride_bn": mr // m, "stride_bm": d * (mr // m), "C": 1,
-            "stride_dyt": d, "stride_dxt": d, "stride_yt": d, "stride_baset": d,
-            "tokens_per_split": plan.tokens_per_split,
-            "cols_per_program": plan.cols_per_program}  # fmt: skip
+def op_variants(
+    dtype: torch.dtype, m: int, r: int, tokens: int, d: int, dropout=(False, True)
+) -> list[tuple]:
+    """``(name, kernel, args, meta)`` of every distinct launch (kernel and flags) the backend makes
+    at this shape, in = out = ``d``: the layer op with a bias (base GEMM first, and last) and the op
+    on a given base output, with dropout when asked."""
+    variants = {}
+    for p in (0.1 if on else 0.0 for on in dropout):
+        for plain, base_first in ((False, True), (False, False), (True, True)):
+            triton_backend.BASE_GEMM_FIRST = base_first
+            try:
+                calls = op_launches(dtype, p, tokens, shape=(d, d, m, r), bias=not plain,
+                                    plain=plain, device="meta")  # fmt: skip
+            finally:
+                triton_backend.BASE_GEMM_FIRST = True
+            for kernel, _, args, meta in calls:
+                name = kernel.fn.__name__.removesuffix("_kernel")
+                flags = tuple(meta.get(f) for f in FLAGS)
+                variants.setdefault((KERNELS.index(name), flags), (name, kernel, args, meta))
+    return [variants[key] for key in sorted(variants, key=lambda k: (k[0], str(k[1])))]
 
 
-def compile_kernel(kernel, pointers: dict, dtype: str, constexprs: dict, num_warps: int,
-                   arch: int, ints: dict[str, int] | None = None) -> dict:  # fmt: skip
-    """Compile ``kernel`` for sm_``arch``; return its registers, stack and shared bytes.
-
-    ``ints``: values of integer arguments; as a real launch does, those divisible by 16 are
-    compiled as such (it lets loads vectorise)."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + (dtype if pointers[name] == IN else pointers[name])
-        else:
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    # Tensor pointers from torch are 16-byte aligned, and Triton specialises integer arguments
-    # divisible by 16 (but those a kernel says not to): tell the compiler, as launches do.
-    aligned = [*pointers, *(k for k, v in (ints or {}).items()
-                            if v % 16 == 0 and k not in kernel.do_not_specialize)]  # fmt: skip
-    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned
-             if a in kernel.arg_names}  # fmt: skip
-    source = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs=attrs,
-    )
+def compile_launch(kernel, args: tuple, meta: dict, arch: int) -> dict:
+    """Compile ``kernel`` as a launch with ``args`` and ``meta`` compiles it on sm_``arch``
+    (Triton's own binder and argument packing: ``JITFunction.run``'s steps without a device);
+    return its registers, stack and shared bytes."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound,
+                                                              specialization, options)  # fmt: skip
+    source = ASTSource(kernel, signature, constexprs, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps})  # fmt: skip
+                              options=options.__dict__)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
-    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    if m is None:
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
         raise RuntimeError(f"unexpected cuobjdump output: {usage[-500:]}")
-    regs, stack = map(int, m.groups())
+    regs, stack = map(int, found.groups())
     return {"regs": regs, "stack": stack, "shared": int(compiled.metadata.shared)}
 
 
-def _variants(key: str, flags: tuple, dropout) -> list[dict]:
-    """The constexpr flag combinations a kernel is launched with."""
-    if key == "expand":  # the linear op (bias, no base) and the plain op (base)
-        return [{"HAS_BASE": False, "HAS_BIAS": True}, {"HAS_BASE": True, "HAS_BIAS": False}]
-    if key == "grad_input":  # dx written, or added onto the base GEMM's dx
-        return [{"HAS_DROPOUT": on, "ACCUMULATE": acc} for on in dropout for acc in (False, True)]
-    return [dict.fromkeys(flags, on) for on in dropout] if flags else [{}]
-
-
 def check(dtype: str = "bf16", experts=EXPERT_SHAPES, tokens: int = 16384, d: int = 4096,
-          arch: int = 90, dropout=(False, True), kernels=tuple(KERNELS),
+          arch: int = 90, dropout=(False, True), kernels=KERNELS,
           progress: bool = False) -> list[dict]:  # fmt: skip
-    """One row per (kernel, expert shape, flags): its resources under the backend's plan."""
+    """One row per (kernel, expert shape, flags) the backend launches: its resources."""
     from tqdm.auto import tqdm
 
-    total = len(experts) * sum(len(_variants(k, KERNELS[k][2], dropout)) for k in kernels)
-    bar = tqdm(total=total, desc="compiling", disable=not progress, unit="kernel")
+    launches = [(m, r, v) for m, r in experts
+                for v in op_variants(DTYPES[dtype], m, r, tokens, d, dropout)
+                if v[0] in kernels]  # fmt: skip
     rows = []
-    for m, r in experts:
-        slots, mr = 2 * m - 1, m * r
-        wide = dtype == "fp32"
-        backward = launch.backward_plan(tokens, d, slots, mr, interpreter=False, wide=wide)
-        forward = launch.forward_plan(slots, mr, interpreter=False, wide=wide)
-        meta = {**forward.meta, **backward.meta}
-        ints = launch_ints(tokens, d, slots, mr, m, backward)
-        for key in kernels:
-            kernel, pointers, flags = KERNELS[key]
-            if key == "grad_weights" and backward.splits == 1:  # written in the input dtype
-                pointers = {**pointers, "d_router_ptr": IN, "d_a_ptr": IN}
-            plan = dict(meta[key])
-            num_warps = plan.pop("num_warps")
-            for flag_values in _variants(key, flags, dropout):
-                constexprs = {**plan, **flag_values, "UPCAST": dtype == "fp32",
-                              "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
-                res = compile_kernel(kernel, pointers, DTYPES[dtype], constexprs, num_warps, arch,
-                                     ints)  # fmt: skip
-                rows.append({"kernel": key, "experts": m, "rank": r, "dtype": dtype,
-                             "flags": flag_values, "num_warps": num_warps,
-                             "meta": {k: v for k, v in plan.items()}, **res})  # fmt: skip
-                bar.update()
-    bar.close()
+    for m, r, (name, kernel, args, meta) in tqdm(launches, desc="compiling", unit="kernel",
+                                                 disable=not progress):  # fmt: skip
+        res = compile_launch(kernel, args, meta, arch)
+        plan = {k: v for k, v in meta.items() if k not in FLAGS and k != "num_warps"}
+        rows.append({"kernel": name, "experts": m, "rank": r, "dtype": dtype,
+                     "flags": {f: meta[f] for f in FLAGS if f in meta},
+                     "num_warps": meta["num_warps"], "meta": plan, **res})  # fmt: skip
     return rows
 
 
@@ -186,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--kernels",
-        type=name_list(tuple(KERNELS)),
+        type=name_list(KERNELS),
         default=list(KERNELS),
         help="kernels to compile, comma-separated (default: all)",
     )
@@ -206,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sm_{args.arch}, {args.dtype}: registers per thread, stack bytes (spills), shared bytes")
     for row in rows:
         flags = ",".join(k for k, v in row["flags"].items() if v) or "-"
-        print(f"M={row['experts']} r={row['rank']:<3} {row['kernel']:<13} {flags:<18} "
+        print(f"M={row['experts']} r={row['rank']:<3} {row['kernel']:<13} {flags:<26} "
               f"warps={row['num_warps']} regs={row['regs']:<4} stack={row['stack']:<5} "
               f"shared={row['shared']}")  # fmt: skip
     spilled = [r for r in rows if r["stack"] > 0]

@@ -122,11 +122,14 @@ def _runs(name: str, fn, t: list) -> bool:
     return True
 
 
-def op_launches(dtype: torch.dtype, dropout: float, tokens: int, clients: int = 1) -> list[tuple]:
+def op_launches(dtype: torch.dtype, dropout: float, tokens: int, clients: int = 1, *,
+                shape: tuple[int, int, int, int] = (64, 48, 4, 8), bias: bool = False,
+                plain: bool = False, device: str = "cpu") -> list[tuple]:  # fmt: skip
     """``(kernel, grid, args, meta)`` of every Triton launch of one forward and backward of the
-    layer op (M = 4, r = 8, 64 -> 48 features; ``clients`` > 1: that many clients' stacked
-    adapters, ``tokens`` each, own experts differing) at GPU launch plans, recorded instead of
-    launched (CPU tensors; the backend's launch function is replaced for good)."""
+    layer op (``plain``: of the op on a given base output) at GPU launch plans, recorded instead of
+    launched (the backend's launch function is replaced for good). ``shape``: (in, out, M, r);
+    ``clients`` > 1: that many clients' stacked adapters, ``tokens`` each, own experts differing;
+    ``device="meta"``: tensors without memory, for shapes of any size."""
     from fedlease.ops import triton_backend
     from fedlease.routing import RoutingSpec
 
@@ -135,16 +138,25 @@ def op_launches(dtype: torch.dtype, dropout: float, tokens: int, clients: int = 
         (kernel, grid, args, meta)
     )
     g = torch.Generator().manual_seed(0)
-    d, n, m, r = 64, 48, 4, 8
+    d, n, m, r = shape
     lead = (clients,) if clients > 1 else ()
-    x = torch.randn(*lead, tokens, d, generator=g, dtype=dtype, requires_grad=True)
-    params = [torch.randn(*lead, *shape, generator=g, dtype=dtype, requires_grad=True)
-              for shape in ((m, r, d), (m, n, r), (2 * m - 1, d))]  # fmt: skip
-    weight = torch.randn(n, d, generator=g, dtype=dtype)
+
+    def tensor(*size, grad=True):
+        t = torch.randn(*size, generator=g, dtype=dtype) if device == "cpu" else torch.empty(
+            *size, dtype=dtype, device=device)  # fmt: skip
+        return t.requires_grad_(grad)
+
+    x = tensor(*lead, tokens, d)
+    params = [tensor(*lead, *s) for s in ((m, r, d), (m, n, r), (2 * m - 1, d))]
     specs = tuple(RoutingSpec.make("adaptive", m, own_expert=(i + 1) % m) for i in range(clients))
-    y = triton_backend.MoELoRALinearTritonFunction.apply(
-        x, weight, None, *params, specs if lead else specs[0], 2.0, dropout
-    )
+    spec = specs if lead else specs[0]
+    if plain:
+        base = tensor(*lead, tokens, n)
+        y = triton_backend.MoELoRATritonFunction.apply(x, base, *params, spec, 2.0, dropout)
+    else:
+        weight, b = tensor(n, d, grad=False), tensor(n, grad=False) if bias else None
+        y = triton_backend.MoELoRALinearTritonFunction.apply(x, weight, b, *params, spec, 2.0,
+                                                             dropout)  # fmt: skip
     y.backward(torch.ones_like(y))
     return calls
 

@@ -47,13 +47,32 @@ def test_no_kernel_spills_at_the_largest_expert_shape(dtype):
 
 
 def test_the_check_sees_a_spill():
-    """A weight-gradient tile too large for its warps (256 columns x 64 tokens with dropout, on 4
-    warps) does spill: the check above can fail."""
+    """The weight-gradient launch the backend makes (bf16, dropout, M = 8, r = 16) with a tile too
+    large for its warps (256 columns x 64 tokens on 4 warps) does spill: the check above can
+    fail."""
     (res,) = compile_rows(
-        "kernel, pointers, _ = kr.KERNELS['grad_weights']\n"
-        "cx = dict(HAS_DROPOUT=True, UPCAST=False, DOT_PRECISION='tf32', BLOCK_T=64, "
-        "BLOCK_D=256, BLOCK_K=32)\n"
-        "ints = {'T': 16384, 'D': 4096, 'K': 23, 'stride_xt': 4096, 'tokens_per_split': 2048}\n"
-        "print(json.dumps([kr.compile_kernel(kernel, pointers, 'bf16', cx, 4, 90, ints)]))\n"
+        "import torch\n"
+        "(launch,) = [v for v in kr.op_variants(torch.bfloat16, 8, 16, 16384, 4096, (True,))\n"
+        "             if v[0] == 'grad_weights']\n"
+        "_, kernel, args, meta = launch\n"
+        "meta = {**meta, 'BLOCK_T': 64, 'BLOCK_D': 256, 'BLOCK_K': 32, 'num_warps': 4}\n"
+        "print(json.dumps([kr.compile_launch(kernel, args, meta, 90)]))\n"
     )
     assert res["stack"] > 0
+
+
+def test_every_distinct_launch_of_the_op_is_compiled():
+    """The variants come from recording the op, not from a list: at one shape, the five kernels
+    with every combination of flags the backend launches (the layer op with a bias, base GEMM
+    first or last, and the op on a given base output; dropout on and off)."""
+    rows = compile_rows(
+        "import torch\n"
+        "vs = kr.op_variants(torch.bfloat16, 4, 4, 256, 64)\n"
+        "print(json.dumps([[v[0], {f: v[3].get(f) for f in kr.FLAGS}] for v in vs]))\n"
+    )
+    flags = {(name, tuple(k for k, v in f.items() if v)) for name, f in rows}
+    assert len(flags) == len(rows) == 12
+    assert ("expand", ("HAS_BASE", "HAS_BIAS")) in flags  # base first, with the layer's bias
+    assert ("expand", ("HAS_BIAS",)) in flags and ("expand", ("HAS_BASE",)) in flags
+    assert {("grad_input", f) for f in [(), ("ACCUMULATE",), ("HAS_DROPOUT",),
+                                       ("HAS_DROPOUT", "ACCUMULATE")]} <= flags  # fmt: skip
