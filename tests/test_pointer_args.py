@@ -86,20 +86,25 @@ def test_a_variant_takes_its_types_in_the_pointers_order():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("clients", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_op_with_addresses_computes_what_it_computes_with_tensors(dtype, monkeypatch):
-    """Forward and every gradient, bit for bit: the same compiled kernels, the same inputs."""
+def test_the_op_with_addresses_computes_what_it_computes_with_tensors(dtype, clients, monkeypatch):
+    """Forward and every gradient, bit for bit: the same compiled kernels, the same inputs (one
+    client, and three in one call)."""
     from fedlease.ops import triton_backend as tb
     from fedlease.routing import RoutingSpec
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    t, d, n, m, r = 777, 96, 80, 4, 8
-    inputs = [torch.randn(t, d, device="cuda", generator=g), torch.randn(n, d, device="cuda",
-              generator=g), torch.randn(n, device="cuda", generator=g),
-              torch.randn(m, r, d, device="cuda", generator=g) * 0.1,
-              torch.randn(m, n, r, device="cuda", generator=g) * 0.1,
-              torch.randn(2 * m - 1, d, device="cuda", generator=g)]  # fmt: skip
-    spec = RoutingSpec.make("adaptive", m, own_expert=2)
+    t, d, n, m, r = 777 // clients, 96, 80, 4, 8
+    lead = (clients,) if clients > 1 else ()
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, device="cuda", generator=g) * scale
+
+    inputs = [rnd(*lead, t, d), rnd(n, d), rnd(n), rnd(*lead, m, r, d, scale=0.1),
+              rnd(*lead, m, n, r, scale=0.1), rnd(*lead, 2 * m - 1, d)]  # fmt: skip
+    specs = tuple(RoutingSpec.make("adaptive", m, own_expert=(2 + i) % m) for i in range(clients))
+    spec = specs if lead else specs[0]
     results = []
     for on in (False, True):
         monkeypatch.setattr(tb, "INT_POINTERS", on)
