@@ -73,7 +73,7 @@ def op_variants(
     """``(name, kernel, args, meta)`` of every distinct launch (kernel and flags) the backend makes
     at this shape, in = out = ``d``: the layer op with a bias (base GEMM first, and last) and the op
     on a given base output, with dropout when asked."""
-    variants = {}
+    variants, saved = {}, triton_backend.BASE_GEMM_FIRST
     for p in (0.1 if on else 0.0 for on in dropout):
         for plain, base_first in ((False, True), (False, False), (True, True)):
             triton_backend.BASE_GEMM_FIRST = base_first
@@ -81,7 +81,7 @@ def op_variants(
                 calls = op_launches(dtype, p, tokens, shape=(d, d, m, r), bias=not plain,
                                     plain=plain, device="meta")  # fmt: skip
             finally:
-                triton_backend.BASE_GEMM_FIRST = True
+                triton_backend.BASE_GEMM_FIRST = saved
             for kernel, _, args, meta in calls:
                 name = kernel.fn.__name__.removesuffix("_kernel")
                 flags = tuple(meta.get(f) for f in FLAGS)
@@ -89,18 +89,24 @@ def op_variants(
     return [variants[key] for key in sorted(variants, key=lambda k: (k[0], str(k[1])))]
 
 
-def compile_launch(kernel, args: tuple, meta: dict, arch: int) -> dict:
-    """Compile ``kernel`` as a launch with ``args`` and ``meta`` compiles it on sm_``arch``
-    (Triton's own binder and argument packing: ``JITFunction.run``'s steps without a device);
-    return its registers, stack and shared bytes."""
+def bind(kernel, args: tuple, meta: dict, arch: int = 90) -> tuple:
+    """What Triton's JIT makes of a launch of ``kernel`` with ``args`` and ``meta`` on sm_``arch``,
+    without a device: ``(backend, bound arguments, specialisation, options)`` from its own
+    argument binder (alignment, integers divisible by 16 or equal to 1, constexprs)."""
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **meta)
+    return (backend, *binder(*args, **meta))
+
+
+def compile_launch(kernel, args: tuple, meta: dict, arch: int) -> dict:
+    """Compile ``kernel`` as a launch with ``args`` and ``meta`` compiles it on sm_``arch``
+    (``bind``, then Triton's argument packing: ``JITFunction.run``'s steps without a device);
+    return its registers, stack and shared bytes."""
+    backend, bound, specialization, options = bind(kernel, args, meta, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound,
                                                               specialization, options)  # fmt: skip
     source = ASTSource(kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=options.__dict__)  # fmt: skip
+    compiled = triton.compile(source, target=backend.target, options=options.__dict__)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])

@@ -18,7 +18,7 @@ the experts' projections ``a = A_cat dropout(x)``.
    128 x 128 float32 over 8 warps) and writes one float32 partial per client and split, its
    router rows and its A_cat rows each to a tensor of their own (so each gradient is contiguous
    in its parameter's layout); the partials are summed afterwards.
-   No atomics: the result is deterministic, and the partial buffers stay small (SPLITS x K x D).
+   No atomics: the result is deterministic, and the partial buffers stay small (SPLITS x C x K x D).
    With one split the result is stored in the weights' dtype directly (no partial to sum).
 
 Every program works for one client (the last grid axis; with the token splits on the third axis

@@ -72,6 +72,18 @@ def kill_after_rounds(cmd: list[str], run_dir, rounds: int, poll_s: float = 0.05
             proc.kill()
 
 
+def clients_reference(x, base, a, b, router, specs, scaling, masks=None) -> torch.Tensor:
+    """Client-stacked inputs (leading dimension N), each client alone through the per-token
+    reference with its own spec (and dropout mask)."""
+    from fedlease.reference import reference_moe_lora
+
+    return torch.stack([
+        reference_moe_lora(x[i], base[i], a[i], b[i], router[i], specs[i], scaling,
+                           None if masks is None else masks[i])
+        for i in range(len(specs))
+    ])  # fmt: skip
+
+
 def op_dropout_mask(backend: str, shape, p: float, rng_seed: int) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) a CPU backend's op applies to an input of ``shape``
     after ``torch.manual_seed(rng_seed)``: aten's mask for ``torch``; for ``cpp`` and ``triton``

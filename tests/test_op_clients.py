@@ -4,10 +4,9 @@ in every routing mode, with and without dropout, for every CPU backend."""
 
 import pytest
 import torch
-from helpers import assert_fwd_bwd_close, leaves, op_dropout_mask, rel_err
+from helpers import assert_fwd_bwd_close, clients_reference, leaves, op_dropout_mask, rel_err
 
 from fedlease.ops import available_backends, moe_lora, moe_lora_linear
-from fedlease.reference import reference_moe_lora
 from fedlease.routing import RoutingSpec
 
 BACKENDS = [b for b in available_backends("cpu") if b in ("torch", "cpp", "triton")]
@@ -35,15 +34,6 @@ def client_inputs(case, dtype, seed):
     return x, base, a, b, router, weight, bias, specs
 
 
-def reference(x, base, a, b, router, specs, scaling, masks=None):
-    """Each client alone through the per-token reference."""
-    return torch.stack([
-        reference_moe_lora(x[i], base[i], a[i], b[i], router[i], specs[i], scaling,
-                           None if masks is None else masks[i])
-        for i in range(len(specs))
-    ])  # fmt: skip
-
-
 def _name(case):
     return f"N{case[0]}x{case[1]}-{case[6]}"
 
@@ -58,7 +48,7 @@ def test_each_client_matches_its_reference(backend, case, dtype):
     fast = leaves(x, base, a, b, router)
     ref = leaves(*(v.double() for v in (x, base, a, b, router)))
     y = moe_lora(*fast, specs, 2.0, backend=backend)
-    y_ref = reference(*ref, specs, 2.0)
+    y_ref = clients_reference(*ref, specs, 2.0)
     assert y.shape == x.shape[:-1] + (base.shape[-1],) and rel_err(y, y_ref) < TOL[dtype]
     dy = torch.randn_like(y_ref)
     y.backward(dy.to(dtype))
@@ -94,7 +84,7 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
         masks = torch.stack([torch.ops.fedlease.philox_dropout(ones, p, s)[0] for s in seeds])
     ref = leaves(*(v.double() for v in (x, w, bias, a, b, router)))
     base = ref[0] @ ref[1].t() + ref[2]
-    y_ref = reference(ref[0], base, *ref[3:], specs, 2.0, masks.double())
+    y_ref = clients_reference(ref[0], base, *ref[3:], specs, 2.0, masks.double())
     assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
 
 

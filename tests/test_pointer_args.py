@@ -21,26 +21,19 @@ CHECK = r"""
 import json, sys
 sys.path.insert(0, "benchmarks")
 import torch
+from kernel_resources import bind
 from launch_overhead import op_launches
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
 from fedlease.kernels import pointer_args
-
-backend = make_backend(GPUTarget("cuda", 90, 32))
-
-def binder(kernel):
-    return create_function_from_signature(kernel.signature, kernel.params, backend)
 
 rows = []
 for dtype, p, clients in ((torch.bfloat16, 0.1, 1), (torch.float32, 0.0, 1),
                           (torch.float16, 0.0, 1), (torch.bfloat16, 0.1, 3)):
     calls = op_launches(dtype, p, 1024, clients)
     for kernel, _, args, meta in calls:
-        _, plain, opts = binder(kernel)(*args, **meta)
+        _, _, plain, opts = bind(kernel, args, meta)
         types, addresses = pointer_args.addresses(args)
         variant = pointer_args.typed_variant(kernel, types)
-        _, typed, typed_opts = binder(variant)(*addresses, **meta)
+        _, _, typed, typed_opts = bind(variant, addresses, meta)
         rows.append({"kernel": kernel.__name__, "dtype": str(dtype), "types": list(types),
                      "clients": clients,
                      "same": [list(a) for a in plain] == [list(b) for b in typed]

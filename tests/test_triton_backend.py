@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from fedlease.kernels import launch
-from helpers import leaves, make_inputs, rel_err
+from helpers import clients_reference, leaves, make_inputs, rel_err
 
 from fedlease.ops import moe_lora, moe_lora_linear, triton_backend
 from fedlease.reference import reference_moe_lora
@@ -259,9 +259,7 @@ def _clients_reference(x, w, bias, a, b, router, specs, scaling, masks):
 
     base = x @ w.t() + bias
     if x.shape[0] * x.shape[1] < 1000:
-        each = (reference_moe_lora(x[i], base[i], a[i], b[i], router[i], specs[i], scaling,
-                                   masks[i]) for i in range(len(specs)))  # fmt: skip
-        return torch.stack(list(each))
+        return clients_reference(x, base, a, b, router, specs, scaling, masks)
     a_cat, b_cat = concat_adapters(a, b)
     fold = torch.stack([s.fold_matrix(x.device) for s in specs])
     return moe_lora_torch(x, x * masks, base, a_cat, b_cat, router, fold, specs[0], scaling)
