@@ -3,8 +3,10 @@
 // - `fedlease::moe_lora_linear`, the MoE-LoRA linear layer as one differentiable op: the kernels
 //   of moe_lora_linear.cpp (`moe_lora_linear_fwd` / `moe_lora_linear_bwd`) with the layer's
 //   bookkeeping around them: the casts to the compute dtype (autocast's bfloat16 for float32
-//   parameters), the experts' tensors laid out as the kernels want them (A_cat, B_cat) and the
-//   gradients brought back to each parameter's shape and dtype.
+//   parameters), the experts' tensors laid out as the kernels want them (A_cat, B_cat, with a
+//   client dimension) and the gradients brought back to each parameter's shape and dtype. One
+//   client's tensors, or several clients' stacked (their tokens in turn in x, `shares` rows
+//   each: equal shares when empty), one own expert per client.
 // - `philox_dropout` (its backward scales dy by the forward's keep mask) and `apply_keep_mask`
 //   (linear in dy for a fixed mask: its own backward), dropout.cpp.
 // - `softmax_dropout`, attention probabilities with dropout (softmax_dropout.cpp).
@@ -32,14 +34,15 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+using IntList = c10::IntArrayRef;
 using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const std::optional<Tensor>&, const Tensor&, const std::optional<Tensor>&,
-    const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, double, double,
-    int64_t);
+    const Tensor&, const Tensor&, const Tensor&, int64_t, IntList, IntList, int64_t, double,
+    double, int64_t);
 using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-    double, double, int64_t, bool, bool);
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, IntList,
+    IntList, double, double, int64_t, bool, bool);
 
 // The op `name` (its schema registered by this library); callers keep the handle in a static.
 template <typename Sig>
@@ -74,8 +77,10 @@ std::optional<Tensor> dense(const std::optional<Tensor>& t, at::ScalarType dtype
   return dense(*t, dtype);
 }
 
-// The kernels' inputs: everything in the compute dtype, A (M, R, in) as A_cat (M*R, in) and
-// B (M, out, R) as B_cat (out, M*R), contiguous.
+// The kernels' inputs: everything in the compute dtype, with a leading client dimension C (1
+// for one client's router (S, in), A (M, R, in) and B (M, out, R); C for client-stacked
+// (C, S, in), (C, M, R, in) and (C, M, out, R)): router (C, S, in), A as A_cat (C, M*R, in)
+// and B as B_cat (C, out, M*R), contiguous.
 struct Inputs {
   Tensor x, weight, router, a_cat, b_cat;
   std::optional<Tensor> x_drop, bias;
@@ -83,23 +88,29 @@ struct Inputs {
   Inputs(const Tensor& x_, const std::optional<Tensor>& x_drop_, const Tensor& weight_,
          const std::optional<Tensor>& bias_, const Tensor& router_, const Tensor& lora_a,
          const Tensor& lora_b, at::ScalarType dtype) {
-    TORCH_CHECK(lora_a.dim() == 3 && lora_b.dim() == 3,
-                "fedlease::moe_lora_linear: lora_A (M, r, in) and lora_B (M, out, r) expected");
+    const bool stacked = lora_a.dim() == 4;
+    TORCH_CHECK((lora_a.dim() == 3 || stacked) && lora_b.dim() == lora_a.dim() &&
+                    router_.dim() == lora_a.dim() - 1,
+                "fedlease::moe_lora_linear: router (S, in), lora_A (M, r, in) and lora_B "
+                "(M, out, r) expected, each with a leading client dimension or none; got ",
+                router_.sizes(), ", ", lora_a.sizes(), ", ", lora_b.sizes());
+    const int64_t C = stacked ? lora_a.size(0) : 1, in = lora_a.size(-1);
     x = dense(x_, dtype);
     x_drop = dense(x_drop_, dtype);
     weight = dense(weight_, dtype);
     bias = dense(bias_, dtype);
-    router = dense(router_, dtype);
-    a_cat = dense(lora_a, dtype).view({-1, lora_a.size(2)});
-    b_cat = dense(lora_b.permute({1, 0, 2}), dtype).view({lora_b.size(1), -1});
+    router = dense(router_, dtype).view({C, -1, in});
+    a_cat = dense(lora_a, dtype).view({C, -1, in});
+    const Tensor b = stacked ? lora_b.permute({0, 2, 1, 3}) : lora_b.permute({1, 0, 2});
+    b_cat = dense(b, dtype).view({C, lora_b.size(-2), -1});
   }
 
   // (y, q, a, h) from the forward kernel.
-  std::tuple<Tensor, Tensor, Tensor, Tensor> forward(int64_t M, int64_t own, int64_t keep,
-                                                     double scaling, double p,
+  std::tuple<Tensor, Tensor, Tensor, Tensor> forward(int64_t M, IntList owns, IntList shares,
+                                                     int64_t keep, double scaling, double p,
                                                      int64_t seed) const {
-    return fwd_op().call(x, x_drop, weight, bias, router, a_cat, b_cat, M, own, keep, scaling, p,
-                         seed);
+    return fwd_op().call(x, x_drop, weight, bias, router, a_cat, b_cat, M, owns, shares, keep,
+                         scaling, p, seed);
   }
 };
 
@@ -117,22 +128,25 @@ class MoELoRALinear : public torch::autograd::Function<MoELoRALinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x,
                         const std::optional<Tensor>& x_drop, const Tensor& weight,
                         const std::optional<Tensor>& bias, const Tensor& router,
-                        const Tensor& lora_a, const Tensor& lora_b, int64_t M, int64_t own,
-                        int64_t keep, double scaling, double p, int64_t seed,
+                        const Tensor& lora_a, const Tensor& lora_b, int64_t M, IntList owns,
+                        int64_t keep, double scaling, double p, int64_t seed, IntList shares,
                         std::optional<at::ScalarType> dtype) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     NoAutocast no_autocast;
     const Inputs in(x, x_drop, weight, bias, router, lora_a, lora_b, compute_dtype(x, dtype));
-    auto [y, q, a, h] = in.forward(M, own, keep, scaling, p, seed);
+    auto [y, q, a, h] = in.forward(M, owns, shares, keep, scaling, p, seed);
     ctx->save_for_backward({in.x, in.x_drop.value_or(Tensor()), in.weight, in.router, in.a_cat,
                             in.b_cat, q, a, h});
     ctx->saved_data["M"] = M;
-    ctx->saved_data["own"] = own;
+    ctx->saved_data["owns"] = owns.vec();
+    ctx->saved_data["shares"] = shares.vec();
+    ctx->saved_data["router_shape"] = router.sizes().vec();  // each gradient's shape
+    ctx->saved_data["a_shape"] = lora_a.sizes().vec();
+    ctx->saved_data["b_shape"] = lora_b.sizes().vec();
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["r"] = lora_a.size(1);
     ctx->saved_data["dtypes"] = std::vector<int64_t>{
         dtype_of(x), dtype_of(x_drop), dtype_of(weight), dtype_of(bias),
         dtype_of(router), dtype_of(lora_a), dtype_of(lora_b)};  // each gradient's dtype
@@ -146,28 +160,32 @@ class MoELoRALinear : public torch::autograd::Function<MoELoRALinear> {
     const Tensor &x = saved[0], &x_drop = saved[1], &weight = saved[2], &router = saved[3];
     const Tensor &a_cat = saved[4], &b_cat = saved[5];
     auto& d = ctx->saved_data;
-    const int64_t M = d["M"].toInt(), r = d["r"].toInt();
+    const int64_t M = d["M"].toInt();
     const bool need_w = ctx->needs_input_grad(2);
     const bool need_bias = d["has_bias"].toBool() && ctx->needs_input_grad(3);
     const Tensor dy = dense(grads[0], x.scalar_type());
     auto [dx, dx_drop, d_w, d_bias, d_router, d_a, d_b] = bwd_op().call(
         dy, x, x_drop.defined() ? std::optional<Tensor>(x_drop) : std::nullopt, weight, router,
-        a_cat, b_cat, saved[6], saved[7], saved[8], M, d["own"].toInt(),
-        d["scaling"].toDouble(), d["p"].toDouble(), d["seed"].toInt(), need_w, need_bias);
+        a_cat, b_cat, saved[6], saved[7], saved[8], M, d["owns"].toIntVector(),
+        d["shares"].toIntVector(), d["scaling"].toDouble(), d["p"].toDouble(), d["seed"].toInt(),
+        need_w, need_bias);
     const std::vector<int64_t> dtypes = d["dtypes"].toIntVector();
     auto as = [&](const Tensor& t, int input) {
       return dense(t, static_cast<at::ScalarType>(dtypes[input]));
     };
-    const int64_t in = x.size(1), out = weight.size(0);
+    // each parameter's own shape: lora_B's gradient (C, out, M*R) as (C, M, out, R)
+    const std::vector<int64_t> b_shape = d["b_shape"].toIntVector();
+    const int64_t C = d_b.size(0), out = d_b.size(1), r = b_shape.back();
+    const Tensor d_lora_b = d_b.view({C, out, M, r}).permute({0, 2, 1, 3}).reshape(b_shape);
     return {
         as(dx, 0),
         x_drop.defined() ? as(dx_drop, 1) : Tensor(),
         need_w ? as(d_w, 2) : Tensor(),
         need_bias ? as(d_bias, 3) : Tensor(),
-        as(d_router, 4),
-        as(d_a.view({M, r, in}), 5),
-        as(d_b.view({out, M, r}).permute({1, 0, 2}), 6),
-        Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+        as(d_router.view(d["router_shape"].toIntVector()), 4),
+        as(d_a.view(d["a_shape"].toIntVector()), 5),
+        as(d_lora_b, 6),
+        Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
     };
   }
 };
@@ -276,22 +294,22 @@ Tensor apply_keep_mask_autograd(const Tensor& dy, const Tensor& keep, double p) 
 Tensor moe_lora_linear_autograd(const Tensor& x, const std::optional<Tensor>& x_drop,
                                 const Tensor& weight, const std::optional<Tensor>& bias,
                                 const Tensor& router, const Tensor& lora_a,
-                                const Tensor& lora_b, int64_t M, int64_t own, int64_t keep,
-                                double scaling, double p, int64_t seed,
+                                const Tensor& lora_b, int64_t M, IntList owns, int64_t keep,
+                                double scaling, double p, int64_t seed, IntList shares,
                                 std::optional<at::ScalarType> dtype) {
-  return MoELoRALinear::apply(x, x_drop, weight, bias, router, lora_a, lora_b, M, own, keep,
-                              scaling, p, seed, dtype);
+  return MoELoRALinear::apply(x, x_drop, weight, bias, router, lora_a, lora_b, M, owns, keep,
+                              scaling, p, seed, shares, dtype);
 }
 
 // Below autograd (inference mode, or a caller already under it): the forward alone.
 Tensor moe_lora_linear_cpu(const Tensor& x, const std::optional<Tensor>& x_drop,
                            const Tensor& weight, const std::optional<Tensor>& bias,
                            const Tensor& router, const Tensor& lora_a, const Tensor& lora_b,
-                           int64_t M, int64_t own, int64_t keep, double scaling, double p,
-                           int64_t seed, std::optional<at::ScalarType> dtype) {
+                           int64_t M, IntList owns, int64_t keep, double scaling, double p,
+                           int64_t seed, IntList shares, std::optional<at::ScalarType> dtype) {
   NoAutocast no_autocast;
   const Inputs in(x, x_drop, weight, bias, router, lora_a, lora_b, compute_dtype(x, dtype));
-  return std::get<0>(in.forward(M, own, keep, scaling, p, seed));
+  return std::get<0>(in.forward(M, owns, shares, keep, scaling, p, seed));
 }
 
 }  // namespace
@@ -299,8 +317,8 @@ Tensor moe_lora_linear_cpu(const Tensor& x, const std::optional<Tensor>& x_drop,
 TORCH_LIBRARY_FRAGMENT(fedlease, m) {
   m.def(
       "moe_lora_linear(Tensor x, Tensor? x_drop, Tensor weight, Tensor? bias, Tensor router, "
-      "Tensor lora_A, Tensor lora_B, int num_experts, int own_expert, int keep, float scaling, "
-      "float p, int seed, ScalarType? dtype=None) -> Tensor");
+      "Tensor lora_A, Tensor lora_B, int num_experts, int[] own_experts, int keep, "
+      "float scaling, float p, int seed, int[] shares=[], ScalarType? dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fedlease, Autograd, m) {

@@ -101,9 +101,12 @@ def _packed_attention(module, query, key, value, scaling, dropout, packed):
     passes them, ``(1, heads, tokens, head_dim)``): per segment (a client's rows), scattered into
     a padded ``(heads, rows, span, head_dim)`` block (heads first: the GEMMs need no transposed
     copy), attended, the output gathered back; returns ``(1, tokens, heads, head_dim)``."""
-    heads = [t[0] for t in (query, key, value)]
+    sizes = [seg.tokens for seg in packed.segments]
+    # one split per tensor: its backward is one concatenation, where a slice per segment would
+    # give each segment's gradient the whole row's size (zeros, then summed: N^2 traffic)
+    pieces = zip(*(t[0].split(sizes, 1) for t in (query, key, value)))
     parts = []
-    for seg in packed.segments:
+    for seg, heads in zip(packed.segments, pieces):
         q, k, v = (seg.block(t) for t in heads)
         out, _ = _attend(module, q, k, v, seg.key_mask.to(q.dtype), scaling, dropout)
         parts.append(seg.unblock(out))

@@ -89,12 +89,13 @@ class MoELoRALinear(nn.Module):
             return self._forward_clients(x)
         return self._op(x, self.lora_A, self.lora_B, self.router, self.spec)
 
-    def _op(self, x, lora_A, lora_B, router, spec) -> torch.Tensor:
-        """The layer op on ``x`` with these adapters, router and routing spec(s), this layer's
-        base, scaling, dropout, backend and train/eval mode."""
+    def _op(self, x, lora_A, lora_B, router, spec, shares=None) -> torch.Tensor:
+        """The layer op on ``x`` with these adapters, router and routing spec(s) (and clients'
+        token ``shares``), this layer's base, scaling, dropout, backend and train/eval mode."""
         return moe_lora_linear(x, self.base.weight, self.base.bias, lora_A, lora_B, router, spec,
                                self.scaling, dropout=self.dropout, training=self.training,
-                               backend=self.backend, fast_dropout=self.fast_dropout)  # fmt: skip
+                               backend=self.backend, fast_dropout=self.fast_dropout,
+                               shares=shares)  # fmt: skip
 
     # -- several clients in one layer -------------------------------------------------------------
     clients: int | None = None  # client slots (None: one client, unstacked parameters)
@@ -127,23 +128,15 @@ class MoELoRALinear(nn.Module):
                        for own in owns]  # fmt: skip
 
     def _forward_clients(self, x: torch.Tensor) -> torch.Tensor:
+        """The active slots' tokens, slot after slot: in equal shares, or in ``token_shares``."""
         active = self.active
         params = active_slots((self.lora_A, self.lora_B, self.router), active, self.clients)
+        specs = [self._specs[i] for i in active]
         if self.token_shares is not None:
-            return self._forward_shares(x, params)
-        y = self._op(x.reshape(len(active), -1, x.shape[-1]), *params,
-                     [self._specs[i] for i in active])  # fmt: skip
+            y = self._op(x.reshape(-1, x.shape[-1]), *params, specs, self.token_shares)
+        else:
+            y = self._op(x.reshape(len(active), -1, x.shape[-1]), *params, specs)
         return y.reshape(*x.shape[:-1], y.shape[-1])
-
-    def _forward_shares(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
-        """The active slots' tokens in ``token_shares`` (unequal counts, slot after slot): the
-        layer op once per slot, each on its own tensors (unbind: one backward node for all)."""
-        tokens = x.reshape(-1, x.shape[-1]).split(self.token_shares)
-        ys = [
-            self._op(xi, a, b, r, self._specs[slot])
-            for xi, a, b, r, slot in zip(tokens, *(p.unbind(0) for p in params), self.active)
-        ]
-        return torch.cat(ys).reshape(*x.shape[:-1], -1)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """The dense ``(..., M)`` gate matrix after routing (float32), for inspection."""

@@ -45,8 +45,9 @@ class Segment:
     key_mask: torch.Tensor
 
     def block(self, heads: torch.Tensor) -> torch.Tensor:
-        """Packed ``(heads, tokens, d)`` -> this segment's ``(heads, rows, span, d)`` block."""
-        mine = heads[:, self.start : self.start + self.real]
+        """This segment's ``(heads, tokens, d)`` part of the packed row -> its
+        ``(heads, rows, span, d)`` block."""
+        mine = heads[:, : self.real]
         block = _scatter(mine, 1, self.slots, self.rows * self.span)
         return block.view(-1, self.rows, self.span, heads.shape[2])
 

@@ -100,7 +100,7 @@ def backward_plan(
     # grad_input: one program per token block and range of columns; the columns are split only
     # when there are too few token blocks to fill the device.
     input_t, block_d = (32, 32) if wide else (64, 64)
-    t_blocks = clients * cdiv(tokens, input_t)
+    t_blocks = max(1, clients * cdiv(tokens, input_t))  # (no tokens: nothing to launch)
     d_blocks = cdiv(d_in, block_d)
     col_groups = min(d_blocks, max(1, target // t_blocks))
     cols_per_program = cdiv(d_blocks, col_groups) * block_d
@@ -110,7 +110,7 @@ def backward_plan(
     w_block_d = 64 if interpreter or wide else 128
     w_t = 64 if interpreter else 32
     tiles = clients * cdiv(d_in, w_block_d) * cdiv(k, w_block_k)
-    w_blocks = cdiv(tokens, w_t)
+    w_blocks = max(1, cdiv(tokens, w_t))
     splits = min(w_blocks, MAX_SPLITS, max(1, target // tiles))
     tokens_per_split = cdiv(w_blocks, splits) * w_t
     splits = cdiv(tokens, tokens_per_split)

@@ -87,8 +87,8 @@ def clients_reference(x, base, a, b, router, specs, scaling, masks=None) -> torc
 def op_dropout_mask(backend: str, shape, p: float, rng_seed: int) -> torch.Tensor:
     """The dropout multiplier (0 or 1/(1-p)) a CPU backend's op applies to an input of ``shape``
     after ``torch.manual_seed(rng_seed)``: aten's mask for ``torch``; for ``cpp`` and ``triton``
-    the counter-based mask of the seed the op draws from torch's generator (``shape``: (rows,
-    features) for triton, whose mask is keyed by the row among all of a call's rows)."""
+    the counter-based mask of the seed the op draws from torch's generator, keyed by the row
+    among all of a call's rows (``shape``: (rows, features), every client's rows)."""
     import torch.nn.functional as F
 
     torch.manual_seed(rng_seed)

@@ -90,15 +90,20 @@ def test_linear_gradcheck_float64():
 def test_linear_op_opcheck_and_torch_compile():
     x, _, a, b, router, spec = make_inputs(150, 16, 12, 3, 4, seed=2)
     w, bias = torch.randn(12, 16), torch.randn(12)
-    a_cat, b_cat = a.reshape(12, 16), b.permute(1, 0, 2).reshape(12, 12)
+    a_cat, b_cat = a.reshape(1, 12, 16), b.permute(1, 0, 2).reshape(1, 12, 12)
     for p, seed in ((0.0, 0), (0.3, 12345)):  # without dropout, and with a mask drawn inside
-        args = (x, None, w, bias, router, a_cat, b_cat, 3, 0, 3, 2.0, p, seed)
+        args = (x, None, w, bias, router[None], a_cat, b_cat, 3, [0], [], 3, 2.0, p, seed)
         torch.library.opcheck(torch.ops.fedlease.moe_lora_linear_fwd.default, args)
         # the differentiable layer op (autograd in C++), in x's dtype and cast to bfloat16
         for dtype in (None, torch.bfloat16):
-            layer_args = (*leaves(x), None, w, bias, *leaves(router, a, b), 3, 0, 3, 2.0, p, seed,
-                          dtype)  # fmt: skip
+            layer_args = (*leaves(x), None, w, bias, *leaves(router, a, b), 3, [0], 3, 2.0, p,
+                          seed, [], dtype)  # fmt: skip
             torch.library.opcheck(torch.ops.fedlease.moe_lora_linear.default, layer_args)
+        # three clients' stacked tensors, their tokens in unequal shares
+        stacked = [t[None].repeat(3, *[1] * t.dim()) for t in (router, a, b)]
+        layer_args = (*leaves(x), None, w, bias, *leaves(*stacked), 3, [0, 2, 1], 3, 2.0, p,
+                      seed, [40, 0, 110], None)  # fmt: skip
+        torch.library.opcheck(torch.ops.fedlease.moe_lora_linear.default, layer_args)
     torch.library.opcheck(torch.ops.fedlease.philox_dropout.default, (leaves(x)[0], 0.3, 99))
     scores, mask = torch.randn(2, 3, 5, 40), torch.zeros(2, 1, 5, 40)
     torch.library.opcheck(torch.ops.fedlease.softmax_dropout.default,

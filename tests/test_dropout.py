@@ -260,7 +260,7 @@ def test_lora_dropout_inside_the_op_regenerates_its_mask(dtype, tol):
 
     def op(xx, rr, aa, bb):
         return torch.ops.fedlease.moe_lora_linear(
-            xx, None, w.double(), bias.double(), rr, aa, bb, 3, 0, 3, 2.0, p, 4242
+            xx, None, w.double(), bias.double(), rr, aa, bb, 3, [0], 3, 2.0, p, 4242
         )
 
     assert torch.autograd.gradcheck(op, small, eps=1e-6, atol=1e-6)

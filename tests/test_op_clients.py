@@ -63,8 +63,8 @@ def test_each_client_matches_its_reference(backend, case, dtype):
 @pytest.mark.parametrize("case", CASES[:2], ids=_name)
 def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     """moe_lora_linear: one frozen base for every client; with dropout, each client's experts
-    see its own mask (the backend's: aten's for torch, drawn per client inside the op for cpp,
-    one seed's mask over every client's rows for triton)."""
+    see its own mask (the backend's: aten's for torch; for cpp and triton one seed's mask over
+    every client's rows, drawn inside the op)."""
     x, _, a, b, router, w, bias, specs = client_inputs(case, torch.float32, seed=5)
     n, t, d_in = x.shape
     p = 0.3
@@ -73,39 +73,99 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     y = moe_lora_linear(*fast, specs, 2.0, dropout=p, training=True, backend=backend)
     if backend == "torch":  # one draw over every client's tokens
         masks = op_dropout_mask("torch", x.shape, p, 21)
-    elif backend == "triton":
-        masks = op_dropout_mask("triton", (n * t, d_in), p, 21).reshape(n, t, d_in)
-    else:  # one seed per client, drawn in client order
-        torch.manual_seed(21)
-        from fedlease.ops.cpp_backend import draw_seed
-
-        seeds = [draw_seed() for _ in range(n)]
-        ones = torch.ones(t, d_in)
-        masks = torch.stack([torch.ops.fedlease.philox_dropout(ones, p, s)[0] for s in seeds])
+    else:  # keyed by the row among every client's rows
+        masks = op_dropout_mask(backend, (n * t, d_in), p, 21).reshape(n, t, d_in)
     ref = leaves(*(v.double() for v in (x, w, bias, a, b, router)))
     base = ref[0] @ ref[1].t() + ref[2]
     y_ref = clients_reference(ref[0], base, *ref[3:], specs, 2.0, masks.double())
     assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
 
 
-CLIENT_FORMS = [b for b in BACKENDS if b in ("torch", "triton")]  # the backends with one
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shares", [(40, 0, 71), (5, 90, 16)], ids=str)
+def test_the_layer_op_takes_unequal_token_shares(backend, shares):
+    """moe_lora_linear with ``shares``: x holds each client's tokens in turn in these counts (an
+    empty share too, as a packed batch can give); each client against its float64 reference,
+    forward and every gradient; with dropout for cpp (one seed's mask over all rows)."""
+    t, n = sum(shares), len(shares)
+    x, _, a, b, router, w, bias, specs = client_inputs((n, t, 16, 12, 3, 2, "adaptive", None),
+                                                       torch.float32, seed=8)  # fmt: skip
+    x = x[0]  # (t, in): every client's rows
+    p = 0.3 if backend == "cpp" else 0.0
+    fast = leaves(x, w, bias, a, b, router)
+    torch.manual_seed(0)
+    y = moe_lora_linear(*fast, specs, 2.0, dropout=p, training=True, backend=backend,
+                        shares=shares)  # fmt: skip
+    mask = op_dropout_mask(backend, (t, 16), p, 0) if p else torch.ones(t, 16)
+    ref = leaves(*(v.double() for v in (x, w, bias, a, b, router)))
+    parts = zip(ref[0].split(shares), mask.double().split(shares), ref[3], ref[4], ref[5], specs)
+    y_ref = torch.cat([
+        clients_reference(xi[None], (xi @ ref[1].t() + ref[2])[None], ai[None], bi[None],
+                          ri[None], (s,), 2.0, mi[None])[0]
+        for xi, mi, ai, bi, ri, s in parts if len(xi)  # (the reference wants a token)
+    ])  # fmt: skip
+    assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+def test_cpp_runs_all_clients_in_one_call(monkeypatch):
+    """cpp's layer op takes every client at once (equal or unequal shares): one call of the
+    compiled op for three clients; inside ``dispatch.once_per_client`` one per client."""
+    from fedlease.ops import cpp_backend, dispatch
+
+    calls = []
+    real = cpp_backend._layer_op
+
+    def counted(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(cpp_backend, "_layer_op", counted)
+    x, _, a, b, router, w, bias, specs = client_inputs(CASES[0], torch.float32, seed=4)
+    x, a, b, router = leaves(x, a, b, router)
+    moe_lora_linear(x, w, bias, a, b, router, specs, 2.0, backend="cpp").sum().backward()
+    flat = x.reshape(-1, x.shape[-1])
+    moe_lora_linear(flat, w, bias, a, b, router, specs, 2.0, backend="cpp", shares=(50, 1, 60))
+    assert calls == [111, 111]
+    calls.clear()
+    with dispatch.once_per_client("cpp"):
+        moe_lora_linear(x, w, bias, a, b, router, specs, 2.0, backend="cpp")
+    assert calls == [37, 37, 37]
+
+
+def test_token_share_errors_name_the_shares():
+    x, _, a, b, router, w, bias, specs = client_inputs(CASES[0], torch.float32, seed=0)
+    flat = x.reshape(-1, x.shape[-1])
+    with pytest.raises(ValueError, match=r"token shares \[50, 50, 50\] do not split x's 111"):
+        moe_lora_linear(flat, w, bias, a, b, router, specs, 1.0, shares=(50, 50, 50))
+    with pytest.raises(ValueError, match="token shares need client-stacked adapters"):
+        moe_lora_linear(flat, w, bias, a[0], b[0], router[0], specs[0], 1.0, shares=(111,))
+    with pytest.raises(ValueError, match="client dimension mismatch"):
+        moe_lora_linear(flat, w, bias, a, b, router, specs, 1.0, shares=(100, 11))
+
+
+CLIENT_FORMS = BACKENDS  # every CPU backend has one (cpp's in its layer op)
 
 
 @pytest.mark.parametrize("backend", CLIENT_FORMS)
 def test_one_client_is_the_single_client_op(backend):
     """N = 1 through the client form gives the single-client op's numbers exactly, forward and
-    every gradient (both run the same code); for triton with dropout too (same seed, same mask:
-    a token's mask is keyed by its row among all clients' rows)."""
-    x, base, a, b, router, _, _, specs = client_inputs(CASES[3], torch.float32, seed=2)
-    p = 0.25 if backend == "triton" else 0.0
+    every gradient (both run the same code); for cpp and triton with dropout too (same seed, same
+    mask: a token's mask is keyed by its row among all clients' rows)."""
+    x, base, a, b, router, w, bias, specs = client_inputs(CASES[3], torch.float32, seed=2)
+    p = 0.0 if backend == "torch" else 0.25
     runs = []
     for client_form in (False, True):
         tensors = leaves(*(v if client_form else v[0] for v in (x, base, a, b, router)))
         torch.manual_seed(3)
-        y = moe_lora(*tensors, specs if client_form else specs[0], 2.0, dropout=p,
-                     training=True, backend=backend)  # fmt: skip
+        spec = specs if client_form else specs[0]
+        if backend == "cpp":  # its client form is the layer op's
+            y = moe_lora_linear(tensors[0], w, bias, *tensors[2:], spec, 2.0, dropout=p,
+                                training=True, backend=backend)  # fmt: skip
+        else:
+            y = moe_lora(*tensors, spec, 2.0, dropout=p, training=True, backend=backend)
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-        runs.append([v.flatten() for v in (y, *(t.grad for t in tensors))])
+        runs.append([v.flatten() for v in (y, *(t.grad for t in tensors)) if v is not None])
     for single, client in zip(*runs, strict=True):
         assert torch.equal(single, client)
 

@@ -161,3 +161,30 @@ def test_packing_is_refused_for_decoders_and_undone_on_request():
     assert len(model.bert._forward_pre_hooks) == 1 and len(model.bert.encoder._forward_hooks) == 1
     use_packing(model, False)
     assert not packs(model) and not model.bert.encoder._forward_hooks
+
+
+def test_the_packed_attention_backward_never_builds_a_whole_row_per_client():
+    """Each client's queries, keys and values come from one split of the packed row: no backward
+    node gives a client's part a gradient the size of the whole row (a slice per client would:
+    N zero-filled rows added up, N^2 work for N clients)."""
+    from fedlease.dropout import _packed_attention
+
+    lengths = [[5, 3], [7, 7], [2, 6], [4, 1]]  # four clients' two rows each
+    mask = torch.tensor([[1] * n + [0] * (8 - n) for pair in lengths for n in pair])
+    packed = plan(mask, shares=4)
+    tokens = len(packed.source)
+    qkv = [torch.randn(1, 2, tokens, 4, requires_grad=True) for _ in range(3)]
+    out, _ = _packed_attention(nn.Module().eval(), *qkv, 0.5, 0.0, packed)
+    seen, stack, names = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        if node.name() == "SliceBackward0":
+            assert node._saved_self_sym_sizes[node._saved_dim] < tokens, "a slice of the row"
+        stack += [next_node for next_node, _ in node.next_functions]
+    assert names.count("SplitWithSizesBackward0") == 3  # queries, keys, values: one split each
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in qkv)

@@ -51,6 +51,7 @@ register(
         cpp_backend.unavailable_reason,
         linear_fn=cpp_backend.moe_lora_linear_cpp,
         linear_casts=("cpu",),
+        linear_shares=True,
         dtypes={"cpu": (_F32, _BF16, _F64), "cuda": (_F32, _F16, _BF16, _F64)},
     )
 )
@@ -149,13 +150,16 @@ def moe_lora_linear(
     training: bool = False,
     backend: str = "auto",
     fast_dropout: bool = True,
+    shares: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``x @ weight^T + bias`` plus the MoE-LoRA update: :func:`moe_lora` with the base linear
     inside the op (fused into one blocked pass by the ``cpp`` backend, which also draws the
     dropout mask inside; ``fast_dropout=False`` gives it aten's dropout instead). Takes a client
-    dimension as :func:`moe_lora` does; the frozen base is shared by every client."""
+    dimension as :func:`moe_lora` does; the frozen base is shared by every client. Or, with
+    client-stacked adapters, ``x (sum(shares), in)`` holding each client's tokens in turn,
+    ``shares[i]`` of client i's (unequal counts: packed batches)."""
     specs = _client_specs(spec, lora_A) if lora_A.dim() == 4 else None
-    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, specs[0] if specs else spec)
+    d_in, d_out = _check_shapes(x, lora_A, lora_B, router, specs[0] if specs else spec, shares)
     if weight.shape != (d_out, d_in) or (bias is not None and bias.shape != (d_out,)):
         bias_shape = None if bias is None else tuple(bias.shape)
         raise ValueError(
@@ -168,20 +172,32 @@ def moe_lora_linear(
     if cast is not None and not casts_inside:
         with torch.autocast(x.device.type, enabled=False):
             return moe_lora_linear(*_cast((x, weight, bias, lora_A, lora_B, router), cast), spec,
-                                   scaling, dropout, training, impl.name, fast_dropout)  # fmt: skip
+                                   scaling, dropout, training, impl.name, fast_dropout,
+                                   shares)  # fmt: skip
     p = float(dropout) if training else 0.0
+    if shares is not None and not impl.linear_shares:  # once per client, on its share of x
+        parts = zip(x.split(list(shares)), lora_A.unbind(0), lora_B.unbind(0), router.unbind(0),
+                    specs)  # fmt: skip
+        return torch.cat([
+            moe_lora_linear(xi, weight, bias, a, b, r, s, scaling, p, True, impl.name, fast_dropout)
+            for xi, a, b, r, s in parts
+        ])  # fmt: skip
     if impl.linear_fn is None:
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
         )
     extra = {"dtype": cast} if casts_inside else {}
 
-    def layer(xi, a, b, r, spec):
+    def layer(xi, a, b, r, spec, **kw):
         return impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p, fast_dropout,
-                              **extra)  # fmt: skip
+                              **extra, **kw)  # fmt: skip
 
     if specs is not None:  # the backend's layer op on every client at once, or once per client
         n, lead = lora_A.shape[0], x.shape[:-1]
+        if impl.linear_shares:
+            flat = x.reshape(-1, d_in)
+            shares = list(shares) if shares is not None else [len(flat) // n] * n
+            return layer(flat, lora_A, lora_B, router, specs, shares=shares).reshape(*lead, d_out)
         xs = x.reshape(n, -1, d_in)
         if impl.clients:
             y = layer(xs, lora_A, lora_B, router, specs)
@@ -223,16 +239,21 @@ def _client_specs(spec, lora_A: torch.Tensor) -> tuple[RoutingSpec, ...]:
     return specs
 
 
-def _check_shapes(x, lora_A, lora_B, router, spec) -> tuple[int, int]:
+def _check_shapes(x, lora_A, lora_B, router, spec, shares=None) -> tuple[int, int]:
     """``(in, out)`` after checking x, the stacked adapters and the router against each other
-    (per client when they have a leading client dimension, which x then shares)."""
+    (per client when they have a leading client dimension, which x then shares, or which
+    ``shares`` splits x's rows into)."""
+    if shares is not None:
+        _check_token_shares(x, lora_A, shares)
     if lora_A.dim() == 4:
         n = lora_A.shape[0]
-        if lora_B.dim() != 4 or lora_B.shape[0] != n or router.shape[0] != n or x.shape[0] != n:
+        x_clients = len(shares) if shares is not None else x.shape[0]
+        if lora_B.dim() != 4 or lora_B.shape[0] != n or router.shape[0] != n or x_clients != n:
             raise ValueError(f"client dimension mismatch: x {tuple(x.shape)}, lora_A "
                              f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, router "
                              f"{tuple(router.shape)}")  # fmt: skip
-        return _check_shapes(x[0], lora_A[0], lora_B[0], router[0], spec)
+        return _check_shapes(x if shares is not None else x[0], lora_A[0], lora_B[0], router[0],
+                             spec)  # fmt: skip
     m, r, d_in = lora_A.shape
     d_out = lora_B.shape[1]
     if x.shape[-1] != d_in:
@@ -243,6 +264,15 @@ def _check_shapes(x, lora_A, lora_B, router, spec) -> tuple[int, int]:
             f"M={m}, r={r}, in={d_in}, out={d_out}, slots={spec.num_slots}"
         )
     return d_in, d_out
+
+
+def _check_token_shares(x, lora_A, shares) -> None:
+    """``shares`` (each client's token count) against client-stacked adapters and a 2-D x."""
+    if lora_A.dim() != 4 or x.dim() != 2:
+        raise ValueError(f"token shares need client-stacked adapters and a 2-D x, got lora_A "
+                         f"{tuple(lora_A.shape)}, x {tuple(x.shape)}")  # fmt: skip
+    if any(int(n) < 0 for n in shares) or sum(int(n) for n in shares) != x.shape[0]:
+        raise ValueError(f"token shares {list(shares)} do not split x's {x.shape[0]} rows")
 
 
 __all__ = [

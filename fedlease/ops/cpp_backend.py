@@ -67,7 +67,7 @@ def _register_python_parts() -> None:
 
 def _routing_outputs(x, router, a_cat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake ``(q, a, h)`` of a forward op: q in the routing dtype (float64 for float64 inputs)."""
-    t, s, mr = x.shape[0], router.shape[0], a_cat.shape[0]
+    t, s, mr = x.shape[0], router.shape[-2], a_cat.shape[-2]  # (clients, rows, in) or (rows, in)
     routing = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty(t, s, dtype=routing), x.new_empty(t, mr), x.new_empty(t, mr)
 
@@ -103,13 +103,13 @@ def _register_moe_lora() -> None:
 
 def _register_moe_lora_linear() -> None:
     @torch.library.register_fake("fedlease::moe_lora_linear_fwd")
-    def _fwd_fake(x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, own, keep, scaling,
-                  p, seed):  # fmt: skip
+    def _fwd_fake(x, x_drop, weight, bias, router, a_cat, b_cat, num_experts, owns, shares, keep,
+                  scaling, p, seed):  # fmt: skip
         return (x.new_empty(x.shape[0], weight.shape[0]), *_routing_outputs(x, router, a_cat))
 
     @torch.library.register_fake("fedlease::moe_lora_linear_bwd")
-    def _bwd_fake(dy, x, x_drop, weight, router, a_cat, b_cat, q, a, h, num_experts, own,
-                  scaling, p, seed, need_weight_grad, need_bias_grad):  # fmt: skip
+    def _bwd_fake(dy, x, x_drop, weight, router, a_cat, b_cat, q, a, h, num_experts, owns,
+                  shares, scaling, p, seed, need_weight_grad, need_bias_grad):  # fmt: skip
         dx_drop = torch.empty_like(x) if x_drop is not None else x.new_empty(0)
         d_w = torch.empty_like(weight) if need_weight_grad else x.new_empty(0)
         d_bias = weight.new_empty(weight.shape[0]) if need_bias_grad else x.new_empty(0)
@@ -117,8 +117,8 @@ def _register_moe_lora_linear() -> None:
                 torch.empty_like(a_cat), torch.empty_like(b_cat))  # fmt: skip
 
     @torch.library.register_fake("fedlease::moe_lora_linear")
-    def _layer_fake(x, x_drop, weight, bias, router, lora_a, lora_b, num_experts, own, keep,
-                    scaling, p, seed, dtype=None):  # fmt: skip
+    def _layer_fake(x, x_drop, weight, bias, router, lora_a, lora_b, num_experts, owns, keep,
+                    scaling, p, seed, shares=(), dtype=None):  # fmt: skip
         return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype or x.dtype)
 
     # (the autograd formula of `moe_lora_linear`, around these two kernels, is in C++:
@@ -182,24 +182,55 @@ def moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec: RoutingSpec, scaling
     return y
 
 
-def moe_lora_linear_cpp(x, weight, bias, lora_a, lora_b, router, spec: RoutingSpec, scaling,
-                        dropout_p, fast_dropout: bool = True, dtype=None):  # fmt: skip
+def moe_lora_linear_cpp(x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p,
+                        fast_dropout: bool = True, dtype=None, shares=None):  # fmt: skip
     """The whole layer (base GEMM included) as one op, blocked over tokens, on CPU, drawing the
     experts' dropout mask inside (``draw_seed``; with ``fast_dropout=False`` aten's dropout,
     materialised, instead) and computing in ``dtype`` (autocast's; None: x's), with its
-    autograd formula in C++ (csrc/moe_lora_layer.cpp); elsewhere (CUDA) the base output from
-    F.linear and the routing op."""
+    autograd formula in C++ (csrc/autograd.cpp); elsewhere (CUDA) the base output from
+    F.linear and the routing op, once per client.
+
+    Several clients at once: adapters and router with a leading client dimension, one
+    RoutingSpec per client, x ``(sum(shares), in)`` with each client's tokens in turn,
+    ``shares[i]`` of client i's (equal shares when None); one call on CPU, each block of tokens
+    with its own client's tensors."""
+    if lora_a.dim() == 4:
+        return _clients(x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p,
+                        fast_dropout, dtype, shares)  # fmt: skip
     if x.device.type != "cpu":
         base_out = F.linear(x, weight, bias)
         return moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p)
+    return _layer_op(x, weight, bias, lora_a, lora_b, router, spec, [spec.fold_target], scaling,
+                     dropout_p, fast_dropout, dtype, ())  # fmt: skip
+
+
+def _clients(x, weight, bias, lora_a, lora_b, router, specs, scaling, dropout_p, fast_dropout,
+             dtype, shares):  # fmt: skip
+    """:func:`moe_lora_linear_cpp` on client-stacked tensors."""
+    n = lora_a.shape[0]
+    shares = list(shares) if shares is not None else [x.shape[0] // n] * n
+    if x.device.type != "cpu":
+        parts = zip(x.split(shares), lora_a.unbind(0), lora_b.unbind(0), router.unbind(0), specs)
+        return torch.cat([
+            moe_lora_linear_cpp(xi, weight, bias, a, b, r, s, scaling, dropout_p, fast_dropout)
+            for xi, a, b, r, s in parts
+        ])  # fmt: skip
+    owns = [s.fold_target for s in specs]
+    return _layer_op(x, weight, bias, lora_a, lora_b, router, specs[0], owns, scaling, dropout_p,
+                     fast_dropout, dtype, shares)  # fmt: skip
+
+
+def _layer_op(x, weight, bias, lora_a, lora_b, router, spec, owns, scaling, dropout_p,
+              fast_dropout, dtype, shares):  # fmt: skip
+    """``fedlease::moe_lora_linear`` on CPU tensors, with its dropout mask's seed or aten's mask."""
     x_drop, seed = None, 0
     if dropout_p > 0 and fast_dropout and not torch.compiler.is_compiling():
         seed = draw_seed()  # (a traced graph cannot draw it: it gets F.dropout's mask below)
     elif dropout_p > 0:
         x_drop = F.dropout(x, dropout_p, training=True)
     return torch.ops.fedlease.moe_lora_linear(
-        x, x_drop, weight, bias, router, lora_a, lora_b, spec.num_experts, spec.fold_target,
-        spec.keep, float(scaling), float(dropout_p), seed, dtype,
+        x, x_drop, weight, bias, router, lora_a, lora_b, spec.num_experts, owns, spec.keep,
+        float(scaling), float(dropout_p), seed, shares, dtype,
     )  # fmt: skip
 
 

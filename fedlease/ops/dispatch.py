@@ -8,8 +8,10 @@ dropout_p, fast_dropout)`` (``fast_dropout=False``: aten's dropout where the bac
 its own mask); the others get the base output from ``F.linear``. On the device types of
 ``linear_casts`` its ``linear_fn`` also takes ``dtype=`` (autocast's, or None) and casts inside;
 elsewhere the caller casts every input first. A backend with ``clients`` takes client-stacked
-inputs (see ``fedlease.ops.moe_lora``) in the same functions. ``auto`` takes the first
-available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the choice.
+inputs (see ``fedlease.ops.moe_lora``) in the same functions; one with ``linear_shares`` takes
+them in ``linear_fn`` with the clients' tokens in given counts (``shares=``). ``auto`` takes the
+first available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the
+choice.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class Backend:
     # ``fn`` and ``linear_fn`` also take client-stacked tensors (a leading client dimension) and
     # one RoutingSpec per client, in one go (else the op runs once per client)
     clients: bool = False
+    # ``linear_fn`` takes client-stacked adapters with the clients' tokens as one 2-D x, each
+    # client's in turn, their counts as ``shares=`` (unequal counts too), in one go
+    linear_shares: bool = False
     # dtypes it computes in, per device type; a device type not listed: any dtype
     dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
@@ -104,7 +109,7 @@ def once_per_client(name: str):
     a client form does): for benchmarks that weigh the client form against that loop. A backward
     follows the graph its forward built, inside or not."""
     backend = _REGISTRY[name]
-    _REGISTRY[name] = dataclasses.replace(backend, clients=False)
+    _REGISTRY[name] = dataclasses.replace(backend, clients=False, linear_shares=False)
     try:
         yield
     finally:
