@@ -3,9 +3,9 @@ one client (batch 16), all sequences of the same length: what the lockstep gains
 step with padding and data order out of the picture. Timed round-robin in one process; with
 ``--profile`` also the torch profiler's table of both (where the time goes as the batch grows).
 
-On a GPU ``--backends`` compares the layers' backends side by side: the ``triton`` kernels and
-the ``torch`` op's batched GEMMs both run all clients of a layer in one call (``cpp`` runs once
-per client); ``--once-per-client`` also times the lockstep step with the op run once per client
+``--backends`` compares the layers' backends side by side: the ``triton`` kernels, the ``torch``
+op's batched GEMMs and ``cpp``'s layer op (on the CPU) all run every client of a layer in one
+call; ``--once-per-client`` also times the lockstep step with the op run once per client
 and layer (each call a full set of launches and its own base GEMM), what the client form saves;
 ``--ceiling`` also times one client's step at the lockstep's batch (N x 16 sequences through one
 client's adapters): what the lockstep could reach if holding N clients cost nothing.
@@ -90,7 +90,7 @@ def compare(single, n: int, backend: str, args) -> dict[str, float]:
         "lockstep": lambda: step(many, big_ids, big_labels, args.precision),
     }
     impl = resolve_backend(backend, args.device)
-    if args.once_per_client and impl.clients:
+    if args.once_per_client and impl.client_form:
 
         def loop() -> None:
             with once_per_client(impl.name):

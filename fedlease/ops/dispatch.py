@@ -45,6 +45,11 @@ class Backend:
     # dtypes it computes in, per device type; a device type not listed: any dtype
     dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
+    @property
+    def client_form(self) -> bool:
+        """Whether the layer op takes several clients in one call (in ``fn`` or ``linear_fn``)."""
+        return self.clients or self.linear_shares
+
     def dtype_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
         allowed = self.dtypes.get(device.type)
         if dtype is None or allowed is None or dtype in allowed:
