@@ -90,7 +90,7 @@ def compare(single, n: int, backend: str, args) -> dict[str, float]:
         "lockstep": lambda: step(many, big_ids, big_labels, args.precision),
     }
     impl = resolve_backend(backend, args.device)
-    if args.once_per_client and impl.client_form:
+    if args.once_per_client and impl.client_form(args.device):
 
         def loop() -> None:
             with once_per_client(impl.name):

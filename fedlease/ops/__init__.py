@@ -51,7 +51,7 @@ register(
         cpp_backend.unavailable_reason,
         linear_fn=cpp_backend.moe_lora_linear_cpp,
         linear_casts=("cpu",),
-        linear_shares=True,
+        linear_shares=("cpu",),
         dtypes={"cpu": (_F32, _BF16, _F64), "cuda": (_F32, _F16, _BF16, _F64)},
     )
 )
@@ -175,7 +175,8 @@ def moe_lora_linear(
                                    scaling, dropout, training, impl.name, fast_dropout,
                                    shares)  # fmt: skip
     p = float(dropout) if training else 0.0
-    if shares is not None and not impl.linear_shares:  # once per client, on its share of x
+    shares_inside = x.device.type in impl.linear_shares
+    if shares is not None and not shares_inside:  # once per client, on its share of x
         parts = zip(x.split(list(shares)), lora_A.unbind(0), lora_B.unbind(0), router.unbind(0),
                     specs)  # fmt: skip
         return torch.cat([
@@ -194,7 +195,7 @@ def moe_lora_linear(
 
     if specs is not None:  # the backend's layer op on every client at once, or once per client
         n, lead = lora_A.shape[0], x.shape[:-1]
-        if impl.linear_shares:
+        if shares_inside:
             flat = x.reshape(-1, d_in)
             shares = list(shares) if shares is not None else [len(flat) // n] * n
             return layer(flat, lora_A, lora_B, router, specs, shares=shares).reshape(*lead, d_out)

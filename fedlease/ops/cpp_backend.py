@@ -188,36 +188,23 @@ def moe_lora_linear_cpp(x, weight, bias, lora_a, lora_b, router, spec, scaling, 
     experts' dropout mask inside (``draw_seed``; with ``fast_dropout=False`` aten's dropout,
     materialised, instead) and computing in ``dtype`` (autocast's; None: x's), with its
     autograd formula in C++ (csrc/autograd.cpp); elsewhere (CUDA) the base output from
-    F.linear and the routing op, once per client.
+    F.linear and the routing op.
 
-    Several clients at once: adapters and router with a leading client dimension, one
+    Several clients at once (CPU): adapters and router with a leading client dimension, one
     RoutingSpec per client, x ``(sum(shares), in)`` with each client's tokens in turn,
-    ``shares[i]`` of client i's (equal shares when None); one call on CPU, each block of tokens
+    ``shares[i]`` of client i's (equal shares when None), in one call: each block of tokens
     with its own client's tensors."""
     if lora_a.dim() == 4:
-        return _clients(x, weight, bias, lora_a, lora_b, router, spec, scaling, dropout_p,
-                        fast_dropout, dtype, shares)  # fmt: skip
+        n = lora_a.shape[0]
+        shares = list(shares) if shares is not None else [x.shape[0] // n] * n
+        return _layer_op(x, weight, bias, lora_a, lora_b, router, spec[0],
+                         [s.fold_target for s in spec], scaling, dropout_p, fast_dropout, dtype,
+                         shares)  # fmt: skip
     if x.device.type != "cpu":
         base_out = F.linear(x, weight, bias)
         return moe_lora_cpp(x, base_out, lora_a, lora_b, router, spec, scaling, dropout_p)
     return _layer_op(x, weight, bias, lora_a, lora_b, router, spec, [spec.fold_target], scaling,
                      dropout_p, fast_dropout, dtype, ())  # fmt: skip
-
-
-def _clients(x, weight, bias, lora_a, lora_b, router, specs, scaling, dropout_p, fast_dropout,
-             dtype, shares):  # fmt: skip
-    """:func:`moe_lora_linear_cpp` on client-stacked tensors."""
-    n = lora_a.shape[0]
-    shares = list(shares) if shares is not None else [x.shape[0] // n] * n
-    if x.device.type != "cpu":
-        parts = zip(x.split(shares), lora_a.unbind(0), lora_b.unbind(0), router.unbind(0), specs)
-        return torch.cat([
-            moe_lora_linear_cpp(xi, weight, bias, a, b, r, s, scaling, dropout_p, fast_dropout)
-            for xi, a, b, r, s in parts
-        ])  # fmt: skip
-    owns = [s.fold_target for s in specs]
-    return _layer_op(x, weight, bias, lora_a, lora_b, router, specs[0], owns, scaling, dropout_p,
-                     fast_dropout, dtype, shares)  # fmt: skip
 
 
 def _layer_op(x, weight, bias, lora_a, lora_b, router, spec, owns, scaling, dropout_p,

@@ -9,9 +9,9 @@ its own mask); the others get the base output from ``F.linear``. On the device t
 ``linear_casts`` its ``linear_fn`` also takes ``dtype=`` (autocast's, or None) and casts inside;
 elsewhere the caller casts every input first. A backend with ``clients`` takes client-stacked
 inputs (see ``fedlease.ops.moe_lora``) in the same functions; one with ``linear_shares`` takes
-them in ``linear_fn`` with the clients' tokens in given counts (``shares=``). ``auto`` takes the
-first available backend of the device type's preference list; ``FEDLEASE_BACKEND`` overrides the
-choice.
+them in ``linear_fn`` on those device types, the clients' tokens in given counts (``shares=``).
+``auto`` takes the first available backend of the device type's preference list;
+``FEDLEASE_BACKEND`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -39,16 +39,15 @@ class Backend:
     # ``fn`` and ``linear_fn`` also take client-stacked tensors (a leading client dimension) and
     # one RoutingSpec per client, in one go (else the op runs once per client)
     clients: bool = False
-    # ``linear_fn`` takes client-stacked adapters with the clients' tokens as one 2-D x, each
-    # client's in turn, their counts as ``shares=`` (unequal counts too), in one go
-    linear_shares: bool = False
+    # device types where ``linear_fn`` takes client-stacked adapters with the clients' tokens as
+    # one 2-D x, each client's in turn, their counts as ``shares=`` (unequal too), in one go
+    linear_shares: tuple[str, ...] = ()
     # dtypes it computes in, per device type; a device type not listed: any dtype
     dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
 
-    @property
-    def client_form(self) -> bool:
-        """Whether the layer op takes several clients in one call (in ``fn`` or ``linear_fn``)."""
-        return self.clients or self.linear_shares
+    def client_form(self, device: torch.device) -> bool:
+        """Whether the layer op takes several clients in one call on ``device``."""
+        return self.clients or device.type in self.linear_shares
 
     def dtype_reason(self, device: torch.device, dtype: torch.dtype | None) -> str | None:
         allowed = self.dtypes.get(device.type)
@@ -114,7 +113,7 @@ def once_per_client(name: str):
     a client form does): for benchmarks that weigh the client form against that loop. A backward
     follows the graph its forward built, inside or not."""
     backend = _REGISTRY[name]
-    _REGISTRY[name] = dataclasses.replace(backend, clients=False, linear_shares=False)
+    _REGISTRY[name] = dataclasses.replace(backend, clients=False, linear_shares=())
     try:
         yield
     finally:
