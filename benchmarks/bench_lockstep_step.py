@@ -1,4 +1,4 @@
-"""One training step of N clients in lockstep (one stacked model, batch N x 16) against N steps of
+r"""One training step of N clients in lockstep (one stacked model, batch N x 16) against N steps of
 one client (batch 16), all sequences of the same length: what the lockstep gains or loses per
 step with padding and data order out of the picture. Timed round-robin in one process; with
 ``--profile`` also the torch profiler's table of both (where the time goes as the batch grows).

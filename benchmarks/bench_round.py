@@ -1,4 +1,4 @@
-"""One FedLEASE round with its clients trained one after another against the same clients trained
+r"""One FedLEASE round with its clients trained one after another against the same clients trained
 in lockstep (``client_batch``), side by side in one command.
 
 For each number of clients and each ``client_batch``, one run in its own process (so resident
