@@ -60,12 +60,15 @@ def test_each_client_matches_its_reference(backend, case, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES[:2], ids=_name)
-def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
+@pytest.mark.parametrize("case", CASES, ids=_name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case, dtype):
     """moe_lora_linear: one frozen base for every client; with dropout, each client's experts
     see its own mask (the backend's: aten's for torch; for cpp and triton one seed's mask over
     every client's rows, drawn inside the op)."""
-    x, _, a, b, router, w, bias, specs = client_inputs(case, torch.float32, seed=5)
+    if backend == "triton" and (dtype == torch.bfloat16 or case[0] > 2):
+        pytest.skip("the interpreter is slow: fp32 and two clients are enough for its loop")
+    x, _, a, b, router, w, bias, specs = client_inputs(case, dtype, seed=5)
     n, t, d_in = x.shape
     p = 0.3
     torch.manual_seed(21)
@@ -78,7 +81,8 @@ def test_the_layer_op_shares_the_base_and_drops_per_client(backend, case):
     ref = leaves(*(v.double() for v in (x, w, bias, a, b, router)))
     base = ref[0] @ ref[1].t() + ref[2]
     y_ref = clients_reference(ref[0], base, *ref[3:], specs, 2.0, masks.double())
-    assert_fwd_bwd_close(y, y_ref, fast, ref, ["x", "weight", "bias", "A", "B", "router"])
+    names = ["x", "weight", "bias", "A", "B", "router"]
+    assert_fwd_bwd_close(y, y_ref, fast, ref, names, TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
