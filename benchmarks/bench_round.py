@@ -7,7 +7,9 @@ one warm-up round and one adaptive round, configs/glue4.yaml's shape by default 
 batch 16). Timed: the clients' training in the adaptive round (the transport's ``train``) and
 the evaluation after it (its ``evaluate``); the warm-up round is not timed. Also the peak memory
 (CUDA: allocated by torch; CPU: the process's peak resident set). Ratios are sequential time
-over lockstep time, from runs of one invocation.
+over lockstep time, from runs of one invocation. ``--once-per-client`` adds a third run per
+client count: the lockstep with every backend's layer op run once per client (its client form as
+a loop), so the round shows what the client form saves.
 
 With ``--task-type generation`` the clients are FLAN instruction tasks (configs/flan-demo.yaml's
 eight in turn) on the bundled SmolLM2-135M (rank 8 on q_proj and v_proj, as that config), and the
@@ -22,6 +24,7 @@ evaluation decodes ``--new-tokens`` greedily.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -77,6 +80,7 @@ def one_run(args) -> dict:
 
     from fedlease.fl.config import runtime
     from fedlease.fl.simulator import simulation
+    from fedlease.ops.dispatch import BACKEND_NAMES, once_per_client
 
     n = args.n
     cfg = config_for(args, n, args.client_batch)
@@ -99,7 +103,11 @@ def one_run(args) -> dict:
     transport.evaluate = timed("evaluate", transport.evaluate)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    summary = driver.run()
+    with contextlib.ExitStack() as looped:
+        if args.op_loop:  # every backend's client form as a loop over the clients
+            for name in BACKEND_NAMES:
+                looped.enter_context(once_per_client(name))
+        summary = driver.run()
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
     return {"clients": n, "client_batch": cfg.client_batch, "train_s": times["train"][-1],
@@ -107,9 +115,13 @@ def one_run(args) -> dict:
             "device": device_name(device), "precision": summary.precision}  # fmt: skip
 
 
-def child(args, n: int, at_once: str) -> dict:
+def child(args, n: int, at_once: str, op_loop: bool = False) -> dict:
     argv = [sys.executable, __file__, *sys.argv[1:], "--n", str(n), "--client-batch", at_once]
-    return child_result(argv, f"run of {n} clients, client_batch {at_once}")
+    what = f"run of {n} clients, client_batch {at_once}"
+    if op_loop:
+        argv.append("--op-loop")
+        what += ", layer op once per client"
+    return child_result(argv, what)
 
 
 def client_batch(text: str) -> str:
@@ -151,9 +163,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="another config value for every run, e.g. --set pack_sequences=false; "
                    "repeatable")  # fmt: skip
+    p.add_argument("--once-per-client", action="store_true",
+                   help="also run the lockstep with the layer op once per client (its client form "
+                   "as a loop: what the client form saves in a round)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one run, in a child process
     p.add_argument("--client-batch", type=client_batch, help=argparse.SUPPRESS)
+    p.add_argument("--op-loop", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -171,10 +187,15 @@ def main() -> int:
 
     def measure(n: int) -> dict:
         seq, lock = child(args, n, "1"), child(args, n, args.batched)
+        row = {"clients": n, "sequential": seq, "lockstep": lock,
+               "train_speedup": seq["train_s"] / lock["train_s"],
+               "evaluate_speedup": seq["evaluate_s"] / lock["evaluate_s"]}  # fmt: skip
+        if args.once_per_client:
+            loop = child(args, n, args.batched, op_loop=True)
+            row.update(lockstep_op_once_per_client=loop,
+                       op_loop_train_speedup=seq["train_s"] / loop["train_s"])  # fmt: skip
         print(f"{n} clients done", file=sys.stderr)
-        return {"clients": n, "sequential": seq, "lockstep": lock,
-                "train_speedup": seq["train_s"] / lock["train_s"],
-                "evaluate_speedup": seq["evaluate_s"] / lock["evaluate_s"]}  # fmt: skip
+        return row
 
     rows, interrupted = until_interrupted(args.clients, measure)
     if rows:
@@ -193,13 +214,19 @@ def print_report(args, rows: list[dict]) -> None:
     print(f"device: {report['device']}  precision {report['precision']}  {args.task_type}  "
           f"{args.seq} tokens, batch {args.batch}, "
           f"{args.train_samples} examples per client")  # fmt: skip
+    loops = "lockstep_op_once_per_client" in rows[0]
     print(f"{'clients':>8} {'train seq s':>12} {'lockstep s':>11} {'speed-up':>9} "
-          f"{'eval seq s':>11} {'lockstep s':>11} {'peak MB seq/lock':>17}")  # fmt: skip
+          f"{'eval seq s':>11} {'lockstep s':>11} {'peak MB seq/lock':>17}"
+          + (f" {'op once/client s':>17} {'speed-up':>9}" if loops else ""))  # fmt: skip
     for r in rows:
         s, k = r["sequential"], r["lockstep"]
-        print(f"{r['clients']:>8} {s['train_s']:>12.2f} {k['train_s']:>11.2f} "
-              f"{r['train_speedup']:>8.2f}x {s['evaluate_s']:>11.2f} {k['evaluate_s']:>11.2f} "
-              f"{s['peak_mb']:>8.0f}/{k['peak_mb']:<8.0f}")  # fmt: skip
+        line = (f"{r['clients']:>8} {s['train_s']:>12.2f} {k['train_s']:>11.2f} "
+                f"{r['train_speedup']:>8.2f}x {s['evaluate_s']:>11.2f} {k['evaluate_s']:>11.2f} "
+                f"{s['peak_mb']:>8.0f}/{k['peak_mb']:<8.0f}")  # fmt: skip
+        if loops:
+            line += (f" {r['lockstep_op_once_per_client']['train_s']:>17.2f} "
+                     f"{r['op_loop_train_speedup']:>8.2f}x")  # fmt: skip
+        print(line)
 
 
 if __name__ == "__main__":
