@@ -137,6 +137,13 @@ def _each_client(fn, stacked: tuple, specs) -> torch.Tensor:
     return torch.stack([fn(*tensors, spec) for *tensors, spec in parts])
 
 
+def _each_share(fn, x, shares, stacked: tuple, specs) -> torch.Tensor:
+    """``fn(x_i, *client_i_tensors, spec_i)`` on each client's share of x's rows, concatenated
+    (unbind: one backward node for all clients)."""
+    parts = zip(x.split(list(shares)), *(t.unbind(0) for t in stacked), specs)
+    return torch.cat([fn(*part) for part in parts])
+
+
 def moe_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -177,12 +184,12 @@ def moe_lora_linear(
     p = float(dropout) if training else 0.0
     shares_inside = x.device.type in impl.linear_shares
     if shares is not None and not shares_inside:  # once per client, on its share of x
-        parts = zip(x.split(list(shares)), lora_A.unbind(0), lora_B.unbind(0), router.unbind(0),
-                    specs)  # fmt: skip
-        return torch.cat([
-            moe_lora_linear(xi, weight, bias, a, b, r, s, scaling, p, True, impl.name, fast_dropout)
-            for xi, a, b, r, s in parts
-        ])  # fmt: skip
+
+        def one(xi, a, b, r, s):
+            return moe_lora_linear(xi, weight, bias, a, b, r, s, scaling, p, True, impl.name,
+                                   fast_dropout)  # fmt: skip
+
+        return _each_share(one, x, shares, (lora_A, lora_B, router), specs)
     if impl.linear_fn is None:
         return moe_lora(
             x, F.linear(x, weight, bias), lora_A, lora_B, router, spec, scaling, p, True, impl.name
@@ -193,22 +200,28 @@ def moe_lora_linear(
         return impl.linear_fn(xi, weight, bias, a, b, r, spec, float(scaling), p, fast_dropout,
                               **extra, **kw)  # fmt: skip
 
-    if specs is not None:  # the backend's layer op on every client at once, or once per client
-        n, lead = lora_A.shape[0], x.shape[:-1]
-        if shares_inside:
-            flat = x.reshape(-1, d_in)
-            shares = list(shares) if shares is not None else [len(flat) // n] * n
-            return layer(flat, lora_A, lora_B, router, specs, shares=shares).reshape(*lead, d_out)
-        xs = x.reshape(n, -1, d_in)
-        if impl.clients:
-            y = layer(xs, lora_A, lora_B, router, specs)
-        else:
-            y = _each_client(layer, (xs, lora_A, lora_B, router), specs)
-        return y.reshape(*lead, d_out)
+    if specs is not None:
+        return _layer_clients(layer, impl, x, (lora_A, lora_B, router), specs, shares_inside,
+                              shares)  # fmt: skip
     if x.dim() == 2:  # no reshapes: each is an autograd node, host time on every call
         return layer(x, lora_A, lora_B, router, spec)
     lead = x.shape[:-1]
     return layer(x.reshape(-1, d_in), lora_A, lora_B, router, spec).reshape(*lead, d_out)
+
+
+def _layer_clients(layer, impl: Backend, x, stacked, specs, shares_inside, shares):
+    """The backend's layer op on client-stacked adapters: every client in one call where it takes
+    them (its tokens in given or equal shares, or x stacked per client), else once per client."""
+    n, lead, d_in = len(specs), x.shape[:-1], x.shape[-1]
+    if shares_inside:
+        flat = x.reshape(-1, d_in)
+        shares = list(shares) if shares is not None else [len(flat) // n] * n
+        y = layer(flat, *stacked, specs, shares=shares)
+    elif impl.clients:
+        y = layer(x.reshape(n, -1, d_in), *stacked, specs)
+    else:
+        y = _each_client(layer, (x.reshape(n, -1, d_in), *stacked), specs)
+    return y.reshape(*lead, y.shape[-1])
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
