@@ -98,19 +98,15 @@ def _attend(module, query, key, value, mask, scaling, dropout):
 
 def _packed_attention(module, query, key, value, scaling, dropout, packed):
     """The attention of a packed batch (one row of tokens; queries, keys and values as BERT
-    passes them, ``(1, heads, tokens, head_dim)``): per segment (a client's rows), scattered into
-    a padded ``(heads, rows, span, head_dim)`` block (heads first: the GEMMs need no transposed
-    copy), attended, the output gathered back; returns ``(1, tokens, heads, head_dim)``."""
-    sizes = [seg.tokens for seg in packed.segments]
-    # one split per tensor: its backward is one concatenation, where a slice per segment would
-    # give each segment's gradient the whole row's size (zeros, then summed: N^2 traffic)
-    pieces = zip(*(t[0].split(sizes, 1) for t in (query, key, value)))
+    passes them, ``(1, heads, tokens, head_dim)``): per bucket of rows of about the same length
+    (``Packed.buckets``, whichever clients' rows they are), a padded ``(heads, rows, span,
+    head_dim)`` block (heads first: the GEMMs need no transposed copy), attended, the outputs
+    gathered back; returns ``(1, tokens, heads, head_dim)``."""
     parts = []
-    for seg, heads in zip(packed.segments, pieces):
-        q, k, v = (seg.block(t) for t in heads)
-        out, _ = _attend(module, q, k, v, seg.key_mask.to(q.dtype), scaling, dropout)
-        parts.append(seg.unblock(out))
-    return torch.cat(parts, 1).transpose(0, 1)[None], None
+    for bucket, q, k, v in zip(packed.buckets, *(packed.blocks(t[0]) for t in (query, key, value))):
+        out, _ = _attend(module, q, k, v, bucket.key_mask.to(q.dtype), scaling, dropout)
+        parts.append(out)
+    return packed.unblock(parts).transpose(0, 1)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:

@@ -5,14 +5,15 @@ every element-wise op on padding: on GLUE's mix of short sentences (SST-2, media
 sentence pairs (QNLI, MRPC, RTE, about 50) a batch of 16 holds 1.8 padded tokens per real one.
 :func:`use_packing` makes the model's base (``BertModel``) drop them: its inputs become one row
 of the batch's real tokens (position and token-type ids kept), only the attention goes back to
-the padded layout (``fedlease_eager`` scatters queries, keys and values into it and gathers its
-output), and the encoder's output is padded again, so the pooler, the head and every caller see
-the shapes they always did. Results equal the padded model's up to rounding; dropout masks
-differ (other elements draw them).
+a padded layout (``fedlease_eager`` scatters queries, keys and values into blocks of rows of
+about the same length, :func:`bucket_spans`, and gathers its output), and the encoder's output is
+padded again, so the pooler, the head and every caller see the shapes they always did. Results
+equal the padded model's up to rounding; dropout masks differ (other elements draw them).
 
 A model whose MoE-LoRA layers hold several clients (``fedlease.clients``) packs each client's
-rows as a segment of its own (its attention block too) and gets each client's share of the
-packed tokens set on the layers for the forward.
+rows as a segment of its own and gets each client's share of the packed tokens set on the layers
+for the forward; the attention, which holds no client's tensors, buckets all the clients' rows
+together.
 """
 
 from __future__ import annotations
@@ -31,46 +32,43 @@ PACKABLE = ("bert",)  # absolute positions from 0, token types, [CLS] pooling
 @dataclass(frozen=True)
 class Segment:
     """Rows of the batch (a client's share) packed together: their ``real`` tokens, then fillers
-    up to ``tokens`` (:func:`row_length`), are ``start:start + tokens`` of the packed row. For
-    the attention they are a padded block of ``span`` (their longest, rounded up to a multiple
-    of 8): ``slots`` their real tokens' places in the flattened ``(rows, span)`` block,
-    ``key_mask`` its additive key mask ``(1, rows, 1, span)`` (the block holds heads first)."""
+    up to ``tokens`` (:func:`row_length`), are ``start:start + tokens`` of the packed row."""
 
     start: int
     real: int
     tokens: int
     rows: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Rows of about the same length, whoever's they are, that attend as one padded block of
+    ``rows`` x ``span`` tokens; ``key_mask`` is its additive key mask ``(1, rows, 1, span)`` (the
+    block holds heads first)."""
+
+    rows: int
     span: int
-    slots: torch.Tensor
     key_mask: torch.Tensor
-
-    def block(self, heads: torch.Tensor) -> torch.Tensor:
-        """This segment's ``(heads, tokens, d)`` part of the packed row -> its
-        ``(heads, rows, span, d)`` block."""
-        mine = heads[:, : self.real]
-        block = _scatter(mine, 1, self.slots, self.rows * self.span)
-        return block.view(-1, self.rows, self.span, heads.shape[2])
-
-    def unblock(self, block: torch.Tensor) -> torch.Tensor:
-        """This segment's ``(heads, rows, span, d)`` block -> its ``(heads, tokens, d)`` (zero
-        fillers)."""
-        flat = block.reshape(block.shape[0], -1, block.shape[3])
-        real = flat.index_select(1, self.slots)
-        fillers = real.new_zeros(real.shape[0], self.tokens - self.real, real.shape[2])
-        return torch.cat([real, fillers], 1)
 
 
 @dataclass(frozen=True)
 class Packed:
     """A padded ``(batch, length)`` batch as one row of tokens, segment after segment: ``source``
     gives each of the row's tokens its place in the flattened batch (``batch * length`` for a
-    filler: id 0, position 0, type 0), ``real`` the places of the real tokens in the row."""
+    filler: id 0, position 0, type 0), ``real`` the places of the real tokens in the row.
+
+    For the attention the rows go to ``buckets`` (:func:`buckets`): ``slots`` gives each token of
+    the packed row its place in the buckets' blocks laid end to end (a filler: one of
+    ``fillers`` places after them)."""
 
     batch: int
     length: int
     segments: tuple[Segment, ...]
     source: torch.Tensor
     real: torch.Tensor
+    buckets: tuple[Bucket, ...]
+    slots: torch.Tensor
+    fillers: int
 
     def row(self, t: torch.Tensor) -> torch.Tensor:
         """A ``(batch, length)`` input as the packed ``(1, tokens)`` row."""
@@ -82,6 +80,23 @@ class Packed:
         rows = _scatter(row.index_select(0, self.real), 0, self.source[self.real],
                         self.batch * self.length)  # fmt: skip
         return rows.view(self.batch, self.length, *row.shape[1:])
+
+    def blocks(self, heads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The packed row's ``(heads, tokens, d)`` -> each bucket's ``(heads, rows, span, d)``
+        block (zeros in its padding). One scatter and one split: the backward is one gather of
+        the row, whatever the number of buckets."""
+        sizes = [b.rows * b.span for b in self.buckets]
+        flat = _scatter(heads, 1, self.slots, sum(sizes) + self.fillers)
+        parts = flat.split(sizes + [self.fillers], 1)
+        return tuple(p.view(-1, b.rows, b.span, heads.shape[2])
+                     for p, b in zip(parts, self.buckets))  # fmt: skip
+
+    def unblock(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Each bucket's ``(heads, rows, span, d)`` block -> the packed row's ``(heads, tokens,
+        d)`` (zeros for the fillers)."""
+        flat = [b.reshape(b.shape[0], -1, b.shape[3]) for b in blocks]
+        flat.append(flat[0].new_zeros(flat[0].shape[0], self.fillers, flat[0].shape[2]))
+        return torch.cat(flat, 1).index_select(1, self.slots)
 
 
 def _scatter(src: torch.Tensor, dim: int, places: torch.Tensor, size: int) -> torch.Tensor:
@@ -154,25 +169,85 @@ def plan(attention_mask: torch.Tensor, shares: int = 1) -> Packed | None:
         return None
     segments, sources, start = [], [], 0
     for i, part in enumerate(keep.view(shares, -1, length)):
-        seg = _segment(part, start)
+        real = int(part.sum())
+        seg = Segment(start, real, row_length(real), part.shape[0])
         places = part.flatten().nonzero().squeeze(1) + i * part.numel()
         segments.append(seg)
         sources += [places, places.new_full((seg.tokens - seg.real,), keep.numel())]
         start += seg.tokens
     source = torch.cat(sources)
     real = (source < keep.numel()).nonzero().squeeze(1)
-    return Packed(batch, length, tuple(segments), source, real)
+    blocks, slots, fillers = _attention_layout(keep, lengths, real, len(source))
+    return Packed(batch, length, tuple(segments), source, real, blocks, slots, fillers)
 
 
-def _segment(keep: torch.Tensor, start: int) -> Segment:
-    """The segment of the rows whose real tokens ``keep`` marks, at ``start`` of the row."""
-    lengths = keep.sum(1)
-    real = int(lengths.sum())
-    span = -(-int(lengths.max()) // 8) * 8
-    block = torch.arange(span, device=keep.device) < lengths[:, None]
-    slots = block.flatten().nonzero().squeeze(1)
-    mask = torch.zeros(block.shape, device=keep.device).masked_fill_(~block, torch.finfo().min)
-    return Segment(start, real, row_length(real), len(lengths), span, slots, mask[None, :, None])
+SPAN_STEP = 8  # a bucket's span is a multiple of this
+BUCKET_COST = 8192  # one more bucket's fixed cost, in score elements per head (rows x span^2)
+
+
+def bucket_spans(lengths: list[int]) -> list[int]:
+    """The spans of the buckets that rows of these lengths attend in: the partition of the rows,
+    sorted by length, into runs padded to their longest (rounded up to :data:`SPAN_STEP`) with the
+    least ``sum(rows * span^2) + BUCKET_COST * buckets``, each run's span, ascending. One bucket
+    per client's batch wastes ``span^2 / length^2`` on every short row (2-6x on GLUE's tasks);
+    a bucket per length costs a dozen small GEMMs and softmaxes more per layer."""
+    spans = sorted({-(-n // SPAN_STEP) * SPAN_STEP for n in lengths})
+    count = [sum(-(-n // SPAN_STEP) * SPAN_STEP == s for n in lengths) for s in spans]
+    best, cut = [0.0] + [float("inf")] * len(spans), [0] * (len(spans) + 1)
+    for j in range(1, len(spans) + 1):  # best[j]: the first j spans bucketed; cut[j]: last start
+        rows = 0
+        for i in range(j, 0, -1):
+            rows += count[i - 1]
+            cost = best[i - 1] + rows * spans[j - 1] ** 2 + BUCKET_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    tops, j = [], len(spans)
+    while j > 0:
+        tops.append(spans[j - 1])
+        j = cut[j]
+    return tops[::-1]
+
+
+def _attention_layout(keep: torch.Tensor, lengths: torch.Tensor, real: torch.Tensor,
+                      tokens: int) -> tuple[tuple[Bucket, ...], torch.Tensor, int]:  # fmt: skip
+    """The buckets of the rows (``keep``: their real tokens, right-aligned ``lengths``), each
+    token's place in them and the number of fillers (``real``: the real tokens' places in the
+    packed row of ``tokens``)."""
+    tops = torch.tensor(bucket_spans(lengths.tolist()), device=keep.device)
+    which = torch.bucketize(lengths, tops)  # each row's bucket: the smallest top >= its length
+    order = torch.sort(which, stable=True).indices  # rows bucket by bucket, in batch order within
+    rows = torch.bincount(which, minlength=len(tops))
+    sizes = rows * tops
+    first = torch.cumsum(rows, 0) - rows  # each bucket's first place in ``order``
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=keep.device) - first[which[order]]
+    starts = (torch.cumsum(sizes, 0) - sizes)[which] + rank * tops[which]  # each row's place
+    slots, fillers = _slots(keep, starts, real, tokens, int(sizes.sum()))
+    members = order.split(rows.tolist())
+    buckets = tuple(Bucket(len(m), span, _key_mask(lengths[m], span))
+                    for m, span in zip(members, tops.tolist()))  # fmt: skip
+    return buckets, slots, fillers
+
+
+def _slots(keep: torch.Tensor, starts: torch.Tensor, real: torch.Tensor, tokens: int,
+           total: int) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """Each packed token's place: a real one's row start plus its column, a filler one of the
+    places after the buckets' ``total``."""
+    row, col = keep.nonzero(as_tuple=True)  # the real tokens in the packed row's order
+    slots = torch.empty(tokens, dtype=torch.long, device=keep.device)
+    slots[real] = starts[row] + col
+    filler = torch.ones(tokens, dtype=torch.bool, device=keep.device)
+    filler[real] = False
+    fillers = tokens - len(real)
+    slots[filler] = torch.arange(total, total + fillers, device=keep.device)
+    return slots, fillers
+
+
+def _key_mask(lengths: torch.Tensor, span: int) -> torch.Tensor:
+    """The additive ``(1, rows, 1, span)`` key mask of rows of these lengths."""
+    inside = torch.arange(span, device=lengths.device) < lengths[:, None]
+    mask = torch.zeros(inside.shape, device=lengths.device)
+    return mask.masked_fill_(~inside, torch.finfo().min)[None, :, None]
 
 
 def _pack_inputs(base: nn.Module, args: tuple, kwargs: dict):

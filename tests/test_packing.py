@@ -8,11 +8,17 @@ import torch
 from helpers import rel_err
 from torch import nn
 
-from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
+from fedlease import (
+    MoELoRAConfig,
+    adapter_state_dict,
+    inject_moe_lora,
+    load_adapter_state_dict,
+    packing,
+)
 from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
 from fedlease.inject import set_own_expert
 from fedlease.models import load
-from fedlease.packing import packable, packs, plan, row_length, use_packing
+from fedlease.packing import bucket_spans, packable, packs, plan, row_length, use_packing
 from fedlease.precision import autocast, cast_frozen
 
 PAIRS = [("a fine film", "it was fine"), ("dull", "a much longer second sentence of the pair here"),
@@ -52,15 +58,17 @@ def _logits_and_grads(model, batch, precision="fp32"):
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 3e-2)])
-def test_a_packed_model_computes_the_padded_model(precision, tol):
+def test_a_packed_model_computes_the_padded_model(precision, tol, monkeypatch):
     """Same logits and gradients of every trainable tensor (experts, routers, head), whatever
-    the padding of each row; the batch really is packed (the padded model never sees it)."""
+    the padding of each row; the batch really is packed (the padded model never sees it), its
+    rows attending in three buckets (free buckets: one per span), out of their batch order."""
+    monkeypatch.setattr(packing, "BUCKET_COST", 0)
     model, tok = _model()
     model.train()
     if precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     batch = _batch(tok)
-    assert plan(batch["attention_mask"]) is not None
+    assert [b.rows for b in plan(batch["attention_mask"]).buckets] == [1, 2, 1]
     want_logits, want_grads = _logits_and_grads(model, batch, precision)
     use_packing(model)
     seen = []
@@ -90,16 +98,48 @@ def test_batches_without_right_padding_run_as_they_are():
     assert got.source.tolist() == [0, 1, 3, 4, 5, 6, 9, 9] and (got.batch, got.length) == (3, 3)
     assert got.real.tolist() == list(range(6))
     shares = plan(torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]), 2)
-    assert [(s.start, s.real, s.tokens, s.rows, s.span) for s in shares.segments] == [
-        (0, 3, 8, 2, 8), (8, 7, 8, 2, 8)]  # fmt: skip
+    assert [(s.start, s.real, s.tokens, s.rows) for s in shares.segments] == [
+        (0, 3, 8, 2), (8, 7, 8, 2)]  # fmt: skip
     assert shares.source.tolist() == [0, 1, 4] + [16] * 5 + [8, 9, 10, 11, 12, 13, 14, 16]
-    assert shares.segments[1].slots.tolist() == [0, 1, 2, 3, 8, 9, 10]
+    # both clients' rows in one 4 x 8 block; each filler a place of its own after it
+    assert [(b.rows, b.span) for b in shares.buckets] == [(4, 8)] and shares.fillers == 6
+    assert shares.slots.tolist() == ([0, 1, 8] + list(range(32, 37)) + [16, 17, 18, 19]
+                                     + [24, 25, 26, 37])  # fmt: skip
     model, tok = _model()
     model.eval()
     batch = tok(["same length", "same length"], return_tensors="pt", padding=True)
     want = model(**batch).logits
     use_packing(model)
     assert torch.equal(model(**batch).logits, want)
+
+
+def test_rows_attend_in_buckets_of_about_their_length_whoever_they_belong_to():
+    """Rows go to buckets by length (rounded up to 8), the cheapest partition by the cost model:
+    far apart lengths apart, near ones together, few rows of a length with their neighbours; the
+    buckets hold each row's real tokens at its own block row, zeros elsewhere."""
+    assert bucket_spans([3] * 5 + [120]) == [8, 120]
+    assert bucket_spans([60, 61, 70, 3]) == [72]  # one short row: cheaper padded than apart
+    assert bucket_spans([60, 61, 70, 3, 3, 3]) == [8, 72]  # 64 and 72 together
+    assert bucket_spans([5, 9, 17]) == [24]  # three near spans: one block
+    assert bucket_spans([16] * 16 + [100] * 16) == [16, 104]
+    lengths = [[3, 100, 50], [2, 98, 52], [5, 101, 49]]  # three clients' three rows each
+    mask = torch.tensor([[1] * n + [0] * (104 - n) for rows in lengths for n in rows])
+    packed = plan(mask, shares=3)
+    assert [(b.rows, b.span) for b in packed.buckets] == [(3, 8), (3, 56), (3, 104)]
+    row = torch.randn(2, len(packed.source), 4)  # heads, packed tokens, head_dim
+    blocks = packed.blocks(row)
+    short = row[:, packed.real[:3]]  # the first client's first row: its 3 real tokens
+    assert torch.equal(blocks[0][:, 0, :3], short) and not blocks[0][:, 0, 3:].any()
+    second = 3 + 100 + 50 + 2  # the second client's second row: its 98 real tokens
+    assert torch.equal(blocks[2][:, 1, :98], row[:, packed.real[second : second + 98]])
+    assert not blocks[2][:, 1, 98:].any()
+    back = packed.unblock(list(blocks))
+    assert torch.equal(back[:, packed.real], row[:, packed.real])
+    fillers = torch.ones(len(packed.source), dtype=torch.bool)
+    fillers[packed.real] = False
+    assert fillers.any() and not back[:, fillers].any()
+    keys = packed.buckets[2].key_mask[0, :, 0]
+    assert (keys[0, :100] == 0).all() and (keys[1, 98:] < -1e30).all() and keys[1, 97] == 0
 
 
 def test_dropout_in_a_packed_batch_trains():
@@ -117,9 +157,11 @@ def test_dropout_in_a_packed_batch_trains():
     assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads.values())
 
 
-def test_several_clients_in_one_packed_batch_each_get_their_own_model():
+def test_several_clients_in_one_packed_batch_each_get_their_own_model(monkeypatch):
     """Three clients' slots in one stacked, packed model; their rows hold different numbers of
-    real tokens: each client's logits and its slot's gradients are those of its own model."""
+    real tokens (and attend in buckets that mix clients): each client's logits and its slot's
+    gradients are those of its own model."""
+    monkeypatch.setattr(packing, "BUCKET_COST", 0)
     model, tok = _model()
     g = torch.Generator().manual_seed(5)
     states = [{k: torch.randn(v.shape, generator=g) * 0.1 for k, v in
