@@ -7,7 +7,9 @@ one warm-up round and one adaptive round, configs/glue4.yaml's shape by default 
 batch 16). Timed: the clients' training in the adaptive round (the transport's ``train``) and
 the evaluation after it (its ``evaluate``); the warm-up round is not timed. Also the peak memory
 (CUDA: allocated by torch; CPU: the process's peak resident set). Ratios are sequential time
-over lockstep time, from runs of one invocation. ``--once-per-client`` adds a third run per
+over lockstep time, from runs of one invocation; with ``--repeats R`` each kind runs R times, in
+turns, and the table gives medians and the range of the turns' ratios (a shared machine's speed
+drifts by 10-20 % within minutes). ``--once-per-client`` adds a third run per
 client count: the lockstep with every backend's layer op run once per client (its client form as
 a loop), so the round shows what the client form saves.
 
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -124,6 +127,27 @@ def child(args, n: int, at_once: str, op_loop: bool = False) -> dict:
     return child_result(argv, what)
 
 
+def repeated_runs(args, n: int) -> dict:
+    """Each kind of run (one by one, lockstep, op once per client) ``--repeats`` times, the kinds
+    taking turns (first to last, then last to first: a machine that slows down or speeds up meets
+    them alike); each kind's medians, and with repeats its runs and each turn's speed-up."""
+    kinds = {"sequential": ("1", False), "lockstep": (args.batched, False)}
+    if args.once_per_client:
+        kinds["lockstep_op_once_per_client"] = (args.batched, True)
+    runs = {kind: [] for kind in kinds}
+    for turn in range(args.repeats):
+        for kind in list(kinds)[:: 1 if turn % 2 == 0 else -1]:
+            runs[kind].append(child(args, n, *kinds[kind]))
+    out = {kind: {**done[0], **{key: statistics.median(r[key] for r in done)
+                                for key in ("train_s", "evaluate_s", "peak_mb")}}
+           for kind, done in runs.items()}  # fmt: skip
+    if args.repeats > 1:
+        out["runs"] = runs
+        out["train_speedups"] = [s["train_s"] / k["train_s"]
+                                 for s, k in zip(runs["sequential"], runs["lockstep"])]  # fmt: skip
+    return out
+
+
 def client_batch(text: str) -> str:
     """An argparse type: ``auto`` or a number of clients at once (>= 1)."""
     return text if text == "auto" else str(at_least(1)(text))
@@ -166,6 +190,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--once-per-client", action="store_true",
                    help="also run the lockstep with the layer op once per client (its client form "
                    "as a loop: what the client form saves in a round)")  # fmt: skip
+    p.add_argument("--repeats", type=at_least(1), default=1,
+                   help="runs of each kind per client count, taking turns; the table gives "
+                   "medians and the range of the turns' speed-ups (default: 1)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one run, in a child process
     p.add_argument("--client-batch", type=client_batch, help=argparse.SUPPRESS)
@@ -186,14 +213,13 @@ def main() -> int:
             config_for(args, n, args.batched)
 
     def measure(n: int) -> dict:
-        seq, lock = child(args, n, "1"), child(args, n, args.batched)
-        row = {"clients": n, "sequential": seq, "lockstep": lock,
-               "train_speedup": seq["train_s"] / lock["train_s"],
-               "evaluate_speedup": seq["evaluate_s"] / lock["evaluate_s"]}  # fmt: skip
+        row = {"clients": n, **repeated_runs(args, n)}
+        seq, lock = row["sequential"], row["lockstep"]
+        row.update(train_speedup=seq["train_s"] / lock["train_s"],
+                   evaluate_speedup=seq["evaluate_s"] / lock["evaluate_s"])  # fmt: skip
         if args.once_per_client:
-            loop = child(args, n, args.batched, op_loop=True)
-            row.update(lockstep_op_once_per_client=loop,
-                       op_loop_train_speedup=seq["train_s"] / loop["train_s"])  # fmt: skip
+            row["op_loop_train_speedup"] = seq["train_s"] / row["lockstep_op_once_per_client"][
+                "train_s"]  # fmt: skip
         print(f"{n} clients done", file=sys.stderr)
         return row
 
@@ -207,22 +233,29 @@ def print_report(args, rows: list[dict]) -> None:
     report = {"device": rows[0]["sequential"]["device"], "versions": versions(),
               "precision": rows[0]["sequential"]["precision"], "seq": args.seq,
               "batch": args.batch, "train_samples": args.train_samples,
-              "task_type": args.task_type, "rows": rows}  # fmt: skip
+              "task_type": args.task_type, "repeats": args.repeats, "rows": rows}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"device: {report['device']}  precision {report['precision']}  {args.task_type}  "
           f"{args.seq} tokens, batch {args.batch}, "
           f"{args.train_samples} examples per client")  # fmt: skip
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} runs of each kind; 'turns': the range of the training "
+              "speed-ups of the runs made in turn")  # fmt: skip
     loops = "lockstep_op_once_per_client" in rows[0]
-    print(f"{'clients':>8} {'train seq s':>12} {'lockstep s':>11} {'speed-up':>9} "
-          f"{'eval seq s':>11} {'lockstep s':>11} {'peak MB seq/lock':>17}"
+    print(f"{'clients':>8} {'train seq s':>12} {'lockstep s':>11} {'speed-up':>9}"
+          + (f" {'turns':>12}" if args.repeats > 1 else "")
+          + f" {'eval seq s':>11} {'lockstep s':>11} {'peak MB seq/lock':>17}"
           + (f" {'op once/client s':>17} {'speed-up':>9}" if loops else ""))  # fmt: skip
     for r in rows:
         s, k = r["sequential"], r["lockstep"]
-        line = (f"{r['clients']:>8} {s['train_s']:>12.2f} {k['train_s']:>11.2f} "
-                f"{r['train_speedup']:>8.2f}x {s['evaluate_s']:>11.2f} {k['evaluate_s']:>11.2f} "
-                f"{s['peak_mb']:>8.0f}/{k['peak_mb']:<8.0f}")  # fmt: skip
+        line = f"{r['clients']:>8} {s['train_s']:>12.2f} {k['train_s']:>11.2f} "
+        line += f"{r['train_speedup']:>8.2f}x"
+        if args.repeats > 1:
+            line += f" {min(r['train_speedups']):>5.2f}-{max(r['train_speedups']):.2f}x"
+        line += (f" {s['evaluate_s']:>11.2f} {k['evaluate_s']:>11.2f} "
+                 f"{s['peak_mb']:>8.0f}/{k['peak_mb']:<8.0f}")  # fmt: skip
         if loops:
             line += (f" {r['lockstep_op_once_per_client']['train_s']:>17.2f} "
                      f"{r['op_loop_train_speedup']:>8.2f}x")  # fmt: skip

@@ -4,6 +4,7 @@ of every method (dropout off) to 1e-5."""
 
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -169,18 +170,40 @@ def test_lockstep_with_the_triton_client_form_trains_as_one_by_one(monkeypatch):
     assert_same_run(one, together)
 
 
-def test_auto_on_the_cpu_takes_up_to_four_classification_clients_and_one_generation_client():
-    """As measured on a CPU: 4 GLUE clients at once gained, 4 SmolLM2 clients at once lost, and
-    evaluation in lockstep lost for both (it evaluates one by one there)."""
-    for task_type, want in (("classification", [4, 3, 1]), ("generation", [1, 1, 1])):
-        cfg = from_dict({"task_type": task_type, "clients": ["sst2"] * 6, "device": "cpu",
-                         "client_batch": "auto"})  # fmt: skip
+def test_auto_on_the_cpu_takes_up_to_sixteen_classification_clients_within_memory(monkeypatch):
+    """As measured on a CPU: 16 GLUE clients at once gained most, 4 SmolLM2 clients at once lost,
+    and evaluation in lockstep lost for both (it evaluates one by one there); fewer classification
+    clients where half the available memory holds fewer worst-case steps."""
+    monkeypatch.setattr(inprocess, "available_bytes", lambda: 64 * 2**30)
+    for task_type, want in (("classification", [16, 6, 1]), ("generation", [1, 1, 1])):
+        cfg = from_dict({"task_type": task_type, "clients": ["sst2"] * 20, "device": "cpu",
+                         "client_batch": "auto", "batch_size": 16, "max_seq_len": 128})  # fmt: skip
         transport = inprocess.InProcess(cfg, progress=False)
-        assert [transport.client_batch(n) for n in (6, 3, 1)] == want, task_type
-        assert [transport.client_batch(n, evaluation=True) for n in (6, 3)] == [1, 1]
+        transport.step_units = 384 * 6  # MiniLM's hidden units times layers
+        assert [transport.client_batch(n) for n in (20, 6, 1)] == want, task_type
+        assert [transport.client_batch(n, evaluation=True) for n in (20, 3)] == [1, 1]
+    step = 16 * 128 * 384 * 6 * inprocess.STEP_BYTES_PER_UNIT  # one client's worst step
+    monkeypatch.setattr(inprocess, "available_bytes", lambda: 5 * step)
+    cfg = from_dict({"clients": ["sst2"] * 20, "device": "cpu", "client_batch": "auto",
+                     "batch_size": 16, "max_seq_len": 128})  # fmt: skip
+    transport = inprocess.InProcess(cfg, progress=False)
+    transport.step_units = 384 * 6
+    assert transport.client_batch(20) == 2  # half of 5 steps' memory
     fixed = inprocess.InProcess(from_dict({"clients": ["sst2"] * 6, "device": "cpu",
                                            "client_batch": 4}), progress=False)  # fmt: skip
     assert fixed.client_batch(6, evaluation=True) == 4  # a number is taken as it is
+
+
+def test_groups_follow_length_and_keep_apart_only_padded_lengths():
+    """Clients group in order of their median lengths; with padding-free batches whatever the
+    lengths, with padded batches only within LENGTH_SPREAD of each other."""
+    transport = inprocess.InProcess(from_dict({"clients": ["sst2"] * 5}), progress=False)
+    transport.data = [SimpleNamespace(typical_length=n) for n in (50, 10, 48, 12, 55)]
+    transport.pool = SimpleNamespace(packs=True)
+    assert transport.groups([0, 1, 2, 3, 4], 4) == [[1, 3, 2, 0], [4]]
+    transport.pool = SimpleNamespace(packs=False)
+    assert transport.groups([0, 1, 2, 3, 4], 4) == [[1, 3], [2, 0, 4]]
+    assert transport.groups([0, 1, 2], 1) == [[0], [1], [2]]
 
 
 @needs_data

@@ -15,24 +15,29 @@ from ..inject import set_own_expert
 from .checkpoint import Checkpoint
 from .config import FLConfig, runtime
 from .faults import FaultPlan
-from .limits import check_model_fits
+from .limits import available_bytes, check_model_fits
 from .pool import ClientSide, ModelPool, load_base
 from .strategies import Strategy
 from .strategies.base import restored, select
 from .types import ClientInfo, Layout, Reply, State, clone_state
 
-# Clients train together only when their median sequence lengths are within this factor: padding
-# SST-2's sentences (median 13 tokens) to QNLI's pairs (48) cost more than the larger step gained
-# (benchmarks/RESULTS.md, bench_round.py; measured before padding-free batches, which pad only
-# the attention, per client).
+# Without padding-free batches clients train together only when their median sequence lengths
+# are within this factor: padding SST-2's sentences (median 13 tokens) to QNLI's pairs (48) cost
+# more than the larger step gained (benchmarks/RESULTS.md, bench_round.py). A packed step pads
+# nothing but the attention, in buckets of rows of about the same length whoever's they are, so
+# packed clients group whatever their lengths.
 LENGTH_SPREAD = 1.5
-# `client_batch: auto` on the CPU, by task type: 4 classification clients at once gained 1.1-1.2x
-# on `make demo` (64 tokens) and about nothing on 16 GLUE clients at 128 tokens (0.99-1.02x
-# training, 1.08-1.23x evaluation); with padding-free batches 1.07x on the demo, 1.02x training
-# and 0.93x evaluation on the 16 clients, groups of 8 1.00x and of 16 0.89x. 4 SmolLM2 clients at
-# once lost (0.87x training, 0.72-0.79x evaluation: a causal LM's logits over its vocabulary make
-# a large step costly); RESULTS.md.
-CPU_AUTO_CLIENTS = {"classification": 4, "generation": 1}
+# `client_batch: auto` on the CPU, by task type (bench_round.py, 16 GLUE clients at 128 tokens,
+# bf16, AMX, RESULTS.md): with padding-free batches and the attention in length buckets, 16
+# classification clients at once trained 1.16-1.17x faster than 4 at once (8: 1.06-1.07x); 4
+# SmolLM2 clients at once lost (0.87x training, 0.72-0.79x evaluation: a causal LM's logits
+# over its vocabulary make a large step costly).
+CPU_AUTO_CLIENTS = {"classification": 16, "generation": 1}
+# Bytes a training step holds per token of its batch, hidden unit and layer (MiniLM in bf16,
+# packed: 16 clients at once took 0.7 GB more than 4 at once for about 7,600 more tokens a step,
+# 40 bytes), rounded up; `auto` on the CPU keeps a group's worst step (every sequence at
+# max_seq_len) within half the available memory.
+STEP_BYTES_PER_UNIT = 48
 # Evaluation in lockstep keeps `eval_batch_size` examples a step in all, so it only merges
 # clients' steps. On the CPU that gained nothing: in the same lockstep run (bench_round.py, 16 GLUE
 # clients, 128 tokens, bf16, AMX) evaluating 4 clients at once took 2.14-2.22 s, one by one
@@ -51,12 +56,15 @@ class InProcess:
         self.device, self.precision = str(self.rt.device), self.rt.precision
         self.used_client_batch = 1
         self.fits: int | None = None  # with `auto`: most clients at once that fit the device
+        self.step_units = 0  # the model's hidden units times layers (known once started)
 
     def start(self) -> list[ClientInfo]:
         cfg = self.cfg
         data_dir = source_for(cfg.task_type).resolve(cfg.data_dir)
         base, tokenizer = load_base(cfg, self.rt)
         check_model_fits(cfg, base, len(cfg.clients))
+        self.step_units = getattr(base.config, "hidden_size", 0) * getattr(
+            base.config, "num_hidden_layers", 0)  # fmt: skip
         self.data = build_client_data(cfg.clients, tokenizer, cfg.train_samples, cfg.test_samples,
                                       cfg.max_seq_len, cfg.seed, cfg.label_alpha, data_dir,
                                       task_type=cfg.task_type)  # fmt: skip
@@ -108,18 +116,20 @@ class InProcess:
         return replies
 
     def groups(self, ids: list[int], size: int) -> list[list[int]]:
-        """The clients that train together: up to ``size``, of similar sequence lengths (a step
-        pads every sequence to its longest: a group's median lengths within ``LENGTH_SPREAD``)."""
+        """The clients that train together: up to ``size``, in order of their sequences' median
+        length; where batches are padded (no packing) only of similar lengths (a step pads every
+        sequence to its longest: a group's median lengths within ``LENGTH_SPREAD``)."""
         if size == 1:
             return [[cid] for cid in ids]
         ids = sorted(ids, key=lambda cid: (self.data[cid].typical_length, cid))
+        spread = float("inf") if self.pool.packs else LENGTH_SPREAD
         groups: list[list[int]] = []
         for cid in ids:
             length = max(self.data[cid].typical_length, 1)
             if (
                 groups
                 and len(groups[-1]) < size
-                and length <= LENGTH_SPREAD * max(self.data[groups[-1][0]].typical_length, 1)
+                and length <= spread * max(self.data[groups[-1][0]].typical_length, 1)
             ):
                 groups[-1].append(cid)
             else:
@@ -134,9 +144,17 @@ class InProcess:
         value = self.cfg.client_batch
         if value == "auto":
             cpu = CPU_AUTO_EVAL_CLIENTS if evaluation else CPU_AUTO_CLIENTS[self.cfg.task_type]
-            value = participants if self.rt.device.type == "cuda" else cpu
+            value = participants if self.rt.device.type == "cuda" else min(cpu, self._cpu_fits())
             value = min(value, self.fits or value)
         return max(1, min(participants, value))
+
+    def _cpu_fits(self) -> int:
+        """How many clients' training steps fit half the memory available, each at its worst
+        (``batch_size`` sequences of ``max_seq_len`` tokens, ``STEP_BYTES_PER_UNIT``); no limit
+        where the kernel does not say or before the model is loaded."""
+        have = available_bytes()
+        step = self.cfg.batch_size * self.cfg.max_seq_len * self.step_units * STEP_BYTES_PER_UNIT
+        return max(1, have // 2 // step) if have and step else len(self.cfg.clients)
 
     def _within_memory(self, work, group: list[int], size: int) -> dict:
         """``work(group, size)``; with ``client_batch: auto``, a group that runs the device out of

@@ -55,6 +55,9 @@ class ModelPool:
         self.runners: dict[Layout, ClientRunner] = {}
         self.lockstep_trainers: dict[tuple[Layout, int], LockstepTrainer] = {}
         self.templates: dict[Layout, State] = {}
+        # padding-free batches (``fedlease.packing``): the step's linear layers see real tokens only
+        self.packs = (cfg.pack_sequences and self.device.type == "cpu"
+                      and packable(base) is None)  # fmt: skip
 
     def runner(self, layout: Layout) -> ClientRunner:
         if layout not in self.runners:
@@ -73,7 +76,7 @@ class ModelPool:
             model = inject_moe_lora(copy.deepcopy(self.base), mcfg, backend=cfg.backend)
             model.to(self.device)
             use_fast_dropout(model, cfg.fast_dropout)
-            if cfg.pack_sequences and self.device.type == "cpu" and packable(model) is None:
+            if self.packs:
                 use_packing(model)
             if self.precision == "bf16":
                 cast_frozen(model, torch.bfloat16)
