@@ -29,14 +29,14 @@ from .types import ClientInfo, Layout, Reply, State, clone_state
 LENGTH_SPREAD = 1.5
 # `client_batch: auto` on the CPU, by task type (bench_round.py, 16 GLUE clients at 128 tokens,
 # bf16, AMX, RESULTS.md): with padding-free batches and the attention in length buckets, 16
-# classification clients at once trained 1.16-1.17x faster than 4 at once (8: 1.06-1.07x); 4
+# classification clients at once trained 1.59x faster than one by one, 8 at once 1.50x, 4 1.40x; 4
 # SmolLM2 clients at once lost (0.87x training, 0.72-0.79x evaluation: a causal LM's logits
 # over its vocabulary make a large step costly).
 CPU_AUTO_CLIENTS = {"classification": 16, "generation": 1}
 # Bytes a training step holds per token of its batch, hidden unit and layer (MiniLM in bf16,
-# packed: 16 clients at once took 0.7 GB more than 4 at once for about 7,600 more tokens a step,
-# 40 bytes), rounded up; `auto` on the CPU keeps a group's worst step (every sequence at
-# max_seq_len) within half the available memory.
+# packed: 16 GLUE clients at once peaked 0.65 GB above groups of 4, whose largest step holds about
+# 7,500 fewer tokens: 38 bytes), rounded up; `auto` on the CPU keeps a group's worst step (every
+# sequence at max_seq_len) within half the available memory.
 STEP_BYTES_PER_UNIT = 48
 # Evaluation in lockstep keeps `eval_batch_size` examples a step in all, so it only merges
 # clients' steps. On the CPU that gained nothing: in the same lockstep run (bench_round.py, 16 GLUE
