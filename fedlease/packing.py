@@ -57,8 +57,8 @@ class Packed:
     gives each of the row's tokens its place in the flattened batch (``batch * length`` for a
     filler: id 0, position 0, type 0), ``real`` the places of the real tokens in the row.
 
-    For the attention the rows go to ``buckets`` (:func:`buckets`): ``slots`` gives each token of
-    the packed row its place in the buckets' blocks laid end to end (a filler: one of
+    For the attention the rows go to ``buckets`` (:func:`bucket_spans`): ``slots`` gives each
+    token of the packed row its place in the buckets' blocks laid end to end (a filler: one of
     ``fillers`` places after them)."""
 
     batch: int
@@ -177,8 +177,8 @@ def plan(attention_mask: torch.Tensor, shares: int = 1) -> Packed | None:
         start += seg.tokens
     source = torch.cat(sources)
     real = (source < keep.numel()).nonzero().squeeze(1)
-    blocks, slots, fillers = _attention_layout(keep, lengths, real, len(source))
-    return Packed(batch, length, tuple(segments), source, real, blocks, slots, fillers)
+    buckets, slots, fillers = _attention_layout(keep, lengths, real, len(source))
+    return Packed(batch, length, tuple(segments), source, real, buckets, slots, fillers)
 
 
 SPAN_STEP = 8  # a bucket's span is a multiple of this
