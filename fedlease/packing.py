@@ -18,6 +18,7 @@ together.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -191,8 +192,9 @@ def bucket_spans(lengths: list[int]) -> list[int]:
     least ``sum(rows * span^2) + BUCKET_COST * buckets``, each run's span, ascending. One bucket
     per client's batch wastes ``span^2 / length^2`` on every short row (2-6x on GLUE's tasks);
     a bucket per length costs a dozen small GEMMs and softmaxes more per layer."""
-    spans = sorted({-(-n // SPAN_STEP) * SPAN_STEP for n in lengths})
-    count = [sum(-(-n // SPAN_STEP) * SPAN_STEP == s for n in lengths) for s in spans]
+    rows_of = Counter(-(-n // SPAN_STEP) * SPAN_STEP for n in lengths)
+    spans = sorted(rows_of)
+    count = [rows_of[s] for s in spans]
     best, cut = [0.0] + [float("inf")] * len(spans), [0] * (len(spans) + 1)
     for j in range(1, len(spans) + 1):  # best[j]: the first j spans bucketed; cut[j]: last start
         rows = 0
