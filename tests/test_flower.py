@@ -94,8 +94,38 @@ def test_a_node_with_a_bad_partition_id_is_refused_before_it_loads_anything(pid,
 
     run_config = {**app_config(), **as_run_config(TINY)}
     context = Context(1, 1, {"partition-id": pid}, RecordDict(), run_config)
-    with pytest.raises(ValueError, match=f"partition-id {named}"):
+    with pytest.raises(ConfigError, match=f"node config partition-id {named}"):
         node_for(context)
+
+
+def _flower_logs(exc: Exception) -> str:
+    """What Flower's log shows when an app raises ``exc`` (the call Flower's ServerApp and
+    ClientApp runners make), through a handler of Flower's logger."""
+    import io
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER, log
+
+    import fedlease.flower  # noqa: F401  (as loading the app does)
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    FLOWER_LOGGER.addHandler(handler)
+    try:
+        try:
+            raise exc
+        except Exception as ex:
+            log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=ex)
+    finally:
+        FLOWER_LOGGER.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_a_users_error_inside_an_app_is_one_line_in_flowers_log():
+    text = _flower_logs(ConfigError("run config 'rank' = 'four': must be int"))
+    assert text == "ERROR: ServerApp raised an exception: run config 'rank' = 'four': must be int\n"
+    assert "Traceback" in _flower_logs(RuntimeError("a failure of fedlease itself"))
 
 
 def test_tensors_survive_records_with_names_shapes_and_dtypes():

@@ -12,3 +12,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "fedlease.flower needs Flower: pip install 'fedlease[flower]' "
         "(or 'fedlease[flower-sim]' for the simulation engine)"
     ) from exc
+
+from .logs import install as _install_log_filter
+
+_install_log_filter()  # a user's error inside an app: one line in Flower's log

@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from ..data.sources import build_client_data, source_for
 from ..data.tokenize import ClientData
 from ..fl import checkpoint
-from ..fl.config import FLConfig, runtime
+from ..fl.config import ConfigError, FLConfig, runtime
 from ..fl.faults import FaultPlan
 from ..fl.limits import check_model_fits
 from ..fl.pool import ClientSide, ModelPool, load_base
@@ -58,13 +58,13 @@ def node_for(context: Context) -> Node:
     """This node's client: config from the run, partition and data directory from the node."""
     cfg, opts = parse_run_config(dict(context.run_config))
     if "partition-id" not in context.node_config:
-        raise ValueError("the SuperNode needs --node-config 'partition-id=<i> ...'")
+        raise ConfigError("node config: the SuperNode needs --node-config 'partition-id=<i> ...'")
     value = context.node_config["partition-id"]
     if isinstance(value, bool) or not (isinstance(value, int) or str(value).isdigit()):
-        raise ValueError(f"partition-id {value!r} is not a client index (0, 1, ...)")
+        raise ConfigError(f"node config partition-id {value!r} is not a client index (0, 1, ...)")
     pid = int(value)
     if not 0 <= pid < len(cfg.clients):
-        raise ValueError(f"partition-id {pid} is outside 0..{len(cfg.clients) - 1}")
+        raise ConfigError(f"node config partition-id {pid} is outside 0..{len(cfg.clients) - 1}")
     data_dir = context.node_config.get("data-dir") or cfg.data_dir
     key = (json.dumps(cfg.to_dict(), sort_keys=True), pid, data_dir)
     if key not in _NODES:
