@@ -9,6 +9,9 @@ data, and a call carries at most 64 MiB. ``pack`` writes ``.gpu_bundle/`` (ignor
 - SmolLM2-135M's config and tokenizer without weights (its GGUF is 98 MB): ``unpack`` draws
   random weights (seed 0) into fedlease's model cache. Enough to time training and decoding
   (same shapes and FLOPs), not to measure quality: numbers from it say so;
+- ``rouge_score`` and the pure-Python packages it imports (``absl``, ``nltk``, ``six``; the
+  FLAN round scores ROUGE, and the GPU image lacks them) as ``scoring.tar.xz``, unpacked into
+  ``site/``;
 - the GLUE and FLAN copies as ``.tar.xz``; and ``env.sh``, which points ``PYTHONPATH``,
   ``FEDLEASE_CACHE``, ``FEDLEASE_DATA_DIR`` and ``FEDLEASE_FLAN_DIR`` at the unpacked bundle.
 
@@ -42,6 +45,7 @@ LIMIT = 64 * 2**20  # what one call of the device tool carries, working tree inc
 HALF = "float16"  # marker file: MiniLM's weights are still float16
 RANDOM = "RANDOM_WEIGHTS"  # marker file: SmolLM2's weights are drawn at random
 DATA = {"glue": "sst2/validation.jsonl", "flan": "sst2/test.jsonl"}  # what a copy must hold
+SCORING = ("rouge_score", "absl", "nltk", "six")  # ROUGE's pure-Python import closure
 
 
 def _tree_bytes(root: Path) -> int:
@@ -84,6 +88,20 @@ def _pack_smollm2(out: Path) -> None:
                                  "for timing only\n")  # fmt: skip
 
 
+def _pack_scoring(out: Path) -> None:
+    import importlib.util
+
+    with tarfile.open(out / "scoring.tar.xz", "w:xz") as tar:
+        for name in SCORING:
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None:
+                raise BadInput(f"{name} is not installed here (make install brings it)")
+            path = Path(spec.origin)
+            path = path.parent if spec.submodule_search_locations else path
+            tar.add(path, arcname=path.name,
+                    filter=lambda m: None if "__pycache__" in m.name else m)  # fmt: skip
+
+
 def pack(out: Path, glue: Path, flan: Path) -> int:
     for name, path in (("glue", glue), ("flan", flan)):
         if not (path / DATA[name]).is_file():
@@ -93,6 +111,7 @@ def pack(out: Path, glue: Path, flan: Path) -> int:
     shutil.rmtree(out, ignore_errors=True)
     _pack_minilm(out)
     _pack_smollm2(out)
+    _pack_scoring(out)
     for name, path in (("glue", glue), ("flan", flan)):
         with tarfile.open(out / f"{name}.tar.xz", "w:xz") as tar:
             tar.add(path, arcname=name)
@@ -123,6 +142,9 @@ def unpack(out: Path) -> int:
         (minilm / HALF).unlink()
     if not (causal / WEIGHTS).exists():
         _random_causal(causal)
+    if not (out / "site" / SCORING[0]).is_dir():
+        with tarfile.open(out / "scoring.tar.xz") as tar:
+            tar.extractall(out / "site", filter="data")
     for name in DATA:
         if not (out / name).is_dir():
             with tarfile.open(out / f"{name}.tar.xz") as tar:

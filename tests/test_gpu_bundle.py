@@ -1,6 +1,9 @@
 """benchmarks/gpu_bundle.py: what travels to a GPU machine fits one call and comes back intact."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +54,12 @@ def test_pack_then_unpack_restores_the_model_and_the_data(tmp_path):
     random = load_file(causal / bundle.WEIGHTS)  # SmolLM2's shapes, weights drawn at random
     assert (causal / bundle.RANDOM).exists() and len(random) > 100
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in random.values())
+    # ROUGE for the FLAN round comes from the bundle's site/ (the GPU image has no rouge_score)
+    found = subprocess.run([sys.executable, "-c", "import rouge_score.rouge_scorer as r, nltk, "
+                            "six; print(r.__file__, nltk.__file__, six.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(out / "site")},
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert all(f.startswith(str(out / "site")) for f in found), found
     assert bundle.unpack(out) == 0  # a second unpack leaves the restored weights alone
     assert load_file(weights).keys() == original.keys()
 
