@@ -4,8 +4,9 @@
 # time of one kernel launch, a whole model's training (fp32 and bf16; MiniLM, and SmolLM2 where
 # it is here), one FedLEASE round of 16 GLUE clients, one training step of 16 and 64 clients in
 # lockstep per layer backend, one round of 8 SmolLM2 FLAN clients (where SmolLM2, a FLAN copy and
-# rouge_score are here; gpu_bundle.py brings rouge_score), each round trained one by one and in lockstep, the CUDA-relevant tests
-# (in parallel where pytest-xdist is installed) while the kernels' registers are checked, a
+# rouge_score are here; gpu_bundle.py brings rouge_score), each round trained one by one and in
+# lockstep, the CUDA-relevant tests (in parallel where pytest-xdist is installed) while the
+# kernels' registers are checked, a
 # torch.profiler table of the layer, one short federated run, and last one round of 64 GLUE
 # clients (with what time is left). Outputs go to
 # OUT_DIR: env.txt, install.log, layer_<shape>.json, layer.md, launch.txt, train.json,
