@@ -99,14 +99,15 @@ def _attend(module, query, key, value, mask, scaling, dropout):
 def _packed_attention(module, query, key, value, scaling, dropout, packed):
     """The attention of a packed batch (one row of tokens; queries, keys and values as BERT
     passes them, ``(1, heads, tokens, head_dim)``): per bucket of rows of about the same length
-    (``Packed.buckets``, whichever clients' rows they are), a padded ``(heads, rows, span,
-    head_dim)`` block (heads first: the GEMMs need no transposed copy), attended, the outputs
-    gathered back; returns ``(1, tokens, heads, head_dim)``."""
+    (``Packed.buckets``, whichever clients' rows they are), a padded contiguous ``(heads, rows,
+    span, head_dim)`` block (the GEMMs need no copy of it), attended, the outputs gathered back;
+    returns ``(1, tokens, heads, head_dim)``, contiguous (BERT's reshape of it is a view)."""
     parts = []
-    for bucket, q, k, v in zip(packed.buckets, *(packed.blocks(t[0]) for t in (query, key, value))):
+    blocks = (packed.blocks(t[0].transpose(0, 1)) for t in (query, key, value))
+    for bucket, q, k, v in zip(packed.buckets, *blocks):
         out, _ = _attend(module, q, k, v, bucket.key_mask.to(q.dtype), scaling, dropout)
         parts.append(out)
-    return packed.unblock(parts).transpose(0, 1)[None], None
+    return packed.unblock(parts)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:

@@ -126,20 +126,43 @@ def test_rows_attend_in_buckets_of_about_their_length_whoever_they_belong_to():
     mask = torch.tensor([[1] * n + [0] * (104 - n) for rows in lengths for n in rows])
     packed = plan(mask, shares=3)
     assert [(b.rows, b.span) for b in packed.buckets] == [(3, 8), (3, 56), (3, 104)]
-    row = torch.randn(2, len(packed.source), 4)  # heads, packed tokens, head_dim
+    row = torch.randn(len(packed.source), 2, 4)  # packed tokens, heads, head_dim
     blocks = packed.blocks(row)
-    short = row[:, packed.real[:3]]  # the first client's first row: its 3 real tokens
+    assert all(b.is_contiguous() for b in blocks)
+    short = row[packed.real[:3]].transpose(0, 1)  # the first client's first row: 3 real tokens
     assert torch.equal(blocks[0][:, 0, :3], short) and not blocks[0][:, 0, 3:].any()
     second = 3 + 100 + 50 + 2  # the second client's second row: its 98 real tokens
-    assert torch.equal(blocks[2][:, 1, :98], row[:, packed.real[second : second + 98]])
-    assert not blocks[2][:, 1, 98:].any()
+    assert torch.equal(blocks[2][:, 1, :98], row[packed.real[second : second + 98]].transpose(0, 1))
+    assert not blocks[2][:, 1, 98:].any() and blocks[1].abs().sum() > 0
     back = packed.unblock(list(blocks))
-    assert torch.equal(back[:, packed.real], row[:, packed.real])
+    assert back.is_contiguous() and torch.equal(back[packed.real], row[packed.real])
     fillers = torch.ones(len(packed.source), dtype=torch.bool)
     fillers[packed.real] = False
-    assert fillers.any() and not back[:, fillers].any()
+    assert fillers.any() and not back[fillers].any()
     keys = packed.buckets[2].key_mask[0, :, 0]
     assert (keys[0, :100] == 0).all() and (keys[1, 98:] < -1e30).all() and keys[1, 97] == 0
+
+
+def test_blocks_and_back_have_the_gradients_of_their_gathers(monkeypatch):
+    """The round trip through the buckets' blocks (gathers both ways, custom backward) against
+    ``torch.autograd.gradcheck`` in float64: the padding holds zeros and takes no gradient."""
+    monkeypatch.setattr(packing, "BUCKET_COST", 0)  # a bucket per span
+    mask = torch.tensor([[1] * n + [0] * (20 - n) for n in (3, 17, 9, 20, 2, 11)])
+    packed = plan(mask, shares=2)
+    assert len(packed.buckets) > 1 and packed.fillers > 0
+    weights = [torch.randn(b.shape, dtype=torch.float64) for b in packed.blocks(
+        torch.zeros(len(packed.source), 3, 2, dtype=torch.float64))]  # fmt: skip
+
+    def through(row):
+        blocks = packed.blocks(row)
+        mixed = [b * w + b.sum(2, keepdim=True) for b, w in zip(blocks, weights)]  # rows mix
+        return packed.unblock(mixed), blocks
+
+    row = torch.randn(len(packed.source), 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r: through(r)[0], (row,))
+    for bucket, block in zip(packed.buckets, through(row)[1]):
+        pad = bucket.key_mask[0, :, 0] < 0  # (rows, span): the block's padding
+        assert not block[:, pad].any() and block[:, ~pad].abs().sum() > 0
 
 
 def test_dropout_in_a_packed_batch_trains():
