@@ -70,7 +70,7 @@ class Packed:
     buckets: tuple[Bucket, ...]
     slots: torch.Tensor
     fillers: int
-    units: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False
     )  # ``_units`` by number of heads
 
@@ -111,7 +111,7 @@ class Packed:
         pair, or ``tokens * heads`` for the buckets' padding. A block of ``size`` slots holds
         head after head, so the token at slot ``s`` of the block starting at ``start`` is at
         ``heads * start + h * size + s - start``."""
-        if heads not in self.units:
+        if heads not in self.cache:
             sizes = torch.tensor([b.rows * b.span for b in self.buckets] + [self.fillers],
                                  device=self.slots.device)  # fmt: skip
             ends = sizes.cumsum(0)
@@ -122,15 +122,15 @@ class Packed:
             units = (first[:, None] + h * size[:, None]).flatten()
             inverse = units.new_full((heads * int(ends[-1]),), len(units))
             inverse[units] = torch.arange(len(units), device=units.device)
-            self.units[heads] = (units, inverse)
-        return self.units[heads]
+            self.cache[heads] = (units, inverse)
+        return self.cache[heads]
 
 
 class _Gather(torch.autograd.Function):
-    """``x``'s rows ``index`` (``len(x)``: a row of zeros) where each row of ``x`` is taken once
-    (``back``: each of ``x``'s rows' place, the inverse), so the backward is a gather by ``back``
-    too. On the CPU ``index_select``'s own backward (zero, then add) and ``index_copy_``'s
-    scatter each took 2-3x a gather's time."""
+    """``x``'s rows ``index`` (``len(x)``: a row of zeros) where each row of ``x`` is taken at
+    most once (``back``: each of ``x``'s rows' place, or the zero row for a row not taken), so
+    the backward is a gather by ``back`` too. On the CPU ``index_select``'s own backward (zero,
+    then add) and ``index_copy_``'s scatter each took 2-3x a gather's time."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, back: torch.Tensor):
