@@ -233,4 +233,7 @@ def export_saved_expert(adapter_dir: str | Path, expert: int, out: str | Path) -
     name = meta.get("model", "minilm")
     model, _ = models.load(name, num_labels=saved_head_labels(adapter_dir, config, meta) or 2)
     inject_saved(model, config, adapter_dir)
-    return export_expert(model, expert, out, base_model=models.model_path(name))
+    try:
+        return export_expert(model, expert, out, base_model=models.model_path(name))
+    except OSError as exc:  # a directory the system will not create or write
+        raise AdapterError(f"--out {str(out)!r}: cannot write there ({exc.strerror})") from None

@@ -194,6 +194,21 @@ CASES = [
     ("client_batch 0", lambda t, o, f: run_with(t, o, "--set", "client_batch=0"), "'client_batch'"),
     ("output is a file", lambda t, o, f: run_with(t, write(t / "afile", "x")), "is a file"),
     (
+        "output below a file",
+        lambda t, o, f: run_with(t, write(t / "afile", "x") + "/run"),
+        "afile' is a file",
+    ),
+    (
+        "output the system refuses",
+        lambda t, o, f: run_with(t, "/proc/fedlease-run"),
+        "'/proc/fedlease-run': cannot create it",
+    ),
+    (
+        "threads beyond any CPU",
+        lambda t, o, f: run_with(t, o, "--set", "threads=100000"),
+        "'threads' = 100000: must be in 1..1,024",
+    ),
+    (
         "output not empty",
         lambda t, o, f: ["run", "--config", config(t), "--output", o],
         "is not empty (it holds files of its own): pass --overwrite",
@@ -289,6 +304,11 @@ CASES = [
         "task 'mnli' has 3 labels, the adapter's head",
     ),
     ("export onto its input", lambda t, o, f: export(f, str(f / "adapters" / "client0")), INTO),
+    (
+        "export below a file",
+        lambda t, o, f: export(f, write(t / "afile", "x") + "/peft"),
+        "afile/peft': cannot write there (Not a directory)",
+    ),
     # more of run's config: types, ranges, names
     ("rank a word", lambda t, o, f: run_with(t, o, rank="four"), "'rank'"),
     ("lr negative", lambda t, o, f: run_with(t, o, lr=-0.1), "'lr'"),

@@ -97,7 +97,7 @@ def compare(
         table[method] = _method_row(summaries, [run_name(method, s) for s in seeds])
     result = {"methods": table, "seeds": list(seeds), "clients": list(cfg.clients),
               "metric": metric_of(cfg), "config": cfg.to_dict()}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
+    rundir.make(out)
     rundir.record(out, list(OUTPUTS), MANIFEST)  # listed first: a crash below leaves them ours
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown_table(result))

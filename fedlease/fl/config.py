@@ -39,6 +39,10 @@ def at_least(low: int) -> Check:
     return lambda v: None if v >= low else f"must be >= {low}"
 
 
+def between(low: int, high: int) -> Check:
+    return lambda v: None if low <= v <= high else f"must be in {low}..{high:,}"
+
+
 def above(low: float, why: str = "") -> Check:
     return lambda v: None if v > low else why or f"must be > {low:g}"
 
@@ -63,6 +67,9 @@ METHODS = tuple(STRATEGIES)  # every method's name, from the strategy registry
 BACKENDS = ("auto", *BACKEND_NAMES)
 TASK_TYPES = ("classification", "generation")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# torch's intra-op threads: far above any CPU torch runs on; 100,000 of them exhausted the
+# process's memory mappings at start (a segmentation fault, not an error)
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -154,8 +161,8 @@ class FLConfig:
     precision: str = setting("auto", "auto (bf16 where the hardware is fast in it), fp32 or "
         "bf16 (frozen base in bf16, adapters float32, autocast)",
         one_of(lambda: PRECISIONS))  # fmt: skip
-    threads: int | None = setting(None, "torch intra-op threads; null leaves torch's default",
-        optional(at_least(1)))  # fmt: skip
+    threads: int | None = setting(None, "torch intra-op threads (1..1,024); null leaves "
+        "torch's default", optional(between(1, MAX_THREADS)))  # fmt: skip
     faults: dict | None = setting(None, "fault injection for tests, e.g. {client_failure_rate: "
         "0.2, nan_update_rate: 0.1, seed: 0}")  # fmt: skip
     aggregation: str | dict = setting("mean", "how the server combines the uploads of one "

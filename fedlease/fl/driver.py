@@ -196,7 +196,7 @@ class RoundDriver:
         if self.out:  # only now: bad data or clients stop the run before anything is written
             if ckpt is None:
                 rundir.clear(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
+            rundir.make(self.out)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             rundir.record(self.out)
         self.strategy = make_strategy(cfg, [float(c.train) for c in self.clients])

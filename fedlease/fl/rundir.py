@@ -56,11 +56,20 @@ class OutputError(ValueError):
     """An output directory a run cannot take; the message names it and the file in the way."""
 
 
+def make(out: Path) -> None:
+    """Create ``out`` (and its parents); ``OutputError`` naming it where the system refuses."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output {str(out)!r}: cannot create it ({exc.strerror})") from None
+
+
 def problem(out: Path, overwrite: bool) -> str | None:
     """Why a fresh run cannot write into ``out`` (None: it can): a file; not empty and no
     ``overwrite``; or, with ``overwrite``, holding a file where the run writes that no run wrote."""
     if not out.exists():
-        return None
+        above = next(p for p in out.absolute().parents if p.exists())
+        return None if above.is_dir() else f"output {str(out)!r}: {str(above)!r} is a file"
     if not out.is_dir():
         return f"output {str(out)!r} is a file, not a directory"
     if not any(out.iterdir()):
