@@ -120,6 +120,11 @@ def load(name: str = "minilm", num_labels: int = 2, attn: str | None = None):
     ``attn`` names the attention implementation (``sdpa``, ``eager``; None: the model's default)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if name in BUNDLED_GGUF:
+        raise ModelError(
+            f"model {name!r} is the bundled causal LM, for task_type generation; "
+            "classification takes an encoder ('minilm', a hub name or a path)"
+        )
     path = model_path(name)
     # the new head's "newly initialised" report is expected
     with _quiet_transformers(), _loading(name):

@@ -204,6 +204,11 @@ CASES = [
         "'/proc/fedlease-run': cannot create it",
     ),
     (
+        "the causal LM as a classifier",
+        lambda t, o, f: run_with(t, o, "--set", "model=smollm2"),
+        "'smollm2' is the bundled causal LM, for task_type generation",
+    ),
+    (
         "threads beyond any CPU",
         lambda t, o, f: run_with(t, o, "--set", "threads=100000"),
         "'threads' = 100000: must be in 1..1,024",
