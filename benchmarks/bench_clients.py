@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from fedlease.cli_args import (
+    MAX_THREADS,
     at_least,
     check_config,
     child_result,
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="training examples per client")  # fmt: skip
     p.add_argument("--test-samples", type=at_least(1), default=4,
                    help="held-out examples per client")  # fmt: skip
-    p.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
+    p.add_argument("--threads", type=at_least(1, MAX_THREADS), default=2, help="torch threads")
     p.add_argument("--seed", type=at_least(0), default=0, help="run seed")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child process

@@ -16,7 +16,7 @@ from bench_train import build_row, train_step
 from timing import device_name, interleaved_medians, versions
 
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import at_least
+from fedlease.cli_args import MAX_THREADS, at_least
 from fedlease.inject import moe_lora_layers
 from fedlease.models import load
 
@@ -47,7 +47,7 @@ def main() -> None:
         choices=["bf16", "fp32"],
         help="precision of the steps (default: bf16)",
     )
-    ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
+    ap.add_argument("--threads", type=at_least(1, MAX_THREADS), default=2, help="torch threads")
     ap.add_argument("--experts", type=at_least(1), default=4, help="experts M")
     ap.add_argument("--batch", type=at_least(1), default=16, help="sequences a step")
     ap.add_argument("--seq", type=at_least(1, 512), default=64,

@@ -26,7 +26,7 @@ from timing import device_name, interleaved_medians, versions
 
 from fedlease import inject_moe_lora, models
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import at_least, existing_device, int_list, name_list
+from fedlease.cli_args import MAX_THREADS, at_least, existing_device, int_list, name_list
 from fedlease.clients import set_active, set_own_experts, stack_clients
 from fedlease.dropout import use_fast_dropout
 from fedlease.inject import MoELoRAConfig, moe_lora_layers
@@ -142,7 +142,7 @@ def main() -> None:
         action="store_true",
         help="also time one client's step at the lockstep's batch (the ceiling)",
     )
-    ap.add_argument("--threads", type=at_least(1), default=2, help="torch threads")
+    ap.add_argument("--threads", type=at_least(1, MAX_THREADS), default=2, help="torch threads")
     ap.add_argument("--reps", type=at_least(1), default=5, help="timed repetitions (median)")
     ap.add_argument("--profile", action="store_true", help="print the op tables of the largest N")
     args = ap.parse_args()

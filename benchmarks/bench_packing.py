@@ -20,7 +20,7 @@ import time
 
 from timing import versions
 
-from fedlease.cli_args import at_least, exit_on_user_error
+from fedlease.cli_args import MAX_THREADS, at_least, exit_on_user_error
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
 
@@ -72,7 +72,7 @@ def main() -> int:
                    help="examples per client (64)")  # fmt: skip
     p.add_argument("--experts", type=at_least(1), default=4, help="experts M (default: 4)")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
-    p.add_argument("--threads", type=at_least(1), default=None,
+    p.add_argument("--threads", type=at_least(1, MAX_THREADS), default=None,
                    help="torch threads (default: torch's)")  # fmt: skip
     p.add_argument("--reps", type=at_least(2), default=7,
                    help="repetitions, >= 2; the first is not counted (default: 7)")  # fmt: skip

@@ -36,6 +36,7 @@ import time
 from timing import device_name, sync, versions
 
 from fedlease.cli_args import (
+    MAX_THREADS,
     at_least,
     check_config,
     child_result,
@@ -181,7 +182,7 @@ def parse_args() -> argparse.Namespace:
                    help="training batch size (default: 16)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
-    p.add_argument("--threads", type=at_least(1), default=None,
+    p.add_argument("--threads", type=at_least(1, MAX_THREADS), default=None,
                    help="torch threads (default: torch's)")  # fmt: skip
     p.add_argument("--seed", type=at_least(0), default=0, help="run seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -35,7 +35,7 @@ from timing import device_name, interleaved_medians, versions
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import at_least, existing_device, name_list
+from fedlease.cli_args import MAX_THREADS, at_least, existing_device, name_list
 from fedlease.models import load, load_causal
 from fedlease.precision import autocast, cast_frozen, resolve_device
 
@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--targets", type=name_list(None), default=None,
                    help="target modules, comma-separated (default: query,value; q_proj,v_proj "
                         "with --task-type generation)")  # fmt: skip
-    p.add_argument("--threads", type=at_least(1), help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=at_least(1, MAX_THREADS), help="torch threads (default: torch's)"
+    )
     p.add_argument("--warmup", type=at_least(0), default=2,
                    help="untimed steps per row (default: 2)")  # fmt: skip
     p.add_argument("--steps", type=at_least(1), default=10,

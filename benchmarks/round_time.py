@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench_clients import mixed_clients
 
-from fedlease.cli_args import at_least, check_config, exit_on_user_error
+from fedlease.cli_args import MAX_THREADS, at_least, check_config, exit_on_user_error
 from fedlease.fl import from_dict
 from fedlease.fl.participation import participants
 from fedlease.fl.simulator import simulation
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="clients in the federation (>= 10: every task gets one)")  # fmt: skip
     p.add_argument("--per-round", type=at_least(1), default=50, help="clients drawn per round")
     p.add_argument("--rounds", type=at_least(1), default=2, help="rounds timed")
-    p.add_argument("--threads", type=at_least(1), default=1, help="torch threads")
+    p.add_argument("--threads", type=at_least(1, MAX_THREADS), default=1, help="torch threads")
     args = p.parse_args(argv)
     n = args.clients
     with exit_on_user_error("round_time.py"):

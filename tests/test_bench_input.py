@@ -34,6 +34,7 @@ CASES = [
     ("bench_packing.py", ["--data-dir", "{data}", "--precision", "fp16"], "'precision'"),
     ("bench_train.py", ["--precisions", "fp16"], "'fp16' is not one of fp32, bf16"),
     ("bench_train.py", ["--seq", "5000"], "--seq 5000: minilm has 512 positions"),
+    ("bench_train.py", ["--threads", "100000"], "--threads: must be <= 1024"),  # it crashed
     ("bench_layer.py", ["--device", "cuda:99"], "--device"),
     ("bench_lockstep_step.py", ["--clients", ","], "--clients"),
     ("bench_lockstep_step.py", ["--backends", "nope"], "'nope' is not one of auto, torch"),

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import yaml
 
+from ..cli_args import MAX_THREADS
 from ..data.glue import TASKS
 from ..ops.dispatch import BACKEND_NAMES
 from ..precision import PRECISIONS
@@ -67,9 +68,6 @@ METHODS = tuple(STRATEGIES)  # every method's name, from the strategy registry
 BACKENDS = ("auto", *BACKEND_NAMES)
 TASK_TYPES = ("classification", "generation")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-# torch's intra-op threads: far above any CPU torch runs on; 100,000 of them exhausted the
-# process's memory mappings at start (a segmentation fault, not an error)
-MAX_THREADS = 1024
 
 
 @dataclass
