@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from fedlease.cli_args import (
-    MAX_THREADS,
     at_least,
     check_config,
     child_result,
@@ -32,6 +31,7 @@ from fedlease.cli_args import (
     int_list,
     until_interrupted,
 )  # fmt: skip
+from fedlease.precision import MAX_THREADS
 
 # Clients per task in these proportions: every task's validation split can give each of its
 # clients at least one disjoint test example at 1,000 clients (RTE's local copy has 139).

@@ -16,9 +16,10 @@ from bench_train import build_row, train_step
 from timing import device_name, interleaved_medians, versions
 
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import MAX_THREADS, at_least
+from fedlease.cli_args import at_least
 from fedlease.inject import moe_lora_layers
 from fedlease.models import load
+from fedlease.precision import MAX_THREADS
 
 CPU = torch.device("cpu")
 

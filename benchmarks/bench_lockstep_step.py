@@ -26,13 +26,13 @@ from timing import device_name, interleaved_medians, versions
 
 from fedlease import inject_moe_lora, models
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import MAX_THREADS, at_least, existing_device, int_list, name_list
+from fedlease.cli_args import at_least, existing_device, int_list, name_list
 from fedlease.clients import set_active, set_own_experts, stack_clients
 from fedlease.dropout import use_fast_dropout
 from fedlease.inject import MoELoRAConfig, moe_lora_layers
 from fedlease.ops import BACKEND_NAMES, resolve_backend
 from fedlease.ops.dispatch import once_per_client
-from fedlease.precision import autocast
+from fedlease.precision import MAX_THREADS, autocast
 
 
 def client_model(precision: str) -> torch.nn.Module:

@@ -20,7 +20,8 @@ import time
 
 from timing import versions
 
-from fedlease.cli_args import MAX_THREADS, at_least, exit_on_user_error
+from fedlease.cli_args import at_least, exit_on_user_error
+from fedlease.precision import MAX_THREADS
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
 

@@ -36,7 +36,6 @@ import time
 from timing import device_name, sync, versions
 
 from fedlease.cli_args import (
-    MAX_THREADS,
     at_least,
     check_config,
     child_result,
@@ -44,6 +43,7 @@ from fedlease.cli_args import (
     int_list,
     until_interrupted,
 )  # fmt: skip
+from fedlease.precision import MAX_THREADS
 
 TASKS = ("sst2", "qnli", "mrpc", "rte")
 FLAN_TASKS = ("fix_punct_wiki", "word_segment_wiki", "common_gen", "e2e_nlg", "sst2",

@@ -35,9 +35,9 @@ from timing import device_name, interleaved_medians, versions
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import MAX_THREADS, at_least, existing_device, name_list
+from fedlease.cli_args import at_least, existing_device, name_list
 from fedlease.models import load, load_causal
-from fedlease.precision import autocast, cast_frozen, resolve_device
+from fedlease.precision import MAX_THREADS, autocast, cast_frozen, resolve_device
 
 
 def build_row(base, kind: str, args, precision: str, device: torch.device, attn: str):

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from bench_clients import mixed_clients
 
-from fedlease.cli_args import MAX_THREADS, at_least, check_config, exit_on_user_error
+from fedlease.cli_args import at_least, check_config, exit_on_user_error
 from fedlease.fl import from_dict
 from fedlease.fl.participation import participants
 from fedlease.fl.simulator import simulation
+from fedlease.precision import MAX_THREADS
 
 
 def main(argv: list[str] | None = None) -> None:

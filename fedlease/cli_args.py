@@ -35,11 +35,6 @@ class BadInput(ValueError):
     """A script's own finding that its input is wrong (``exit_on_user_error`` reports it)."""
 
 
-# torch's intra-op threads at most: far above any CPU torch runs on; 100,000 of them exhausted the
-# process's memory mappings at start (a segmentation fault, not an error)
-MAX_THREADS = 1024
-
-
 def at_least(lo: int, most: int | None = None):
     """An argparse type: an integer >= ``lo`` (and <= ``most`` when given)."""
 

@@ -23,6 +23,9 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_MIN_SPEEDUP = 1.2  # how much faster a bf16 matmul must be for `auto` to choose bf16 on CPU
+# torch's intra-op threads at most: far above any CPU torch runs on; 100,000 of them exhausted the
+# process's memory mappings at start (a segmentation fault, not an error)
+MAX_THREADS = 1024
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,10 +16,9 @@ from typing import NamedTuple
 import torch
 import yaml
 
-from ..cli_args import MAX_THREADS
 from ..data.glue import TASKS
 from ..ops.dispatch import BACKEND_NAMES
-from ..precision import PRECISIONS
+from ..precision import MAX_THREADS, PRECISIONS
 from .faults import ATTACK_KEYS, ATTACK_KINDS, FAULT_KEYS
 from .robust import Aggregation, AggregationError
 from .strategies import STRATEGIES
