@@ -38,7 +38,6 @@ class Segment:
     start: int
     real: int
     tokens: int
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class Packed:
     def pad(self, row: torch.Tensor) -> torch.Tensor:
         """Packed ``(tokens, ...)`` -> ``(batch, length, ...)``: the real tokens at their places,
         zeros in the padding."""
-        rows = _scatter(row.index_select(0, self.real), 0, self.source[self.real],
+        rows = _scatter(row.index_select(0, self.real), self.source[self.real],
                         self.batch * self.length)  # fmt: skip
         return rows.view(self.batch, self.length, *row.shape[1:])
 
@@ -150,12 +149,10 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
-def _scatter(src: torch.Tensor, dim: int, places: torch.Tensor, size: int) -> torch.Tensor:
-    """Zeros of ``src``'s shape but ``size`` along ``dim``, with ``src``'s slices at ``places``
-    (in place into the fresh zeros: no copy of them)."""
-    shape = list(src.shape)
-    shape[dim] = size
-    return src.new_zeros(shape).index_copy_(dim, places, src)
+def _scatter(src: torch.Tensor, places: torch.Tensor, size: int) -> torch.Tensor:
+    """``size`` rows of zeros with ``src``'s rows at ``places`` (in place into the fresh zeros:
+    no copy of them)."""
+    return src.new_zeros(size, *src.shape[1:]).index_copy_(0, places, src)
 
 
 def row_length(tokens: int) -> int:
@@ -221,7 +218,7 @@ def plan(attention_mask: torch.Tensor, shares: int = 1) -> Packed | None:
     segments, sources, start = [], [], 0
     for i, part in enumerate(keep.view(shares, -1, length)):
         real = int(part.sum())
-        seg = Segment(start, real, row_length(real), part.shape[0])
+        seg = Segment(start, real, row_length(real))
         places = part.flatten().nonzero().squeeze(1) + i * part.numel()
         segments.append(seg)
         sources += [places, places.new_full((seg.tokens - seg.real,), keep.numel())]

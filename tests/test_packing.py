@@ -98,8 +98,7 @@ def test_batches_without_right_padding_run_as_they_are():
     assert got.source.tolist() == [0, 1, 3, 4, 5, 6, 9, 9] and (got.batch, got.length) == (3, 3)
     assert got.real.tolist() == list(range(6))
     shares = plan(torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]), 2)
-    assert [(s.start, s.real, s.tokens, s.rows) for s in shares.segments] == [
-        (0, 3, 8, 2), (8, 7, 8, 2)]  # fmt: skip
+    assert [(s.start, s.real, s.tokens) for s in shares.segments] == [(0, 3, 8), (8, 7, 8)]
     assert shares.source.tolist() == [0, 1, 4] + [16] * 5 + [8, 9, 10, 11, 12, 13, 14, 16]
     # both clients' rows in one 4 x 8 block; each filler a place of its own after it
     assert [(b.rows, b.span) for b in shares.buckets] == [(4, 8)] and shares.fillers == 6
