@@ -1,7 +1,10 @@
 """Training speed of a whole model, side by side in one run: PEFT LoRA, fedlease with one expert
 (plain LoRA through the MoE-LoRA layer) and fedlease with M adaptive experts, in each precision;
-and fedlease with M experts keeping aten's dropout everywhere (``..._aten_dropout``: the step as
-it was before the counter-based CPU dropout, ``fedlease.use_fast_dropout(model, False)``).
+fedlease with M experts keeping aten's dropout everywhere (``..._aten_dropout``: the step as it
+was before the counter-based CPU dropout, ``fedlease.use_fast_dropout(model, False)``); and for a
+classifier, fedlease with M experts computing the last layer for every token
+(``..._full_last_layer``: without ``fedlease.use_first_token_output``, which the other fedlease
+rows use as ``fedlease run`` does: the last layer computes only the token the classifier reads).
 
 Every row trains the same model on the same batch (random token ids, all positions real) with
 AdamW over its trainable tensors: LoRA (or MoE-LoRA) on the target modules plus the task head,
@@ -36,13 +39,14 @@ from timing import device_name, interleaved_medians, versions
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.allocator import keep_freed_memory
 from fedlease.cli_args import at_least, existing_device, name_list
+from fedlease.first_token import unsupported, use_first_token_output
 from fedlease.models import load, load_causal
 from fedlease.precision import MAX_THREADS, autocast, cast_frozen, resolve_device
 
 
 def build_row(base, kind: str, args, precision: str, device: torch.device, attn: str):
     """``(model, optimizer)`` for one row: ``peft``, or ``fedlease`` with ``kind`` experts
-    (``"<M>-aten"``: with aten's dropout)."""
+    (``"<M>-aten"``: with aten's dropout; ``"<M>-full"``: the last layer for every token)."""
     model = copy.deepcopy(base)
     model.set_attn_implementation(attn)
     torch.manual_seed(0)
@@ -66,6 +70,8 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
     model.to(device)
     if kind != "peft":
         use_fast_dropout(model, not kind.endswith("-aten"))
+        if unsupported(model) is None:
+            use_first_token_output(model, not kind.endswith("-full"))
     if precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     model.train()
@@ -77,8 +83,9 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
 def row_name(kind: str) -> str:
     if kind == "peft":
         return "peft_lora"
-    experts, _, aten = kind.partition("-")
-    return f"fedlease_m{experts}" + ("_aten_dropout" if aten else "")
+    experts, _, variant = kind.partition("-")
+    suffix = {"": "", "aten": "_aten_dropout", "full": "_full_last_layer"}[variant]
+    return f"fedlease_m{experts}{suffix}"
 
 
 def train_step(model, opt, batch, device, precision) -> None:
@@ -112,7 +119,7 @@ def bench(args: argparse.Namespace) -> dict:
     rows = {}
     for precision in args.precisions:
         for attn in args.attn:
-            for kind in ("peft", "1", str(args.experts), f"{args.experts}-aten"):
+            for kind in kinds(args):
                 name = f"{row_name(kind)}/{precision}"
                 name += f"/{attn}" if len(args.attn) > 1 else ""
                 rows[name] = build_row(base, kind, args, precision, device, attn)
@@ -139,15 +146,24 @@ def bench(args: argparse.Namespace) -> dict:
     }
 
 
+def kinds(args) -> list[str]:
+    """The rows' kinds (:func:`build_row`): the full last layer's only for a classifier."""
+    m = str(args.experts)
+    full = [f"{m}-full"] if args.task_type == "classification" else []
+    return ["peft", "1", m, f"{m}-aten", *full]
+
+
 def ratios(results: dict, args) -> dict:
     """Speed-ups (samples/s over samples/s) of fedlease M: over PEFT in the same precision and
-    in fp32, and over itself with aten's dropout; per row: bf16 over fp32."""
+    in fp32, over itself with aten's dropout and with the full last layer; per row: bf16 over
+    fp32."""
     out = {}
     for name, r in results.items():
         row, precision, *attn = name.split("/")
         if row == f"fedlease_m{args.experts}":
             against = {"peft": ("peft_lora", precision), "aten dropout": (row + "_aten_dropout",
-                       precision), "peft fp32": ("peft_lora", "fp32")}  # fmt: skip
+                       precision), "full last layer": (row + "_full_last_layer", precision),
+                       "peft fp32": ("peft_lora", "fp32")}  # fmt: skip
             for label, (other, other_precision) in against.items():
                 base = results.get("/".join([other, other_precision, *attn]))
                 if base and not (label == "peft fp32" and precision == "fp32"):

@@ -2,6 +2,7 @@
 
 from .adapter_io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 from .dropout import use_fast_dropout
+from .first_token import use_first_token_output
 from .inject import MoELoRAConfig, inject_moe_lora, moe_lora_layers, set_own_expert
 from .layer import MoELoRALinear
 from .ops import available_backends, moe_lora, moe_lora_linear
@@ -29,5 +30,6 @@ __all__ = [
     "save_adapter",
     "set_own_expert",
     "use_fast_dropout",
+    "use_first_token_output",
     "use_packing",
 ]

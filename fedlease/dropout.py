@@ -53,7 +53,7 @@ class PhiloxDropout(nn.Dropout):
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    packed=None, **kwargs):  # fmt: skip
+                    packed=None, first_tokens=False, **kwargs):  # fmt: skip
     """The eager attention of BERT-like encoders (grouped key/value heads too) with
     :func:`dropout` on the attention probabilities. Softmax in the scores' dtype, as BERT's
     (a float32 softmax of bf16 scores and the casts around it cost 6 % of a MiniLM bf16 step).
@@ -64,10 +64,12 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     installs it only on models whose attention dropout is not 0.
 
     ``packed`` (``fedlease.packing``): the tokens of the batch come as one row
-    (:func:`_packed_attention`).
+    (:func:`_packed_attention`); with ``first_tokens`` the queries are the sequences' first
+    tokens only (``fedlease.first_token``).
     """
     if packed is not None:
-        return _packed_attention(module, query, key, value, scaling, dropout, packed)
+        attend = _packed_first_token_attention if first_tokens else _packed_attention
+        return attend(module, query, key, value, scaling, dropout, packed)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -108,6 +110,18 @@ def _packed_attention(module, query, key, value, scaling, dropout, packed):
         out, _ = _attend(module, q, k, v, bucket.key_mask.to(q.dtype), scaling, dropout)
         parts.append(out)
     return packed.unblock(parts)[None], None
+
+
+def _packed_first_token_attention(module, query, key, value, scaling, dropout, packed):
+    """:func:`_packed_attention` for the sequences' first tokens' queries (``(1, heads,
+    sequences, head_dim)``, batch order) over every token's keys and values: returns ``(1,
+    sequences, heads, head_dim)``."""
+    parts = []
+    blocks = (packed.blocks(t[0].transpose(0, 1)) for t in (key, value))
+    for bucket, q, k, v in zip(packed.buckets, packed.first_blocks(query[0]), *blocks):
+        out, _ = _attend(module, q, k, v, bucket.key_mask.to(q.dtype), scaling, dropout)
+        parts.append(out)
+    return packed.first_unblock(parts)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:

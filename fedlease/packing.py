@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .dropout import ATTENTION, register_attention
+from .first_token import first_token_only
 from .layer import MoELoRALinear
 
 PACKABLE = ("bert",)  # absolute positions from 0, token types, [CLS] pooling
@@ -69,9 +70,7 @@ class Packed:
     buckets: tuple[Bucket, ...]
     slots: torch.Tensor
     fillers: int
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, compare=False, repr=False
-    )  # ``_units`` by number of heads
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # of derived indices
 
     def row(self, t: torch.Tensor) -> torch.Tensor:
         """A ``(batch, length)`` input as the packed ``(1, tokens)`` row."""
@@ -104,13 +103,41 @@ class Packed:
         units, inverse = self._units(n)
         return _Gather.apply(torch.cat(flat), units, inverse).view(-1, n, d)
 
+    def firsts(self) -> torch.Tensor:
+        """Each sequence's first token's place in the packed row, in batch order."""
+        if "firsts" not in self.cache:
+            source = self.source[self.real]
+            self.cache["firsts"] = self.real[source % self.length == 0]
+        return self.cache["firsts"]
+
+    def first_blocks(self, heads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The sequences' first tokens' ``(heads, sequences, d)`` -> each bucket's ``(heads, rows,
+        1, d)``, its rows in the order of :meth:`blocks`' rows."""
+        order, _ = self._first_order()
+        parts = heads.index_select(1, order).split([b.rows for b in self.buckets], dim=1)
+        return tuple(p.unsqueeze(2) for p in parts)
+
+    def first_unblock(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Each bucket's ``(heads, rows, 1, d)`` -> the sequences' ``(sequences, heads, d)``, in
+        batch order."""
+        _, back = self._first_order()
+        return torch.cat(blocks, dim=1)[:, :, 0].index_select(1, back).transpose(0, 1)
+
+    def _first_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences bucket by bucket as :meth:`blocks` holds them (each one's first token
+        opens its row there: sorting by that slot), and the inverse permutation."""
+        if "first_order" not in self.cache:
+            order = torch.argsort(self.slots[self.firsts()])
+            self.cache["first_order"] = (order, torch.argsort(order))
+        return self.cache["first_order"]
+
     def _units(self, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For ``heads`` heads: each (token, head) pair's row in the blocks laid end to end, the
         fillers' block last (``(tokens * heads,)``, token-major), and its inverse: each row's
         pair, or ``tokens * heads`` for the buckets' padding. A block of ``size`` slots holds
         head after head, so the token at slot ``s`` of the block starting at ``start`` is at
         ``heads * start + h * size + s - start``."""
-        if heads not in self.cache:
+        if ("units", heads) not in self.cache:
             sizes = torch.tensor([b.rows * b.span for b in self.buckets] + [self.fillers],
                                  device=self.slots.device)  # fmt: skip
             ends = sizes.cumsum(0)
@@ -121,8 +148,8 @@ class Packed:
             units = (first[:, None] + h * size[:, None]).flatten()
             inverse = units.new_full((heads * int(ends[-1]),), len(units))
             inverse[units] = torch.arange(len(units), device=units.device)
-            self.cache[heads] = (units, inverse)
-        return self.cache[heads]
+            self.cache["units", heads] = (units, inverse)
+        return self.cache["units", heads]
 
 
 class _Gather(torch.autograd.Function):
@@ -326,7 +353,9 @@ def _pad_output(encoder: nn.Module, args: tuple, output):
     for layer in encoder.modules():
         if isinstance(layer, MoELoRALinear):
             layer.token_shares = None
-    output.last_hidden_state = packed.pad(output.last_hidden_state[0])
+    out = output.last_hidden_state[0]
+    first_only = first_token_only(encoder.layer[-1])
+    output.last_hidden_state = out.view(packed.batch, 1, -1) if first_only else packed.pad(out)
     return output
 
 

@@ -6,7 +6,11 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
+from fedlease.models import load
+from fedlease.precision import autocast
 from fedlease.routing import RoutingSpec
 
 
@@ -180,3 +184,40 @@ def interrupted(run_fn, after_rounds: int, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_fn()
     monkeypatch.setattr(RoundDriver, "save_checkpoint", original)
+
+
+# MiniLM with MoE-LoRA on sentence pairs (the packing and first-token tests)
+PAIRS = [("a fine film", "it was fine"), ("dull", "a much longer second sentence of the pair here"),
+         ("so so and long indeed, with many more words than the others", "ok"),
+         ("bad", "meh")]  # fmt: skip
+
+
+def moe_minilm(dropout: bool = False):
+    """MiniLM with MoE-LoRA (random B: the adapters matter), every dropout off unless asked."""
+    torch.manual_seed(0)
+    model, tok = load("minilm", num_labels=2, attn="eager")
+    if not dropout:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+    cfg = MoELoRAConfig(num_experts=3, rank=4, dropout=0.1 if dropout else 0.0,
+                        trainable_modules=["classifier"])  # fmt: skip
+    inject_moe_lora(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    load_adapter_state_dict(model, {k: torch.randn(v.shape, generator=g) * 0.1
+                                    for k, v in adapter_state_dict(model).items()})  # fmt: skip
+    return model, tok
+
+
+def pair_batch(tok, pairs=PAIRS):
+    first, second = zip(*pairs)
+    return tok(list(first), list(second), return_tensors="pt", padding=True)
+
+
+def logits_and_grads(model, batch, precision="fp32"):
+    model.zero_grad(set_to_none=True)
+    with autocast(torch.device("cpu"), precision):
+        logits = model(**batch).logits.float()
+    (logits * torch.arange(1.0, 3.0)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads

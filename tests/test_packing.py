@@ -5,56 +5,18 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import PAIRS, logits_and_grads, moe_minilm, pair_batch, rel_err
 from torch import nn
 
 from fedlease import (
-    MoELoRAConfig,
     adapter_state_dict,
-    inject_moe_lora,
     load_adapter_state_dict,
     packing,
 )
 from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
 from fedlease.inject import set_own_expert
-from fedlease.models import load
 from fedlease.packing import bucket_spans, packable, packs, plan, row_length, use_packing
-from fedlease.precision import autocast, cast_frozen
-
-PAIRS = [("a fine film", "it was fine"), ("dull", "a much longer second sentence of the pair here"),
-         ("so so and long indeed, with many more words than the others", "ok"),
-         ("bad", "meh")]  # fmt: skip
-
-
-def _model(dropout: bool = False):
-    """MiniLM with MoE-LoRA (random B: the adapters matter), every dropout off unless asked."""
-    torch.manual_seed(0)
-    model, tok = load("minilm", num_labels=2, attn="eager")
-    if not dropout:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-    cfg = MoELoRAConfig(num_experts=3, rank=4, dropout=0.1 if dropout else 0.0,
-                        trainable_modules=["classifier"])  # fmt: skip
-    inject_moe_lora(model, cfg)
-    g = torch.Generator().manual_seed(1)
-    load_adapter_state_dict(model, {k: torch.randn(v.shape, generator=g) * 0.1
-                                    for k, v in adapter_state_dict(model).items()})  # fmt: skip
-    return model, tok
-
-
-def _batch(tok, pairs=PAIRS):
-    first, second = zip(*pairs)
-    return tok(list(first), list(second), return_tensors="pt", padding=True)
-
-
-def _logits_and_grads(model, batch, precision="fp32"):
-    model.zero_grad(set_to_none=True)
-    with autocast(torch.device("cpu"), precision):
-        logits = model(**batch).logits.float()
-    (logits * torch.arange(1.0, 3.0)).sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), grads
+from fedlease.precision import cast_frozen
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 3e-2)])
@@ -63,17 +25,17 @@ def test_a_packed_model_computes_the_padded_model(precision, tol, monkeypatch):
     the padding of each row; the batch really is packed (the padded model never sees it), its
     rows attending in three buckets (free buckets: one per span), out of their batch order."""
     monkeypatch.setattr(packing, "BUCKET_COST", 0)
-    model, tok = _model()
+    model, tok = moe_minilm()
     model.train()
     if precision == "bf16":
         cast_frozen(model, torch.bfloat16)
-    batch = _batch(tok)
+    batch = pair_batch(tok)
     assert [b.rows for b in plan(batch["attention_mask"]).buckets] == [1, 2, 1]
-    want_logits, want_grads = _logits_and_grads(model, batch, precision)
+    want_logits, want_grads = logits_and_grads(model, batch, precision)
     use_packing(model)
     seen = []
     hook = model.bert.embeddings.register_forward_hook(lambda m, a, out: seen.append(out.shape))
-    got_logits, got_grads = _logits_and_grads(model, batch, precision)
+    got_logits, got_grads = logits_and_grads(model, batch, precision)
     hook.remove()
     real = int(batch["attention_mask"].sum())
     assert seen == [torch.Size([1, row_length(real), 384])]
@@ -104,7 +66,7 @@ def test_batches_without_right_padding_run_as_they_are():
     assert [(b.rows, b.span) for b in shares.buckets] == [(4, 8)] and shares.fillers == 6
     assert shares.slots.tolist() == ([0, 1, 8] + list(range(32, 37)) + [16, 17, 18, 19]
                                      + [24, 25, 26, 37])  # fmt: skip
-    model, tok = _model()
+    model, tok = moe_minilm()
     model.eval()
     batch = tok(["same length", "same length"], return_tensors="pt", padding=True)
     want = model(**batch).logits
@@ -167,14 +129,14 @@ def test_blocks_and_back_have_the_gradients_of_their_gathers(monkeypatch):
 def test_dropout_in_a_packed_batch_trains():
     """With every dropout on (fused attention softmax, the layers' own masks): finite logits and
     gradients, different masks from call to call, the same under the same seed."""
-    model, tok = _model(dropout=True)
+    model, tok = moe_minilm(dropout=True)
     use_packing(model).train()
-    batch = _batch(tok)
+    batch = pair_batch(tok)
     torch.manual_seed(3)
-    a, grads = _logits_and_grads(model, batch)
+    a, grads = logits_and_grads(model, batch)
     torch.manual_seed(3)
-    b, _ = _logits_and_grads(model, batch)
-    c, _ = _logits_and_grads(model, batch)
+    b, _ = logits_and_grads(model, batch)
+    c, _ = logits_and_grads(model, batch)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads.values())
 
@@ -184,7 +146,7 @@ def test_several_clients_in_one_packed_batch_each_get_their_own_model(monkeypatc
     real tokens (and attend in buckets that mix clients): each client's logits and its slot's
     gradients are those of its own model."""
     monkeypatch.setattr(packing, "BUCKET_COST", 0)
-    model, tok = _model()
+    model, tok = moe_minilm()
     g = torch.Generator().manual_seed(5)
     states = [{k: torch.randn(v.shape, generator=g) * 0.1 for k, v in
                adapter_state_dict(model).items()} for _ in range(3)]  # fmt: skip
@@ -193,7 +155,7 @@ def test_several_clients_in_one_packed_batch_each_get_their_own_model(monkeypatc
     for i in range(3):
         load_adapter_state_dict(model, states[i])
         set_own_expert(model, i)
-        logits, grads = _logits_and_grads(model, _batch(tok, parts[i]))
+        logits, grads = logits_and_grads(model, pair_batch(tok, parts[i]))
         want.append((logits, grads))
     stacked = stack_clients(use_packing(copy.deepcopy(model)), 3)
     for i in range(3):
@@ -201,8 +163,8 @@ def test_several_clients_in_one_packed_batch_each_get_their_own_model(monkeypatc
     set_own_experts(stacked, [0, 1, 2])
     for order in ([0, 1, 2], [2, 0]):
         set_active(stacked, order)
-        batch = _batch(tok, [p for i in order for p in parts[i]])
-        logits, grads = _logits_and_grads(stacked, batch)
+        batch = pair_batch(tok, [p for i in order for p in parts[i]])
+        logits, grads = logits_and_grads(stacked, batch)
         for k, i in enumerate(order):
             assert rel_err(logits.view(len(order), 2, 2)[k], want[i][0]) < 1e-5, (order, i)
             for name, w in want[i][1].items():
@@ -219,7 +181,7 @@ def test_packing_is_refused_for_decoders_and_undone_on_request():
     assert "llama" in packable(tiny)
     with pytest.raises(ValueError, match="cannot pack sequences: model type 'llama'"):
         use_packing(tiny)
-    model, _ = _model()
+    model, _ = moe_minilm()
     use_packing(use_packing(model))  # twice: one pair of hooks
     assert packs(model) and packs(copy.deepcopy(model))
     assert len(model.bert._forward_pre_hooks) == 1 and len(model.bert.encoder._forward_hooks) == 1

@@ -137,6 +137,10 @@ class FLConfig:
         "(MiniLM): the linear layers see only a batch's real tokens, not its padding (the "
         "attention pads each client's rows to their longest); false, or any other model: every "
         "layer computes the padding too")  # fmt: skip
+    first_token_only: bool = setting(True, "classification on a BERT-family sequence "
+        "classifier (MiniLM): the last layer computes only the first token, the one the "
+        "classifier reads (logits and gradients unchanged up to rounding); false: every "
+        "token")  # fmt: skip
     target_modules: list[str] = setting(["query", "value"], "linear layers that get MoE-LoRA, "
         "matched by name suffix; null: the task type's default ([query, value], [q_proj, v_proj] "
         "for generation)", lambda v: None if v else "must name at least one module")  # fmt: skip

@@ -15,6 +15,7 @@ from ..allocator import keep_freed_memory
 from ..clients import stack_clients
 from ..data import TASKS
 from ..dropout import use_fast_dropout
+from ..first_token import unsupported, use_first_token_output
 from ..generation.score import Decoding
 from ..inject import MoELoRAConfig, inject_moe_lora
 from ..packing import packable, use_packing
@@ -78,6 +79,8 @@ class ModelPool:
             use_fast_dropout(model, cfg.fast_dropout)
             if self.packs:
                 use_packing(model)
+            if cfg.first_token_only and unsupported(model) is None:
+                use_first_token_output(model)
             if self.precision == "bf16":
                 cast_frozen(model, torch.bfloat16)
             decoding = (Decoding(self.tokenizer, cfg.max_new_tokens)
