@@ -352,6 +352,7 @@ def test_a_model_with_fast_dropout_compiles_in_train_mode_without_graph_breaks()
         ((2, 3, 64, 64), (2, 1, 64, 64), torch.float32, 1e-5),  # BERT's mask, 64 keys
         ((2, 2, 5, 128), (2, 1, 1, 128), torch.bfloat16, 2e-2),  # padding mask, 128 keys
         ((3, 7, 33), None, torch.float32, 1e-5),  # any length, no mask
+        ((3, 4, 1, 40), (1, 4, 1, 40), torch.float32, 1e-5),  # one query a row (first_token)
     ],
 )
 def test_softmax_dropout_is_the_unfused_attention_probabilities(shape, mask_shape, dtype, tol):

@@ -9,6 +9,7 @@ from helpers import PAIRS, logits_and_grads, moe_minilm, pair_batch, rel_err
 
 from fedlease import adapter_state_dict, load_adapter_state_dict, packing
 from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
+from fedlease.dropout import register_attention
 from fedlease.first_token import unsupported, use_first_token_output
 from fedlease.inject import set_own_expert
 from fedlease.models import load
@@ -59,6 +60,19 @@ def test_the_first_token_model_computes_the_full_model(packed, precision, tol, m
     assert keys[0] >= everything and ffn == [len(PAIRS)]
     use_first_token_output(model, False)
     assert _tokens_through(last.intermediate.dense, run)[0] >= everything
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "fedlease_eager"])
+def test_every_attention_implementation_gets_the_first_token_query(attn):
+    """The last layer's one query a sequence through SDPA and fedlease's eager attention (its
+    fused softmax and dropout in training: dropout 0 here, so the same numbers)."""
+    model, tok = moe_minilm()
+    register_attention()
+    model.set_attn_implementation(attn)
+    model.train()
+    batch = pair_batch(tok)
+    want = logits_and_grads(model, batch)
+    _assert_close(logits_and_grads(use_first_token_output(model), batch), want, 1e-5)
 
 
 def test_several_clients_in_one_packed_batch_each_get_their_own_model(monkeypatch):
