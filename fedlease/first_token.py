@@ -18,6 +18,7 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .layer import MoELoRALinear
@@ -114,9 +115,25 @@ def _first_token_attention(module, first, hidden_states, attention_mask, packed,
                                                    eager_attention_forward)  # fmt: skip
     if packed is not None:
         kwargs = {**kwargs, "first_tokens": True}
-    out, _ = attend(module, query, key, value, attention_mask, scaling=module.scaling,
-                    dropout=module.dropout.p if module.training else 0.0, **kwargs)  # fmt: skip
-    return out.reshape(*first.shape[:-1], -1)
+    dtype = query.dtype
+    with _float32_on_cpu(query) as cast:
+        out, _ = attend(module, cast(query), cast(key), cast(value), attention_mask,
+                        scaling=module.scaling,
+                        dropout=module.dropout.p if module.training else 0.0, **kwargs)  # fmt: skip
+    return out.to(dtype).reshape(*first.shape[:-1], -1)
+
+
+@contextmanager
+def _float32_on_cpu(query: torch.Tensor):
+    """Inside: ``cast`` makes a CPU bf16 tensor float32, with autocast off. The one-query
+    products (batches of 1 x d by d x keys) have shapes no other layer uses, and every new shape
+    of a bf16 ``bmm`` costs oneDNN a primitive (0.4-1 ms, ten times its work); float32's GEMMs
+    (MKL) have no such cost."""
+    if not (query.is_cpu and query.dtype == torch.bfloat16):
+        yield lambda t: t
+        return
+    with torch.autocast("cpu", enabled=False):
+        yield lambda t: t.float()
 
 
 @contextmanager
