@@ -68,8 +68,8 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
     tokens only (``fedlease.first_token``).
     """
     if packed is not None:
-        attend = _packed_first_token_attention if first_tokens else _packed_attention
-        return attend(module, query, key, value, scaling, dropout, packed)
+        return _packed_attention(module, query, key, value, scaling, dropout, packed,
+                                 first_tokens)  # fmt: skip
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -98,30 +98,25 @@ def _attend(module, query, key, value, mask, scaling, dropout):
     return torch.matmul(weights.to(value.dtype), value), weights
 
 
-def _packed_attention(module, query, key, value, scaling, dropout, packed):
+def _packed_attention(module, query, key, value, scaling, dropout, packed, first_tokens=False):
     """The attention of a packed batch (one row of tokens; queries, keys and values as BERT
     passes them, ``(1, heads, tokens, head_dim)``): per bucket of rows of about the same length
     (``Packed.buckets``, whichever clients' rows they are), a padded contiguous ``(heads, rows,
     span, head_dim)`` block (the GEMMs need no copy of it), attended, the outputs gathered back;
-    returns ``(1, tokens, heads, head_dim)``, contiguous (BERT's reshape of it is a view)."""
+    returns ``(1, tokens, heads, head_dim)``, contiguous (BERT's reshape of it is a view). With
+    ``first_tokens`` the queries are the sequences' first tokens (``(1, heads, sequences,
+    head_dim)``, batch order), one a row of each block, and it returns ``(1, sequences, heads,
+    head_dim)``."""
+    keys, values = (packed.blocks(t[0].transpose(0, 1)) for t in (key, value))
+    if first_tokens:
+        queries, unblock = packed.first_blocks(query[0]), packed.first_unblock
+    else:
+        queries, unblock = packed.blocks(query[0].transpose(0, 1)), packed.unblock
     parts = []
-    blocks = (packed.blocks(t[0].transpose(0, 1)) for t in (query, key, value))
-    for bucket, q, k, v in zip(packed.buckets, *blocks):
+    for bucket, q, k, v in zip(packed.buckets, queries, keys, values):
         out, _ = _attend(module, q, k, v, bucket.key_mask.to(q.dtype), scaling, dropout)
         parts.append(out)
-    return packed.unblock(parts)[None], None
-
-
-def _packed_first_token_attention(module, query, key, value, scaling, dropout, packed):
-    """:func:`_packed_attention` for the sequences' first tokens' queries (``(1, heads,
-    sequences, head_dim)``, batch order) over every token's keys and values: returns ``(1,
-    sequences, heads, head_dim)``."""
-    parts = []
-    blocks = (packed.blocks(t[0].transpose(0, 1)) for t in (key, value))
-    for bucket, q, k, v in zip(packed.buckets, packed.first_blocks(query[0]), *blocks):
-        out, _ = _attend(module, q, k, v, bucket.key_mask.to(q.dtype), scaling, dropout)
-        parts.append(out)
-    return packed.first_unblock(parts)[None], None
+    return unblock(parts)[None], None
 
 
 def _fused(scores: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .hooks import remove_hooks
 from .layer import MoELoRALinear
 
 SUPPORTED = ("bert",)  # BertLayer's structure
@@ -51,10 +52,7 @@ def use_first_token_output(model: nn.Module, enable: bool = True) -> nn.Module:
     base = model.base_model
     last = base.encoder.layer[-1]
     last.__dict__.pop("forward", None)
-    for hooks in (base._forward_pre_hooks, base._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in (_note_wants, _clear_wants)]:
-            del hooks[key]
-            base._forward_pre_hooks_with_kwargs.pop(key, None)
+    remove_hooks(base, [_note_wants, _clear_wants])
     if enable:
         last.forward = types.MethodType(_first_token_layer, last)
         base.register_forward_pre_hook(_note_wants, with_kwargs=True)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .dropout import ATTENTION, register_attention
 from .first_token import first_token_only
+from .hooks import remove_hooks
 from .layer import MoELoRALinear
 
 PACKABLE = ("bert",)  # absolute positions from 0, token types, [CLS] pooling
@@ -211,10 +212,8 @@ def use_packing(model: nn.Module, enable: bool = True) -> nn.Module:
     if why is not None:
         raise ValueError(f"cannot pack sequences: {why}")
     base = model.base_model
-    for hooks in (base._forward_pre_hooks, base.encoder._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in (_pack_inputs, _pad_output)]:
-            del hooks[key]
-            base._forward_pre_hooks_with_kwargs.pop(key, None)
+    remove_hooks(base, [_pack_inputs])
+    remove_hooks(base.encoder, [_pad_output])
     if enable:
         register_attention()
         if model.config._attn_implementation != ATTENTION:

@@ -162,8 +162,8 @@ class FLConfig:
     precision: str = setting("auto", "auto (bf16 where the hardware is fast in it), fp32 or "
         "bf16 (frozen base in bf16, adapters float32, autocast)",
         one_of(lambda: PRECISIONS))  # fmt: skip
-    threads: int | None = setting(None, "torch intra-op threads (1..1,024); null leaves "
-        "torch's default", optional(between(1, MAX_THREADS)))  # fmt: skip
+    threads: int | None = setting(None, f"torch intra-op threads (1..{MAX_THREADS:,}); "
+        "null leaves torch's default", optional(between(1, MAX_THREADS)))  # fmt: skip
     faults: dict | None = setting(None, "fault injection for tests, e.g. {client_failure_rate: "
         "0.2, nan_update_rate: 0.1, seed: 0}")  # fmt: skip
     aggregation: str | dict = setting("mean", "how the server combines the uploads of one "
