@@ -42,7 +42,7 @@ using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
 using BwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, IntList,
-    IntList, double, double, int64_t, bool, bool);
+    IntList, double, double, int64_t, bool, bool, bool);
 
 // The op `name` (its schema registered by this library); callers keep the handle in a static.
 template <typename Sig>
@@ -161,6 +161,7 @@ class MoELoRALinear : public torch::autograd::Function<MoELoRALinear> {
     const Tensor &a_cat = saved[4], &b_cat = saved[5];
     auto& d = ctx->saved_data;
     const int64_t M = d["M"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = ctx->needs_input_grad(2);
     const bool need_bias = d["has_bias"].toBool() && ctx->needs_input_grad(3);
     const Tensor dy = dense(grads[0], x.scalar_type());
@@ -168,7 +169,7 @@ class MoELoRALinear : public torch::autograd::Function<MoELoRALinear> {
         dy, x, x_drop.defined() ? std::optional<Tensor>(x_drop) : std::nullopt, weight, router,
         a_cat, b_cat, saved[6], saved[7], saved[8], M, d["owns"].toIntVector(),
         d["shares"].toIntVector(), d["scaling"].toDouble(), d["p"].toDouble(), d["seed"].toInt(),
-        need_w, need_bias);
+        need_x, need_w, need_bias);
     const std::vector<int64_t> dtypes = d["dtypes"].toIntVector();
     auto as = [&](const Tensor& t, int input) {
       return dense(t, static_cast<at::ScalarType>(dtypes[input]));
@@ -178,7 +179,7 @@ class MoELoRALinear : public torch::autograd::Function<MoELoRALinear> {
     const int64_t C = d_b.size(0), out = d_b.size(1), r = b_shape.back();
     const Tensor d_lora_b = d_b.view({C, out, M, r}).permute({0, 2, 1, 3}).reshape(b_shape);
     return {
-        as(dx, 0),
+        need_x ? as(dx, 0) : Tensor(),
         x_drop.defined() ? as(dx_drop, 1) : Tensor(),
         need_w ? as(d_w, 2) : Tensor(),
         need_bias ? as(d_bias, 3) : Tensor(),

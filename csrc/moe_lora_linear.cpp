@@ -215,15 +215,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_lora_linear_fwd(
 }
 
 // Returns (dx, dx_drop, d_weight, d_bias, d_router, d_a_cat, d_b_cat), the last three (C, ...)
-// like their inputs; dx_drop is empty unless x_drop was given, d_weight / d_bias unless asked for
-// (the base is normally frozen). x_drop, p, seed, owns and shares: the forward's. With a mask
+// like their inputs; dx_drop is empty unless x_drop was given, dx / d_weight / d_bias unless
+// asked for (the base is normally frozen, and a first layer's input needs no gradient). x_drop, p, seed, owns and shares: the forward's. With a mask
 // drawn inside, the backward draws it again, once per block (with drop(x_b), for dA) and applies
 // it to dz_a A_cat (added to dx).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_linear_bwd(
     const Tensor& dy, const Tensor& x, const std::optional<Tensor>& x_drop, const Tensor& weight,
     const Tensor& router, const Tensor& a_cat, const Tensor& b_cat, const Tensor& q,
     const Tensor& a, const Tensor& h, int64_t M, c10::IntArrayRef owns, c10::IntArrayRef shares,
-    double scaling, double p, int64_t seed, bool need_weight_grad, bool need_bias_grad) {
+    double scaling, double p, int64_t seed, bool need_input_grad, bool need_weight_grad,
+    bool need_bias_grad) {
   check_clients(x, router, a_cat, b_cat, owns, M);
   const int64_t T = x.size(0), C = router.size(0), S = router.size(1), MR = a_cat.size(1);
   const int64_t in = x.size(1), out = weight.size(0);
@@ -237,25 +238,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
   const auto r_c = per_client(router), a_c = per_client(a_cat), b_c = per_client(b_cat);
   const Tensor dy_t = dy.t();
 
-  Tensor dx = at::empty({T, in}, x.options());
+  Tensor dx = need_input_grad ? at::empty({T, in}, x.options()) : Tensor();
   Tensor dx_drop = drop.outside() ? at::empty({T, in}, x.options()) : Tensor();
   for_each_block(blocks, [&](const Block& blk, int64_t thread) {
     const int64_t c = blk.client, b0 = blk.b0, n = blk.b1 - blk.b0;
     const Tensor dy_b = dy.narrow(0, b0, n), x_b = x.narrow(0, b0, n);
-    Tensor dx_b = dx.narrow(0, b0, n), dw = dw_part[thread][c];
-    at::mm_out(dx_b, dy_b, weight);
+    Tensor dx_b = need_input_grad ? dx.narrow(0, b0, n) : Tensor(), dw = dw_part[thread][c];
+    if (need_input_grad) at::mm_out(dx_b, dy_b, weight);
     const Tensor d_h = at::mm(dy_b, b_c[c]);
     db_part[thread][c].add_(at::mm(dy_t.narrow(1, b0, n), h.narrow(0, b0, n)), scaling);
     Tensor dz = at::empty({n, S + MR}, x.options());
     route_backward_cpu(q.narrow(0, b0, n), a.narrow(0, b0, n), d_h, dz, M, owns[c], scaling);
     if (!drop.dropped()) {
       dw.add_(at::mm(dz.t(), x_b));
-      dx_b.addmm_(dz, w_cat[c]);
+      if (need_input_grad) dx_b.addmm_(dz, w_cat[c]);
       return;
     }
     const Tensor dz_r = dz.narrow(1, 0, S), dz_a = dz.narrow(1, S, MR);
     dw.narrow(0, 0, S).add_(at::mm(dz_r.t(), x_b));
-    dx_b.addmm_(dz_r, r_c[c]);
+    if (need_input_grad) dx_b.addmm_(dz_r, r_c[c]);
     if (drop.outside()) {
       dw.narrow(0, S, MR).add_(at::mm(dz_a.t(), x_drop->narrow(0, b0, n)));
       Tensor dx_drop_b = dx_drop.narrow(0, b0, n);
@@ -268,6 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> moe_lora_line
     dropout_rows(x_b, buf, static_cast<uint64_t>(b0 * in), static_cast<uint64_t>(seed), p,
                  keep_b);
     dw.narrow(0, S, MR).add_(at::mm(dz_a.t(), buf));
+    if (!need_input_grad) return;
     at::mm_out(buf, dz_a, a_c[c]);  // d(experts' input), through the mask onto dx
     apply_keep(buf, keep_b, dx_b, p, /*accumulate=*/true);
   });
@@ -289,8 +291,9 @@ TORCH_LIBRARY_FRAGMENT(fedlease, m) {
   m.def(
       "moe_lora_linear_bwd(Tensor dy, Tensor x, Tensor? x_drop, Tensor weight, Tensor router, "
       "Tensor a_cat, Tensor b_cat, Tensor q, Tensor a, Tensor h, int num_experts, "
-      "int[] own_experts, int[] shares, float scaling, float p, int seed, bool need_weight_grad, "
-      "bool need_bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int[] own_experts, int[] shares, float scaling, float p, int seed, bool need_input_grad, "
+      "bool need_weight_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fedlease, CPU, m) {

@@ -1,10 +1,21 @@
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# torch.compile's cache keys a compiled backward by the forward graph, not by the extension's op
+# schemas: code compiled against an earlier build of the C++ ops would be reused and call them
+# with the old arguments. Each test process compiles into a folder of its own, removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="fedlease-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable must be
 # set before triton is first imported, so it is set here, before any test module loads.

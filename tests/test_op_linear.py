@@ -71,6 +71,26 @@ def test_frozen_base_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_input_without_grad_leaves_the_other_gradients_alone(backend, p):
+    """A first layer's input needs no gradient: none is made, and A, B and the router get the
+    same gradients as when x has one (with dropout too, whose mask the backward draws again)."""
+    x, w, bias, a, b, router, spec = linear_inputs(SHAPES[1], torch.float32, seed=5)
+    grads = []
+    for x_grad in (True, False):
+        xs, aa, ba, ra = leaves(x, a, b, router)
+        xs.requires_grad_(x_grad)
+        torch.manual_seed(11)
+        y = moe_lora_linear(xs, w, bias, aa, ba, ra, spec, 2.0, dropout=p, training=True,
+                            backend=backend)  # fmt: skip
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        assert (xs.grad is not None) == x_grad
+        grads.append([t.grad for t in (aa, ba, ra)])
+    for with_x, without_x in zip(*grads):
+        assert torch.equal(with_x, without_x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_hits_experts_only(backend):
     """The experts see dropout(x), base and router x; the backward applies the forward's mask
     (the cpp op draws it inside, twice: a mask regenerated wrongly fails the gradients)."""

@@ -109,11 +109,13 @@ def _register_moe_lora_linear() -> None:
 
     @torch.library.register_fake("fedlease::moe_lora_linear_bwd")
     def _bwd_fake(dy, x, x_drop, weight, router, a_cat, b_cat, q, a, h, num_experts, owns,
-                  shares, scaling, p, seed, need_weight_grad, need_bias_grad):  # fmt: skip
+                  shares, scaling, p, seed, need_input_grad, need_weight_grad,
+                  need_bias_grad):  # fmt: skip
         dx_drop = torch.empty_like(x) if x_drop is not None else x.new_empty(0)
         d_w = torch.empty_like(weight) if need_weight_grad else x.new_empty(0)
         d_bias = weight.new_empty(weight.shape[0]) if need_bias_grad else x.new_empty(0)
-        return (torch.empty_like(x), dx_drop, d_w, d_bias, torch.empty_like(router),
+        dx = torch.empty_like(x) if need_input_grad else x.new_empty(0)
+        return (dx, dx_drop, d_w, d_bias, torch.empty_like(router),
                 torch.empty_like(a_cat), torch.empty_like(b_cat))  # fmt: skip
 
     @torch.library.register_fake("fedlease::moe_lora_linear")
