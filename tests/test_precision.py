@@ -37,6 +37,16 @@ def test_this_cpu_flags_and_choice_agree():
         assert chosen == ("bf16" if precision.cpu_bf16_speedup() >= 1.2 else "fp32")
 
 
+def test_measuring_bf16_speed_leaves_the_global_random_state_alone():
+    """``auto`` measures a matmul when first asked: a run seeded before that must draw the same
+    numbers as one where it was asked earlier."""
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    precision.cpu_bf16_speedup.__wrapped__()
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_device_names():
     assert precision.resolve_device("cpu") == torch.device("cpu")
     want = "cuda" if torch.cuda.is_available() else "cpu"
