@@ -2,6 +2,7 @@
 the slot optimizer against torch's, a stacked model against single-client models, and whole runs
 of every method (dropout off) to 1e-5."""
 
+import io
 import math
 import os
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from torch import nn
 
 from fedlease import MoELoRAConfig, adapter_state_dict, inject_moe_lora, load_adapter_state_dict
 from fedlease.clients import load_slot, set_active, set_own_experts, stack_clients
-from fedlease.fl import from_dict, inprocess
+from fedlease.fl import from_dict, inprocess, limits
 from fedlease.fl.batched import LockstepTrainer, SlotOptimizer
 from fedlease.fl.simulator import run, simulation
 from fedlease.fl.strategies import STRATEGIES
@@ -170,11 +171,42 @@ def test_lockstep_with_the_triton_client_form_trains_as_one_by_one(monkeypatch):
     assert_same_run(one, together)
 
 
+V1, V2 = "/sys/fs/cgroup/memory/a/memory.limit_in_bytes", "/sys/fs/cgroup/job/memory.max"
+ROOT_V2 = "/sys/fs/cgroup/memory.max"
+CGROUPS = {  # the files a process in a control group reads, and the limit they set
+    "v2": ({"/proc/self/cgroup": "0::/job\n", V2: "1073741824\n"}, 2**30),
+    "v2-no-limit": ({"/proc/self/cgroup": "0::/job\n", V2: "max\n"}, None),
+    "v2-root": ({"/proc/self/cgroup": "0::/job\n", ROOT_V2: "3221225472"}, 3 * 2**30),
+    "v1": ({"/proc/self/cgroup": "4:memory:/a\n1:cpu:/\n", V1: "2147483648"}, 2 * 2**30),
+    "v1-no-limit": ({"/proc/self/cgroup": "4:memory:/a\n", V1: "9223372036854771712"}, None),
+    "unreadable": ({}, None),
+}
+
+
+@pytest.mark.parametrize("files, want", CGROUPS.values(), ids=CGROUPS)
+def test_machine_memory_is_the_lower_of_the_machines_and_its_control_groups(monkeypatch, files,
+                                                                            want):  # fmt: skip
+    """``auto``'s CPU groups follow the machine's memory (MemTotal, or a lower cgroup limit),
+    which does not change with what else runs, not the memory available at the moment."""
+    meminfo = "MemTotal:       4194304 kB\nMemAvailable:    1000 kB\n"
+
+    def fake_open(name, *args, **kwargs):
+        text = {"/proc/meminfo": meminfo, **files}.get(name)
+        if text is None:
+            raise FileNotFoundError(name)
+        return io.StringIO(text)
+
+    monkeypatch.setattr(limits, "open", fake_open, raising=False)
+    assert limits._cgroup_limit() == want
+    assert limits.machine_bytes() == min(4 * 2**30, want or 2**62)
+    assert limits.available_bytes() == 1000 * 1024
+
+
 def test_auto_on_the_cpu_takes_up_to_sixteen_classification_clients_within_memory(monkeypatch):
     """As measured on a CPU: 16 GLUE clients at once gained most, 4 SmolLM2 clients at once lost,
     and evaluation in lockstep lost for both (it evaluates one by one there); fewer classification
-    clients where half the available memory holds fewer worst-case steps."""
-    monkeypatch.setattr(inprocess, "available_bytes", lambda: 64 * 2**30)
+    clients where half the machine's memory holds fewer worst-case steps."""
+    monkeypatch.setattr(inprocess, "machine_bytes", lambda: 64 * 2**30)
     for task_type, want in (("classification", [16, 6, 1]), ("generation", [1, 1, 1])):
         cfg = from_dict({"task_type": task_type, "clients": ["sst2"] * 20, "device": "cpu",
                          "client_batch": "auto", "batch_size": 16, "max_seq_len": 128})  # fmt: skip
@@ -183,7 +215,7 @@ def test_auto_on_the_cpu_takes_up_to_sixteen_classification_clients_within_memor
         assert [transport.client_batch(n) for n in (20, 6, 1)] == want, task_type
         assert [transport.client_batch(n, evaluation=True) for n in (20, 3)] == [1, 1]
     step = 16 * 128 * 384 * 6 * inprocess.STEP_BYTES_PER_UNIT  # one client's worst step
-    monkeypatch.setattr(inprocess, "available_bytes", lambda: 5 * step)
+    monkeypatch.setattr(inprocess, "machine_bytes", lambda: 5 * step)
     cfg = from_dict({"clients": ["sst2"] * 20, "device": "cpu", "client_batch": "auto",
                      "batch_size": 16, "max_seq_len": 128})  # fmt: skip
     transport = inprocess.InProcess(cfg, progress=False)

@@ -112,7 +112,7 @@ class FLConfig:
         "their batches, each client still on its own data, adapters, head and optimizer; 1: one "
         "after another; 'auto': every participant on a GPU (halved while the GPU runs out of "
         "memory); on the CPU up to 16 classification clients in training (fewer where half the "
-        "available memory would not hold their steps), generation clients and every evaluation "
+        "machine's memory would not hold their steps), generation clients and every evaluation "
         "one by one",
         lambda v: None if v == "auto" or (isinstance(v, int) and v >= 1)
         else "must be 'auto' or an integer >= 1")  # fmt: skip

@@ -15,7 +15,7 @@ from ..inject import set_own_expert
 from .checkpoint import Checkpoint
 from .config import FLConfig, runtime
 from .faults import FaultPlan
-from .limits import available_bytes, check_model_fits
+from .limits import check_model_fits, machine_bytes
 from .pool import ClientSide, ModelPool, load_base
 from .strategies import Strategy
 from .strategies.base import restored, select
@@ -36,7 +36,7 @@ CPU_AUTO_CLIENTS = {"classification": 16, "generation": 1}
 # Bytes a training step holds per token of its batch, hidden unit and layer (MiniLM in bf16,
 # packed: 16 GLUE clients at once peaked 0.65 GB above groups of 4, whose largest step holds about
 # 7,500 fewer tokens: 38 bytes), rounded up; `auto` on the CPU keeps a group's worst step (every
-# sequence at max_seq_len) within half the available memory.
+# sequence at max_seq_len) within half the machine's memory.
 STEP_BYTES_PER_UNIT = 48
 # Evaluation in lockstep keeps `eval_batch_size` examples a step in all, so it only merges
 # clients' steps. On the CPU that gained nothing: in the same lockstep run (bench_round.py, 16 GLUE
@@ -149,10 +149,13 @@ class InProcess:
         return max(1, min(participants, value))
 
     def _cpu_fits(self) -> int:
-        """How many clients' training steps fit half the memory available, each at its worst
+        """How many clients' training steps fit half the machine's memory, each at its worst
         (``batch_size`` sequences of ``max_seq_len`` tokens, ``STEP_BYTES_PER_UNIT``); no limit
-        where the kernel does not say or before the model is loaded."""
-        have = available_bytes()
+        where the kernel does not say or before the model is loaded. The machine's memory, not
+        what is available at the time: a client's numbers depend on its group (the group's
+        random streams, the rounding of its GEMMs), so the groups must not change with what else
+        the machine runs."""
+        have = machine_bytes()
         step = self.cfg.batch_size * self.cfg.max_seq_len * self.step_units * STEP_BYTES_PER_UNIT
         return max(1, have // 2 // step) if have and step else len(self.cfg.clients)
 

@@ -18,14 +18,51 @@ COPIES_PER_CLIENT = 3
 
 
 def available_bytes() -> int | None:
-    """Memory the kernel says is available (``MemAvailable``); None where it does not say."""
+    """Memory the kernel says is available now (``MemAvailable``); None where it does not say."""
+    return _meminfo("MemAvailable")
+
+
+def machine_bytes() -> int | None:
+    """The most memory this process may have: the machine's (``MemTotal``), or its control
+    group's limit where that is lower; None where neither says. Unlike ``available_bytes`` it does
+    not change with what else runs, so what depends on it is the same in every run."""
+    known = [b for b in (_meminfo("MemTotal"), _cgroup_limit()) if b]
+    return min(known) if known else None
+
+
+def _meminfo(key: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def _cgroup_limit() -> int | None:
+    """This process's control group memory limit (cgroup v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``); None for none ("max", or v1's huge sentinel) or unreadable."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    files = []
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        if controllers == "":
+            files += [f"/sys/fs/cgroup{path}/memory.max", "/sys/fs/cgroup/memory.max"]
+        elif "memory" in controllers.split(","):
+            files += [f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes",
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes"]  # fmt: skip
+    for name in files:
+        try:
+            with open(name) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() and int(text) < 2**60 else None
     return None
 
 
