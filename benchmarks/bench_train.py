@@ -4,7 +4,10 @@ fedlease with M experts keeping aten's dropout everywhere (``..._aten_dropout``:
 was before the counter-based CPU dropout, ``fedlease.use_fast_dropout(model, False)``); and for a
 classifier, fedlease with M experts computing the last layer for every token
 (``..._full_last_layer``: without ``fedlease.use_first_token_output``, which the other fedlease
-rows use as ``fedlease run`` does: the last layer computes only the token the classifier reads).
+rows use as ``fedlease run`` does: the last layer computes only the token the classifier reads);
+for a causal LM, fedlease with M experts computing every position's logits (``..._all_logits``:
+the model's own loss, where the other fedlease rows compute logits at the answer tokens only, as
+``fedlease run`` does, ``fedlease.generation.loss``).
 
 Every row trains the same model on the same batch (random token ids, all positions real) with
 AdamW over its trainable tensors: LoRA (or MoE-LoRA) on the target modules plus the task head,
@@ -16,8 +19,10 @@ tensors float32, forward and backward under ``torch.autocast``. Steps are timed 
 step of each row per repetition); the table gives samples/s from the median step.
 
 ``--task-type generation`` trains a causal LM instead (the bundled SmolLM2, or any causal
-``--model``): next-token loss over every position, no task head, target modules
-``q_proj,v_proj`` unless ``--targets`` says otherwise.
+``--model``): next-token loss over each sequence's answer, its last ``--answer`` share of tokens
+(the rest is the prompt, as in instruction tuning), no task head, target modules
+``q_proj,v_proj`` unless ``--targets`` says otherwise. PEFT's row takes the model's own loss, as
+its users do.
 
     python benchmarks/bench_train.py                          # MiniLM, fp32 and bf16, CPU
     python benchmarks/bench_train.py --device cuda --json     # one JSON object on stdout
@@ -38,15 +43,18 @@ from timing import device_name, interleaved_medians, versions
 
 from fedlease import MoELoRAConfig, inject_moe_lora, use_fast_dropout
 from fedlease.allocator import keep_freed_memory
-from fedlease.cli_args import at_least, existing_device, name_list
+from fedlease.cli_args import at_least, existing_device, name_list, share
+from fedlease.data.tokenize import IGNORE_INDEX
 from fedlease.first_token import unsupported, use_first_token_output
+from fedlease.generation.loss import answer_loss
 from fedlease.models import load, load_causal
 from fedlease.precision import MAX_THREADS, autocast, cast_frozen, resolve_device
 
 
 def build_row(base, kind: str, args, precision: str, device: torch.device, attn: str):
-    """``(model, optimizer)`` for one row: ``peft``, or ``fedlease`` with ``kind`` experts
-    (``"<M>-aten"``: with aten's dropout; ``"<M>-full"``: the last layer for every token)."""
+    """``(model, optimizer, loss)`` for one row: ``peft``, or ``fedlease`` with ``kind`` experts
+    (``"<M>-aten"``: with aten's dropout; ``"<M>-full"``: the last layer for every token;
+    ``"<M>-all"``: every position's logits); ``loss(model, batch)`` is the row's loss."""
     model = copy.deepcopy(base)
     model.set_attn_implementation(attn)
     torch.manual_seed(0)
@@ -77,21 +85,30 @@ def build_row(base, kind: str, args, precision: str, device: torch.device, attn:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in params), "trainable tensors stay float32"
-    return model, torch.optim.AdamW(params, lr=1e-4)
+    return model, torch.optim.AdamW(params, lr=1e-4), row_loss(kind, args)
+
+
+def row_loss(kind: str, args):
+    """The model's own loss, or for fedlease's causal LM rows but ``"<M>-all"`` the loss over
+    the answer with logits at the answer tokens only."""
+    if kind == "peft" or kind.endswith("-all") or args.task_type != "generation":
+        return lambda model, batch: model(**batch).loss
+    return answer_loss
 
 
 def row_name(kind: str) -> str:
     if kind == "peft":
         return "peft_lora"
     experts, _, variant = kind.partition("-")
-    suffix = {"": "", "aten": "_aten_dropout", "full": "_full_last_layer"}[variant]
+    suffix = {"": "", "aten": "_aten_dropout", "full": "_full_last_layer",
+              "all": "_all_logits"}[variant]  # fmt: skip
     return f"fedlease_m{experts}{suffix}"
 
 
-def train_step(model, opt, batch, device, precision) -> None:
+def train_step(model, opt, loss_fn, batch, device, precision) -> None:
     opt.zero_grad(set_to_none=True)
     with autocast(device, precision):
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
     loss.backward()
     opt.step()
 
@@ -113,8 +130,9 @@ def bench(args: argparse.Namespace) -> dict:
     batch = {
         "input_ids": ids,
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-        "labels": ids.clone() if causal else torch.randint(0, 2, (args.batch,), generator=g),
-    }
+        "labels": answer_labels(ids, args.answer) if causal
+        else torch.randint(0, 2, (args.batch,), generator=g),
+    }  # fmt: skip
     batch = {k: v.to(device) for k, v in batch.items()}
     rows = {}
     for precision in args.precisions:
@@ -138,6 +156,7 @@ def bench(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "rank": args.rank,
+        "answer": args.answer if causal else None,
         "experts": args.experts,
         "attn": args.attn,
         "threads": torch.get_num_threads(),
@@ -146,11 +165,19 @@ def bench(args: argparse.Namespace) -> dict:
     }
 
 
+def answer_labels(ids: torch.Tensor, share: float) -> torch.Tensor:
+    """Targets for the last ``share`` of each sequence's tokens (at least one), ignored before."""
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - max(1, round(share * ids.shape[1]))] = IGNORE_INDEX
+    return labels
+
+
 def kinds(args) -> list[str]:
-    """The rows' kinds (:func:`build_row`): the full last layer's only for a classifier."""
+    """The rows' kinds (:func:`build_row`): the full last layer's for a classifier, every
+    position's logits for a causal LM."""
     m = str(args.experts)
-    full = [f"{m}-full"] if args.task_type == "classification" else []
-    return ["peft", "1", m, f"{m}-aten", *full]
+    variant = "full" if args.task_type == "classification" else "all"
+    return ["peft", "1", m, f"{m}-aten", f"{m}-{variant}"]
 
 
 def ratios(results: dict, args) -> dict:
@@ -163,6 +190,7 @@ def ratios(results: dict, args) -> dict:
         if row == f"fedlease_m{args.experts}":
             against = {"peft": ("peft_lora", precision), "aten dropout": (row + "_aten_dropout",
                        precision), "full last layer": (row + "_full_last_layer", precision),
+                       "all logits": (row + "_all_logits", precision),
                        "peft fp32": ("peft_lora", "fp32")}  # fmt: skip
             for label, (other, other_precision) in against.items():
                 base = results.get("/".join([other, other_precision, *attn]))
@@ -207,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=at_least(1), default=64,
                    help="tokens per sequence, at most the model's (default: 64)")  # fmt: skip
     p.add_argument("--rank", type=at_least(1), default=4, help="LoRA rank (default: 4)")
+    p.add_argument("--answer", type=share, default=0.25,
+                   help="with --task-type generation: the share of each sequence's tokens that "
+                        "is its answer, the loss's targets (default: 0.25, as in make flan-demo's "
+                        "clients; 1: every position)")  # fmt: skip
     p.add_argument("--experts", type=at_least(1), default=4,
                    help="experts of the MoE rows (default: 4)")  # fmt: skip
     p.add_argument("--targets", type=name_list(None), default=None,

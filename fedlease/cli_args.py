@@ -76,6 +76,17 @@ def float_list(text: str) -> list[float]:
     return values
 
 
+def share(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def name_list(choices: tuple[str, ...] | None):
     """An argparse type: one or more comma-separated names, each one of ``choices`` (any name
     when None)."""

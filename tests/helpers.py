@@ -221,3 +221,14 @@ def logits_and_grads(model, batch, precision="fp32"):
     (logits * torch.arange(1.0, 3.0)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return logits.detach(), grads
+
+
+def tiny_llama(seed=0):
+    """A randomly initialised 2-layer Llama (vocabulary 97, hidden 32) in float64, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+    return LlamaForCausalLM(cfg).double().eval()

@@ -35,6 +35,8 @@ CASES = [
     ("bench_train.py", ["--precisions", "fp16"], "'fp16' is not one of fp32, bf16"),
     ("bench_train.py", ["--seq", "5000"], "--seq 5000: minilm has 512 positions"),
     ("bench_train.py", ["--threads", "100000"], "--threads: must be <= 1024"),  # it crashed
+    ("bench_train.py", ["--answer", "0"], "--answer: must be in (0, 1], got 0"),
+    ("bench_train.py", ["--answer", "nan"], "--answer: must be in (0, 1], got nan"),
     ("bench_layer.py", ["--device", "cuda:99"], "--device"),
     ("bench_lockstep_step.py", ["--clients", ","], "--clients"),
     ("bench_lockstep_step.py", ["--backends", "nope"], "'nope' is not one of auto, torch"),

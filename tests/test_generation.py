@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 from fedlease.data import DataError
 from fedlease.data.flan import flan_tasks, load_flan_split
@@ -96,16 +97,6 @@ def test_labels_cover_only_the_response(tokenizer):
     assert len(cut["input_ids"]) == 64
     kept = [t for t in cut["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(kept, skip_special_tokens=True) == "the answer is here"
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
-    return LlamaForCausalLM(cfg).double().eval()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..clients import load_slot, set_active, set_own_experts, slot_state
 from ..data.tokenize import IGNORE_INDEX, ClientData, Encoded, collate
 from ..generation.decode import greedy_generate_ids
+from ..generation.loss import answer_losses
 from ..generation.rouge import rouge_scores
 from ..generation.score import Decoding
 from ..inject import moe_lora_layers
@@ -176,11 +177,8 @@ class LockstepTrainer:
         slots = [lane.slot for lane in lanes]
         batch, valid = self._batch(lanes, step)
         set_active(self.model, slots)
-        labels = batch.pop("labels")
-        with autocast(self.device, self.precision):
-            logits = self.model(**batch).logits
         weights = [lane.weight for lane in lanes] if lanes[0].weight is not None else None
-        losses = self._losses(logits, labels, valid, weights)
+        losses = self._losses(batch, valid, weights)
         opt.zero_grad()
         losses.sum().backward()
         opt.step(slots)
@@ -222,26 +220,22 @@ class LockstepTrainer:
         counts = [min(limit, len(c.train)) for c in clients]
         chunks = [[list(range(s, min(s + size, n))) for s in range(0, n, size)] for n in counts]
         totals = [0.0] * len(clients)
-        for step, slots, logits, labels, valid in self._forward_steps([c.train for c in clients],
-                                                                      chunks):  # fmt: skip
-            losses = self._losses(logits, labels, valid, None).tolist()
+        for step, slots, batch, valid in self._steps([c.train for c in clients], chunks):
+            losses = self._losses(batch, valid, None).tolist()
             for k, i in enumerate(slots):
                 totals[i] += losses[k] * len(chunks[i][step])
         return [total / n for total, n in zip(totals, counts)]
 
-    def _forward_steps(self, encoded: list[Encoded], chunks: list[list[list[int]]]):
+    def _steps(self, encoded: list[Encoded], chunks: list[list[list[int]]]):
         """Step by step, the next chunk of every client that has one (client i: rows
-        ``chunks[i][step]`` of ``encoded[i]``) in one forward, each on its own slot; yields
-        ``(step, slots, logits, labels, valid)``, then makes every slot active again."""
+        ``chunks[i][step]`` of ``encoded[i]``) as one batch, each client's slot active; yields
+        ``(step, slots, batch, valid)``, then makes every slot active again."""
         model = self.model
         for step in range(max(len(ch) for ch in chunks)):
             slots = [i for i, ch in enumerate(chunks) if step < len(ch)]
             batch, valid = self._rows([(encoded[i], chunks[i][step]) for i in slots])
-            labels = batch.pop("labels")
             set_active(model, slots)
-            with autocast(self.device, self.precision):
-                logits = model(**batch).logits
-            yield step, slots, logits, labels, valid
+            yield step, slots, batch, valid
         set_active(model, list(range(model.client_slots)))
 
     @torch.no_grad()
@@ -258,8 +252,10 @@ class LockstepTrainer:
             batches.append([order[s : s + size] for s in range(0, len(order), size)])
         preds, labels, loss_sums = ([[] for _ in clients], [[] for _ in clients],
                                     [0.0] * len(clients))  # fmt: skip
-        for _, slots, logits, y, valid in self._forward_steps([c.test for c in clients], batches):
-            logits = logits.float()
+        for _, slots, batch, valid in self._steps([c.test for c in clients], batches):
+            y = batch.pop("labels")
+            with autocast(self.device, self.precision):
+                logits = self.model(**batch).logits.float()
             loss = F.cross_entropy(logits, y, reduction="none").view(valid.shape)
             for k, i in enumerate(slots):
                 keep = valid[k]
@@ -324,35 +320,27 @@ class LockstepTrainer:
         """Per part: the summed next-token cross-entropy of its reference answers and how many
         tokens that sums (padding rows count none)."""
         batch, _ = self._rows(parts)
-        labels = batch.pop("labels")
         with autocast(self.device, self.precision):
-            logits = self.model(**batch).logits
-        sums, counts = _next_token_losses(logits, labels, len(parts))
+            sums, counts = answer_losses(self.model, batch, len(parts))
         return sums.tolist(), counts.tolist()
 
-    def _losses(self, logits, labels, valid, weights: list[torch.Tensor] | None) -> torch.Tensor:
-        """Each part's loss: the mean over its valid examples (class-weighted by its row of
-        ``weights`` when given), for generation the mean over its answer tokens, as its model
-        alone would compute it."""
+    def _losses(self, batch: dict, valid, weights: list[torch.Tensor] | None) -> torch.Tensor:
+        """Each part's loss on ``batch`` (the model runs here): the mean over its valid examples
+        (class-weighted by its row of ``weights`` when given), for generation the mean over its
+        answer tokens (logits at those only), as its model alone would compute it."""
         n, width = valid.shape
-        if self.generation:
-            sums, counts = _next_token_losses(logits, labels, n)
-            return sums / counts.clamp_min(1)
+        with autocast(self.device, self.precision):
+            if self.generation:
+                sums, counts = answer_losses(self.model, batch, n)
+                return sums / counts.clamp_min(1)
+            labels = batch.pop("labels")
+            logits = self.model(**batch).logits
         per_example = F.cross_entropy(logits.float(), labels, reduction="none").view(n, width)
         weight = valid.float()
         if weights is not None:
             table = torch.stack(weights).to(logits.device)
             weight = weight * table.gather(1, labels.view(n, width))
         return (per_example * weight).sum(1) / weight.sum(1)
-
-
-def _next_token_losses(logits, labels, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per part of the batch's ``n`` equal parts: the summed next-token cross-entropy over its
-    labelled positions (HF's causal LM loss before the mean) and how many positions that sums."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(),
-                                reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
-    return per_token.view(n, -1).sum(1), (shifted != IGNORE_INDEX).view(n, -1).sum(1)
 
 
 class _OtherExperts:

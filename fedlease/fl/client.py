@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..adapter_io import adapter_state_dict, load_adapter_state_dict
 from ..data.glue import task_spec
 from ..data.tokenize import ClientData, Encoded
+from ..generation.loss import answer_loss
 from ..generation.score import Decoding, evaluate_generation
 from ..inject import moe_lora_layers, set_own_expert
 from ..precision import autocast
@@ -110,12 +111,7 @@ class ClientRunner:
         """One optimizer step on ``batch`` (class-weighted loss with ``weight``); the rows in
         ``frozen`` are put back after it, ``b_mean`` sees the new B. Returns the loss."""
         with autocast(self.device, self.precision):
-            if weight is None:
-                loss = self.model(**batch).loss
-            else:
-                labels = batch.pop("labels")
-                logits = self.model(**batch).logits.float()
-                loss = nn.functional.cross_entropy(logits, labels, weight=weight)
+            loss = self._loss(batch, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -123,6 +119,17 @@ class ClientRunner:
         if b_mean is not None:
             b_mean.add()
         return loss.item()
+
+    def _loss(self, batch: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's loss on ``batch``: a causal LM's over its answers (logits at the answer
+        tokens only), a classifier's class-weighted by ``weight`` when given."""
+        if self.decoding is not None:
+            return answer_loss(self.model, batch)
+        if weight is None:
+            return self.model(**batch).loss
+        labels = batch.pop("labels")
+        logits = self.model(**batch).logits.float()
+        return nn.functional.cross_entropy(logits, labels, weight=weight)
 
     def _batch(self, data: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in data.batch(idx, self.pad_id).items()}
@@ -137,7 +144,7 @@ class ClientRunner:
         for start in range(0, n, self.eval_batch_size):
             idx = list(range(start, min(start + self.eval_batch_size, n)))
             with autocast(self.device, self.precision):
-                total += self.model(**self._batch(data.train, idx)).loss.item() * len(idx)
+                total += self._loss(self._batch(data.train, idx)).item() * len(idx)
         return total / n
 
     @torch.no_grad()

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.tokenize import IGNORE_INDEX, Encoded
+from ..data.tokenize import Encoded
 from .decode import greedy_generate_ids
+from .loss import answer_losses
 from .rouge import rouge_scores
 
 
@@ -37,9 +38,9 @@ def evaluate_generation(model, data: Encoded, decoding: Decoding, batch_size: in
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
         batch = {k: v.to(device) for k, v in data.batch(idx, decoding.pad_id).items()}
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the loss's shifted targets
-        loss_sum += model(**batch).loss.float().item() * n
-        tokens += n
+        sums, counts = answer_losses(model, batch)
+        loss_sum += sums.item()
+        tokens += int(counts.item())
     ids = greedy_generate_ids(model, data.prompts, decoding.max_new_tokens, decoding.pad_id,
                               decoding.eos_id, batch_size)  # fmt: skip
     answers = [decoding.tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
