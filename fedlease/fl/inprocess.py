@@ -30,8 +30,8 @@ LENGTH_SPREAD = 1.5
 # `client_batch: auto` on the CPU, by task type (bench_round.py, 16 GLUE clients at 128 tokens,
 # bf16, AMX, RESULTS.md): with padding-free batches and the attention in length buckets, 16
 # classification clients at once trained 1.59x faster than one by one, 8 at once 1.50x, 4 1.40x; 4
-# SmolLM2 clients at once lost (0.87x training, 0.72-0.79x evaluation: a causal LM's logits
-# over its vocabulary make a large step costly).
+# SmolLM2 clients at once lost (0.87x training, 0.93x with logits at the answers only;
+# 0.72-0.79x evaluation: a causal LM's logits over its vocabulary make a large step costly).
 CPU_AUTO_CLIENTS = {"classification": 16, "generation": 1}
 # Bytes a training step holds per token of its batch, hidden unit and layer (MiniLM in bf16,
 # packed: 16 GLUE clients at once peaked 0.65 GB above groups of 4, whose largest step holds about
