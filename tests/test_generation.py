@@ -99,6 +99,21 @@ def test_labels_cover_only_the_response(tokenizer):
     assert tokenizer.decode(kept, skip_special_tokens=True) == "the answer is here"
 
 
+def test_the_output_embedding_gets_a_contiguous_input_while_decoding():
+    """generate's first step slices the prompts' last positions: given to the output embedding as
+    that slice, torch's matmul copied the weight once per sequence (0.52 of 1.45 s for SmolLM2)."""
+    model = tiny_llama()
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    ids = greedy_generate_ids(model, prompts, max_new_tokens=4, pad_id=0, eos_id=None)
+    assert len(seen) == 4 and all(seen) and [len(r) for r in ids] == [4, 4, 4]
+    assert not model.lm_head._forward_pre_hooks  # the hook goes with the decoding
+    seen.clear()
+    model(torch.tensor([[5, 6, 7, 8]]))
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_left_padded_batches_decode_as_one_prompt_at_a_time(seed):
     model = tiny_llama(seed)

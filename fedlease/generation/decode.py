@@ -3,7 +3,10 @@ reused step to step (``generate``), at most ``max_new_tokens`` each, stopping at
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch import nn
 
 
 def greedy_generate_ids(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
@@ -27,7 +30,7 @@ def greedy_generate_ids(model, prompts: list[list[int]], max_new_tokens: int, pa
             for i, p in enumerate(chunk):
                 ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 mask[i, width - len(p) :] = 1
-            with torch.no_grad():
+            with torch.no_grad(), _contiguous_input(_output_embedding(model)):
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      use_cache=True, pad_token_id=pad_id, eos_token_id=eos_id,
@@ -39,6 +42,28 @@ def greedy_generate_ids(model, prompts: list[list[int]], max_new_tokens: int, pa
     finally:
         model.train(was_training)
     return out
+
+
+def _output_embedding(model) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get else None
+
+
+@contextlib.contextmanager
+def _contiguous_input(head: nn.Module | None):
+    """Within it ``head`` (the output embedding) gets its input contiguous. The first step of
+    ``generate`` gives it the prompts' last positions, a ``(batch, 1, hidden)`` slice whose batch
+    stride is the prompt length: torch's matmul does not fold that into one matrix but multiplies
+    sequence by sequence with the weight copied for each (SmolLM2: 8 x 576 x 49,152 elements, 0.52
+    of 1.45 s decoding 8 prompts on a 2-core Xeon). Copying the slice instead costs 8 x 576."""
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
