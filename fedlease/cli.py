@@ -322,11 +322,14 @@ def _seeds(text: str) -> list[int]:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .errors import user_errors
+    from .fl import ConfigError
     from .fl.compare import compare
 
     out = None
     try:
         cfg = _load(args, args.config, check_device=False)  # compare checks it if it must run
+        if cfg.rounds == 0:
+            raise ConfigError("config key 'rounds' = 0: a comparison needs at least one round")
         seeds = _seeds(args.seeds) if args.seeds else [cfg.seed]
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         out = Path(args.output or Path("runs") / f"compare-{Path(args.config).stem}-"
@@ -396,8 +399,9 @@ def print_summary(summary, out: Path) -> None:
     tasks = "  ".join(f"{t} {a:.4f}" for t, a in final["per_task"].items())
     print(f"per task: {tasks}")
     comm = summary.comm_bytes
+    mean = "not evaluated (no rounds ran)" if final["mean"] is None else f"{final['mean']:.4f}"
     print(
-        f"mean {metric} {final['mean']:.4f} (untrained {summary.initial_mean:.4f})   "
+        f"mean {metric} {mean} (untrained {summary.initial_mean:.4f})   "
         f"communication up {comm['up'] / 1e6:.1f} MB, down {comm['down'] / 1e6:.1f} MB   "
         f"wall {summary.wall_s:.0f} s"
     )

@@ -365,6 +365,11 @@ CASES = [
     ("compare repeated method", lambda t, o, f: cmp(t, o, "--methods", "fedit,fedit"), "repeat"),
     ("compare no method", lambda t, o, f: cmp(t, o, "--methods", " , "), "at least one method"),
     (
+        "compare without rounds",
+        lambda t, o, f: cmp(t, o, "--methods", "fedit", "--set", "rounds=0"),
+        "'rounds' = 0",
+    ),
+    (
         "compare, its second seed bad: no run starts",
         lambda t, o, f: cmp(t, o, "--methods", "fedit", "--seeds", "1,-2"),
         "--seeds: must be >= 0, got -2",
@@ -657,3 +662,20 @@ def test_a_backend_that_cannot_run_here_is_refused_before_the_run(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err, err
     assert not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_a_run_without_any_round_says_so_and_writes_strict_json(tmp_path, capsys):
+    """No warm-up and no rounds evaluate nothing after training: the summary's mean is null
+    (JSON has no NaN) and the last line says why, not "nan"."""
+    out = tmp_path / "out"
+    argv = run_with(tmp_path, str(out), "--data-dir", DATA, "--no-progress", rounds=0,
+                    warmup_rounds=0)  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=_no_constant)
+    assert summary["final"]["mean"] is None and summary["final"]["per_client"] == []
+    assert "mean accuracy not evaluated (no rounds ran)" in capsys.readouterr().out
+
+
+def _no_constant(name: str):
+    raise AssertionError(f"summary.json holds {name}, which strict JSON parsers refuse")

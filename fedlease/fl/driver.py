@@ -387,7 +387,7 @@ def summarise(
         "metric": metric,
         "per_client": last,
         "per_task": {t: float(np.nanmean(v)) for t, v in per_task.items()},
-        "mean": float(np.nanmean([c[metric] for c in last])) if last else float("nan"),
+        "mean": float(np.nanmean([c[metric] for c in last])) if last else None,  # no rounds ran
     }
     return Summary(
         cfg.method,

@@ -43,7 +43,9 @@ log = logging.getLogger("fedlease.flower")
 def main(grid: Grid, context: Context) -> None:
     cfg, opts = parse_run_config(dict(context.run_config))
     summary = run_server(grid, cfg, opts)
-    print(f"fedlease on Flower: mean {summary.final['metric']} {summary.final['mean']:.4f}, "
+    mean = summary.final["mean"]
+    mean = "not evaluated (no rounds ran)" if mean is None else f"{mean:.4f}"
+    print(f"fedlease on Flower: mean {summary.final['metric']} {mean}, "
           f"{summary.num_experts} experts, assignment {summary.assignment}; "
           f"artefacts in {opts.output_dir}")  # fmt: skip
 
