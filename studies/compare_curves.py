@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlease.cli_args import BadInput, at_least, exit_on_user_error, output_file
+from fedlease.fl.results_json import score
 
 
 def runs(directory: Path, unfinished: bool = False) -> Iterator[tuple[str, list[dict]]]:
@@ -40,7 +41,7 @@ def curves(directory: Path) -> dict[str, list[float]]:
     """method -> mean accuracy per round, averaged over the seeds whose runs finished."""
     per_method: dict[str, list[list[float]]] = {}
     for method, rows in runs(directory):
-        per_method.setdefault(method, []).append([r["mean_accuracy"] for r in rows])
+        per_method.setdefault(method, []).append([score(r["mean_accuracy"]) for r in rows])
     return {m: np.mean(np.array(v), axis=0).tolist() for m, v in per_method.items()}
 
 
@@ -54,10 +55,10 @@ def at_round(directory: Path, r: int, unfinished: bool) -> dict[str, dict[str, l
         cells = out.setdefault(method, {})
         by_task: dict[str, list[float]] = {}
         for c in row["clients"]:
-            by_task.setdefault(c["task"], []).append(c["accuracy"])
+            by_task.setdefault(c["task"], []).append(score(c["accuracy"]))
         for task, accs in by_task.items():
             cells.setdefault(task, []).append(float(np.mean(accs)))
-        cells.setdefault("mean", []).append(row["mean_accuracy"])
+        cells.setdefault("mean", []).append(score(row["mean_accuracy"]))
     return out
 
 

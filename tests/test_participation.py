@@ -1,6 +1,7 @@
 """Partial participation: seeded draws per round, only participants train and are aggregated,
 the others keep their state; evaluation every k rounds; the compact `clients` form."""
 
+import json
 import math
 import os
 
@@ -109,19 +110,27 @@ def test_only_participants_train_and_enter_the_aggregate(method, monkeypatch):
 @pytest.mark.slow
 @needs_data
 def test_draws_survive_an_interruption_and_resume(tmp_path, monkeypatch):
-    cfg = from_dict(BASE | {"method": "fedit", "clients_per_round": 0.5})
+    """Also: rounds not evaluated have a null mean in metrics.jsonl (strict JSON, no NaN), both
+    in lines appended as the run goes and in the file a resumed run rewrites."""
+    cfg = from_dict(BASE | {"method": "fedit", "clients_per_round": 0.5, "eval_every": 2})
     whole = run(cfg, tmp_path / "whole", progress=False)
     interrupted(lambda: run(cfg, tmp_path / "broken", progress=False), 2, monkeypatch)
     resumed = run(cfg, tmp_path / "broken", progress=False, resume=True)
     assert resumed.resumed_from_round == 2
-    import json
-
-    rows_a = [
-        json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    ]
-    rows_b = [
-        json.loads(x) for x in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows_a, rows_b = strict_rows(tmp_path / "whole"), strict_rows(tmp_path / "broken")
+    for rows in (rows_a, rows_b):
+        assert [r["evaluated"] for r in rows] == [False, True, False, True]
+        assert all((r["mean_accuracy"] is None) != r["evaluated"] for r in rows)
     assert [r["participants"] for r in rows_a] == [r["participants"] for r in rows_b]
     assert [r["participants"] for r in rows_a] == [participants(cfg, r) for r in range(4)]
     assert resumed.final == whole.final and resumed.comm_bytes == whole.comm_bytes
+
+
+def strict_rows(run_dir) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl``, read as a strict parser would (no NaN)."""
+
+    def refuse(name):
+        raise AssertionError(f"metrics.jsonl holds {name}")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x, parse_constant=refuse) for x in lines]

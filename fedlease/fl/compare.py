@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, rundir
+from . import checkpoint, results_json, rundir
 from .config import (
     LABEL,
     METHODS,
@@ -99,7 +99,7 @@ def compare(
               "metric": metric_of(cfg), "config": cfg.to_dict()}  # fmt: skip
     rundir.make(out)
     rundir.record(out, list(OUTPUTS), MANIFEST)  # listed first: a crash below leaves them ours
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "compare.json").write_text(results_json.dumps(result, indent=2) + "\n")
     (out / "compare.md").write_text(markdown_table(result))
     plot_compare(out / "compare.png", result)
     return result
@@ -116,9 +116,11 @@ def task_f1(summary: dict) -> dict[str, float]:
 
 def _method_row(summaries: list[dict], runs: list[str]) -> dict:
     tasks = list(summaries[0]["final"]["per_task"])
-    per_task = {t: [s["final"]["per_task"][t] for s in summaries] for t in tasks}
+    per_task = {
+        t: [results_json.score(s["final"]["per_task"][t]) for s in summaries] for t in tasks
+    }
     f1 = [task_f1(s) for s in summaries]
-    means = [s["final"]["mean"] for s in summaries]
+    means = [results_json.score(s["final"]["mean"]) for s in summaries]
     rounds = [max(s["rounds"], 1) for s in summaries]
     return {
         "per_task": {t: float(np.mean(v)) for t, v in per_task.items()},

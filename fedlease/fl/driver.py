@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import checkpoint, rundir
+from . import checkpoint, results_json, rundir
 from .allocation import Allocation
 from .checkpoint_meta import check_meta
 from .config import FLConfig, config_differences, metric_of
@@ -160,13 +160,13 @@ class Recorder:
         self.rows: list[dict] = list(rows or [])
         self.path = out / "metrics.jsonl" if out else None
         if self.path:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.path.write_text("".join(results_json.dumps(r) + "\n" for r in self.rows))
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         if self.path:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(results_json.dumps(row) + "\n")
 
 
 class RoundDriver:
@@ -358,7 +358,9 @@ class RoundDriver:
         if out:
             if self.strategy.total_rounds:
                 self.transport.finish(out)
-            (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+            (out / "summary.json").write_text(
+                results_json.dumps(summary.to_dict(), indent=2) + "\n"
+            )
             from .plots import write_plots
 
             write_plots(out, self.strategy.allocation, self.rec.rows, cfg.clients,
