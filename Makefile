@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedlease-installed
 # Two test processes (pytest-xdist): the Flower tests spend much of their time waiting on
-# subprocesses and heartbeats, which the other tests fill. PYTEST_ARGS=-n0 runs them in one.
-PYTEST_ARGS ?= -n 2
+# subprocesses and heartbeats, which the other tests fill (they are collected first, and an idle
+# process takes queued tests from the other: worksteal). PYTEST_ARGS=-n0 runs them in one.
+PYTEST_ARGS ?= -n 2 --dist worksteal
 # Local GLUE copy (<dir>/<task>/{train,validation}.jsonl); empty means $FEDLEASE_DATA_DIR or the hub.
 DATA_DIR ?= $(or $(FEDLEASE_DATA_DIR),$(wildcard ../shared/data/glue))
 # Local FLAN copy (<dir>/<task>/{train,test}.jsonl); empty means $FEDLEASE_FLAN_DIR.

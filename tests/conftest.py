@@ -39,6 +39,11 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` first: started last, one of them would run on alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: order kept
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--per-test-timeout",

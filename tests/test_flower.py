@@ -148,6 +148,7 @@ def _simulate(tmp_path: Path, cfg: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
 def test_deployment_engine_matches_the_simulator(tmp_path):
     """Over TLS (a CA made in the test) with SuperNode authentication: four registered nodes run
@@ -202,6 +203,7 @@ def test_deployment_engine_matches_the_simulator(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
 def test_a_client_that_disconnects_mid_run_does_not_hang_the_server(tmp_path):
     from flower_local import LocalFederation
@@ -234,6 +236,7 @@ def test_a_client_that_disconnects_mid_run_does_not_hang_the_server(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not DATA, reason="FEDLEASE_DATA_DIR not set")
 @pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,

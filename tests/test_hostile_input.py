@@ -363,6 +363,11 @@ CASES = [
     # compare
     ("compare unknown method", lambda t, o, f: cmp(t, o, "--methods", "fedit,magic"), "'magic'"),
     ("compare repeated method", lambda t, o, f: cmp(t, o, "--methods", "fedit,fedit"), "repeat"),
+    (
+        "compare repeated seed",
+        lambda t, o, f: cmp(t, o, "--methods", "fedit", "--seeds", "1,2,1"),
+        "--seeds repeat: 1,2,1",
+    ),
     ("compare no method", lambda t, o, f: cmp(t, o, "--methods", " , "), "at least one method"),
     (
         "compare without rounds",
