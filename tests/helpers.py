@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -232,3 +233,12 @@ def tiny_llama(seed=0):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
     return LlamaForCausalLM(cfg).double().eval()
+
+
+def strict_json(text: str):
+    """``text`` parsed as a strict JSON parser would: ``NaN`` or ``Infinity`` fail the test."""
+
+    def refuse(name):
+        raise AssertionError(f"the JSON holds {name}, which strict parsers refuse")
+
+    return json.loads(text, parse_constant=refuse)

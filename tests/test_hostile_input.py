@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import strict_json
 from safetensors.torch import load_file, save_file
 
 from fedlease.cli import main
@@ -677,10 +678,6 @@ def test_a_run_without_any_round_says_so_and_writes_strict_json(tmp_path, capsys
     argv = run_with(tmp_path, str(out), "--data-dir", DATA, "--no-progress", rounds=0,
                     warmup_rounds=0)  # fmt: skip
     assert main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text(), parse_constant=_no_constant)
+    summary = strict_json((out / "summary.json").read_text())
     assert summary["final"]["mean"] is None and summary["final"]["per_client"] == []
     assert "mean accuracy not evaluated (no rounds ran)" in capsys.readouterr().out
-
-
-def _no_constant(name: str):
-    raise AssertionError(f"summary.json holds {name}, which strict JSON parsers refuse")

@@ -1,13 +1,12 @@
 """Partial participation: seeded draws per round, only participants train and are aggregated,
 the others keep their state; evaluation every k rounds; the compact `clients` form."""
 
-import json
 import math
 import os
 
 import pytest
 import torch
-from helpers import interrupted
+from helpers import interrupted, strict_json
 
 from fedlease.fl import ConfigError, from_dict
 from fedlease.fl.driver import RoundDriver
@@ -128,9 +127,4 @@ def test_draws_survive_an_interruption_and_resume(tmp_path, monkeypatch):
 
 def strict_rows(run_dir) -> list[dict]:
     """The rows of ``run_dir/metrics.jsonl``, read as a strict parser would (no NaN)."""
-
-    def refuse(name):
-        raise AssertionError(f"metrics.jsonl holds {name}")
-
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x, parse_constant=refuse) for x in lines]
+    return [strict_json(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

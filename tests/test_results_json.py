@@ -5,20 +5,17 @@ import json
 import math
 
 import pytest
+from helpers import strict_json
 
 from fedlease.fl import results_json
 from fedlease.fl.compare import _method_row
-
-
-def refuse(name):
-    raise AssertionError(f"wrote {name}")
 
 
 def test_non_finite_numbers_are_written_as_null_at_any_depth():
     row = {"mean_accuracy": math.nan, "wall_s": 1.5, "rounds": 3, "name": "nan",
            "clients": [{"accuracy": math.inf, "f1": 0.25}, (math.nan, -math.inf, 2.0)],
            "flag": True, "missing": None}  # fmt: skip
-    back = json.loads(results_json.dumps(row), parse_constant=refuse)
+    back = strict_json(results_json.dumps(row))
     assert back == {"mean_accuracy": None, "wall_s": 1.5, "rounds": 3, "name": "nan",
                     "clients": [{"accuracy": None, "f1": 0.25}, [None, None, 2.0]],
                     "flag": True, "missing": None}  # fmt: skip
