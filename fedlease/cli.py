@@ -322,14 +322,11 @@ def _seeds(text: str) -> list[int]:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .errors import user_errors
-    from .fl import ConfigError
     from .fl.compare import compare
 
     out = None
     try:
         cfg = _load(args, args.config, check_device=False)  # compare checks it if it must run
-        if cfg.rounds == 0:
-            raise ConfigError("config key 'rounds' = 0: a comparison needs at least one round")
         seeds = _seeds(args.seeds) if args.seeds else [cfg.seed]
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         out = Path(args.output or Path("runs") / f"compare-{Path(args.config).stem}-"

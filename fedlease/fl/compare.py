@@ -77,6 +77,8 @@ def compare(
     methods = _method_list(methods)
     if not seeds:
         raise ConfigError("--seeds must name at least one seed")
+    if cfg.rounds == 0:
+        raise ConfigError("config key 'rounds' = 0: a comparison needs at least one round")
     if len(set(seeds)) != len(seeds):  # one run counted twice would narrow the spread
         raise ConfigError(f"--seeds repeat: {','.join(map(str, seeds))}")
     run_cfgs = {(m, s): dataclasses.replace(cfg, method=m, seed=s) for m in methods for s in seeds}
