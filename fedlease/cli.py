@@ -396,9 +396,8 @@ def print_summary(summary, out: Path) -> None:
     tasks = "  ".join(f"{t} {a:.4f}" for t, a in final["per_task"].items())
     print(f"per task: {tasks}")
     comm = summary.comm_bytes
-    mean = "not evaluated (no rounds ran)" if final["mean"] is None else f"{final['mean']:.4f}"
     print(
-        f"mean {metric} {mean} (untrained {summary.initial_mean:.4f})   "
+        f"mean {metric} {summary.mean_text()} (untrained {summary.initial_mean:.4f})   "
         f"communication up {comm['up'] / 1e6:.1f} MB, down {comm['down'] / 1e6:.1f} MB   "
         f"wall {summary.wall_s:.0f} s"
     )

@@ -103,6 +103,11 @@ class Summary:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def mean_text(self) -> str:
+        """The final mean score to 4 decimals, or why there is none."""
+        mean = self.final["mean"]
+        return "not evaluated (no rounds ran)" if mean is None else f"{mean:.4f}"
+
 
 @dataclass
 class RoundRow:

@@ -43,9 +43,7 @@ log = logging.getLogger("fedlease.flower")
 def main(grid: Grid, context: Context) -> None:
     cfg, opts = parse_run_config(dict(context.run_config))
     summary = run_server(grid, cfg, opts)
-    mean = summary.final["mean"]
-    mean = "not evaluated (no rounds ran)" if mean is None else f"{mean:.4f}"
-    print(f"fedlease on Flower: mean {summary.final['metric']} {mean}, "
+    print(f"fedlease on Flower: mean {summary.final['metric']} {summary.mean_text()}, "
           f"{summary.num_experts} experts, assignment {summary.assignment}; "
           f"artefacts in {opts.output_dir}")  # fmt: skip
 
