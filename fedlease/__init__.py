@@ -9,13 +9,13 @@ from .ops import available_backends, moe_lora, moe_lora_linear
 from .packing import use_packing
 from .peft_io import experts_from_peft, export_expert
 from .routing import RoutingSpec, route
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "MoELoRAConfig",
     "MoELoRALinear",
     "RoutingSpec",
+    "__version__",
     "adapter_state_dict",
     "available_backends",
     "experts_from_peft",

@@ -28,6 +28,19 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+class _Version(argparse.Action):
+    """``--version``: its report needs torch and a bf16 measurement, so it is made when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def _methods() -> tuple[str, ...]:
     from .fl.config import METHODS
 
@@ -63,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlease",
         description="Federated fine-tuning with mixtures of LoRA experts (FedLEASE).",
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        help="print the version and what it runs on (Python, torch, triton; per device the "
+        "MoE-LoRA backends that can run, and the backend and precision `auto` picks), then exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
