@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import tomllib
+import tomli  # Flower's own dependency; the standard library's tomllib needs Python 3.11
 import torch
 import yaml
 
@@ -27,7 +27,7 @@ TINY = {"clients": ["sst2", "mrpc", "sst2", "mrpc"], "precision": "fp32", "train
 
 
 def app_config() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return tomli.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def as_run_config(cfg: dict) -> dict:
