@@ -35,7 +35,7 @@ from ..generation.rouge import rouge_scores
 from ..generation.score import Decoding
 from ..inject import moe_lora_layers
 from ..precision import autocast
-from .client import class_weights, classification_scores
+from .client import batch_order, class_weights, classification_scores
 from .types import State, TrainSpec
 
 
@@ -163,11 +163,8 @@ class LockstepTrainer:
 
     def _lane(self, data: ClientData, task, slot: int, training: TrainSpec) -> Lane:
         """The client's batches in the order it would draw them alone (``ClientRunner.train``)."""
-        rng, n, size = np.random.default_rng(task.seed), len(data.train), self.cfg.batch_size
-        batches = []
-        for _ in range(self.cfg.local_epochs):
-            order = rng.permutation(n).tolist()
-            batches += [order[s : s + size] for s in range(0, n, size)]
+        batches = batch_order(task.seed, len(data.train), self.cfg.batch_size,
+                              self.cfg.local_epochs)  # fmt: skip
         weight = None
         if training.class_balanced and not self.generation:
             weight = class_weights(data.train.labels, self.model.config.num_labels)

@@ -25,6 +25,17 @@ def seed_for(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
 
 
+def batch_order(seed: int, n: int, batch_size: int, epochs: int) -> list[list[int]]:
+    """A client's training batches (indices of its ``n`` examples) over ``epochs`` local epochs,
+    in order: a fresh permutation per epoch from a generator seeded with ``seed``. Clients
+    trained one by one and in lockstep draw the same batches."""
+    rng, batches = np.random.default_rng(seed), []
+    for _ in range(epochs):
+        order = rng.permutation(n).tolist()
+        batches += [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    return batches
+
+
 def class_weights(labels: list[int], num_labels: int) -> torch.Tensor:
     """``n / (C * n_c)`` for each of the ``C`` classes present (``n_c`` examples of class c), 1
     for absent ones: every present class weighs the same in a weighted mean loss."""
@@ -79,43 +90,39 @@ class ClientRunner:
         training = training or self.training
         model.train(training.dropout)  # eval mode: every dropout off, nothing else changes
         torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
         params = [p for name, p in model.named_parameters()
                   if p.requires_grad and not (frozen and frozen(name))]  # fmt: skip
         opt = training.make(params)
         weight = None
         if training.class_balanced and self.decoding is None:  # classes exist in classification
             weight = class_weights(data.train.labels, model.config.num_labels).to(self.device)
-        frozen = _other_expert_rows(model, own_expert)
+        fixed_rows = _other_expert_rows(model, own_expert)
         b_mean = _BMean(model) if training.average_b else None
-        n = len(data.train)
-        steps = self.local_epochs * ((n + self.batch_size - 1) // self.batch_size)
+        batches = batch_order(seed, len(data.train), self.batch_size, self.local_epochs)
         losses = []
-        bar = tqdm(total=steps, desc=desc, leave=False, disable=not self.progress, unit="step")
-        for _ in range(self.local_epochs):
-            order = rng.permutation(n).tolist()
-            for start in range(0, n, self.batch_size):
-                if fail_at_step is not None and len(losses) == fail_at_step:
-                    bar.close()
-                    raise ClientFailure(f"injected crash of client {data.client_id} at step "
-                                        f"{fail_at_step}")  # fmt: skip
-                batch = self._batch(data.train, order[start : start + self.batch_size])
-                losses.append(self._step(batch, weight, opt, frozen, b_mean))
-                bar.update()
+        bar = tqdm(total=len(batches), desc=desc, leave=False, disable=not self.progress,
+                   unit="step")  # fmt: skip
+        for step, idx in enumerate(batches):
+            if step == fail_at_step:
+                bar.close()
+                raise ClientFailure(f"injected crash of client {data.client_id} at step {step}")
+            losses.append(self._step(self._batch(data.train, idx), weight, opt, fixed_rows,
+                                     b_mean))  # fmt: skip
+            bar.update()
         bar.close()
         if b_mean is not None:
             b_mean.store()
         return clone_state(adapter_state_dict(model)), float(np.mean(losses))
 
-    def _step(self, batch: dict, weight, opt, frozen, b_mean) -> float:
+    def _step(self, batch: dict, weight, opt, fixed_rows, b_mean) -> float:
         """One optimizer step on ``batch`` (class-weighted loss with ``weight``); the rows in
-        ``frozen`` are put back after it, ``b_mean`` sees the new B. Returns the loss."""
+        ``fixed_rows`` are put back after it, ``b_mean`` sees the new B. Returns the loss."""
         with autocast(self.device, self.precision):
             loss = self._loss(batch, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _restore(frozen)
+        _restore(fixed_rows)
         if b_mean is not None:
             b_mean.add()
         return loss.item()
