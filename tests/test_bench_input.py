@@ -30,6 +30,8 @@ CASES = [
     ("bench_clients.py", ["--data-dir", "{data}", "--sizes", "5"], "--sizes: must be >= 10"),
     ("bench_clients.py", ["--data-dir", "{data}", "--method", "nope"], "'method'"),
     ("round_time.py", ["--data-dir", NO_DATA], "does not exist"),
+    ("clientapp_start.py", ["--data-dir", NO_DATA], "does not exist"),
+    ("clientapp_start.py", ["--data-dir", "{data}", "--model", NO_DATA], "no such directory"),
     ("bench_packing.py", ["--data-dir", "{data}", "--reps", "1"], "--reps: must be >= 2"),
     ("bench_packing.py", ["--data-dir", "{data}", "--precision", "fp16"], "'precision'"),
     ("bench_train.py", ["--precisions", "fp16"], "'fp16' is not one of fp32, bf16"),
