@@ -56,10 +56,10 @@ fi
 gpu=$($py -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$gpu" != 1 ]; then export TRITON_INTERPRET=1; fi
 $py - >"$out/env.txt" 2>&1 <<'PY'
-import platform, torch
-from fedlease.ops import available_backends
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-for name in ("triton", "peft", "transformers"):
+import torch
+from fedlease.version import version_text
+print(version_text())  # versions; per device the backends, why not the others, what auto picks
+for name in ("peft", "transformers"):
     try:
         print(name, __import__(name).__version__)
     except ImportError:
@@ -68,8 +68,6 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"cc {p.major}.{p.minor}",
           f"{p.multi_processor_count} SMs")
-print("backends on cuda:", available_backends("cuda") if torch.cuda.is_available() else "-")
-print("backends on cpu:", available_backends("cpu"))
 from fedlease.models import cache_dir
 if (cache_dir() / "smollm2" / "RANDOM_WEIGHTS").exists():
     print("smollm2: random weights (gpu_bundle.py): its rows time training and decoding only")

@@ -57,6 +57,7 @@ def version_text() -> str:
         return "\n".join([*lines, f"cuda: no device visible (this torch is {built})"])
     cuda = torch.device("cuda")
     name = torch.cuda.get_device_name(cuda)
-    lines += [f"cuda: {name}; precision auto picks {resolve_precision('auto', cuda)}",
+    lines += [f"cuda: {name} (torch built for CUDA {torch.version.cuda}); precision auto picks "
+              f"{resolve_precision('auto', cuda)}",
               *_backend_lines(cuda)]  # fmt: skip
     return "\n".join(lines)

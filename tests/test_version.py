@@ -51,3 +51,19 @@ def test_version_with_a_bad_backend_override_still_reports(capsys, monkeypatch):
     assert "auto picks none: unknown backend 'magic' (from $FEDLEASE_BACKEND)" in lines[2]
     monkeypatch.setenv("FEDLEASE_BACKEND", "torch")
     assert version_report(capsys)[2].endswith("auto picks torch ($FEDLEASE_BACKEND overrides it)")
+
+
+def test_version_on_a_machine_with_a_gpu_names_it_and_its_backends(capsys, monkeypatch):
+    """The CUDA lines, on this machine by a stand-in for torch.cuda (a GPU of compute capability
+    9.0: bf16 is fast there)."""
+    monkeypatch.delenv("FEDLEASE_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    lines = version_report(capsys)
+    at = lines.index("cuda: Stand-in GPU (torch built for CUDA 13.0); precision auto picks bf16")
+    cuda = torch.device("cuda")
+    usable = [n for n in BACKEND_NAMES if unavailable_reason(n, cuda) is None]
+    auto = resolve_backend("auto", cuda).name
+    assert lines[at + 1] == f"  backends {', '.join(usable)}; auto picks {auto}"
