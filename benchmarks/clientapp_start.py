@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == [CHILD]:  # one timed start: nothing imported before it, so no argparse here
         print(json.dumps(start_once(*argv[1:])))
         return
+    from timing import cpu_name, versions
+
     from fedlease.cli_args import at_least, check_config, child_result, exit_on_user_error
     from fedlease.fl.config import from_dict
     from fedlease.models import model_path
@@ -69,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = [child_result(child, "a ClientApp start") for _ in range(args.repeats)]
     medians = {phase: statistics.median(r[phase] for r in runs) for phase in PHASES}
     if args.json:
-        print(json.dumps({"model": args.model, "repeats": args.repeats, "median_s": medians}))
+        print(json.dumps({"device": cpu_name(), "versions": versions(), "model": args.model,
+                          "repeats": args.repeats, "median_s": medians, "runs": runs}))  # fmt: skip
         return
+    print(f"{cpu_name()}, model {args.model}, medians of {args.repeats} fresh processes")
     for phase in PHASES:
         each = ", ".join(f"{r[phase]:.2f}" for r in runs)
         print(f"{phase:<12} {medians[phase]:6.2f} s   ({each})")
