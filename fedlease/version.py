@@ -15,15 +15,16 @@ from .ops.dispatch import BACKEND_NAMES, ENV_VAR, resolve_backend, unavailable_r
 from .precision import cpu_bf16_flags, cpu_bf16_speedup, resolve_precision
 
 
-def dist_version(name: str) -> str:
-    """The installed version of distribution ``name``, or "not installed"."""
+def dist_version(name: str, missing: str = "not installed") -> str:
+    """The installed version of distribution ``name``, or ``missing``."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
-        return "not installed"
+        return missing
 
 
-__version__ = dist_version("fedlease")
+# a source tree imported without being installed has no metadata: a valid PEP 440 stand-in
+__version__ = dist_version("fedlease", missing="0+unknown")
 
 
 def _backend_lines(device: torch.device) -> list[str]:

@@ -12,6 +12,7 @@ import fedlease
 from fedlease.cli import main
 from fedlease.ops.dispatch import BACKEND_NAMES, resolve_backend, unavailable_reason
 from fedlease.precision import resolve_precision
+from fedlease.version import dist_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,8 @@ def version_report(capsys) -> list[str]:
 def test_the_version_is_pyprojects():
     project = (ROOT / "pyproject.toml").read_text().split("[project]\n", 1)[1]
     assert fedlease.__version__ == re.search(r'^version = "(.+)"$', project, re.M).group(1)
+    # not installed (a source tree on sys.path): a stand-in that version parsers still accept
+    assert dist_version("no-such-distribution", missing="0+unknown") == "0+unknown"
 
 
 def test_version_names_versions_backends_and_precision(capsys, monkeypatch):
